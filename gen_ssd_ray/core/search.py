@@ -1,0 +1,247 @@
+"""The per-problem Gen-SSD search as a decide / execute / update state machine.
+
+`ProblemSearch` knows token ids, scores and the search rules. It never calls an engine: the owner
+(a BeamManager actor, or a test with fake engines) loops
+
+    while not search.done:
+        results = run_on_teacher(search.expand_requests())
+        scores = run_on_scorer(search.update_expanded(results))
+        search.update_scored(scores)
+
+and finally reads `search.result()`. It knows nothing about tokenizers, templates, Ray or output
+files. One instance is one trajectory; trajectories of the same problem are separate instances with
+different seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gen_ssd_ray.core.policies import Child, get_pruner, get_selector
+from gen_ssd_ray.core.types import (
+    Candidate,
+    ChunkRecord,
+    ExpandRequest,
+    ExpandResult,
+    ScoredCandidate,
+    ScoreRequest,
+    ScoreResult,
+    Trajectory,
+)
+
+_SEED_MOD = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """The search knobs (mirrors `SearchConfig`, kept free of OmegaConf so the core stays pure)."""
+
+    chunk_tokens: int = 64
+    num_candidates: int = 4
+    beam_width: int = 1
+    max_new_tokens: int = 512
+    prune_ppl: float | None = None
+    selection: str = "min_ppl"
+    pruning: str = "threshold"
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_tokens", "num_candidates", "beam_width", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"search.{name} must be >= 1, got {getattr(self, name)}")
+        if self.prune_ppl is not None and self.prune_ppl <= 1.0:
+            raise ValueError(f"search.prune_ppl must be > 1 (a perplexity) or null, got {self.prune_ppl}")
+        get_selector(self.selection)
+        get_pruner(self.pruning)
+
+
+@dataclass(frozen=True)
+class _Node:
+    """A partial solution: the accepted response so far and its accumulated student score."""
+
+    ids: tuple[int, ...]
+    text: str
+    nll_sum: float
+    num_scored: int
+    chunks: tuple[ChunkRecord, ...]
+    status: str = "live"  # live | completed | truncated
+
+
+class ProblemSearch:
+    """Chunked generation with student self-selection for one trajectory of one problem."""
+
+    def __init__(
+        self,
+        params: SearchParams,
+        prompt_ids: Sequence[int],
+        student_prompt_ids: Sequence[int],
+        group: str,
+        seed: int | None = None,
+    ) -> None:
+        self.params = params
+        self.prompt_ids = tuple(prompt_ids)
+        self.student_prompt_ids = tuple(student_prompt_ids)
+        self.group = group
+        self.seed = seed
+        self._select = get_selector(params.selection)
+        self._keep = get_pruner(params.pruning)
+        self.step = 0
+        self._live: list[_Node] = [_Node((), "", 0.0, 0, ())]
+        self._finished: list[_Node] = []
+        self._pruned: _Node | None = None
+        self._expanded: list[tuple[Candidate, ...]] | None = None
+        # cost accounting
+        self.teacher_tokens = 0
+        self.student_processed = 0
+        self.student_scored = 0
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return not self._live
+
+    def _key(self, beam: int) -> str:
+        return f"{self.group}/s{self.step}/b{beam}"
+
+    def _seed(self, beam: int) -> int | None:
+        if self.seed is None:
+            return None
+        return (self.seed * 1_000_003 + self.step * 9_973 + beam) % _SEED_MOD
+
+    # ---- decide ------------------------------------------------------------------------------
+    def expand_requests(self) -> list[ExpandRequest]:
+        """One request per live beam: K samples of up to `chunk_tokens` from the accepted prefix."""
+        if self.done or self._expanded is not None:
+            raise RuntimeError("expand_requests() called out of order")
+        p = self.params
+        return [
+            ExpandRequest(
+                key=self._key(b),
+                prompt_token_ids=self.prompt_ids + node.ids,
+                n=p.num_candidates,
+                max_tokens=min(p.chunk_tokens, p.max_new_tokens - len(node.ids)),
+                seed=self._seed(b),
+            )
+            for b, node in enumerate(self._live)
+        ]
+
+    # ---- update (teacher) --------------------------------------------------------------------
+    def update_expanded(self, results: Sequence[ExpandResult]) -> list[ScoreRequest]:
+        """Record the teacher's candidates; return the scoring requests for them."""
+        by_key = {r.key: r for r in results}
+        expanded = []
+        for b in range(len(self._live)):
+            r = by_key.get(self._key(b))
+            if r is None or not r.candidates:
+                raise ValueError(f"missing or empty expansion for {self._key(b)}")
+            expanded.append(r.candidates)
+            self.teacher_tokens += sum(len(c.token_ids) for c in r.candidates)
+            self.prompt_tokens += r.prompt_tokens
+            self.cached_prompt_tokens += r.cached_prompt_tokens
+        self._expanded = expanded
+        return [
+            ScoreRequest(
+                key=self._key(b),
+                group=self.group,
+                student_prompt_ids=self.student_prompt_ids,
+                prefix_ids=node.ids,
+                prefix_text=node.text,
+                candidates=cands,
+            )
+            for b, (node, cands) in enumerate(zip(self._live, expanded, strict=True))
+        ]
+
+    # ---- update (student) --------------------------------------------------------------------
+    def update_scored(self, results: Sequence[ScoreResult]) -> None:
+        """Select, prune and finish beams from the student's scores; advance one step."""
+        if self._expanded is None:
+            raise RuntimeError("update_scored() called before update_expanded()")
+        by_key = {r.key: r for r in results}
+        children: list[Child] = []
+        records: list[tuple[ScoredCandidate, ...]] = []
+        for b, (node, cands) in enumerate(zip(self._live, self._expanded, strict=True)):
+            r = by_key.get(self._key(b))
+            if r is None or len(r.nll_sums) != len(cands):
+                raise ValueError(f"missing or malformed score for {self._key(b)}")
+            self.student_processed += r.tokens_processed
+            self.student_scored += r.tokens_scored
+            records.append(
+                tuple(
+                    ScoredCandidate(c.text, len(c.token_ids), c.finish_reason, r.ppl(i))
+                    for i, c in enumerate(cands)
+                )
+            )
+            children.extend(
+                Child(b, i, r.nll_sums[i], r.num_tokens[i], node.nll_sum, node.num_scored)
+                for i in range(len(cands))
+            )
+
+        eligible = [c for c in children if self._keep(c, self.params.prune_ppl)]
+        slots = self.params.beam_width - len(self._finished)
+        chosen = self._select(eligible, slots) if eligible else []
+        if not chosen:
+            # Nothing learnable: the branch ends at the best parent, recorded with chosen = -1.
+            best = min(range(len(self._live)), key=lambda b: self._live[b].nll_sum / max(1, self._live[b].num_scored))
+            node = self._live[best]
+            self._pruned = _Node(
+                node.ids, node.text, node.nll_sum, node.num_scored,
+                node.chunks + (ChunkRecord(records[best], -1),), "pruned",
+            )
+            self._live = []
+        else:
+            new_live = []
+            for c in chosen:
+                parent = self._live[c.parent]
+                cand = self._expanded[c.parent][c.index]
+                ids = parent.ids + cand.token_ids
+                status = (
+                    "completed" if cand.finished
+                    else "truncated" if len(ids) >= self.params.max_new_tokens
+                    else "live"
+                )
+                child = _Node(
+                    ids,
+                    parent.text + cand.text,
+                    parent.nll_sum + c.chunk_nll,
+                    parent.num_scored + c.chunk_tokens,
+                    parent.chunks + (ChunkRecord(records[c.parent], c.index),),
+                    status,
+                )
+                (new_live if status == "live" else self._finished).append(child)
+            self._live = new_live
+        self._expanded = None
+        self.step += 1
+
+    # ---- result ------------------------------------------------------------------------------
+    def result(self) -> Trajectory:
+        """The best finished hypothesis (completed before truncated, then lowest PPL), else the pruned one."""
+        if not self.done:
+            raise RuntimeError("result() called before the search finished")
+        if self._finished:
+            node = min(
+                self._finished,
+                key=lambda n: (n.status != "completed", n.nll_sum / max(1, n.num_scored)),
+            )
+        else:
+            node = self._pruned
+        assert node is not None
+        return Trajectory(
+            status=node.status,
+            response_token_ids=node.ids,
+            chunks=node.chunks,
+            nll_sum=node.nll_sum,
+            num_scored_tokens=node.num_scored,
+            teacher_tokens_generated=self.teacher_tokens,
+            student_tokens_processed=self.student_processed,
+            student_tokens_scored=self.student_scored,
+            prompt_tokens=self.prompt_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            seed=self.seed,
+        )
+
+
+def mean_ppl(nll_sum: float, n: int) -> float:
+    return math.exp(nll_sum / n) if n else math.inf
