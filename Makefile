@@ -20,7 +20,7 @@ models: $(STAMP)
 	$(BIN)/python -m gen_ssd_ray.models
 
 run: $(STAMP)
-	$(BIN)/python -m jobs.generate $(ARGS)
+	$(BIN)/python -m jobs.generate --config conf/default.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(ARGS)

@@ -213,7 +213,11 @@ def validate(cfg: GenerateConfig) -> None:
     _require(0 < t.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization", "must be in (0, 1]")
     _require(t.kv_cache_gib > 0, "teacher.kv_cache_gib", "must be > 0")
     _require(t.max_inflight_problems >= 1, "teacher.max_inflight_problems", "must be >= 1")
-    _require(t.block_size is None or t.block_size in (16, 32, 64, 128), "teacher.block_size", "use 16, 32, 64, 128 or null")
+    _require(
+        t.block_size is None or t.block_size in (16, 32, 64, 128),
+        "teacher.block_size",
+        "use 16, 32, 64, 128 or null",
+    )
     _require(s.backend in ("hf", "vllm"), "student.backend", f"must be 'hf' or 'vllm', got {s.backend!r}")
     _require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
     _require(s.num_cpus >= 0 and s.num_gpus >= 0, "student.num_cpus", "resources must be >= 0")
@@ -223,7 +227,11 @@ def validate(cfg: GenerateConfig) -> None:
         f"must be auto, float32, bfloat16 or float16, got {s.dtype!r}",
     )
     _require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
-    _require("{question}" in cfg.prompt.instruction, "prompt.instruction", "must contain the placeholder {question}")
+    _require(
+        "{question}" in cfg.prompt.instruction,
+        "prompt.instruction",
+        "must contain the placeholder {question}",
+    )
     _require(q.temperature >= 0, "search.temperature", f"must be >= 0, got {q.temperature}")
     _require(0 < q.top_p <= 1, "search.top_p", f"must be in (0, 1], got {q.top_p}")
     _require(q.trajectories_per_problem >= 1, "search.trajectories_per_problem", "must be >= 1")
@@ -246,7 +254,6 @@ def validate(cfg: GenerateConfig) -> None:
     _require(r.max_attempts >= 1, "runtime.max_attempts", "must be >= 1")
     _require(r.verify_workers >= 1, "runtime.verify_workers", "must be >= 1")
     _require(r.verify_timeout_s > 0, "runtime.verify_timeout_s", "must be > 0")
-
 
 
 def search_params(cfg: GenerateConfig):

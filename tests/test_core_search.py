@@ -105,10 +105,17 @@ def test_pruned_mid_way_keeps_accepted_prefix():
             calls["n"] += 1
             out = super().score(requests)
             if calls["n"] == 2:  # second step: everything unlearnable
-                return [ScoreResult(r.key, tuple(20.0 * n for n in r.num_tokens), r.num_tokens, r.tokens_processed) for r in out]
+                return [
+                    ScoreResult(
+                        r.key, tuple(20.0 * n for n in r.num_tokens), r.num_tokens, r.tokens_processed
+                    )
+                    for r in out
+                ]
             return out
 
-    traj = run_search(make(chunk_tokens=4, num_candidates=2, prune_ppl=1000.0), FakeTeacher(), Scorer(lambda t: 1.0))
+    traj = run_search(
+        make(chunk_tokens=4, num_candidates=2, prune_ppl=1000.0), FakeTeacher(), Scorer(lambda t: 1.0)
+    )
     assert traj.status == "pruned"
     assert len(traj.response_token_ids) == 4
     assert [c.chosen >= 0 for c in traj.chunks] == [True, False]
@@ -126,9 +133,15 @@ def test_costs_are_counted():
 
 
 def test_seeds_are_deterministic_and_distinct():
-    a = run_search(make(chunk_tokens=4, num_candidates=2, max_new_tokens=8, seed=3), FakeTeacher(), FakeScorer())
-    b = run_search(make(chunk_tokens=4, num_candidates=2, max_new_tokens=8, seed=3), FakeTeacher(), FakeScorer())
-    c = run_search(make(chunk_tokens=4, num_candidates=2, max_new_tokens=8, seed=4), FakeTeacher(), FakeScorer())
+    a = run_search(
+        make(chunk_tokens=4, num_candidates=2, max_new_tokens=8, seed=3), FakeTeacher(), FakeScorer()
+    )
+    b = run_search(
+        make(chunk_tokens=4, num_candidates=2, max_new_tokens=8, seed=3), FakeTeacher(), FakeScorer()
+    )
+    c = run_search(
+        make(chunk_tokens=4, num_candidates=2, max_new_tokens=8, seed=4), FakeTeacher(), FakeScorer()
+    )
     assert a == b
     assert a.response_token_ids != c.response_token_ids
     teacher = FakeTeacher()
@@ -138,7 +151,9 @@ def test_seeds_are_deterministic_and_distinct():
 
 def test_beam_width_two_keeps_two_partial_solutions():
     teacher = FakeTeacher()
-    traj = run_search(make(chunk_tokens=3, num_candidates=3, beam_width=2, max_new_tokens=9), teacher, FakeScorer())
+    traj = run_search(
+        make(chunk_tokens=3, num_candidates=3, beam_width=2, max_new_tokens=9), teacher, FakeScorer()
+    )
     # step 0 expands the root, later steps expand two beams each
     assert [len([r for r in teacher.calls if f"/s{s}/" in r.key]) for s in range(3)] == [1, 2, 2]
     assert traj.status == "truncated" and len(traj.response_token_ids) == 9
@@ -161,7 +176,9 @@ def test_beam_width_two_selects_globally_best_children():
     (last,) = search.expand_requests()
     assert last.prompt_token_ids[len(PROMPT) :] == (10, 11, 3, 4)
     search.update_scored(
-        FakeScorer().score(search.update_expanded([ExpandResult(last.key, (Candidate((1, 1), "z", "length"),) * 2)]))
+        FakeScorer().score(
+            search.update_expanded([ExpandResult(last.key, (Candidate((1, 1), "z", "length"),) * 2)])
+        )
     )
     traj = search.result()
     assert traj.status == "completed"

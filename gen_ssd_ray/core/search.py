@@ -184,11 +184,17 @@ class ProblemSearch:
         chosen = self._select(eligible, slots) if eligible else []
         if not chosen:
             # Nothing learnable: the branch ends at the best parent, recorded with chosen = -1.
-            best = min(range(len(self._live)), key=lambda b: self._live[b].nll_sum / max(1, self._live[b].num_scored))
+            best = min(
+                range(len(self._live)), key=lambda b: self._live[b].nll_sum / max(1, self._live[b].num_scored)
+            )
             node = self._live[best]
             self._pruned = _Node(
-                node.ids, node.text, node.nll_sum, node.num_scored,
-                node.chunks + (ChunkRecord(records[best], -1),), "pruned",
+                node.ids,
+                node.text,
+                node.nll_sum,
+                node.num_scored,
+                node.chunks + (ChunkRecord(records[best], -1),),
+                "pruned",
             )
             self._live = []
         else:
@@ -198,8 +204,10 @@ class ProblemSearch:
                 cand = self._expanded[c.parent][c.index]
                 ids = parent.ids + cand.token_ids
                 status = (
-                    "completed" if cand.finished
-                    else "truncated" if len(ids) >= self.params.max_new_tokens
+                    "completed"
+                    if cand.finished
+                    else "truncated"
+                    if len(ids) >= self.params.max_new_tokens
                     else "live"
                 )
                 child = _Node(

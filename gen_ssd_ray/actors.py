@@ -1,0 +1,182 @@
+"""Thin actor classes and the code that turns them into Ray actor pools.
+
+The classes are plain Python: `ray.remote` is applied in `build_pools`, with resources (num_cpus,
+num_gpus), restarts and concurrency from the config, never hard-coded on a class. Each actor owns
+one engine backend (gen_ssd_ray.engines) and translates calls; the search lives in the BeamManager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from gen_ssd_ray.config import GenerateConfig
+from gen_ssd_ray.engines.scorer_hf import ScorerSpec
+from gen_ssd_ray.engines.teacher_vllm import TeacherEngineSpec
+
+
+class TeacherEngine:
+    """One vLLM async engine. Many concurrent `expand` calls are batched by the engine."""
+
+    def __init__(self, spec: TeacherEngineSpec):
+        from gen_ssd_ray.engines.teacher_vllm import VllmTeacher
+
+        self.spec = spec
+        self.backend = VllmTeacher(spec)
+        self.calls = 0
+        self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
+        self.generated_tokens = 0
+
+    async def ready(self) -> dict[str, Any]:
+        await self.backend.check_health()
+        return {"pid": os.getpid(), "model": self.spec.model}
+
+    async def expand(self, requests):
+        results = await self.backend.expand(requests)
+        self.calls += 1
+        for r in results:
+            self.prompt_tokens += r.prompt_tokens
+            self.cached_prompt_tokens += r.cached_prompt_tokens
+            self.generated_tokens += sum(len(c.token_ids) for c in r.candidates)
+        return results
+
+    async def sample(self, prompts, n: int, max_tokens: int, seed: int | None = None):
+        return await self.backend.sample(prompts, n, max_tokens, seed)
+
+    async def reset_prefix_cache(self) -> None:
+        await self.backend.reset_prefix_cache()
+
+    async def stats(self) -> dict[str, int]:
+        return {
+            "calls": self.calls,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+        }
+
+
+class StudentScorer:
+    """The student behind `score`. HF scoring runs in a worker thread so health checks stay responsive."""
+
+    def __init__(
+        self, spec: ScorerSpec, backend: str = "hf", kv_cache_gib: float = 1.0, max_model_len: int = 2048
+    ):
+        self.kind = backend
+        if backend == "hf":
+            from gen_ssd_ray.engines.scorer_hf import HfScorer
+
+            self.backend = HfScorer(spec)
+        else:
+            from gen_ssd_ray.engines.scorer_vllm import VllmPromptLogprobScorer
+
+            self.backend = VllmPromptLogprobScorer(
+                spec, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len
+            )
+        self._lock = asyncio.Lock()
+        self.tokens_processed = 0
+        self.tokens_scored = 0
+
+    async def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "backend": self.kind}
+
+    async def score(self, requests):
+        async with self._lock:
+            if self.kind == "hf":
+                results = await asyncio.to_thread(self.backend.score, requests)
+            else:
+                results = await self.backend.score(requests)
+        self.tokens_processed += sum(r.tokens_processed for r in results)
+        self.tokens_scored += sum(r.tokens_scored for r in results)
+        return results
+
+    async def release(self, groups) -> None:
+        async with self._lock:
+            self.backend.release(groups)
+
+    async def stats(self) -> dict[str, int]:
+        return {"tokens_processed": self.tokens_processed, "tokens_scored": self.tokens_scored}
+
+
+@dataclass
+class Pools:
+    teachers: list
+    scorers: list
+    managers: list
+
+
+def teacher_spec(cfg: GenerateConfig, model_path: str) -> TeacherEngineSpec:
+    t, q = cfg.teacher, cfg.search
+    return TeacherEngineSpec(
+        model=model_path,
+        dtype=t.dtype,
+        max_model_len=t.max_model_len,
+        tensor_parallel_size=t.tensor_parallel_size,
+        gpu_memory_utilization=t.gpu_memory_utilization,
+        kv_cache_gib=t.kv_cache_gib,
+        enable_prefix_caching=t.enable_prefix_caching,
+        block_size=t.block_size,
+        max_num_seqs=t.max_num_seqs,
+        trust_remote_code=t.trust_remote_code,
+        temperature=q.temperature,
+        top_p=q.top_p,
+        seed=q.seed,
+    )
+
+
+def scorer_spec(cfg: GenerateConfig, student_path: str, teacher_path: str) -> ScorerSpec:
+    s = cfg.student
+    return ScorerSpec(
+        model=student_path,
+        teacher_model=teacher_path,
+        dtype=s.dtype,
+        kv_cache_tokens=s.kv_cache_tokens,
+        num_threads=s.num_threads,
+        trust_remote_code=s.trust_remote_code,
+    )
+
+
+def _engine_env(cfg: GenerateConfig) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.teacher.kv_cache_gib)))
+    return env
+
+
+def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Pools:
+    """Start teacher, scorer and beam-manager actors with resources from the config; wait until ready."""
+    import ray
+
+    from gen_ssd_ray.manager import BeamManager, ManagerSpec
+
+    t, s, r = cfg.teacher, cfg.student, cfg.runtime
+    env = {"env_vars": _engine_env(cfg)}
+    teacher_cls = ray.remote(TeacherEngine).options(
+        num_cpus=t.num_cpus,
+        num_gpus=t.num_gpus,
+        max_restarts=1,
+        max_task_retries=0,
+        max_concurrency=max(64, t.max_inflight_problems * cfg.search.beam_width * 4),
+        runtime_env=env,
+    )
+    scorer_cls = ray.remote(StudentScorer).options(
+        num_cpus=s.num_cpus,
+        num_gpus=s.num_gpus,
+        max_restarts=1,
+        max_task_retries=0,
+        max_concurrency=1000,
+        runtime_env=env,
+    )
+    tspec = teacher_spec(cfg, teacher_path)
+    sspec = scorer_spec(cfg, student_path, teacher_path)
+    teachers = [teacher_cls.remote(tspec) for _ in range(t.num_engines)]
+    scorers = [
+        scorer_cls.remote(sspec, s.backend, s.kv_cache_gib, t.max_model_len) for _ in range(s.num_scorers)
+    ]
+    ray.get([a.ready.remote() for a in teachers + scorers], timeout=r.startup_timeout_s)
+    mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)
+    manager_cls = ray.remote(BeamManager).options(num_cpus=0, max_concurrency=100_000, max_restarts=1)
+    managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
+    ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)
+    return Pools(teachers, scorers, managers)

@@ -1,0 +1,259 @@
+"""The generation job's driver: everything `python -m jobs.generate` does, in order.
+
+1. Resolve models and read the problems (failing before any actor starts on a bad model or file).
+2. Open the output folder (refusing a different config fingerprint) and skip committed problems.
+3. Start (or join) Ray, start teacher / scorer / beam-manager actors with resources from the config.
+4. Feed problems to beam managers with bounded admission per teacher engine, pinning each problem to
+   the least-loaded engine; collect finished problems, verify answers, commit Parquet shards.
+5. Show progress and end with a summary.
+
+Exactly-once: a problem is committed only as part of a whole shard; a re-run skips committed ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gen_ssd_ray.config import GenerateConfig, fingerprint, to_yaml
+
+log = logging.getLogger("gen_ssd_ray")
+
+
+@dataclass
+class RunStats:
+    total: int = 0
+    skipped: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    correct: int = 0
+    verified: int = 0
+    teacher_tokens: int = 0
+    student_processed: int = 0
+    student_scored: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    problems_done: int = 0
+    shards_written: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.problems_done += 1
+        for r in rows:
+            self.statuses[r["status"]] += 1
+            if r.get("correct") is not None:
+                self.verified += 1
+                self.correct += bool(r["correct"])
+            self.teacher_tokens += r.get("teacher_tokens_generated") or 0
+            self.student_processed += r.get("student_tokens_processed") or 0
+            self.student_scored += r.get("student_tokens_scored") or 0
+            self.prompt_tokens += r.get("teacher_prompt_tokens") or 0
+            self.cached_prompt_tokens += r.get("teacher_cached_prompt_tokens") or 0
+
+    def summary(self, out_dir: str) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started
+        return {
+            "output_dir": out_dir,
+            "problems_total": self.total,
+            "problems_skipped_already_committed": self.skipped,
+            "problems_done_this_run": self.problems_done,
+            "trajectories_by_status": dict(self.statuses),
+            "correct": self.correct,
+            "verified": self.verified,
+            "teacher/tokens_generated": self.teacher_tokens,
+            "teacher/tokens_per_s": round(self.teacher_tokens / elapsed, 1) if elapsed else None,
+            "teacher/prefix_cache_hit_rate": round(self.cached_prompt_tokens / self.prompt_tokens, 3)
+            if self.prompt_tokens
+            else None,
+            "scorer/tokens_processed_per_scored": round(self.student_processed / self.student_scored, 3)
+            if self.student_scored
+            else None,
+            "elapsed_s": round(elapsed, 1),
+        }
+
+
+def _init_ray(cfg: GenerateConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:  # join a head started with `ray start --head` on this machine, if any
+        ray.init(address="auto", log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError):
+        ray.init(num_cpus=cfg.runtime.local_num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+@dataclass
+class Prepared:
+    teacher_path: str
+    student_path: str
+    problems: list
+    writer: Any
+
+
+def prepare(cfg: GenerateConfig) -> Prepared:
+    """Everything that can fail on bad input, before any actor starts.
+
+    Raises ModelNotFoundError, DataError or FingerprintMismatchError (all ValueErrors) with a message
+    naming the config key and the fix.
+    """
+    from gen_ssd_ray.data import load_problems
+    from gen_ssd_ray.models import resolve_model
+    from gen_ssd_ray.output import ShardWriter
+
+    teacher_path = resolve_model(cfg.teacher.model)
+    student_path = resolve_model(cfg.student.model)
+    problems = load_problems(cfg.data)
+    writer = ShardWriter(
+        cfg.output.dir,
+        fingerprint=fingerprint(cfg),
+        config_yaml=to_yaml(cfg),
+        shard_size=cfg.output.shard_size,
+        force=cfg.output.force,
+    )
+    return Prepared(teacher_path, student_path, problems, writer)
+
+
+def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None) -> dict[str, Any]:
+    import ray
+
+    from gen_ssd_ray.actors import build_pools
+    from gen_ssd_ray.progress import Progress
+    from gen_ssd_ray.verify import Verifier
+
+    p = prepared or prepare(cfg)
+    teacher_path, student_path, problems, writer = p.teacher_path, p.student_path, p.problems, p.writer
+    stats = RunStats(total=len(problems))
+    committed = writer.committed_ids
+    todo = [p for p in problems if p.problem_id not in committed]
+    stats.skipped = len(problems) - len(todo)
+    log.info(
+        "%d problems, %d already committed in %s, %d to do",
+        len(problems),
+        stats.skipped,
+        cfg.output.dir,
+        len(todo),
+    )
+    if not todo:
+        writer.close()
+        return stats.summary(cfg.output.dir)
+
+    # SIGTERM (e.g. `ray job stop`) flushes finished problems before exiting.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    _init_ray(cfg)
+    verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
+    progress = Progress(total=len(problems), initial=stats.skipped, enabled=cfg.runtime.progress)
+    try:
+        pools = build_pools(cfg, teacher_path, student_path)
+        capacity = cfg.teacher.max_inflight_problems
+        engine_load = [0] * cfg.teacher.num_engines
+        manager_load = [0] * len(pools.managers)
+        pending: dict[Any, tuple[Any, int, int, int]] = {}  # ref -> (problem, engine, manager, attempt)
+        queue = [(p, 1) for p in todo]
+        queue.reverse()
+
+        def submit(problem, attempt: int) -> None:
+            e = min(range(len(engine_load)), key=engine_load.__getitem__)
+            m = min(range(len(manager_load)), key=manager_load.__getitem__)
+            ref = pools.managers[m].solve.remote(problem, e)
+            pending[ref] = (problem, e, m, attempt)
+            engine_load[e] += 1
+            manager_load[m] += 1
+
+        while queue or pending:
+            while queue and min(engine_load) < capacity:
+                submit(*queue.pop())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
+            for ref in ready:
+                problem, e, m, attempt = pending.pop(ref)
+                engine_load[e] -= 1
+                manager_load[m] -= 1
+                try:
+                    rows = ray.get(ref)
+                except Exception as exc:  # manager died or every engine failed: retry, then error rows
+                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                    if attempt < cfg.runtime.max_attempts:
+                        log.warning(
+                            "problem %s failed (attempt %d): %s; retrying",
+                            problem.problem_id,
+                            attempt,
+                            reason,
+                        )
+                        queue.append((problem, attempt + 1))
+                        continue
+                    rows = error_rows(cfg, problem, reason)
+                _verify(verifier, rows)
+                if writer.add(problem.problem_id, rows):
+                    stats.shards_written += 1
+                stats.add(rows)
+                progress.update(stats)
+    except KeyboardInterrupt:
+        log.warning("interrupted: committing finished problems; re-run the same command to continue")
+    finally:
+        if writer.close():
+            stats.shards_written += 1
+        progress.close()
+        verifier.close()
+    summary = stats.summary(cfg.output.dir)
+    summary["teacher_model_path"], summary["student_model_path"] = teacher_path, student_path
+    return summary
+
+
+def _verify(verifier, rows: list[dict[str, Any]]) -> None:
+    todo = [r for r in rows if r["status"] == "completed"]
+    results = verifier.verify_many([(r["gold_answer"], r.get("final_answer")) for r in todo])
+    for r, ok in zip(todo, results, strict=True):
+        r["correct"] = ok
+
+
+def error_rows(cfg: GenerateConfig, problem, reason: str) -> list[dict[str, Any]]:
+    from gen_ssd_ray.manager import trajectory_seed
+
+    return [
+        {
+            "problem_id": problem.problem_id,
+            "trajectory_index": i,
+            "question": problem.question,
+            "gold_answer": problem.gold_answer,
+            "status": "error",
+            "error": reason,
+            "teacher_model": cfg.teacher.model,
+            "student_model": cfg.student.model,
+            "seed": trajectory_seed(cfg.search.seed, problem.problem_id, i),
+            "config_fingerprint": fingerprint(cfg),
+            "method": "gen_ssd",
+        }
+        for i in range(cfg.search.trajectories_per_problem)
+    ]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    out = Path(summary["output_dir"]).resolve()
+    st = summary["trajectories_by_status"]
+    lines = [
+        "",
+        f"Output: {out}",
+        "  Parquet shards part-*.parquet (one row per trajectory), _manifest.json (committed shards),",
+        "  _config.yaml (the resolved config). Read with pandas.read_parquet / pyarrow.dataset / ray.data.",
+        f"Problems: {summary['problems_total']} total, {summary['problems_skipped_already_committed']} were already "
+        f"committed, {summary['problems_done_this_run']} done in this run.",
+        "Trajectories: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(st.items())) or "none this run")
+        + "  (completed = ended with EOS; pruned = every candidate above search.prune_ppl;"
+        " truncated = hit search.max_new_tokens; error = see the `error` column)",
+        f"Correct: {summary['correct']} of {summary['verified']} verified completed trajectories.",
+        f"Teacher: {summary['teacher/tokens_generated']} tokens, {summary['teacher/tokens_per_s']} tok/s, "
+        f"prefix-cache hit rate {summary['teacher/prefix_cache_hit_rate']}; scorer tokens processed per token "
+        f"scored {summary['scorer/tokens_processed_per_scored']}. Elapsed {summary['elapsed_s']} s.",
+        "Re-running the same command resumes: committed problems are skipped.",
+    ]
+    return "\n".join(lines)

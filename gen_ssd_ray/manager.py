@@ -1,0 +1,268 @@
+"""BeamManager: an async actor that runs many problems' search state machines concurrently.
+
+Each `solve(problem, engine)` call is one coroutine: it renders the prompts (teacher and student
+chat templates), runs every trajectory's `ProblemSearch` against its pinned teacher engine and a
+scorer, and returns the problem's output rows (correctness is filled in by the driver's verifier).
+Thousands of calls can be in flight on one manager; the driver bounds admission.
+
+Failure handling: every remote call has a deadline (`runtime.call_timeout_s`). A dead or stuck
+engine is skipped and the same step is retried on the next engine (the search state only advances
+on success, so a retry is exact). A problem whose prompt does not fit becomes an error row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gen_ssd_ray.config import GenerateConfig, fingerprint, search_params
+from gen_ssd_ray.core.answers import extract_final_answer
+from gen_ssd_ray.core.search import ProblemSearch, SearchParams
+from gen_ssd_ray.core.types import Trajectory
+from gen_ssd_ray.data import Problem, chat_messages
+
+
+@dataclass(frozen=True)
+class ManagerSpec:
+    teacher_path: str
+    student_path: str
+    teacher_name: str
+    student_name: str
+    params: SearchParams
+    prompt_system: str | None
+    prompt_instruction: str
+    trajectories: int
+    seed: int
+    temperature: float
+    top_p: float
+    teacher_max_len: int
+    call_timeout_s: float
+    fingerprint: str
+    trust_remote_code_teacher: bool = False
+    trust_remote_code_student: bool = False
+    method: str = "gen_ssd"
+
+    @classmethod
+    def from_config(cls, cfg: GenerateConfig, teacher_path: str, student_path: str) -> ManagerSpec:
+        return cls(
+            teacher_path=teacher_path,
+            student_path=student_path,
+            teacher_name=cfg.teacher.model,
+            student_name=cfg.student.model,
+            params=search_params(cfg),
+            prompt_system=cfg.prompt.system,
+            prompt_instruction=cfg.prompt.instruction,
+            trajectories=cfg.search.trajectories_per_problem,
+            seed=cfg.search.seed,
+            temperature=cfg.search.temperature,
+            top_p=cfg.search.top_p,
+            teacher_max_len=cfg.teacher.max_model_len,
+            call_timeout_s=cfg.runtime.call_timeout_s,
+            fingerprint=fingerprint(cfg),
+            trust_remote_code_teacher=cfg.teacher.trust_remote_code,
+            trust_remote_code_student=cfg.student.trust_remote_code,
+        )
+
+    def sampling(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "chunk_tokens": p.chunk_tokens,
+            "num_candidates": p.num_candidates,
+            "beam_width": p.beam_width,
+            "max_new_tokens": p.max_new_tokens,
+            "prune_ppl": p.prune_ppl,
+        }
+
+
+def trajectory_seed(base: int, problem_id: str, index: int) -> int:
+    h = hashlib.blake2b(f"{base}/{problem_id}/{index}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "big") & 0x7FFFFFFF
+
+
+class EnginesUnavailable(RuntimeError):
+    """Every engine of a pool failed or missed its deadline for one step."""
+
+
+class BeamManager:
+    def __init__(self, spec: ManagerSpec, teachers: list, scorers: list):
+        from transformers import AutoTokenizer
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.spec = spec
+        self.teachers = teachers
+        self.scorers = scorers
+        self.teacher_tok = AutoTokenizer.from_pretrained(
+            spec.teacher_path, trust_remote_code=spec.trust_remote_code_teacher
+        )
+        self.student_tok = (
+            self.teacher_tok
+            if spec.student_path == spec.teacher_path
+            else AutoTokenizer.from_pretrained(
+                spec.student_path, trust_remote_code=spec.trust_remote_code_student
+            )
+        )
+        self.student_max_len = None
+        self.dead_teachers: set[int] = set()
+        self.in_flight = 0
+
+    async def ready(self) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def render(self, tok, question: str) -> tuple[str, list[int]]:
+        messages = chat_messages_from_spec(self.spec, question)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, tok(text, add_special_tokens=False)["input_ids"]
+
+    # ---- remote calls with deadlines and fallback --------------------------------------------
+    async def _call(self, pool: list, first: int, method: str, payload, dead: set[int] | None = None):
+        errors = []
+        n = len(pool)
+        order = [(first + i) % n for i in range(n)]
+        if dead is not None:  # known-dead engines go last, not never: they may have restarted
+            order = [i for i in order if i not in dead] + [i for i in order if i in dead]
+        for i in order:
+            try:
+                ref = getattr(pool[i], method).remote(payload)
+                result = await asyncio.wait_for(ref, timeout=self.spec.call_timeout_s)
+                if dead is not None:
+                    dead.discard(i)
+                return result
+            except (TimeoutError, Exception) as e:  # RayActorError, deadline, engine death
+                if isinstance(e, ValueError):
+                    raise
+                errors.append(f"{method}@{i}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                if dead is not None:
+                    dead.add(i)
+        raise EnginesUnavailable("; ".join(errors))
+
+    async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
+        try:
+            while not search.done:
+                expanded = await self._call(
+                    self.teachers, engine, "expand", search.expand_requests(), self.dead_teachers
+                )
+                score_reqs = search.update_expanded(expanded)
+                scored = await self._call(self.scorers, engine % len(self.scorers), "score", score_reqs)
+                search.update_scored(scored)
+            return search.result()
+        finally:
+            for s in self.scorers:  # free the scorer's KV cache for this trajectory (fire and forget)
+                s.release.remote([search.group])
+
+    # ---- one problem -------------------------------------------------------------------------
+    async def solve(self, problem: Problem, engine: int) -> list[dict[str, Any]]:
+        """All trajectories of one problem as output rows (without `correct`)."""
+        self.in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            if problem.error is not None:
+                return [
+                    self._row(problem, None, i, "", error=problem.error)
+                    for i in range(self.spec.trajectories)
+                ]
+            prompt_text, prompt_ids = self.render(self.teacher_tok, problem.question)
+            _, student_ids = self.render(self.student_tok, problem.question)
+            limit = self.spec.teacher_max_len - self.spec.params.max_new_tokens
+            if len(prompt_ids) > limit:
+                err = (
+                    f"prompt has {len(prompt_ids)} tokens; with search.max_new_tokens="
+                    f"{self.spec.params.max_new_tokens} it exceeds teacher.max_model_len={self.spec.teacher_max_len}"
+                )
+                return [
+                    self._row(problem, None, i, prompt_text, error=err) for i in range(self.spec.trajectories)
+                ]
+            searches = [
+                ProblemSearch(
+                    self.spec.params,
+                    prompt_ids,
+                    student_ids,
+                    group=f"{problem.problem_id}/t{i}",
+                    seed=trajectory_seed(self.spec.seed, problem.problem_id, i),
+                )
+                for i in range(self.spec.trajectories)
+            ]
+            trajs = await asyncio.gather(*(self._run_trajectory(s, engine) for s in searches))
+            return [
+                self._row(problem, t, i, prompt_text, seconds=time.perf_counter() - t0)
+                for i, t in enumerate(trajs)
+            ]
+        finally:
+            self.in_flight -= 1
+
+    def _row(
+        self,
+        problem: Problem,
+        traj: Trajectory | None,
+        index: int,
+        prompt_text: str,
+        error: str | None = None,
+        seconds: float | None = None,
+    ) -> dict[str, Any]:
+        spec = self.spec
+        row: dict[str, Any] = {
+            "problem_id": problem.problem_id,
+            "trajectory_index": index,
+            "question": problem.question,
+            "gold_answer": problem.gold_answer,
+            "prompt": prompt_text,
+            "teacher_model": spec.teacher_name,
+            "student_model": spec.student_name,
+            "sampling": spec.sampling(),
+            "seed": trajectory_seed(spec.seed, problem.problem_id, index),
+            "config_fingerprint": spec.fingerprint,
+            "method": spec.method,
+            "status": "error",
+            "error": error,
+            "chunks": [],
+            "response": None,
+            "response_token_ids": [],
+            "num_response_tokens": 0,
+            "teacher_tokens_generated": 0,
+            "student_tokens_processed": 0,
+            "student_tokens_scored": 0,
+            "teacher_prompt_tokens": 0,
+            "teacher_cached_prompt_tokens": 0,
+        }
+        if traj is None:
+            return row
+        response = self.teacher_tok.decode(list(traj.response_token_ids), skip_special_tokens=True)
+        row.update(
+            status=traj.status,
+            error=traj.error,
+            response=response,
+            response_token_ids=list(traj.response_token_ids),
+            chunks=[
+                {"candidates": [asdict(c) for c in rec.candidates], "chosen": rec.chosen}
+                for rec in traj.chunks
+            ],
+            final_answer=extract_final_answer(response) if traj.status == "completed" else None,
+            student_ppl=traj.student_ppl,
+            num_response_tokens=len(traj.response_token_ids),
+            teacher_tokens_generated=traj.teacher_tokens_generated,
+            student_tokens_processed=traj.student_tokens_processed,
+            student_tokens_scored=traj.student_tokens_scored,
+            teacher_prompt_tokens=traj.prompt_tokens,
+            teacher_cached_prompt_tokens=traj.cached_prompt_tokens,
+        )
+        return row
+
+    async def load(self) -> int:
+        return self.in_flight
+
+
+def chat_messages_from_spec(spec: ManagerSpec, question: str) -> list[dict[str, str]]:
+    from gen_ssd_ray.config import PromptConfig
+
+    return chat_messages(
+        PromptConfig(system=spec.prompt_system, instruction=spec.prompt_instruction), question
+    )
+
+
+__all__ = ["BeamManager", "EnginesUnavailable", "ManagerSpec", "Problem", "trajectory_seed"]

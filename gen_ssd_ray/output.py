@@ -1,0 +1,521 @@
+"""The generation job's output: Parquet shards plus a manifest in one folder, written exactly once.
+
+Contract (see "Output contract" in docs/DESIGN.md):
+
+- `OUTPUT_SCHEMA` is the one definition of an output row: one row per trajectory. `rows_to_table`
+  turns row dicts into a table of exactly that schema (a missing key is null; an unknown key, a value
+  of the wrong type, a null `problem_id` / `trajectory_index` / `status`, an unknown status or an
+  `error` that does not match the status is a `ValueError`).
+- Folder layout::
+
+      part-00000.parquet   complete shards, each holding every row of the problems it lists
+      _manifest.json       which shards are committed, their problem ids and row counts
+      _config.yaml         the configuration that produced the data
+      _lock                held (flock) by the one `ShardWriter` open on the folder
+      .tmp-*               a write in progress; removed when a writer opens the folder
+
+  Readers that skip names starting with "." and "_" (pandas.read_parquet, pyarrow.dataset.dataset,
+  ray.data.read_parquet) therefore see only complete shards. `read_output` reads exactly the shards
+  the manifest lists.
+- A shard is written to `.tmp-part-NNNNN.parquet`, fsynced, renamed to `part-NNNNN.parquet` and the
+  folder fsynced; only then is the manifest rewritten (again temp file + fsync + rename + folder
+  fsync). A kill at any moment leaves either the old state or the new one, plus possibly one
+  *orphan*: a renamed shard not yet in the manifest. Being renamed, it is complete, so the next
+  writer adopts it (adds it to the manifest) unless its problem ids overlap committed ones, in which
+  case it is deleted. A problem is therefore committed (`committed_ids`) in exactly one shard, with
+  all its rows, after any number of kills and resumes; buffered problems lost in a kill are simply
+  not committed and get generated again.
+- The manifest records the config fingerprint. Opening a folder whose data has another fingerprint
+  raises `FingerprintMismatchError` unless `force` is set, in which case the new fingerprint is
+  appended to the manifest's `fingerprint_history` (each row also carries its `config_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("completed", "pruned", "truncated", "error")
+MANIFEST_NAME = "_manifest.json"
+CONFIG_NAME = "_config.yaml"
+LOCK_NAME = "_lock"
+TMP_PREFIX = ".tmp-"
+MANIFEST_VERSION = 1
+_SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
+
+CANDIDATE_TYPE = pa.struct(
+    [
+        ("text", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("ppl", pa.float64()),
+    ]
+)
+CHUNK_TYPE = pa.struct([("candidates", pa.list_(CANDIDATE_TYPE)), ("chosen", pa.int32())])
+SAMPLING_TYPE = pa.struct(
+    [
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("chunk_tokens", pa.int32()),
+        ("num_candidates", pa.int32()),
+        ("beam_width", pa.int32()),
+        ("max_new_tokens", pa.int32()),
+        ("prune_ppl", pa.float64()),
+    ]
+)
+
+OUTPUT_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("trajectory_index", pa.int32(), nullable=False),
+        pa.field("question", pa.string()),
+        pa.field("gold_answer", pa.string()),
+        pa.field("prompt", pa.string()),  # the rendered teacher prompt
+        pa.field("response", pa.string()),
+        pa.field("response_token_ids", pa.list_(pa.int32())),  # teacher token ids
+        pa.field("chunks", pa.list_(CHUNK_TYPE)),
+        pa.field("status", pa.string(), nullable=False),  # completed | pruned | truncated | error
+        pa.field("error", pa.string()),  # the reason; null unless status == "error"
+        pa.field("final_answer", pa.string()),
+        pa.field("correct", pa.bool_()),  # null: unverified
+        pa.field("student_ppl", pa.float64()),
+        pa.field("num_response_tokens", pa.int32()),
+        pa.field("teacher_tokens_generated", pa.int64()),
+        pa.field("student_tokens_processed", pa.int64()),
+        pa.field("student_tokens_scored", pa.int64()),
+        pa.field("teacher_prompt_tokens", pa.int64()),
+        pa.field("teacher_cached_prompt_tokens", pa.int64()),
+        pa.field("teacher_model", pa.string()),
+        pa.field("student_model", pa.string()),
+        pa.field("sampling", SAMPLING_TYPE),
+        pa.field("seed", pa.int64()),
+        pa.field("config_fingerprint", pa.string()),
+        pa.field("method", pa.string()),  # e.g. "gen_ssd"
+    ]
+)
+
+
+class FingerprintMismatchError(ValueError):
+    """The output folder holds data written with another config fingerprint."""
+
+
+class OutputLockedError(RuntimeError):
+    """Another ShardWriter (another process) has the output folder open."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows and tables
+
+
+def empty_table() -> pa.Table:
+    """A table with `OUTPUT_SCHEMA` and no rows."""
+    return OUTPUT_SCHEMA.empty_table()
+
+
+def _unknown_keys(value: Any, typ: pa.DataType, path: str) -> str | None:
+    """The first dict key (as a dotted path) that `typ` has no field for, else None."""
+    if value is None:
+        return None
+    if pa.types.is_struct(typ) and isinstance(value, dict):
+        names = {typ.field(i).name: typ.field(i).type for i in range(typ.num_fields)}
+        for k, v in value.items():
+            if k not in names:
+                return f"{path}.{k}"
+            bad = _unknown_keys(v, names[k], f"{path}.{k}")
+            if bad:
+                return bad
+    elif pa.types.is_list(typ) and isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            bad = _unknown_keys(v, typ.value_type, f"{path}[{i}]")
+            if bad:
+                return bad
+    return None
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Build a table of exactly `OUTPUT_SCHEMA` from row dicts; a missing key is null.
+
+    Raises ValueError naming the row and column for an unknown key (nested struct keys included),
+    a value that does not convert to the column type, a null in a non-nullable column, a status not
+    in `STATUSES`, or an `error` that is set without status "error" (or missing with it).
+    """
+    names = set(OUTPUT_SCHEMA.names)
+    for i, row in enumerate(rows):
+        extra = set(row) - names
+        if extra:
+            raise ValueError(
+                f"row {i}: unknown column(s) {sorted(extra)}; OUTPUT_SCHEMA has {OUTPUT_SCHEMA.names}"
+            )
+        for f in OUTPUT_SCHEMA:
+            if pa.types.is_nested(f.type):
+                bad = _unknown_keys(row.get(f.name), f.type, f.name)
+                if bad:
+                    raise ValueError(f"row {i}: unknown key {bad!r} (type {f.type})")
+        status = row.get("status")
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"row {i}: status {status!r} is not one of {STATUSES}")
+        error = row.get("error")
+        if status == "error" and not error:
+            raise ValueError(f"row {i}: status 'error' needs a reason in column 'error'")
+        if status != "error" and error is not None:
+            raise ValueError(
+                f"row {i}: column 'error' must be null unless status is 'error' (status {status!r})"
+            )
+    arrays = []
+    for f in OUTPUT_SCHEMA:
+        values = [row.get(f.name) for row in rows]
+        try:
+            arr = pa.array(values, type=f.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"column {f.name!r} ({f.type}): {e}") from e
+        if not f.nullable and arr.null_count:
+            first = next(i for i, v in enumerate(values) if v is None)
+            raise ValueError(f"row {first}: column {f.name!r} must not be null")
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via `.tmp-<name>` + fsync + rename + folder fsync."""
+    tmp = path.with_name(TMP_PREFIX + path.name.lstrip("_."))
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    """The folder's manifest, or None when it has none (a fresh folder)."""
+    path = Path(out_dir) / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    manifest = json.loads(text)
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r}")
+    return manifest
+
+
+def read_output(out_dir: str | Path) -> pa.Table:
+    """All rows of the shards the manifest lists (an empty table when there is no manifest)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if not manifest or not manifest["shards"]:
+        return empty_table()
+    tables = [pq.read_table(out_dir / s["name"], schema=OUTPUT_SCHEMA) for s in manifest["shards"]]
+    return pa.concat_tables(tables)
+
+
+def _shard_problem_ids(table: pa.Table) -> list[str]:
+    return list(dict.fromkeys(table.column("problem_id").to_pylist()))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writer
+
+
+class ShardWriter:
+    """Buffers finished problems and commits them in shards of `shard_size` problems, exactly once.
+
+    Opening the folder: takes `_lock` (one writer per folder), checks the fingerprint, removes stale
+    `.tmp-*` files, adopts orphan shards and writes `_config.yaml`. See the module docstring.
+    Use as a context manager or call `close()`; both flush what is buffered.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        fingerprint: str,
+        config_yaml: str,
+        shard_size: int,
+        force: bool = False,
+    ) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.fingerprint = fingerprint
+        self.shard_size = shard_size
+        self._buffer: list[tuple[str, pa.Table]] = []
+        self._buffered_ids: set[str] = set()
+        self._closed = False
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire_lock()
+        try:
+            self._open(config_yaml, force)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    # -- opening ------------------------------------------------------------------------------------
+
+    def _acquire_lock(self) -> int:
+        fd = os.open(self.out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"output folder {self.out_dir} is open in another writer (lock {self.out_dir / LOCK_NAME} "
+                "is held); wait for that job to finish or use another output.dir"
+            ) from None
+        return fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def _open(self, config_yaml: str, force: bool) -> None:
+        manifest = read_manifest(self.out_dir)
+        changed = manifest is None
+        if manifest is None:
+            manifest = {
+                "version": MANIFEST_VERSION,
+                "fingerprint": None,
+                "fingerprint_history": [],
+                "shards": [],
+            }
+        listed = {s["name"] for s in manifest["shards"]}
+        for name in listed:
+            if not (self.out_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"{self.out_dir / name} is listed in {self.out_dir / MANIFEST_NAME} but missing; "
+                    "the output folder was modified outside the writer"
+                )
+
+        # Read-only scan of orphans first: nothing is changed in a folder we may refuse.
+        orphans: list[tuple[str, pa.Table | None]] = []
+        indices = [-1]
+        for p in self.out_dir.iterdir():
+            m = _SHARD_RE.match(p.name)
+            if not m:
+                continue
+            indices.append(int(m.group(1)))
+            if p.name not in listed:
+                try:
+                    table = pq.read_table(p, columns=["problem_id", "config_fingerprint"])
+                except Exception as e:  # not expected: orphans are complete by construction
+                    log.warning("orphan shard %s is unreadable (%s); moving it aside", p, e)
+                    table = None
+                orphans.append((p.name, table))
+        orphans.sort(key=lambda o: int(_SHARD_RE.match(o[0]).group(1)))
+        self._next_index = max(indices) + 1
+
+        folder_fps = [manifest["fingerprint"]] if manifest["fingerprint"] else []
+        for _, table in orphans:
+            if table is not None:
+                folder_fps += [fp for fp in table.column("config_fingerprint").unique().to_pylist() if fp]
+        other = next((fp for fp in folder_fps if fp != self.fingerprint), None)
+        if other is not None:
+            if not force:
+                raise FingerprintMismatchError(
+                    f"output folder {self.out_dir} holds data written with config fingerprint {other}, "
+                    f"but this run's fingerprint is {self.fingerprint}. Use a new output.dir, or pass "
+                    "output.force=true to continue in this folder with the new config."
+                )
+            log.warning(
+                "output folder %s: fingerprint %s -> %s (output.force=true)",
+                self.out_dir,
+                other,
+                self.fingerprint,
+            )
+        if manifest["fingerprint"] != self.fingerprint:
+            manifest["fingerprint_history"].append(
+                {"fingerprint": self.fingerprint, "recorded": _now(), "forced": other is not None}
+            )
+            manifest["fingerprint"] = self.fingerprint
+            changed = True
+
+        for p in self.out_dir.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                log.info("removing stale temporary file %s", p)
+                if p.is_dir():
+                    continue
+                p.unlink(missing_ok=True)
+
+        self._committed: set[str] = {pid for s in manifest["shards"] for pid in s["problem_ids"]}
+        for name, table in orphans:
+            path = self.out_dir / name
+            if table is None:
+                os.replace(path, self.out_dir / f".corrupt-{name}")
+                continue
+            ids = _shard_problem_ids(table)
+            overlap = self._committed.intersection(ids)
+            if overlap:
+                log.warning(
+                    "deleting orphan shard %s: %d of its problem ids are already committed (e.g. %s)",
+                    path,
+                    len(overlap),
+                    sorted(overlap)[:3],
+                )
+                path.unlink()
+                continue
+            log.info("adopting orphan shard %s (%d problems, %d rows)", path, len(ids), table.num_rows)
+            manifest["shards"].append(self._shard_entry(name, ids, table.num_rows))
+            self._committed.update(ids)
+            changed = True
+        if orphans:
+            _fsync_dir(self.out_dir)
+
+        self._manifest = manifest
+        self._manifest_dirty = changed
+        if changed:
+            self._write_manifest()
+        _atomic_write_bytes(self.out_dir / CONFIG_NAME, config_yaml.encode())
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def committed_ids(self) -> set[str]:
+        """Problem ids in manifest-listed shards (a copy)."""
+        return set(self._committed)
+
+    @property
+    def num_buffered(self) -> int:
+        """Problems added but not yet written."""
+        return len(self._buffer)
+
+    def __contains__(self, problem_id: str) -> bool:
+        """Whether `problem_id` is committed or buffered."""
+        return problem_id in self._committed or problem_id in self._buffered_ids
+
+    def add(self, problem_id: str, rows: list[dict]) -> str | None:
+        """Buffer one finished problem (all its trajectory rows); flush when `shard_size` are buffered.
+
+        Rows are validated now (`rows_to_table`); a row without `problem_id` gets this one. Returns the
+        name of the shard written, if any. Raises ValueError for an id already committed or buffered,
+        for no rows, or for rows of another problem.
+        """
+        self._check_open()
+        if problem_id in self._committed:
+            raise ValueError(f"problem {problem_id!r} is already committed in {self.out_dir}")
+        if problem_id in self._buffered_ids:
+            raise ValueError(f"problem {problem_id!r} was already added (buffered, not yet written)")
+        if not rows:
+            raise ValueError(f"problem {problem_id!r}: no rows (write an error row instead)")
+        fixed = []
+        for row in rows:
+            if row.get("problem_id", problem_id) != problem_id:
+                raise ValueError(f"problem {problem_id!r}: got a row of problem {row['problem_id']!r}")
+            fixed.append({**row, "problem_id": problem_id})
+        try:
+            table = rows_to_table(fixed)
+        except ValueError as e:
+            raise ValueError(f"problem {problem_id!r}: {e}") from e
+        self._buffer.append((problem_id, table))
+        self._buffered_ids.add(problem_id)
+        if len(self._buffer) >= self.shard_size:
+            return self.flush()
+        return None
+
+    def flush(self) -> str | None:
+        """Commit the buffered problems as one shard; returns its name (None when nothing is buffered)."""
+        self._check_open()
+        if not self._buffer:
+            if self._manifest_dirty:  # an earlier flush was interrupted after its shard's rename
+                self._write_manifest()
+            return None
+        ids = [pid for pid, _ in self._buffer]
+        table = pa.concat_tables([t for _, t in self._buffer])
+        name = _shard_name(self._next_index)
+        tmp = self.out_dir / (TMP_PREFIX + name)
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out_dir / name)
+        # The shard is complete and visible: it is committed from here on, even if what follows fails
+        # (a crash now leaves an orphan that the next open adopts; a retry must not write it twice).
+        self._next_index += 1
+        self._manifest["shards"].append(self._shard_entry(name, ids, table.num_rows))
+        self._committed.update(ids)
+        self._manifest_dirty = True
+        self._buffer.clear()
+        self._buffered_ids.clear()
+        _fsync_dir(self.out_dir)
+        self._write_manifest()
+        return name
+
+    def close(self) -> str | None:
+        """Flush what is buffered and release the folder; returns the last shard's name, if any."""
+        if self._closed:
+            return None
+        try:
+            return self.flush()
+        finally:
+            self._closed = True
+            self._release_lock()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Buffered problems are finished and valid: keep them, but never mask the original error.
+        try:
+            self.close()
+        except Exception:
+            log.exception("flushing %s while handling another error failed", self.out_dir)
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"ShardWriter for {self.out_dir} is closed")
+
+    @staticmethod
+    def _shard_entry(name: str, ids: Iterable[str], num_rows: int) -> dict:
+        ids = list(ids)
+        return {
+            "name": name,
+            "problem_ids": ids,
+            "num_rows": num_rows,
+            "num_problems": len(ids),
+            "created": _now(),
+        }
+
+    def _write_manifest(self) -> None:
+        m = self._manifest
+        m["num_problems"] = sum(s["num_problems"] for s in m["shards"])
+        m["num_rows"] = sum(s["num_rows"] for s in m["shards"])
+        m["updated"] = _now()
+        _atomic_write_bytes(self.out_dir / MANIFEST_NAME, json.dumps(m, indent=1).encode())
+        self._manifest_dirty = False
