@@ -139,8 +139,13 @@ def scorer_spec(cfg: GenerateConfig, student_path: str, teacher_path: str) -> Sc
 
 
 def _engine_env(cfg: GenerateConfig) -> dict[str, str]:
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(cfg.teacher.kv_cache_gib)))
+    """Environment for engine actors: the CPU KV-cache size, and the driver's offline setting if any."""
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.teacher.kv_cache_gib))),
+    }
+    if "HF_HUB_OFFLINE" in os.environ:
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     return env
 
 
@@ -172,11 +177,14 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     sspec = scorer_spec(cfg, student_path, teacher_path)
     teachers = [teacher_cls.remote(tspec) for _ in range(t.num_engines)]
     scorers = [
-        scorer_cls.remote(sspec, s.backend, s.kv_cache_gib, t.max_model_len) for _ in range(s.num_scorers)
+        scorer_cls.remote(sspec, s.backend, s.kv_cache_gib, t.max_model_len, s.gpu_memory_utilization)
+        for _ in range(s.num_scorers)
     ]
     ray.get([a.ready.remote() for a in teachers + scorers], timeout=r.startup_timeout_s)
     mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)
-    manager_cls = ray.remote(BeamManager).options(num_cpus=0, max_concurrency=100_000, max_restarts=1)
+    manager_cls = ray.remote(BeamManager).options(
+        num_cpus=r.manager_num_cpus, max_concurrency=100_000, max_restarts=1, runtime_env=env
+    )
     managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
     ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)
     return Pools(teachers, scorers, managers)

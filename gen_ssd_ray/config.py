@@ -69,8 +69,9 @@ class StudentConfig:
     # CPU threads for the hf scorer (0 = torch default).
     num_threads: int = 1
     trust_remote_code: bool = False
-    # vllm backend only: KV cache GiB on CPU.
+    # vllm backend only: KV cache GiB on CPU; fraction of GPU memory on GPU.
     kv_cache_gib: float = 1.0
+    gpu_memory_utilization: float = 0.85
 
 
 @dataclass
@@ -132,11 +133,14 @@ class OutputConfig:
 
 @dataclass
 class RuntimeConfig:
-    # Ray address (null: connect to RAY_ADDRESS or an existing cluster, else start a local one).
+    # Ray address, e.g. "auto" for a head started with `ray start --head` (null: RAY_ADDRESS if set,
+    # as under `ray job submit`, else a private local Ray started for this run).
     ray_address: str | None = None
     # CPUs for a local Ray started by the job (null: all).
     local_num_cpus: int | None = None
     num_beam_managers: int = 1
+    # CPUs reserved per beam manager (they are light: tokenizers and the search bookkeeping).
+    manager_num_cpus: float = 0.0
     # Deadline in seconds for every remote call (teacher expand, scorer score, health checks).
     call_timeout_s: float = 600.0
     # Engine start-up deadline (model load + warm-up).
@@ -227,6 +231,8 @@ def validate(cfg: GenerateConfig) -> None:
         f"must be auto, float32, bfloat16 or float16, got {s.dtype!r}",
     )
     _require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
+    _require(0 < s.gpu_memory_utilization <= 1, "student.gpu_memory_utilization", "must be in (0, 1]")
+    _require(r.manager_num_cpus >= 0, "runtime.manager_num_cpus", "must be >= 0")
     _require(
         "{question}" in cfg.prompt.instruction,
         "prompt.instruction",

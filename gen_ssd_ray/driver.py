@@ -39,6 +39,7 @@ class RunStats:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     problems_done: int = 0
+    failed: int = 0
     shards_written: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -62,6 +63,7 @@ class RunStats:
             "problems_total": self.total,
             "problems_skipped_already_committed": self.skipped,
             "problems_done_this_run": self.problems_done,
+            "problems_failed_retry_later": self.failed,
             "trajectories_by_status": dict(self.statuses),
             "correct": self.correct,
             "verified": self.verified,
@@ -78,6 +80,8 @@ class RunStats:
 
 
 def _init_ray(cfg: GenerateConfig) -> None:
+    """Join the cluster named by `runtime.ray_address` or RAY_ADDRESS (set by `ray job submit`),
+    else start a private local Ray for this run."""
     import ray
 
     if ray.is_initialized():
@@ -85,10 +89,7 @@ def _init_ray(cfg: GenerateConfig) -> None:
     address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
-    try:  # join a head started with `ray start --head` on this machine, if any
-        ray.init(address="auto", log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError):
+    else:
         ray.init(num_cpus=cfg.runtime.local_num_cpus, include_dashboard=False, log_to_driver=True)
 
 
@@ -179,18 +180,27 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None) -> dict[
                 manager_load[m] -= 1
                 try:
                     rows = ray.get(ref)
-                except Exception as exc:  # manager died or every engine failed: retry, then error rows
-                    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-                    if attempt < cfg.runtime.max_attempts:
-                        log.warning(
-                            "problem %s failed (attempt %d): %s; retrying",
-                            problem.problem_id,
-                            attempt,
-                            reason,
-                        )
-                        queue.append((problem, attempt + 1))
+                except Exception as exc:
+                    reason = _reason(exc)
+                    if _transient(exc):  # engines or a manager died / missed deadlines: retry, never commit
+                        if attempt < cfg.runtime.max_attempts:
+                            log.warning(
+                                "problem %s failed (attempt %d): %s; retrying",
+                                problem.problem_id,
+                                attempt,
+                                reason,
+                            )
+                            queue.append((problem, attempt + 1))
+                        else:
+                            log.error(
+                                "problem %s left for a re-run after %d attempts: %s",
+                                problem.problem_id,
+                                attempt,
+                                reason,
+                            )
+                            stats.failed += 1
                         continue
-                    rows = error_rows(cfg, problem, reason)
+                    rows = error_rows(cfg, problem, reason)  # deterministic failure: an error row
                 _verify(verifier, rows)
                 if writer.add(problem.problem_id, rows):
                     stats.shards_written += 1
@@ -206,6 +216,24 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None) -> dict[
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = teacher_path, student_path
     return summary
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip()
+    return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def _transient(exc: BaseException) -> bool:
+    """Infrastructure failures (retry later) as opposed to a problem that fails deterministically."""
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from gen_ssd_ray.manager import EnginesUnavailable
+
+    cause = getattr(exc, "cause", None)
+    return isinstance(exc, RayActorError | GetTimeoutError | EnginesUnavailable) or isinstance(
+        cause, EnginesUnavailable | RayActorError | TimeoutError
+    )
 
 
 def _verify(verifier, rows: list[dict[str, Any]]) -> None:
@@ -256,4 +284,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"scored {summary['scorer/tokens_processed_per_scored']}. Elapsed {summary['elapsed_s']} s.",
         "Re-running the same command resumes: committed problems are skipped.",
     ]
+    if summary.get("problems_failed_retry_later"):
+        lines.append(
+            f"{summary['problems_failed_retry_later']} problems were not committed because engines failed "
+            "(see the log); re-run the same command to retry them."
+        )
     return "\n".join(lines)

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m jobs.generate --config conf/gpu_cluster.yaml
 
 Parses the config, runs the driver (gen_ssd_ray.driver), prints the summary. Exit codes: 0 done,
-2 bad config / model / input (nothing started), 1 the run failed.
+2 bad config / model / input (nothing started), 1 some problems failed on engine errors
+(not committed: re-run to retry them).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_generate(cfg, prepared)
     print(format_summary(summary))
     print(json.dumps(summary))
-    return 0
+    return 1 if summary.get("problems_failed_retry_later") else 0
 
 
 if __name__ == "__main__":

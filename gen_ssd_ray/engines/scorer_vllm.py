@@ -22,7 +22,13 @@ from gen_ssd_ray.engines.teacher_vllm import cuda_available
 
 
 class VllmPromptLogprobScorer:
-    def __init__(self, spec: ScorerSpec, kv_cache_gib: float = 1.0, max_model_len: int = 2048):
+    def __init__(
+        self,
+        spec: ScorerSpec,
+        kv_cache_gib: float = 1.0,
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.85,
+    ):
         if not cuda_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         from transformers import AutoTokenizer
@@ -43,7 +49,9 @@ class VllmPromptLogprobScorer:
             trust_remote_code=spec.trust_remote_code,
             disable_log_stats=True,
         )
-        if not cuda_available():
+        if cuda_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
             kwargs["enable_chunked_prefill"] = False
             kwargs["max_num_batched_tokens"] = max_model_len * 4
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
