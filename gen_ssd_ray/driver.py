@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,7 +125,8 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     return Prepared(teacher_path, student_path, problems, writer)
 
 
-def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None) -> dict[str, Any]:
+def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
+    """Run the job. `pools` (from `build_pools`) lets a caller such as the benchmark reuse live actors."""
     import ray
 
     from gen_ssd_ray.actors import build_pools
@@ -148,13 +150,13 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None) -> dict[
         writer.close()
         return stats.summary(cfg.output.dir)
 
-    # SIGTERM (e.g. `ray job stop`) flushes finished problems before exiting.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: commit finished problems, then exit
     _init_ray(cfg)
     verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
     progress = Progress(total=len(problems), initial=stats.skipped, enabled=cfg.runtime.progress)
     try:
-        pools = build_pools(cfg, teacher_path, student_path)
+        pools = pools or build_pools(cfg, teacher_path, student_path)
         capacity = cfg.teacher.max_inflight_problems
         engine_load = [0] * cfg.teacher.num_engines
         manager_load = [0] * len(pools.managers)
@@ -216,6 +218,10 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None) -> dict[
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = teacher_path, student_path
     return summary
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _reason(exc: BaseException) -> str:

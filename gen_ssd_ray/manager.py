@@ -253,8 +253,9 @@ class BeamManager:
         )
         return row
 
-    async def load(self) -> int:
-        return self.in_flight
+    async def render_prompt_ids(self, question: str) -> list[int]:
+        """The teacher prompt's token ids for a question (used by the benchmark's baseline)."""
+        return self.render(self.teacher_tok, question)[1]
 
 
 def chat_messages_from_spec(spec: ManagerSpec, question: str) -> list[dict[str, str]]:

@@ -1,0 +1,68 @@
+"""Config: every preset loads into the schema; bad keys and values fail naming the key; fingerprints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gen_ssd_ray.config import ConfigError, GenerateConfig, fingerprint, load_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, GenerateConfig)
+    text = path.read_text()
+    assert text.startswith("#") and "jobs.generate" in text  # says what it is for and how to run it
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, ["search.chunk_tokens=32", "data.limit=null", "search.prune_ppl=50"])
+    assert cfg.search.chunk_tokens == 32 and cfg.data.limit is None and cfg.search.prune_ppl == 50.0
+    assert cfg.teacher.model == "embedded:teacher"
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["search.nope=1"], "search.nope"),
+        (["nope.x=1"], "nope"),
+        (["search.chunk_tokens=abc"], "search.chunk_tokens"),
+        (["search.chunk_tokens=0"], "search.chunk_tokens"),
+        (["search.top_p=1.5"], "search.top_p"),
+        (["search.temperature=-1"], "search.temperature"),
+        (["search.prune_ppl=0.5"], "search.prune_ppl"),
+        (["search.selection=max"], "registered"),
+        (["search.max_new_tokens=4096"], "search.max_new_tokens"),
+        (["student.backend=onnx"], "student.backend"),
+        (["teacher.num_gpus=1", "teacher.tensor_parallel_size=2"], "teacher.num_gpus"),
+        (["prompt.instruction=no placeholder"], "prompt.instruction"),
+        (["output.shard_size=0"], "output.shard_size"),
+        (["runtime.call_timeout_s=0"], "runtime.call_timeout_s"),
+        (["search.chunk_tokens"], "key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config("conf/does-not-exist.yaml")
+
+
+def test_fingerprint_tracks_data_fields_only():
+    base = fingerprint(load_config(None, []))
+    assert fingerprint(load_config(None, ["teacher.num_engines=8", "data.limit=100", "output.dir=x"])) == base
+    for o in [
+        "search.seed=1",
+        "search.chunk_tokens=32",
+        "teacher.model=/m",
+        "prompt.system=hi",
+        "data.path=x.jsonl",
+    ]:
+        assert fingerprint(load_config(None, [o])) != base, o
