@@ -62,7 +62,12 @@ class StudentScorer:
     """The student behind `score`. HF scoring runs in a worker thread so health checks stay responsive."""
 
     def __init__(
-        self, spec: ScorerSpec, backend: str = "hf", kv_cache_gib: float = 1.0, max_model_len: int = 2048
+        self,
+        spec: ScorerSpec,
+        backend: str = "hf",
+        kv_cache_gib: float = 1.0,
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float = 0.85,
     ):
         self.kind = backend
         if backend == "hf":
