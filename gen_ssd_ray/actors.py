@@ -68,6 +68,7 @@ class StudentScorer:
         kv_cache_gib: float = 1.0,
         max_model_len: int = 2048,
         gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = False,
     ):
         self.kind = backend
         if backend == "hf":
@@ -124,6 +125,7 @@ def teacher_spec(cfg: GenerateConfig, model_path: str) -> TeacherEngineSpec:
         enable_prefix_caching=t.enable_prefix_caching,
         block_size=t.block_size,
         max_num_seqs=t.max_num_seqs,
+        enforce_eager=t.enforce_eager,
         trust_remote_code=t.trust_remote_code,
         temperature=q.temperature,
         top_p=q.top_p,
@@ -182,7 +184,9 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     sspec = scorer_spec(cfg, student_path, teacher_path)
     teachers = [teacher_cls.remote(tspec) for _ in range(t.num_engines)]
     scorers = [
-        scorer_cls.remote(sspec, s.backend, s.kv_cache_gib, t.max_model_len, s.gpu_memory_utilization)
+        scorer_cls.remote(
+            sspec, s.backend, s.kv_cache_gib, t.max_model_len, s.gpu_memory_utilization, s.enforce_eager
+        )
         for _ in range(s.num_scorers)
     ]
     ray.get([a.ready.remote() for a in teachers + scorers], timeout=r.startup_timeout_s)

@@ -51,6 +51,7 @@ def job_args(tiny_model, tiny_student, data, out, *extra):
         "output.shard_size=2",
         "teacher.max_model_len=512",
         "teacher.block_size=32",
+        "teacher.enforce_eager=true",
         "search.chunk_tokens=8",
         "search.num_candidates=2",
         "search.max_new_tokens=24",

@@ -40,6 +40,7 @@ def cluster(tmp_path_factory, tiny_model, tiny_student):
             "teacher.num_cpus=0.5",
             "teacher.max_model_len=512",
             "teacher.block_size=32",
+            "teacher.enforce_eager=true",
             "teacher.max_inflight_problems=2",
             "runtime.num_beam_managers=2",
             "search.chunk_tokens=8",

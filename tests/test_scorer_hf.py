@@ -70,3 +70,16 @@ def test_lru_budget_evicts_old_groups(tiny_model):
     for g in range(4):
         s.score([ScoreRequest(f"k{g}", f"g{g}", (1, 2, 3, 4, 5), (), "", cands((6, 7, 8, 9, 10)))])
     assert s.cached_tokens() <= 30 and "g3" in s._groups and "g0" not in s._groups
+
+
+@pytest.mark.gpu
+def test_cuda_scorer_matches_cpu(tiny_model):
+    """The CUDA path (bf16 by default) agrees with the fp32 CPU scorer; skipped without CUDA."""
+    from gen_ssd_ray.engines.scorer_hf import HfScorer, ScorerSpec
+
+    req = ScoreRequest("k", "g", (1, 500, 600, 700), (9, 10), "", cands((11, 12, 13), (21, 22)))
+    (cpu,) = HfScorer(ScorerSpec(model=tiny_model, teacher_model=tiny_model, device="cpu")).score([req])
+    gpu = HfScorer(ScorerSpec(model=tiny_model, teacher_model=tiny_model, device="cuda"))
+    assert next(gpu.model.parameters()).dtype.is_floating_point and gpu.device == "cuda"
+    (g,) = gpu.score([req])
+    assert g.nll_sums == pytest.approx(cpu.nll_sums, rel=0.05)

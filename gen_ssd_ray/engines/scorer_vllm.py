@@ -28,9 +28,11 @@ class VllmPromptLogprobScorer:
         kv_cache_gib: float = 1.0,
         max_model_len: int = 2048,
         gpu_memory_utilization: float = 0.85,
+        enforce_eager: bool = False,
     ):
         if not cuda_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see teacher_vllm
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -47,6 +49,7 @@ class VllmPromptLogprobScorer:
             dtype="bfloat16" if spec.dtype == "auto" else spec.dtype,
             max_model_len=max_model_len,
             trust_remote_code=spec.trust_remote_code,
+            enforce_eager=enforce_eager,
             disable_log_stats=True,
         )
         if cuda_available():

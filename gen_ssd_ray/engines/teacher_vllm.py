@@ -36,6 +36,7 @@ class TeacherEngineSpec:
     enable_prefix_caching: bool = True
     block_size: int | None = None
     max_num_seqs: int = 128
+    enforce_eager: bool = False
     trust_remote_code: bool = False
     temperature: float = 0.8
     top_p: float = 0.95
@@ -58,6 +59,9 @@ class VllmTeacher:
         on_gpu = cuda_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(spec.kv_cache_gib))))
+        # vLLM 0.32's AOT compile cache fails to load on CPU ("'function' object has no attribute
+        # 'finalize_loading'") and recompiles at every start (~2 min); the classic cache loads fine.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -69,6 +73,7 @@ class VllmTeacher:
             tensor_parallel_size=spec.tensor_parallel_size,
             enable_prefix_caching=spec.enable_prefix_caching,
             max_num_seqs=spec.max_num_seqs,
+            enforce_eager=spec.enforce_eager,
             trust_remote_code=spec.trust_remote_code,
             seed=spec.seed,
             disable_log_stats=True,
