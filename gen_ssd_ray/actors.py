@@ -151,8 +151,11 @@ def _engine_env(cfg: GenerateConfig) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.teacher.kv_cache_gib))),
     }
-    if "HF_HUB_OFFLINE" in os.environ:
-        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    for name in ("HF_HUB_OFFLINE", "VLLM_USE_AOT_COMPILE"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    # vLLM's per-step INFO lines drown the job's progress; VLLM_LOGGING_LEVEL=INFO brings them back.
+    env["VLLM_LOGGING_LEVEL"] = os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")
     return env
 
 
@@ -191,8 +194,9 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     ]
     ray.get([a.ready.remote() for a in teachers + scorers], timeout=r.startup_timeout_s)
     mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)
+    # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
     manager_cls = ray.remote(BeamManager).options(
-        num_cpus=r.manager_num_cpus, max_concurrency=100_000, max_restarts=1, runtime_env=env
+        num_cpus=r.manager_num_cpus, max_concurrency=100_000, max_restarts=0, runtime_env=env
     )
     managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
     ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)

@@ -127,97 +127,114 @@ def prepare(cfg: GenerateConfig) -> Prepared:
 
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
     """Run the job. `pools` (from `build_pools`) lets a caller such as the benchmark reuse live actors."""
-    import ray
-
     from gen_ssd_ray.actors import build_pools
     from gen_ssd_ray.progress import Progress
     from gen_ssd_ray.verify import Verifier
 
     p = prepared or prepare(cfg)
-    teacher_path, student_path, problems, writer = p.teacher_path, p.student_path, p.problems, p.writer
-    stats = RunStats(total=len(problems))
-    committed = writer.committed_ids
-    todo = [p for p in problems if p.problem_id not in committed]
-    stats.skipped = len(problems) - len(todo)
-    log.info(
-        "%d problems, %d already committed in %s, %d to do",
-        len(problems),
-        stats.skipped,
-        cfg.output.dir,
-        len(todo),
-    )
+    stats = RunStats(total=len(p.problems))
+    committed = p.writer.committed_ids
+    todo = [q for q in p.problems if q.problem_id not in committed]
+    stats.skipped = len(p.problems) - len(todo)
+    log.info("%d problems, %d already committed in %s", len(p.problems), stats.skipped, cfg.output.dir)
     if not todo:
-        writer.close()
+        p.writer.close()
         return stats.summary(cfg.output.dir)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: commit finished problems, then exit
     _init_ray(cfg)
     verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
-    progress = Progress(total=len(problems), initial=stats.skipped, enabled=cfg.runtime.progress)
+    progress = None
     try:
-        pools = pools or build_pools(cfg, teacher_path, student_path)
-        capacity = cfg.teacher.max_inflight_problems
-        engine_load = [0] * cfg.teacher.num_engines
-        manager_load = [0] * len(pools.managers)
-        pending: dict[Any, tuple[Any, int, int, int]] = {}  # ref -> (problem, engine, manager, attempt)
-        queue = [(p, 1) for p in todo]
-        queue.reverse()
-
-        def submit(problem, attempt: int) -> None:
-            e = min(range(len(engine_load)), key=engine_load.__getitem__)
-            m = min(range(len(manager_load)), key=manager_load.__getitem__)
-            ref = pools.managers[m].solve.remote(problem, e)
-            pending[ref] = (problem, e, m, attempt)
-            engine_load[e] += 1
-            manager_load[m] += 1
-
-        while queue or pending:
-            while queue and min(engine_load) < capacity:
-                submit(*queue.pop())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
-            for ref in ready:
-                problem, e, m, attempt = pending.pop(ref)
-                engine_load[e] -= 1
-                manager_load[m] -= 1
-                try:
-                    rows = ray.get(ref)
-                except Exception as exc:
-                    reason = _reason(exc)
-                    if _transient(exc):  # engines or a manager died / missed deadlines: retry, never commit
-                        if attempt < cfg.runtime.max_attempts:
-                            log.warning(
-                                "problem %s failed (attempt %d): %s; retrying",
-                                problem.problem_id,
-                                attempt,
-                                reason,
-                            )
-                            queue.append((problem, attempt + 1))
-                        else:
-                            log.error(
-                                "problem %s left for a re-run after %d attempts: %s",
-                                problem.problem_id,
-                                attempt,
-                                reason,
-                            )
-                            stats.failed += 1
-                        continue
-                    rows = error_rows(cfg, problem, reason)  # deterministic failure: an error row
-                _verify(verifier, rows)
-                if writer.add(problem.problem_id, rows):
-                    stats.shards_written += 1
-                stats.add(rows)
-                progress.update(stats)
+        pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
+        stats.started = time.perf_counter()  # rates exclude engine start-up
+        progress = Progress(total=len(p.problems), initial=stats.skipped, enabled=cfg.runtime.progress)
+        for problem, rows in Dispatcher(cfg, pools, stats).run(todo):
+            _verify(verifier, rows)
+            if p.writer.add(problem.problem_id, rows):
+                stats.shards_written += 1
+            stats.add(rows)
+            progress.update(stats)
     except KeyboardInterrupt:
         log.warning("interrupted: committing finished problems; re-run the same command to continue")
     finally:
-        if writer.close():
+        if p.writer.close():
             stats.shards_written += 1
-        progress.close()
+        if progress is not None:
+            progress.close()
         verifier.close()
     summary = stats.summary(cfg.output.dir)
-    summary["teacher_model_path"], summary["student_model_path"] = teacher_path, student_path
+    summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     return summary
+
+
+class Dispatcher:
+    """Feeds problems to beam managers and yields `(problem, rows)` as they finish.
+
+    Admission is bounded per teacher engine (`teacher.max_inflight_problems`); each new problem goes
+    to the least-loaded engine (it stays there: prefix-cache affinity) and the least-loaded live
+    manager. Infrastructure failures are retried up to `runtime.max_attempts`, then left uncommitted
+    (counted in `stats.failed`); deterministic failures come back as error rows.
+    """
+
+    def __init__(self, cfg: GenerateConfig, pools, stats: RunStats):
+        self.cfg, self.pools, self.stats = cfg, pools, stats
+        self.engine_load = [0] * cfg.teacher.num_engines
+        self.manager_load = [0] * len(pools.managers)
+        self.dead_managers: set[int] = set()
+        self.pending: dict[Any, tuple[Any, int, int, int]] = {}  # ref -> (problem, engine, manager, attempt)
+
+    def _submit(self, problem, attempt: int) -> None:
+        live = [i for i in range(len(self.manager_load)) if i not in self.dead_managers]
+        if not live:
+            raise RuntimeError("every beam manager died; see the actor logs above")
+        e = min(range(len(self.engine_load)), key=self.engine_load.__getitem__)
+        m = min(live, key=self.manager_load.__getitem__)
+        ref = self.pools.managers[m].solve.remote(problem, e)
+        self.pending[ref] = (problem, e, m, attempt)
+        self.engine_load[e] += 1
+        self.manager_load[m] += 1
+
+    def run(self, todo: list):
+        import ray
+        from ray.exceptions import RayActorError
+
+        queue = [(q, 1) for q in reversed(todo)]
+        capacity = self.cfg.teacher.max_inflight_problems
+        while queue or self.pending:
+            while queue and min(self.engine_load) < capacity:
+                self._submit(*queue.pop())
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=5.0)
+            for ref in ready:
+                problem, e, m, attempt = self.pending.pop(ref)
+                self.engine_load[e] -= 1
+                self.manager_load[m] -= 1
+                try:
+                    rows = ray.get(ref)
+                except Exception as exc:
+                    failure = exc
+                else:
+                    yield problem, rows
+                    continue
+                reason = _reason(failure)
+                if isinstance(failure, RayActorError):  # the manager itself died; engine deaths
+                    self.dead_managers.add(m)  # arrive as EnginesUnavailable from a live manager
+                if not _transient(failure):
+                    yield problem, error_rows(self.cfg, problem, reason)
+                elif attempt < self.cfg.runtime.max_attempts:
+                    log.warning(
+                        "problem %s failed (attempt %d): %s; retrying", problem.problem_id, attempt, reason
+                    )
+                    queue.append((problem, attempt + 1))
+                else:
+                    log.error(
+                        "problem %s left for a re-run after %d attempts: %s",
+                        problem.problem_id,
+                        attempt,
+                        reason,
+                    )
+                    self.stats.failed += 1
 
 
 def _interrupt(signum, frame) -> None:
