@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,9 +106,8 @@ class BeamManager:
                 spec.student_path, trust_remote_code=spec.trust_remote_code_student
             )
         )
-        self.student_max_len = None
+        self.student_max_len = _max_positions(spec.student_path, spec.trust_remote_code_student)
         self.dead_teachers: set[int] = set()
-        self.in_flight = 0
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
@@ -159,42 +157,40 @@ class BeamManager:
     # ---- one problem -------------------------------------------------------------------------
     async def solve(self, problem: Problem, engine: int) -> list[dict[str, Any]]:
         """All trajectories of one problem as output rows (without `correct`)."""
-        self.in_flight += 1
-        t0 = time.perf_counter()
-        try:
-            if problem.error is not None:
-                return [
-                    self._row(problem, None, i, "", error=problem.error)
-                    for i in range(self.spec.trajectories)
-                ]
-            prompt_text, prompt_ids = self.render(self.teacher_tok, problem.question)
-            _, student_ids = self.render(self.student_tok, problem.question)
-            limit = self.spec.teacher_max_len - self.spec.params.max_new_tokens
-            if len(prompt_ids) > limit:
-                err = (
-                    f"prompt has {len(prompt_ids)} tokens; with search.max_new_tokens="
-                    f"{self.spec.params.max_new_tokens} it exceeds teacher.max_model_len={self.spec.teacher_max_len}"
-                )
-                return [
-                    self._row(problem, None, i, prompt_text, error=err) for i in range(self.spec.trajectories)
-                ]
-            searches = [
-                ProblemSearch(
-                    self.spec.params,
-                    prompt_ids,
-                    student_ids,
-                    group=f"{problem.problem_id}/t{i}",
-                    seed=trajectory_seed(self.spec.seed, problem.problem_id, i),
-                )
-                for i in range(self.spec.trajectories)
-            ]
-            trajs = await asyncio.gather(*(self._run_trajectory(s, engine) for s in searches))
-            return [
-                self._row(problem, t, i, prompt_text, seconds=time.perf_counter() - t0)
-                for i, t in enumerate(trajs)
-            ]
-        finally:
-            self.in_flight -= 1
+        n = self.spec.trajectories
+        if problem.error is not None:
+            return [self._row(problem, None, i, "", error=problem.error) for i in range(n)]
+        prompt_text, prompt_ids = self.render(self.teacher_tok, problem.question)
+        _, student_ids = self.render(self.student_tok, problem.question)
+        if err := self._too_long(len(prompt_ids), len(student_ids)):
+            return [self._row(problem, None, i, prompt_text, error=err) for i in range(n)]
+        searches = [
+            ProblemSearch(
+                self.spec.params,
+                prompt_ids,
+                student_ids,
+                group=f"{problem.problem_id}/t{i}",
+                seed=trajectory_seed(self.spec.seed, problem.problem_id, i),
+            )
+            for i in range(n)
+        ]
+        trajs = await asyncio.gather(*(self._run_trajectory(s, engine) for s in searches))
+        return [self._row(problem, t, i, prompt_text) for i, t in enumerate(trajs)]
+
+    def _too_long(self, teacher_len: int, student_len: int) -> str | None:
+        """The reason a prompt cannot fit the teacher or the student with the response budget, if so."""
+        budget = self.spec.params.max_new_tokens
+        if teacher_len + budget > self.spec.teacher_max_len:
+            return (
+                f"prompt has {teacher_len} tokens; with search.max_new_tokens={budget} it exceeds "
+                f"teacher.max_model_len={self.spec.teacher_max_len}"
+            )
+        if self.student_max_len and student_len + budget > self.student_max_len:
+            return (
+                f"student prompt has {student_len} tokens; with search.max_new_tokens={budget} it exceeds "
+                f"the student's max_position_embeddings={self.student_max_len}"
+            )
+        return None
 
     def _row(
         self,
@@ -203,7 +199,6 @@ class BeamManager:
         index: int,
         prompt_text: str,
         error: str | None = None,
-        seconds: float | None = None,
     ) -> dict[str, Any]:
         spec = self.spec
         row: dict[str, Any] = {
@@ -256,6 +251,13 @@ class BeamManager:
     async def render_prompt_ids(self, question: str) -> list[int]:
         """The teacher prompt's token ids for a question (used by the benchmark's baseline)."""
         return self.render(self.teacher_tok, question)[1]
+
+
+def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return getattr(cfg.get_text_config(), "max_position_embeddings", None)
 
 
 def chat_messages_from_spec(spec: ManagerSpec, question: str) -> list[dict[str, str]]:

@@ -318,3 +318,22 @@ def test_render_and_chat_messages():
         {"role": "user", "content": "1+1?"},
     ]
     assert "Natalia" in render_user_message(PromptConfig(), "Natalia ...")
+
+
+def test_hf_dataset_object_from_the_real_library(monkeypatch):
+    """A real `datasets.Dataset` (as load_dataset returns offline from the cache) maps fields and ids."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"problem": "1+1?", "solution": "\\boxed{2}"}, {"problem": "2+2?", "solution": "#### 4"}]
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = DataConfig(
+        path="org/math", split="train", question_field="problem", answer_field="solution", limit=None
+    )
+    problems = load_problems(cfg)
+    assert calls == [("org/math", "train")]
+    assert [(p.problem_id, p.gold_answer) for p in problems] == [("math-train-0", "2"), ("math-train-1", "4")]
