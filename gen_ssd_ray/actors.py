@@ -89,11 +89,11 @@ class StudentScorer:
         return {"pid": os.getpid(), "backend": self.kind}
 
     async def score(self, requests):
-        async with self._lock:
-            if self.kind == "hf":
+        if self.kind == "hf":  # one forward at a time; the KV cache is not thread-safe
+            async with self._lock:
                 results = await asyncio.to_thread(self.backend.score, requests)
-            else:
-                results = await self.backend.score(requests)
+        else:  # vLLM batches concurrent calls itself
+            results = await self.backend.score(requests)
         self.tokens_processed += sum(r.tokens_processed for r in results)
         self.tokens_scored += sum(r.tokens_scored for r in results)
         return results
@@ -145,12 +145,9 @@ def scorer_spec(cfg: GenerateConfig, student_path: str, teacher_path: str) -> Sc
     )
 
 
-def _engine_env(cfg: GenerateConfig) -> dict[str, str]:
-    """Environment for engine actors: the CPU KV-cache size, and the driver's offline setting if any."""
-    env = {
-        "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.teacher.kv_cache_gib))),
-    }
+def _engine_env(kv_cache_gib: float) -> dict[str, str]:
+    """Environment for an engine actor: its CPU KV-cache size, and the driver's settings if any."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib)))}
     for name in ("HF_HUB_OFFLINE", "VLLM_USE_AOT_COMPILE"):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -166,14 +163,16 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     from gen_ssd_ray.manager import BeamManager, ManagerSpec
 
     t, s, r = cfg.teacher, cfg.student, cfg.runtime
-    env = {"env_vars": _engine_env(cfg)}
+
     teacher_cls = ray.remote(TeacherEngine).options(
         num_cpus=t.num_cpus,
         num_gpus=t.num_gpus,
         max_restarts=1,
         max_task_retries=0,
-        max_concurrency=max(64, t.max_inflight_problems * cfg.search.beam_width * 4),
-        runtime_env=env,
+        max_concurrency=max(
+            64, 2 * t.max_inflight_problems * cfg.search.beam_width * cfg.search.trajectories_per_problem
+        ),
+        runtime_env={"env_vars": _engine_env(t.kv_cache_gib)},
     )
     scorer_cls = ray.remote(StudentScorer).options(
         num_cpus=s.num_cpus,
@@ -181,7 +180,7 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         max_restarts=1,
         max_task_retries=0,
         max_concurrency=1000,
-        runtime_env=env,
+        runtime_env={"env_vars": _engine_env(s.kv_cache_gib)},
     )
     tspec = teacher_spec(cfg, teacher_path)
     sspec = scorer_spec(cfg, student_path, teacher_path)
@@ -196,7 +195,10 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)
     # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
     manager_cls = ray.remote(BeamManager).options(
-        num_cpus=r.manager_num_cpus, max_concurrency=100_000, max_restarts=0, runtime_env=env
+        num_cpus=r.manager_num_cpus,
+        max_concurrency=100_000,
+        max_restarts=0,
+        runtime_env={"env_vars": _engine_env(t.kv_cache_gib)},
     )
     managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
     ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)

@@ -294,12 +294,27 @@ def to_yaml(cfg: GenerateConfig) -> str:
 
 # Fields that do not change what a row contains: resources, parallelism, output placement, runtime.
 _DATA_FIELDS = {
-    "teacher": ("model", "dtype", "trust_remote_code"),
+    "teacher": ("model", "dtype", "trust_remote_code", "max_model_len"),
     "student": ("model", "backend", "dtype", "trust_remote_code"),
     "prompt": ("system", "instruction"),
     "search": tuple(f.name for f in dataclasses.fields(SearchConfig)),
     "data": ("path", "split", "question_field", "answer_field", "id_field"),
 }
+
+
+def model_revision(path: str) -> str:
+    """A cheap identity of a local model folder: its config.json and the names and sizes of its
+    weight files (a hub id without a local folder is identified by its name)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return path
+    h = hashlib.sha256()
+    cfg_file = folder / "config.json"
+    if cfg_file.is_file():
+        h.update(cfg_file.read_bytes())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = None) -> str:
@@ -311,3 +326,10 @@ def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = No
         picked["revisions"] = dict(sorted(model_revisions.items()))
     blob = json.dumps(picked, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def run_fingerprint(cfg: GenerateConfig, teacher_path: str, student_path: str) -> str:
+    """The fingerprint recorded in the output: config fields plus the resolved models' identities."""
+    return fingerprint(
+        cfg, {"teacher": model_revision(teacher_path), "student": model_revision(student_path)}
+    )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.config import GenerateConfig, fingerprint, to_yaml
+from gen_ssd_ray.config import GenerateConfig, run_fingerprint, to_yaml
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -41,6 +41,7 @@ class RunStats:
     cached_prompt_tokens: int = 0
     problems_done: int = 0
     failed: int = 0
+    interrupted: bool = False
     shards_written: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -65,6 +66,7 @@ class RunStats:
             "problems_skipped_already_committed": self.skipped,
             "problems_done_this_run": self.problems_done,
             "problems_failed_retry_later": self.failed,
+            "interrupted": self.interrupted,
             "trajectories_by_status": dict(self.statuses),
             "correct": self.correct,
             "verified": self.verified,
@@ -100,6 +102,7 @@ class Prepared:
     student_path: str
     problems: list
     writer: Any
+    fingerprint: str
 
 
 def prepare(cfg: GenerateConfig) -> Prepared:
@@ -115,14 +118,15 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     teacher_path = resolve_model(cfg.teacher.model)
     student_path = resolve_model(cfg.student.model)
     problems = load_problems(cfg.data)
+    fp = run_fingerprint(cfg, teacher_path, student_path)
     writer = ShardWriter(
         cfg.output.dir,
-        fingerprint=fingerprint(cfg),
+        fingerprint=fp,
         config_yaml=to_yaml(cfg),
         shard_size=cfg.output.shard_size,
         force=cfg.output.force,
     )
-    return Prepared(teacher_path, student_path, problems, writer)
+    return Prepared(teacher_path, student_path, problems, writer, fp)
 
 
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
@@ -141,23 +145,29 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         p.writer.close()
         return stats.summary(cfg.output.dir)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # `ray job stop`: commit finished problems, then exit
     _init_ray(cfg)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C / `ray job stop` (SIGTERM): stop admitting work, commit what finished, exit 130.
+        # Installed after ray.init, which sets its own SIGTERM handler; a flag, never an exception,
+        # so a shard commit is never cut in half.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
     verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
     progress = None
     try:
         pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
         stats.started = time.perf_counter()  # rates exclude engine start-up
         progress = Progress(total=len(p.problems), initial=stats.skipped, enabled=cfg.runtime.progress)
-        for problem, rows in Dispatcher(cfg, pools, stats).run(todo):
+        for problem, rows in Dispatcher(cfg, pools, stats, p.fingerprint, stop).run(todo):
             _verify(verifier, rows)
             if p.writer.add(problem.problem_id, rows):
                 stats.shards_written += 1
             stats.add(rows)
             progress.update(stats)
-    except KeyboardInterrupt:
-        log.warning("interrupted: committing finished problems; re-run the same command to continue")
+        if stop.is_set():
+            stats.interrupted = True
+            log.warning("interrupted: committed the finished problems; re-run the same command to continue")
     finally:
         if p.writer.close():
             stats.shards_written += 1
@@ -174,16 +184,30 @@ class Dispatcher:
 
     Admission is bounded per teacher engine (`teacher.max_inflight_problems`); each new problem goes
     to the least-loaded engine (it stays there: prefix-cache affinity) and the least-loaded live
-    manager. Infrastructure failures are retried up to `runtime.max_attempts`, then left uncommitted
-    (counted in `stats.failed`); deterministic failures come back as error rows.
+    manager. Every `solve` call has a deadline (enough for every step's calls to use their own
+    deadline). Infrastructure failures are retried up to `runtime.max_attempts`, then left
+    uncommitted for a re-run (counted in `stats.failed`); deterministic failures come back as error
+    rows. Setting `stop` ends the loop after the current wait.
     """
 
-    def __init__(self, cfg: GenerateConfig, pools, stats: RunStats):
-        self.cfg, self.pools, self.stats = cfg, pools, stats
+    def __init__(
+        self,
+        cfg: GenerateConfig,
+        pools,
+        stats: RunStats,
+        fingerprint: str,
+        stop: threading.Event | None = None,
+    ):
+        self.cfg, self.pools, self.stats, self.fingerprint = cfg, pools, stats, fingerprint
+        self.stop = stop or threading.Event()
         self.engine_load = [0] * cfg.teacher.num_engines
         self.manager_load = [0] * len(pools.managers)
         self.dead_managers: set[int] = set()
-        self.pending: dict[Any, tuple[Any, int, int, int]] = {}  # ref -> (problem, engine, manager, attempt)
+        # ref -> (problem, engine, manager, attempt, deadline)
+        self.pending: dict[Any, tuple[Any, int, int, int, float]] = {}
+        steps = -(-cfg.search.max_new_tokens // cfg.search.chunk_tokens)
+        self.solve_timeout_s = cfg.runtime.call_timeout_s * (2 * steps + 2)
+        self.queue: list[tuple[Any, int]] = []
 
     def _submit(self, problem, attempt: int) -> None:
         live = [i for i in range(len(self.manager_load)) if i not in self.dead_managers]
@@ -192,24 +216,50 @@ class Dispatcher:
         e = min(range(len(self.engine_load)), key=self.engine_load.__getitem__)
         m = min(live, key=self.manager_load.__getitem__)
         ref = self.pools.managers[m].solve.remote(problem, e)
-        self.pending[ref] = (problem, e, m, attempt)
+        self.pending[ref] = (problem, e, m, attempt, time.monotonic() + self.solve_timeout_s)
         self.engine_load[e] += 1
         self.manager_load[m] += 1
+
+    def _pop(self, ref):
+        problem, e, m, attempt, _ = self.pending.pop(ref)
+        self.engine_load[e] -= 1
+        self.manager_load[m] -= 1
+        return problem, m, attempt
+
+    def _retry_or_give_up(self, problem, attempt: int, reason: str) -> None:
+        if attempt < self.cfg.runtime.max_attempts:
+            log.warning("problem %s failed (attempt %d): %s; retrying", problem.problem_id, attempt, reason)
+            self.queue.append((problem, attempt + 1))
+        else:
+            log.error(
+                "problem %s left for a re-run after %d attempts: %s", problem.problem_id, attempt, reason
+            )
+            self.stats.failed += 1
+
+    def _expire_overdue(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        for ref in [r for r, v in self.pending.items() if v[4] < now]:
+            ray.cancel(ref)
+            problem, _, attempt = self._pop(ref)
+            self._retry_or_give_up(
+                problem, attempt, f"solve missed its deadline of {self.solve_timeout_s:.0f} s"
+            )
 
     def run(self, todo: list):
         import ray
         from ray.exceptions import RayActorError
 
-        queue = [(q, 1) for q in reversed(todo)]
+        self.queue = [(q, 1) for q in reversed(todo)]
         capacity = self.cfg.teacher.max_inflight_problems
-        while queue or self.pending:
-            while queue and min(self.engine_load) < capacity:
-                self._submit(*queue.pop())
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=5.0)
+        while (self.queue or self.pending) and not self.stop.is_set():
+            while self.queue and min(self.engine_load) < capacity:
+                self._submit(*self.queue.pop())
+            self._expire_overdue()
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
             for ref in ready:
-                problem, e, m, attempt = self.pending.pop(ref)
-                self.engine_load[e] -= 1
-                self.manager_load[m] -= 1
+                problem, m, attempt = self._pop(ref)
                 try:
                     rows = ray.get(ref)
                 except Exception as exc:
@@ -217,28 +267,12 @@ class Dispatcher:
                 else:
                     yield problem, rows
                     continue
-                reason = _reason(failure)
                 if isinstance(failure, RayActorError):  # the manager itself died; engine deaths
                     self.dead_managers.add(m)  # arrive as EnginesUnavailable from a live manager
-                if not _transient(failure):
-                    yield problem, error_rows(self.cfg, problem, reason)
-                elif attempt < self.cfg.runtime.max_attempts:
-                    log.warning(
-                        "problem %s failed (attempt %d): %s; retrying", problem.problem_id, attempt, reason
-                    )
-                    queue.append((problem, attempt + 1))
+                if _transient(failure):
+                    self._retry_or_give_up(problem, attempt, _reason(failure))
                 else:
-                    log.error(
-                        "problem %s left for a re-run after %d attempts: %s",
-                        problem.problem_id,
-                        attempt,
-                        reason,
-                    )
-                    self.stats.failed += 1
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+                    yield problem, error_rows(self.cfg, problem, _reason(failure), self.fingerprint)
 
 
 def _reason(exc: BaseException) -> str:
@@ -248,15 +282,20 @@ def _reason(exc: BaseException) -> str:
 
 
 def _transient(exc: BaseException) -> bool:
-    """Infrastructure failures (retry later) as opposed to a problem that fails deterministically."""
-    from ray.exceptions import GetTimeoutError, RayActorError
+    """Infrastructure failures (retry, never commit) versus a problem that fails deterministically.
+
+    Transient: any Ray system error (actor or worker died, object lost, out of memory, cancelled),
+    and errors raised inside a manager that say the engines were unavailable or too slow.
+    Deterministic: any other exception raised by the manager's own code for this problem.
+    """
+    from ray.exceptions import RayError, RayTaskError
 
     from gen_ssd_ray.manager import EnginesUnavailable
 
+    if not isinstance(exc, RayTaskError):
+        return isinstance(exc, RayError | EnginesUnavailable | TimeoutError)
     cause = getattr(exc, "cause", None)
-    return isinstance(exc, RayActorError | GetTimeoutError | EnginesUnavailable) or isinstance(
-        cause, EnginesUnavailable | RayActorError | TimeoutError
-    )
+    return isinstance(cause, EnginesUnavailable | TimeoutError | RayError)
 
 
 def _verify(verifier, rows: list[dict[str, Any]]) -> None:
@@ -266,7 +305,7 @@ def _verify(verifier, rows: list[dict[str, Any]]) -> None:
         r["correct"] = ok
 
 
-def error_rows(cfg: GenerateConfig, problem, reason: str) -> list[dict[str, Any]]:
+def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[dict[str, Any]]:
     from gen_ssd_ray.manager import trajectory_seed
 
     return [
@@ -280,7 +319,7 @@ def error_rows(cfg: GenerateConfig, problem, reason: str) -> list[dict[str, Any]
             "teacher_model": cfg.teacher.model,
             "student_model": cfg.student.model,
             "seed": trajectory_seed(cfg.search.seed, problem.problem_id, i),
-            "config_fingerprint": fingerprint(cfg),
+            "config_fingerprint": fp,
             "method": "gen_ssd",
         }
         for i in range(cfg.search.trajectories_per_problem)

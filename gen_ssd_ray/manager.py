@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gen_ssd_ray.config import GenerateConfig, fingerprint, search_params
+from gen_ssd_ray.config import GenerateConfig, run_fingerprint, search_params
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.core.search import ProblemSearch, SearchParams
 from gen_ssd_ray.core.types import Trajectory
@@ -61,7 +62,7 @@ class ManagerSpec:
             top_p=cfg.search.top_p,
             teacher_max_len=cfg.teacher.max_model_len,
             call_timeout_s=cfg.runtime.call_timeout_s,
-            fingerprint=fingerprint(cfg),
+            fingerprint=run_fingerprint(cfg, teacher_path, student_path),
             trust_remote_code_teacher=cfg.teacher.trust_remote_code,
             trust_remote_code_student=cfg.student.trust_remote_code,
         )
@@ -82,6 +83,9 @@ class ManagerSpec:
 def trajectory_seed(base: int, problem_id: str, index: int) -> int:
     h = hashlib.blake2b(f"{base}/{problem_id}/{index}".encode(), digest_size=4).digest()
     return int.from_bytes(h, "big") & 0x7FFFFFFF
+
+
+DEAD_COOLDOWN_S = 60.0
 
 
 class EnginesUnavailable(RuntimeError):
@@ -107,7 +111,7 @@ class BeamManager:
             )
         )
         self.student_max_len = _max_positions(spec.student_path, spec.trust_remote_code_student)
-        self.dead_teachers: set[int] = set()
+        self.dead_teachers: dict[int, float] = {}  # engine -> until when it is tried last
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
@@ -119,25 +123,40 @@ class BeamManager:
         return text, tok(text, add_special_tokens=False)["input_ids"]
 
     # ---- remote calls with deadlines and fallback --------------------------------------------
-    async def _call(self, pool: list, first: int, method: str, payload, dead: set[int] | None = None):
+    async def _call(self, pool: list, first: int, method: str, payload, dead: dict[int, float] | None = None):
+        """Call `method` on pool[first], falling back to the others; every call has a deadline.
+
+        A ValueError raised by the engine is about this input and is re-raised. Anything else (actor
+        death, deadline) moves on to the next actor; `dead` remembers failing actors for a cooldown
+        so other problems try them last. Raises EnginesUnavailable when every actor failed.
+        """
+        import ray
+
         errors = []
         n = len(pool)
         order = [(first + i) % n for i in range(n)]
-        if dead is not None:  # known-dead engines go last, not never: they may have restarted
+        if dead is not None:
+            now = time.monotonic()
+            for i in [i for i, until in dead.items() if until < now]:
+                del dead[i]  # cooldown over: it may have restarted
             order = [i for i in order if i not in dead] + [i for i in order if i in dead]
         for i in order:
+            ref = getattr(pool[i], method).remote(payload)
             try:
-                ref = getattr(pool[i], method).remote(payload)
                 result = await asyncio.wait_for(ref, timeout=self.spec.call_timeout_s)
+            except ValueError:
+                raise
+            except Exception as e:  # RayActorError, deadline, engine death
+                if isinstance(e, asyncio.TimeoutError | TimeoutError):
+                    ray.cancel(ref)  # do not leave abandoned work on a slow engine
+                text = str(e).strip()
+                errors.append(f"{method}@{i}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
                 if dead is not None:
-                    dead.discard(i)
-                return result
-            except (TimeoutError, Exception) as e:  # RayActorError, deadline, engine death
-                if isinstance(e, ValueError):
-                    raise
-                errors.append(f"{method}@{i}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                if dead is not None:
-                    dead.add(i)
+                    dead[i] = time.monotonic() + DEAD_COOLDOWN_S
+                continue
+            if dead is not None:
+                dead.pop(i, None)
+            return result
         raise EnginesUnavailable("; ".join(errors))
 
     async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
@@ -174,7 +193,13 @@ class BeamManager:
             )
             for i in range(n)
         ]
-        trajs = await asyncio.gather(*(self._run_trajectory(s, engine) for s in searches))
+        # A TaskGroup cancels the sibling trajectories if one fails, so no orphaned work stays behind.
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(self._run_trajectory(s, engine)) for s in searches]
+        except ExceptionGroup as group:  # surface the first failure itself (the driver classifies it)
+            raise group.exceptions[0] from None
+        trajs = [t.result() for t in tasks]
         return [self._row(problem, t, i, prompt_text) for i, t in enumerate(trajs)]
 
     def _too_long(self, teacher_len: int, student_len: int) -> str | None:

@@ -5,7 +5,7 @@
 
 Parses the config, runs the driver (gen_ssd_ray.driver), prints the summary. Exit codes: 0 done,
 2 bad config / model / input (nothing started), 1 some problems failed on engine errors
-(not committed: re-run to retry them).
+(not committed: re-run to retry them), 130 interrupted (finished problems committed).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_generate(cfg, prepared)
     print(format_summary(summary))
     print(json.dumps(summary))
+    if summary.get("interrupted"):
+        return 130
     return 1 if summary.get("problems_failed_retry_later") else 0
 
 

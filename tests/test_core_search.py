@@ -83,18 +83,18 @@ def test_all_candidates_above_threshold_prunes_at_first_step():
 
 
 def test_threshold_only_removes_unlearnable_candidates():
-    # Tokens below 25 are cheap; a candidate is learnable iff its mean NLL <= log(threshold).
+    # Tokens below 25 are cheap (NLL 0.1), others cost 6: a 3-token candidate has PPL 1.1 only when all
+    # its tokens are cheap; with one expensive token its PPL is e^2.07 ~ 7.9 > 5 (unlearnable).
     nll_of = lambda t: 0.1 if t < 25 else 6.0  # noqa: E731
-    teacher = FakeTeacher()
-    search = make(chunk_tokens=3, num_candidates=4, max_new_tokens=30, prune_ppl=50.0)
-    traj = run_search(search, teacher, FakeScorer(nll_of))
-    for rec in traj.chunks[:-1]:
-        assert rec.chosen >= 0 and rec.candidates[rec.chosen].ppl <= 50.0
-    if traj.status == "pruned":
-        assert traj.chunks[-1].chosen == -1
-        assert all(c.ppl > 50.0 for c in traj.chunks[-1].candidates)
-    else:
-        assert traj.status == "truncated"
+    search = make(chunk_tokens=3, num_candidates=4, max_new_tokens=30, prune_ppl=5.0)
+    traj = run_search(search, FakeTeacher(), FakeScorer(nll_of))
+    first, second = traj.chunks
+    # step 0: only candidate 2 is learnable and it is kept
+    assert [round(c.ppl, 1) for c in first.candidates] == [403.4, 7.9, 1.1, 7.9]
+    assert first.chosen == 2
+    # step 1: every candidate is above the threshold -> pruned, keeping the accepted prefix
+    assert all(c.ppl > 5.0 for c in second.candidates) and second.chosen == -1
+    assert traj.status == "pruned" and len(traj.response_token_ids) == 3
 
 
 def test_pruned_mid_way_keeps_accepted_prefix():

@@ -101,6 +101,8 @@ def test_job_survives_a_dead_teacher_engine(cluster):
     from gen_ssd_ray.output import read_manifest
 
     cfg, pools = cluster
+    killed = threading.Event()
+    before = ray.get(pools.teachers[1].stats.remote())["generated_tokens"]
 
     def kill_when_started():
         deadline = time.time() + 300
@@ -108,13 +110,19 @@ def test_job_survives_a_dead_teacher_engine(cluster):
             m = read_manifest(cfg.output.dir)
             if m and m["num_problems"] >= 1:
                 ray.kill(pools.teachers[0], no_restart=True)
+                killed.set()
                 return
-            time.sleep(0.1)
+            time.sleep(0.05)
 
     killer = threading.Thread(target=kill_when_started, daemon=True)
     killer.start()
     summary = run_generate(cfg, pools=pools)
     killer.join()
+    assert killed.is_set()
+    done_before_kill = read_manifest(cfg.output.dir)["shards"][0]["problem_ids"]
+    assert len(done_before_kill) == 1  # the kill landed while 9 problems were still to do
+    # engine 1 took over the work pinned to the dead engine 0
+    assert ray.get(pools.teachers[1].stats.remote())["generated_tokens"] > before
     assert summary["problems_failed_retry_later"] == 0
     df = pd.read_parquet(cfg.output.dir)
     assert len(df) == 20 and set(df.status) <= {"completed", "truncated", "pruned"}

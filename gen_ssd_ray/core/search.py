@@ -15,6 +15,7 @@ different seeds.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,9 +108,12 @@ class ProblemSearch:
         return f"{self.group}/s{self.step}/b{beam}"
 
     def _seed(self, beam: int) -> int | None:
+        """A per-request seed from (trajectory seed, step, beam), hashed: vLLM seeds the K samples of
+        a request with seed + j, so neighbouring seeds must not be used by other beams or steps."""
         if self.seed is None:
             return None
-        return (self.seed * 1_000_003 + self.step * 9_973 + beam) % _SEED_MOD
+        h = hashlib.blake2b(f"{self.seed}/{self.step}/{beam}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "big") % _SEED_MOD
 
     # ---- decide ------------------------------------------------------------------------------
     def expand_requests(self) -> list[ExpandRequest]:

@@ -160,6 +160,11 @@ class HfScorer:
         seqs = [e + t for e, t in zip(rows.extras, rows.targets, strict=True)]
         lens = [len(s) for s in seqs]
         width = max(lens)
+        if self.max_positions and len(ctx) + width > self.max_positions:
+            raise ValueError(
+                f"the student sequence has {len(ctx) + width} tokens, more than the student's "
+                f"max_position_embeddings={self.max_positions}; lower search.max_new_tokens"
+            )
         k = len(seqs)
         sums = [0.0] * k
         if width:
