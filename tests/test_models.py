@@ -152,6 +152,15 @@ def test_materialize_failure_leaves_nothing(tmp_path):
     assert [p.name for p in dest.parent.iterdir()] == [".m.lock"]
 
 
+def test_materialize_cleans_only_its_own_leftovers(tmp_path):
+    parent = tmp_path / "models"
+    (parent / ".tmp-m~dead").mkdir(parents=True)  # a builder of "m" that died
+    (parent / ".tmp-m-9l~busy").mkdir()  # another folder's build in progress
+    models._materialize(parent / "m", {"v": 1}, lambda tmp: (tmp / "config.json").write_text("{}"))
+    assert not (parent / ".tmp-m~dead").exists()
+    assert (parent / ".tmp-m-9l~busy").is_dir()
+
+
 def test_materialize_two_processes(tmp_path):
     """Two processes racing on the same folder: one builds, the other waits and reuses it."""
     code = (
