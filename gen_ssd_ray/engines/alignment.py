@@ -34,6 +34,16 @@ class Aligner:
         self.tok = student_tok
         self.shared = same_vocabulary(student_tok, teacher_tok)
 
+    @classmethod
+    def from_models(cls, student: str, teacher: str, trust_remote_code: bool = False) -> Aligner:
+        """Load both tokenizers (one, when the paths are equal) and build the aligner."""
+        from transformers import AutoTokenizer
+
+        student_tok = AutoTokenizer.from_pretrained(student, trust_remote_code=trust_remote_code)
+        if teacher == student:
+            return cls(student_tok, student_tok)
+        return cls(student_tok, AutoTokenizer.from_pretrained(teacher, trust_remote_code=trust_remote_code))
+
     def rows(self, req: ScoreRequest) -> StudentRows:
         if self.shared:
             return StudentRows(

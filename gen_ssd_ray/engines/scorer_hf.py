@@ -57,7 +57,7 @@ class _Group:
 class HfScorer:
     def __init__(self, spec: ScorerSpec):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if spec.num_threads:
             torch.set_num_threads(spec.num_threads)
@@ -69,13 +69,8 @@ class HfScorer:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.spec = spec
-        self.tok = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
-        teacher_tok = (
-            self.tok
-            if spec.teacher_model == spec.model
-            else AutoTokenizer.from_pretrained(spec.teacher_model, trust_remote_code=spec.trust_remote_code)
-        )
-        self.aligner = Aligner(self.tok, teacher_tok)
+        self.aligner = Aligner.from_models(spec.model, spec.teacher_model, spec.trust_remote_code)
+        self.tok = self.aligner.tok
         self.model = AutoModelForCausalLM.from_pretrained(
             spec.model, dtype=getattr(torch, dtype), trust_remote_code=spec.trust_remote_code
         ).to(self.device)

@@ -33,17 +33,11 @@ class VllmPromptLogprobScorer:
         if not cuda_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see teacher_vllm
-        from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tok = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
-        teacher_tok = (
-            self.tok
-            if spec.teacher_model == spec.model
-            else AutoTokenizer.from_pretrained(spec.teacher_model, trust_remote_code=spec.trust_remote_code)
-        )
-        self.aligner = Aligner(self.tok, teacher_tok)
+        self.aligner = Aligner.from_models(spec.model, spec.teacher_model, spec.trust_remote_code)
+        self.tok = self.aligner.tok
         kwargs = dict(
             model=spec.model,
             dtype="bfloat16" if spec.dtype == "auto" else spec.dtype,
