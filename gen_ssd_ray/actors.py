@@ -49,6 +49,10 @@ class TeacherEngine:
     async def reset_prefix_cache(self) -> None:
         await self.backend.reset_prefix_cache()
 
+    async def shutdown(self) -> None:
+        """Stop the engine's processes cleanly before the actor goes away."""
+        self.backend.shutdown()
+
     async def stats(self) -> dict[str, int]:
         return {
             "calls": self.calls,
@@ -97,6 +101,10 @@ class StudentScorer:
         self.tokens_processed += sum(r.tokens_processed for r in results)
         self.tokens_scored += sum(r.tokens_scored for r in results)
         return results
+
+    async def shutdown(self) -> None:
+        if hasattr(self.backend, "shutdown"):
+            self.backend.shutdown()
 
     async def release(self, groups) -> None:
         async with self._lock:
@@ -203,3 +211,13 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
     ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)
     return Pools(teachers, scorers, managers)
+
+
+def shutdown_pools(pools: Pools, timeout_s: float = 60.0) -> None:
+    """Stop every engine cleanly (vLLM engine cores included), then release the actors."""
+    import ray
+
+    refs = [a.shutdown.remote() for a in pools.teachers + pools.scorers]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for a in pools.teachers + pools.scorers + pools.managers:
+        ray.kill(a)

@@ -131,7 +131,7 @@ def prepare(cfg: GenerateConfig) -> Prepared:
 
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
     """Run the job. `pools` (from `build_pools`) lets a caller such as the benchmark reuse live actors."""
-    from gen_ssd_ray.actors import build_pools
+    from gen_ssd_ray.actors import build_pools, shutdown_pools
     from gen_ssd_ray.progress import Progress
     from gen_ssd_ray.verify import Verifier
 
@@ -155,6 +155,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
             signal.signal(sig, lambda *_: stop.set())
     verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
     progress = None
+    own_pools = pools is None
     try:
         pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
         stats.started = time.perf_counter()  # rates exclude engine start-up
@@ -174,6 +175,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         if progress is not None:
             progress.close()
         verifier.close()
+        if own_pools and pools is not None:
+            shutdown_pools(pools)
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     return summary

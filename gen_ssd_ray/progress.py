@@ -35,7 +35,7 @@ class Progress:
             return
         now = time.perf_counter()
         done = self.initial + stats.problems_done
-        if now - self.last_log >= self.every_s or done == self.total:
+        if now - self.last_log >= self.every_s or done == self.total or stats.problems_done == 1:
             self.last_log = now
             rate = stats.problems_done / elapsed
             eta = (self.total - done) / rate if rate else float("nan")

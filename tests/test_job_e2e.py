@@ -192,3 +192,36 @@ def test_bad_config_fails_before_any_actor(tmp_path, tiny_model):
         assert needle in r.stderr, (overrides, r.stderr[-2000:])
         assert "Started a local Ray instance" not in r.stdout + r.stderr
         assert time.time() - t0 < 60
+
+
+def test_sigterm_commits_finished_problems_and_exits_130(tmp_path, tiny_model, tiny_student):
+    """`ray job stop` / Ctrl-C: stop admitting work, commit what finished, exit 130; a re-run completes."""
+    from gen_ssd_ray.output import read_manifest
+
+    data = write_problems(tmp_path / "p.jsonl", 8, bad=False)
+    out = tmp_path / "out"
+    args = job_args(tiny_model, tiny_student, data, out, "output.shard_size=4", "search.max_new_tokens=48")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = tmp_path / "job.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.generate", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 400
+        while time.time() < deadline and "problems 1/8" not in log.read_text():
+            time.sleep(0.1)  # the first problem has finished (it is buffered, not yet in a shard)
+        assert proc.poll() is None, "the job ended before it could be interrupted"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+    m = read_manifest(out)
+    assert 1 <= m["num_problems"] < 8  # the buffered problems were committed on the way out
+    assert '"interrupted": true' in log.read_text()
+
+    r = run_job(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = read(out)
+    assert len(df) == 8 and df.problem_id.is_unique
