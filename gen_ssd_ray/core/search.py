@@ -16,7 +16,6 @@ different seeds.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -253,7 +252,3 @@ class ProblemSearch:
             cached_prompt_tokens=self.cached_prompt_tokens,
             seed=self.seed,
         )
-
-
-def mean_ppl(nll_sum: float, n: int) -> float:
-    return math.exp(nll_sum / n) if n else math.inf
