@@ -46,6 +46,14 @@ class TeacherEngine:
     async def sample(self, prompts, n: int, max_tokens: int, seed: int | None = None):
         return await self.backend.sample(prompts, n, max_tokens, seed)
 
+    async def generate(self, prompts, n: int, max_tokens: int, seed=None):
+        """Whole responses with text and finish reason (`VllmTeacher.generate`), for evaluation."""
+        results = await self.backend.generate(prompts, n, max_tokens, seed)
+        self.calls += 1
+        self.prompt_tokens += sum(len(p) for p in prompts)
+        self.generated_tokens += sum(len(s.token_ids) for g in results for s in g.samples)
+        return results
+
     async def reset_prefix_cache(self) -> None:
         await self.backend.reset_prefix_cache()
 

@@ -159,6 +159,11 @@ class RuntimeConfig:
 
 @dataclass
 class GenerateConfig:
+    # How trajectories are produced and kept (gen_ssd_ray.core.methods): gen_ssd (the paper: chunked
+    # expansion with student self-selection), standard_kd (whole teacher solutions, the correct ones
+    # kept) or posthoc_ppl (search.trajectories_per_problem whole solutions, the correct one with the
+    # lowest student PPL kept). The baselines ignore chunk_tokens, num_candidates, beam_width, prune_ppl.
+    method: str = "gen_ssd"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -167,16 +172,28 @@ class GenerateConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def validate(self) -> None:
+        validate(self)
+
 
 # ---- loading --------------------------------------------------------------------------------------
 
 
-def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> GenerateConfig:
-    """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError."""
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    schema_cls: type | None = None,
+):
+    """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError.
+
+    `schema_cls` is the job's top-level config dataclass (default `GenerateConfig`); after loading,
+    its `validate()` method runs the cross-field checks.
+    """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    schema = OmegaConf.structured(GenerateConfig)
+    schema_cls = schema_cls or GenerateConfig
+    schema = OmegaConf.structured(schema_cls)
     try:
         layers = [schema]
         if config_file is not None:
@@ -190,7 +207,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
             layers.append(OmegaConf.from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
-        cfg: GenerateConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
@@ -198,11 +215,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         if "not in" in msg or "Key" in msg:
             hint = " (see conf/default.yaml for every key)"
         raise ConfigError(f"bad config key {key!r}: {msg}{hint}") from None
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
+def require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
@@ -210,42 +227,42 @@ def _require(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: GenerateConfig) -> None:
     """Cross-field and value checks. Model and data paths are checked by their loaders."""
     t, s, q, d, o, r = cfg.teacher, cfg.student, cfg.search, cfg.data, cfg.output, cfg.runtime
-    _require(t.num_engines >= 1, "teacher.num_engines", f"must be >= 1, got {t.num_engines}")
-    _require(t.tensor_parallel_size >= 1, "teacher.tensor_parallel_size", "must be >= 1")
-    _require(
+    require(t.num_engines >= 1, "teacher.num_engines", f"must be >= 1, got {t.num_engines}")
+    require(t.tensor_parallel_size >= 1, "teacher.tensor_parallel_size", "must be >= 1")
+    require(
         t.num_gpus == 0 or t.num_gpus >= t.tensor_parallel_size,
         "teacher.num_gpus",
         f"is {t.num_gpus} but teacher.tensor_parallel_size={t.tensor_parallel_size}; set num_gpus to at least it",
     )
-    _require(t.num_cpus >= 0 and t.num_gpus >= 0, "teacher.num_cpus", "resources must be >= 0")
-    _require(0 < t.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization", "must be in (0, 1]")
-    _require(t.kv_cache_gib > 0, "teacher.kv_cache_gib", "must be > 0")
-    _require(t.max_inflight_problems >= 1, "teacher.max_inflight_problems", "must be >= 1")
-    _require(
+    require(t.num_cpus >= 0 and t.num_gpus >= 0, "teacher.num_cpus", "resources must be >= 0")
+    require(0 < t.gpu_memory_utilization <= 1, "teacher.gpu_memory_utilization", "must be in (0, 1]")
+    require(t.kv_cache_gib > 0, "teacher.kv_cache_gib", "must be > 0")
+    require(t.max_inflight_problems >= 1, "teacher.max_inflight_problems", "must be >= 1")
+    require(
         t.block_size is None or t.block_size in (16, 32, 64, 128),
         "teacher.block_size",
         "use 16, 32, 64, 128 or null",
     )
-    _require(s.backend in ("hf", "vllm"), "student.backend", f"must be 'hf' or 'vllm', got {s.backend!r}")
-    _require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
-    _require(s.num_cpus >= 0 and s.num_gpus >= 0, "student.num_cpus", "resources must be >= 0")
-    _require(
+    require(s.backend in ("hf", "vllm"), "student.backend", f"must be 'hf' or 'vllm', got {s.backend!r}")
+    require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
+    require(s.num_cpus >= 0 and s.num_gpus >= 0, "student.num_cpus", "resources must be >= 0")
+    require(
         s.dtype in ("auto", "float32", "bfloat16", "float16"),
         "student.dtype",
         f"must be auto, float32, bfloat16 or float16, got {s.dtype!r}",
     )
-    _require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
-    _require(0 < s.gpu_memory_utilization <= 1, "student.gpu_memory_utilization", "must be in (0, 1]")
-    _require(r.manager_num_cpus >= 0, "runtime.manager_num_cpus", "must be >= 0")
-    _require(
+    require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
+    require(0 < s.gpu_memory_utilization <= 1, "student.gpu_memory_utilization", "must be in (0, 1]")
+    require(r.manager_num_cpus >= 0, "runtime.manager_num_cpus", "must be >= 0")
+    require(
         "{question}" in cfg.prompt.instruction,
         "prompt.instruction",
         "must contain the placeholder {question}",
     )
-    _require(q.temperature >= 0, "search.temperature", f"must be >= 0, got {q.temperature}")
-    _require(0 < q.top_p <= 1, "search.top_p", f"must be in (0, 1], got {q.top_p}")
-    _require(q.trajectories_per_problem >= 1, "search.trajectories_per_problem", "must be >= 1")
-    _require(
+    require(q.temperature >= 0, "search.temperature", f"must be >= 0, got {q.temperature}")
+    require(0 < q.top_p <= 1, "search.top_p", f"must be in (0, 1], got {q.top_p}")
+    require(q.trajectories_per_problem >= 1, "search.trajectories_per_problem", "must be >= 1")
+    require(
         q.max_new_tokens < t.max_model_len,
         "search.max_new_tokens",
         f"{q.max_new_tokens} leaves no room for the prompt in teacher.max_model_len={t.max_model_len}",
@@ -253,32 +270,36 @@ def validate(cfg: GenerateConfig) -> None:
     try:
         search_params(cfg)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
-    _require(d.offset >= 0, "data.offset", "must be >= 0")
-    _require(bool(d.question_field) and bool(d.answer_field), "data.question_field", "must not be empty")
-    _require(o.shard_size >= 1, "output.shard_size", f"must be >= 1, got {o.shard_size}")
-    _require(bool(o.dir), "output.dir", "must not be empty")
-    _require(r.num_beam_managers >= 1, "runtime.num_beam_managers", "must be >= 1")
-    _require(r.call_timeout_s > 0, "runtime.call_timeout_s", "must be > 0")
-    _require(r.max_attempts >= 1, "runtime.max_attempts", "must be >= 1")
-    _require(r.verify_workers >= 1, "runtime.verify_workers", "must be >= 1")
-    _require(r.verify_timeout_s > 0, "runtime.verify_timeout_s", "must be > 0")
+        raise ConfigError(f"method: {e}" if str(e).startswith("method") else str(e)) from None
+    require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+    require(d.offset >= 0, "data.offset", "must be >= 0")
+    require(bool(d.question_field) and bool(d.answer_field), "data.question_field", "must not be empty")
+    require(o.shard_size >= 1, "output.shard_size", f"must be >= 1, got {o.shard_size}")
+    require(bool(o.dir), "output.dir", "must not be empty")
+    require(r.num_beam_managers >= 1, "runtime.num_beam_managers", "must be >= 1")
+    require(r.call_timeout_s > 0, "runtime.call_timeout_s", "must be > 0")
+    require(r.max_attempts >= 1, "runtime.max_attempts", "must be >= 1")
+    require(r.verify_workers >= 1, "runtime.verify_workers", "must be >= 1")
+    require(r.verify_timeout_s > 0, "runtime.verify_timeout_s", "must be > 0")
 
 
 def search_params(cfg: GenerateConfig):
-    """The pure-core view of the search knobs."""
+    """The pure-core view of the search knobs, as the configured method runs them."""
+    from gen_ssd_ray.core.methods import get_method
     from gen_ssd_ray.core.search import SearchParams
 
     q = cfg.search
-    return SearchParams(
-        chunk_tokens=q.chunk_tokens,
-        num_candidates=q.num_candidates,
-        beam_width=q.beam_width,
-        max_new_tokens=q.max_new_tokens,
-        prune_ppl=q.prune_ppl,
-        selection=q.selection,
-        pruning=q.pruning,
+    method = get_method(cfg.method)
+    return method.search_params(
+        SearchParams(
+            chunk_tokens=q.chunk_tokens,
+            num_candidates=q.num_candidates,
+            beam_width=q.beam_width,
+            max_new_tokens=q.max_new_tokens,
+            prune_ppl=q.prune_ppl,
+            selection=q.selection,
+            pruning=q.pruning,
+        )
     )
 
 
@@ -294,6 +315,7 @@ def to_yaml(cfg: GenerateConfig) -> str:
 
 # Fields that do not change what a row contains: resources, parallelism, output placement, runtime.
 _DATA_FIELDS = {
+    "method": None,
     "teacher": ("model", "dtype", "trust_remote_code", "max_model_len"),
     "student": ("model", "backend", "dtype", "trust_remote_code"),
     "prompt": ("system", "instruction"),
@@ -321,7 +343,9 @@ def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = No
     """Hash of everything that changes the data; `data.limit`/`offset` are excluded on purpose so a
     run can be extended to more problems in the same folder."""
     d = to_dict(cfg)
-    picked = {sec: {k: d[sec][k] for k in keys} for sec, keys in _DATA_FIELDS.items()}
+    picked = {
+        sec: d[sec] if keys is None else {k: d[sec][k] for k in keys} for sec, keys in _DATA_FIELDS.items()
+    }
     if model_revisions:
         picked["revisions"] = dict(sorted(model_revisions.items()))
     blob = json.dumps(picked, sort_keys=True, default=str).encode()

@@ -162,6 +162,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         progress = Progress(total=len(p.problems), initial=stats.skipped, enabled=cfg.runtime.progress)
         for problem, rows in Dispatcher(cfg, pools, stats, p.fingerprint, stop).run(todo):
             _verify(verifier, rows)
+            _select(cfg.method, rows)
             if p.writer.add(problem.problem_id, rows):
                 stats.shards_written += 1
             stats.add(rows)
@@ -308,6 +309,14 @@ def _verify(verifier, rows: list[dict[str, Any]]) -> None:
         r["correct"] = ok
 
 
+def _select(method: str, rows: list[dict[str, Any]]) -> None:
+    """The method's pick for fine-tuning among a problem's verified trajectories (`selected`)."""
+    from gen_ssd_ray.core.methods import get_method
+
+    for r, keep in zip(rows, get_method(method).select(rows), strict=True):
+        r["selected"] = keep
+
+
 def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[dict[str, Any]]:
     from gen_ssd_ray.manager import trajectory_seed
 
@@ -323,7 +332,8 @@ def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[dict[
             "student_model": cfg.student.model,
             "seed": trajectory_seed(cfg.search.seed, problem.problem_id, i),
             "config_fingerprint": fp,
-            "method": "gen_ssd",
+            "method": cfg.method,
+            "selected": False,
         }
         for i in range(cfg.search.trajectories_per_problem)
     ]

@@ -65,6 +65,7 @@ class ManagerSpec:
             fingerprint=run_fingerprint(cfg, teacher_path, student_path),
             trust_remote_code_teacher=cfg.teacher.trust_remote_code,
             trust_remote_code_student=cfg.student.trust_remote_code,
+            method=cfg.method,
         )
 
     def sampling(self) -> dict[str, Any]:

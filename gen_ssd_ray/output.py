@@ -102,7 +102,8 @@ OUTPUT_SCHEMA: pa.Schema = pa.schema(
         pa.field("sampling", SAMPLING_TYPE),
         pa.field("seed", pa.int64()),
         pa.field("config_fingerprint", pa.string()),
-        pa.field("method", pa.string()),  # e.g. "gen_ssd"
+        pa.field("method", pa.string()),  # gen_ssd | standard_kd | posthoc_ppl
+        pa.field("selected", pa.bool_()),  # the method's pick for fine-tuning (gen_ssd_ray.core.methods)
     ]
 )
 

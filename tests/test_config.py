@@ -6,17 +6,33 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.config import ConfigError, GenerateConfig, fingerprint, load_config
+from gen_ssd_ray.config import ConfigError, fingerprint, load_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+# Each preset names the job that runs it in its header ("python -m jobs.<job>"); its schema:
+JOB_SCHEMAS = {
+    "generate": ("gen_ssd_ray.config", "GenerateConfig"),
+    "finetune": ("gen_ssd_ray.train.config", "FinetuneConfig"),
+    "evaluate": ("gen_ssd_ray.evaluate", "EvaluateConfig"),
+    "pipeline": ("gen_ssd_ray.pipeline", "PipelineConfig"),
+}
+
+
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
-    cfg = load_config(path)
-    assert isinstance(cfg, GenerateConfig)
+    import importlib
+    import re
+
     text = path.read_text()
-    assert text.startswith("#") and "jobs.generate" in text  # says what it is for and how to run it
+    assert text.startswith("#")  # says what it is for and how to run it
+    job = re.search(r"jobs\.(\w+)", text.split("\n\n")[0])
+    assert job and job.group(1) in JOB_SCHEMAS, f"{path.name}: the header must name python -m jobs.<job>"
+    module, name = JOB_SCHEMAS[job.group(1)]
+    schema = getattr(importlib.import_module(module), name)
+    cfg = load_config(path, schema_cls=schema)
+    assert isinstance(cfg, schema)
 
 
 def test_defaults_and_overrides():

@@ -82,6 +82,7 @@ def make_row(problem_id: str, trajectory_index: int = 0, **over) -> dict:
         "seed": 1234,
         "config_fingerprint": FP,
         "method": "gen_ssd",
+        "selected": None,
     }
     row.update(over)
     return row

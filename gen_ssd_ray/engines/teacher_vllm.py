@@ -43,6 +43,27 @@ class TeacherEngineSpec:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One generated response: its token ids, its text, and why it ended.
+
+    `finish_reason` is vLLM's: "stop" (EOS or a stop string), "length" (`max_tokens` or the model
+    length reached) or "abort".
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The n samples of one prompt, or the reason the engine rejected that prompt (`error`)."""
+
+    samples: tuple[Sample, ...] = ()
+    error: str | None = None
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -138,6 +159,43 @@ class VllmTeacher:
         params = self._params(n, max_tokens, seed)
         outs = await asyncio.gather(*(self._generate(p, params, f"sample{i}") for i, p in enumerate(prompts)))
         return [tuple(tuple(o.token_ids) for o in out.outputs) for out in outs]
+
+    async def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        max_tokens: int,
+        seed: int | Sequence[int | None] | None = None,
+    ) -> list[Generation]:
+        """Whole responses for token-id prompts (evaluation): n samples each, with text and finish reason.
+
+        `seed` is one seed for every prompt or one per prompt (results then do not depend on how
+        prompts are batched). A prompt the engine rejects as input (a `ValueError`, e.g. too long)
+        comes back as a `Generation` with `error` set; any other failure (a dead engine) is raised.
+        """
+        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+        outs = await asyncio.gather(
+            *(
+                self._generate(p, self._params(n, max_tokens, s), f"gen{i}")
+                for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
+            ),
+            return_exceptions=True,
+        )
+        results = []
+        for out in outs:
+            if isinstance(out, ValueError):
+                results.append(Generation(error=f"{type(out).__name__}: {out}"))
+            elif isinstance(out, BaseException):
+                raise out
+            else:
+                samples = tuple(
+                    Sample(tuple(o.token_ids), o.text, str(o.finish_reason))
+                    for o in sorted(out.outputs, key=lambda o: o.index)
+                )
+                results.append(Generation(samples))
+        return results
 
     async def check_health(self) -> None:
         await self.engine.check_health()

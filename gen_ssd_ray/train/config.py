@@ -1,0 +1,231 @@
+"""Typed configuration of the fine-tuning job (`python -m jobs.finetune`): the single source of defaults.
+
+Loaded like the generation config: `gen_ssd_ray.config.load_config(path, overrides,
+schema_cls=FinetuneConfig)` merges the dataclass defaults, an optional YAML file and `key=value`
+overrides, then `FinetuneConfig.validate()` runs the cross-field checks. Every error names the key
+and the value to set, before any worker starts.
+
+`train_fingerprint(cfg, ...)` hashes what changes the trained weights (model, data, filters, prompt,
+optimisation knobs, world size and batch geometry), so that a resume into a folder written by a
+different config is refused unless `output.force=true`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from gen_ssd_ray.config import PromptConfig, require
+
+DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face folder, hub id in the offline cache, or embedded:student / embedded:teacher.
+    path: str = "embedded:student"
+    trust_remote_code: bool = False
+    # Attention kernel: sdpa (CPU and GPU), eager, or flash_attention_2 (GPU with flash-attn installed).
+    # Packed examples never attend to each other with any of them (position ids restart per example).
+    attn_implementation: str = "sdpa"
+    # Trade compute for activation memory on long sequences.
+    gradient_checkpointing: bool = False
+    # dtype of the exported model folder: "auto" keeps the input model's dtype.
+    save_dtype: str = "auto"
+
+
+@dataclass
+class TrainDataConfig:
+    # A generation job's output folder (only manifest-listed shards are read), a Parquet file or folder,
+    # a JSONL / JSON file of question-solution pairs, or embedded:gsm8k/train|test.
+    path: str = "outputs/generate"
+    question_field: str = "question"
+    # The text the student learns to write (generation shards: response; GSM8K files: answer).
+    response_field: str = "response"
+    # Row filters applied in order, each a pandas query over the columns; [] keeps every row.
+    # The default keeps completed trajectories whose answer was verified correct.
+    filters: list[str] = field(default_factory=lambda: list(DEFAULT_FILTERS))
+    # A generation folder must hold rows of one config fingerprint; if set, it must be this one.
+    expect_fingerprint: str | None = None
+    # Use at most this many rows after filtering (null: all).
+    limit: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    # Passes over the filtered data.
+    epochs: int = 1
+    # Stop after this many optimizer steps (null: run all epochs).
+    max_steps: int | None = None
+    lr: float = 1.0e-5
+    # Schedule after warm-up: cosine or linear decay to lr * min_lr_ratio, or constant.
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    # Gradient-norm clipping (0: off).
+    grad_clip: float = 1.0
+    # Examples longer than this (prompt + response tokens) are dropped and counted.
+    max_seq_len: int = 1024
+    # Pack whole examples into padding-free rows (attention never crosses examples); false: batches of
+    # examples of similar length, padded to the longest.
+    packing: bool = True
+    # Tokens per micro-batch per worker (packed: one row of at most this many; unpacked: padded size).
+    micro_batch_tokens: int = 4096
+    # Micro-batches per worker per optimizer step.
+    grad_accum_steps: int = 1
+    # Shuffle seed (the data order is a function of it and the epoch, so a resume replays it exactly).
+    seed: int = 0
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage: 2 shards optimizer state and gradients, 3 also the parameters (0/1 also accepted).
+    zero_stage: int = 2
+    # ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed CPU-Adam).
+    offload_optimizer: bool = False
+    # ZeRO-3 only: parameters live on the CPU between uses.
+    offload_param: bool = False
+    # fp32, or bf16 mixed precision (fp32 master weights); fp16 needs a GPU.
+    precision: str = "fp32"
+
+
+@dataclass
+class FinetuneOutputConfig:
+    dir: str = "outputs/finetune"
+    # Save a resumable checkpoint (model, optimizer, scheduler, data position) every N steps (0: only
+    # at the end of training).
+    save_every_steps: int = 50
+    # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
+    keep_last: int = 2
+    # Continue in a folder written with a different config fingerprint.
+    force: bool = False
+
+
+@dataclass
+class TrainRuntimeConfig:
+    # Ray address (null: RAY_ADDRESS if set, as under `ray job submit`, else a private local Ray).
+    ray_address: str | None = None
+    # CPUs for a local Ray started by the job (null: all).
+    local_num_cpus: int | None = None
+    # Ray Train workers (data-parallel ranks), each with these resources.
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # torch threads per worker on CPU (0: cpus_per_worker, at least 1).
+    torch_threads: int = 0
+    # Ray Train restarts of the whole worker group after a worker failure; each restart resumes from
+    # the last checkpoint (useful on preemptible nodes).
+    max_failures: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    # The prompt the student sees: the same keys (and defaults) as the generation job's prompt.
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output: FinetuneOutputConfig = field(default_factory=FinetuneOutputConfig)
+    runtime: TrainRuntimeConfig = field(default_factory=TrainRuntimeConfig)
+
+    def validate(self) -> None:
+        m, d, o, z, out, r = self.model, self.data, self.optim, self.deepspeed, self.output, self.runtime
+        require(bool(m.path), "model.path", "must not be empty")
+        require(
+            m.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+            "model.attn_implementation",
+            f"must be sdpa, eager or flash_attention_2, got {m.attn_implementation!r}",
+        )
+        require(
+            m.save_dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.save_dtype",
+            f"must be auto, float32, bfloat16 or float16, got {m.save_dtype!r}",
+        )
+        require(bool(d.path), "data.path", "must not be empty")
+        require(bool(d.question_field) and bool(d.response_field), "data.response_field", "must not be empty")
+        require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+        require("{question}" in self.prompt.instruction, "prompt.instruction", "must contain {question}")
+        require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
+        require(o.max_steps is None or o.max_steps >= 1, "optim.max_steps", "must be >= 1 or null")
+        require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        require(
+            o.schedule in ("cosine", "linear", "constant"),
+            "optim.schedule",
+            f"must be cosine, linear or constant, got {o.schedule!r}",
+        )
+        require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        require(
+            0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optim.adam_beta1", "betas must be in [0, 1)"
+        )
+        require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)")
+        require(o.max_seq_len >= 8, "optim.max_seq_len", f"must be >= 8, got {o.max_seq_len}")
+        require(
+            o.micro_batch_tokens >= o.max_seq_len,
+            "optim.micro_batch_tokens",
+            f"is {o.micro_batch_tokens}, below optim.max_seq_len={o.max_seq_len}: set it to at least "
+            "max_seq_len so the longest example fits one micro-batch",
+        )
+        require(o.grad_accum_steps >= 1, "optim.grad_accum_steps", "must be >= 1")
+        require(z.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {z.zero_stage}")
+        require(
+            not z.offload_param or z.zero_stage == 3,
+            "deepspeed.offload_param",
+            f"needs deepspeed.zero_stage=3 (got {z.zero_stage})",
+        )
+        require(
+            not z.offload_optimizer or z.zero_stage >= 1,
+            "deepspeed.offload_optimizer",
+            "needs deepspeed.zero_stage >= 1",
+        )
+        require(
+            z.precision in ("fp32", "bf16", "fp16"),
+            "deepspeed.precision",
+            f"must be fp32, bf16 or fp16, got {z.precision!r}",
+        )
+        require(
+            z.precision != "fp16" or r.gpus_per_worker > 0,
+            "deepspeed.precision",
+            "fp16 needs GPUs (runtime.gpus_per_worker > 0); use bf16 or fp32 on CPU",
+        )
+        require(bool(out.dir), "output.dir", "must not be empty")
+        require(out.save_every_steps >= 0, "output.save_every_steps", "must be >= 0")
+        require(out.keep_last >= 1, "output.keep_last", "must be >= 1")
+        require(r.num_workers >= 1, "runtime.num_workers", f"must be >= 1, got {r.num_workers}")
+        require(r.cpus_per_worker > 0, "runtime.cpus_per_worker", "must be > 0")
+        require(r.gpus_per_worker >= 0, "runtime.gpus_per_worker", "must be >= 0")
+        require(r.torch_threads >= 0, "runtime.torch_threads", "must be >= 0")
+        require(r.max_failures >= 0, "runtime.max_failures", "must be >= 0")
+
+
+# Fields that do not change the trained weights: placement, resources, output handling.
+_IGNORED = {
+    "output": ("dir", "save_every_steps", "keep_last", "force"),
+    "runtime": (
+        "ray_address",
+        "local_num_cpus",
+        "cpus_per_worker",
+        "gpus_per_worker",
+        "torch_threads",
+        "max_failures",
+    ),
+}
+
+
+def train_fingerprint(cfg: FinetuneConfig, model_revision: str, data_signature: str) -> str:
+    """Hash of the config fields that change the result, the input model's identity and the training
+    data's (row count and content hash)."""
+    d = dataclasses.asdict(cfg)
+    for section, keys in _IGNORED.items():
+        for k in keys:
+            d[section].pop(k, None)
+    d["_model_revision"] = model_revision
+    d["_data"] = data_signature
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

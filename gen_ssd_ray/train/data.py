@@ -1,0 +1,435 @@
+"""Training data for the fine-tuning job: rows in, tokenized examples and a deterministic batch plan out.
+
+What this module knows:
+- Reading `data.path`: a generation job's output folder (only the shards its manifest lists, never a
+  half-written one; the rows must share one config fingerprint), a Parquet file or folder, a JSONL or
+  JSON file, or an embedded data set (`embedded:gsm8k/train`).
+- Filtering (`data.filters`, pandas query expressions applied in order, each one's effect counted) and
+  the error that names how many rows were read and which filter removed them when nothing is left.
+- Tokenization in the student's own chat template, with the loss on the response tokens only: the
+  prompt is the rendered user turn with the generation prompt; the response is what the template adds
+  after it for the assistant turn (the text plus the end-of-turn token, so the student learns to stop).
+- The batch plan: per epoch, a seeded order of micro-batches, either padding-free packs of whole
+  examples (first-fit decreasing into `micro_batch_tokens` bins) or length-grouped padded batches,
+  and which micro-batches rank r uses at step s. The plan is a pure function of (lengths, epoch, seed,
+  geometry), which is what makes a resume continue at the exact data position.
+
+What it does not know: models, optimizers, DeepSpeed or Ray (see `gen_ssd_ray.train.worker`).
+torch is imported only by `collate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gen_ssd_ray.config import PromptConfig
+from gen_ssd_ray.train.config import TrainDataConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+class TrainDataError(ValueError):
+    """The training data cannot be used; the message names the config key and the fix."""
+
+
+class EmptyTrainingSetError(TrainDataError):
+    """Nothing is left to train on; the message says how many rows were read and what removed them."""
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def read_rows(cfg: TrainDataConfig):
+    """The rows of `cfg.path` as a pandas DataFrame. Raises TrainDataError on an unusable source."""
+    import pandas as pd
+
+    path = cfg.path
+    if path.startswith("embedded:"):
+        from gen_ssd_ray.data import DataError, embedded_path
+
+        try:
+            path = str(embedded_path(path.removeprefix("embedded:")))
+        except DataError as e:
+            raise TrainDataError(str(e).replace("data.path", "data.path", 1)) from None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TrainDataError(f"data.path={cfg.path!r}: no such file or folder")
+    try:
+        if p.is_dir():
+            df = _read_folder(p)
+        elif p.suffix == ".parquet":
+            df = pd.read_parquet(p)
+        elif p.suffix in (".jsonl", ".ndjson"):
+            df = pd.read_json(p, lines=True, dtype=False)
+        elif p.suffix == ".json":
+            text = p.read_text()
+            try:
+                df = pd.DataFrame(json.loads(text))
+            except ValueError:
+                df = pd.read_json(p, lines=True, dtype=False)
+        else:
+            raise TrainDataError(
+                f"data.path={cfg.path!r}: unknown format {p.suffix!r}; use a generation output folder, "
+                "Parquet, JSONL or JSON"
+            )
+    except TrainDataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise TrainDataError(f"data.path={cfg.path!r} cannot be read: {e}") from None
+    _check_fingerprint(df, cfg)
+    return df
+
+
+def _read_folder(folder: Path):
+    """A generation output folder (manifest-listed shards) or a plain folder of Parquet files."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gen_ssd_ray.output import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        files = [folder / s["name"] for s in manifest["shards"]]
+    else:
+        files = sorted(f for f in folder.rglob("*.parquet") if not f.name.startswith((".", "_")))
+    if not files:
+        raise TrainDataError(
+            f"data.path={str(folder)!r} holds no committed shards or Parquet files"
+            + (" (its manifest lists none: did the generation job commit anything?)" if manifest else "")
+        )
+    if manifest is None:
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+
+
+def _check_fingerprint(df, cfg: TrainDataConfig) -> None:
+    """Rows from a generation folder must come from one config (and the expected one, if given)."""
+    if "config_fingerprint" not in df.columns:
+        if cfg.expect_fingerprint:
+            raise TrainDataError(
+                f"data.expect_fingerprint={cfg.expect_fingerprint!r} but {cfg.path!r} has no "
+                "config_fingerprint column: it is not a generation job's output"
+            )
+        return
+    found = sorted({str(v) for v in df["config_fingerprint"].dropna().unique()})
+    if len(found) > 1:
+        raise TrainDataError(
+            f"data.path={cfg.path!r} mixes rows of {len(found)} generation configs (fingerprints {found}): "
+            "train on one generation folder at a time"
+        )
+    if cfg.expect_fingerprint and found and found[0] != cfg.expect_fingerprint:
+        raise TrainDataError(
+            f"data.path={cfg.path!r} was generated with config fingerprint {found[0]}, not the expected "
+            f"{cfg.expect_fingerprint} (data.expect_fingerprint): it comes from a different generation "
+            "config; point data.path at the right folder or clear data.expect_fingerprint"
+        )
+
+
+# ---- filtering -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterStep:
+    expr: str
+    before: int
+    after: int
+
+
+def apply_filters(df, cfg: TrainDataConfig):
+    """Keep rows with a question and a response, then apply `cfg.filters` in order.
+
+    Returns (filtered DataFrame, list of FilterStep). Raises TrainDataError for a missing field or a
+    filter that cannot be evaluated, EmptyTrainingSetError when nothing is left.
+    """
+    steps: list[FilterStep] = []
+    read = len(df)
+    for key, col in (
+        ("data.question_field", cfg.question_field),
+        ("data.response_field", cfg.response_field),
+    ):
+        if col not in df.columns:
+            raise TrainDataError(
+                f"{key}={col!r}: no such column in {cfg.path!r} (columns: {sorted(map(str, df.columns))})"
+            )
+    valid = df[cfg.question_field].map(_nonempty) & df[cfg.response_field].map(_nonempty)
+    before = len(df)
+    df = df[valid]
+    steps.append(FilterStep(f"non-empty {cfg.question_field} and {cfg.response_field}", before, len(df)))
+    for i, expr in enumerate(cfg.filters):
+        before = len(df)
+        try:
+            df = df.query(expr, engine="python")
+        except Exception as e:  # pandas raises UndefinedVariableError, SyntaxError, TypeError...
+            raise TrainDataError(
+                f"data.filters[{i}]={expr!r} cannot be applied to {cfg.path!r}: {type(e).__name__}: {e} "
+                f"(columns: {sorted(map(str, df.columns))}); for a plain question/solution file set "
+                "data.filters=[]"
+            ) from None
+        steps.append(FilterStep(expr, before, len(df)))
+    if cfg.limit is not None:
+        df = df.iloc[: cfg.limit]
+    if len(df) == 0:
+        raise EmptyTrainingSetError(empty_message(cfg.path, read, steps))
+    return df, steps
+
+
+def _nonempty(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def empty_message(path: str, read: int, steps: list[FilterStep]) -> str:
+    parts = [f"no training examples: read {read} rows from {path!r}"]
+    for s in steps:
+        parts.append(f"`{s.expr}` kept {s.after} of {s.before} (removed {s.before - s.after})")
+    culprit = next((s for s in steps if s.after == 0 and s.before > 0), None)
+    hint = (
+        f"; the filter `{culprit.expr}` removed the last rows: change data.filters or produce more data"
+        if culprit is not None
+        else "; the source holds no rows"
+    )
+    return "; ".join(parts) + hint
+
+
+# ---- tokenization --------------------------------------------------------------------------------
+
+
+@dataclass
+class Examples:
+    """Tokenized examples as flat arrays (cheap to put in Ray's object store).
+
+    Example i is `tokens[offsets[i]:offsets[i+1]]`; its first `prompt_lens[i]` tokens are the prompt
+    (no loss), the rest the response (loss).
+    """
+
+    tokens: np.ndarray  # int32, all examples concatenated
+    offsets: np.ndarray  # int64, len = n + 1
+    prompt_lens: np.ndarray  # int32, len = n
+
+    def __len__(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int64)
+
+    @property
+    def response_tokens(self) -> int:
+        return int(self.lengths.sum() - self.prompt_lens.sum())
+
+    def get(self, i: int) -> tuple[np.ndarray, int]:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]], int(self.prompt_lens[i])
+
+
+@dataclass(frozen=True)
+class TokenizeReport:
+    examples: int
+    dropped_too_long: int
+    dropped_empty_response: int
+    max_len: int
+    mean_len: float
+
+
+def render_example(
+    tokenizer, prompt: PromptConfig, question: str, response: str
+) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) in the tokenizer's chat template.
+
+    The response part is what the template writes after the generation prompt for the assistant turn
+    (text plus end-of-turn marker). Templates that do not extend the prompt verbatim (some rewrite
+    earlier turns) fall back to the response text followed by the EOS token.
+    """
+    from gen_ssd_ray.data import chat_messages
+
+    messages = chat_messages(prompt, question)
+    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": response}], tokenize=False
+    )
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if full_text.startswith(prompt_text):
+        response_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+    else:
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids
+
+
+def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max_seq_len: int):
+    """(Examples, TokenizeReport). Examples longer than `max_seq_len` are dropped and counted."""
+    tokens: list[np.ndarray] = []
+    prompt_lens: list[int] = []
+    too_long = empty = 0
+    for q, r in zip(df[cfg_data.question_field], df[cfg_data.response_field], strict=True):
+        p_ids, r_ids = render_example(tokenizer, prompt, q, r)
+        if not r_ids:
+            empty += 1
+            continue
+        if len(p_ids) + len(r_ids) > max_seq_len:
+            too_long += 1
+            continue
+        tokens.append(np.asarray(p_ids + r_ids, dtype=np.int32))
+        prompt_lens.append(len(p_ids))
+    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    ex = Examples(
+        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        prompt_lens=np.asarray(prompt_lens, dtype=np.int32),
+    )
+    report = TokenizeReport(
+        examples=len(ex),
+        dropped_too_long=too_long,
+        dropped_empty_response=empty,
+        max_len=int(lengths.max()) if len(lengths) else 0,
+        mean_len=round(float(lengths.mean()), 1) if len(lengths) else 0.0,
+    )
+    return ex, report
+
+
+def data_signature(df, cfg_data: TrainDataConfig) -> str:
+    """Row count and a content hash of the (question, response) pairs that will be trained on."""
+    h = hashlib.sha256()
+    for q, r in zip(df[cfg_data.question_field], df[cfg_data.response_field], strict=True):
+        h.update(q.encode())
+        h.update(b"\0")
+        h.update(r.encode())
+        h.update(b"\1")
+    return f"{len(df)}:{h.hexdigest()[:16]}"
+
+
+# ---- the batch plan ------------------------------------------------------------------------------
+
+
+def plan_epoch(
+    lengths: np.ndarray, epoch: int, seed: int, micro_batch_tokens: int, packing: bool
+) -> list[list[int]]:
+    """The micro-batches of one epoch, in training order, as lists of example indices.
+
+    Packing: examples in a seeded random order are sorted by length (stable, so ties stay shuffled)
+    and placed first-fit-decreasing into bins of `micro_batch_tokens`; the bins are then shuffled.
+    Unpacked: a seeded shuffle, then within windows of 64 batches the examples are sorted by length
+    and cut into batches whose padded size (count x longest) stays within `micro_batch_tokens`.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if packing:
+        order.sort(key=lambda i: -int(lengths[i]))
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in order:
+            n = int(lengths[i])
+            for b, free in enumerate(room):
+                if n <= free:
+                    bins[b].append(i)
+                    room[b] -= n
+                    break
+            else:
+                bins.append([i])
+                room.append(micro_batch_tokens - n)
+        rng.shuffle(bins)
+        return bins
+    batches: list[list[int]] = []
+    window = 1024  # examples sorted together: similar lengths per batch, still a random mix overall
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: int(lengths[i]))
+        cur: list[int] = []
+        longest = 0
+        for i in chunk:
+            n = int(lengths[i])
+            if cur and max(longest, n) * (len(cur) + 1) > micro_batch_tokens:
+                batches.append(cur)
+                cur, longest = [], 0
+            cur.append(i)
+            longest = max(longest, n)
+        if cur:
+            batches.append(cur)
+    rng.shuffle(batches)
+    return batches
+
+
+def steps_per_epoch(num_micro_batches: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch: every rank runs `grad_accum` micro-batches per step; the last step
+    is completed with the epoch's first micro-batches, so no example is dropped."""
+    return max(1, math.ceil(num_micro_batches / (world_size * grad_accum)))
+
+
+def step_micro_batches(
+    plan: list[list[int]], step_in_epoch: int, rank: int, world_size: int, grad_accum: int
+) -> list[list[int]]:
+    """The micro-batches rank `rank` runs at optimizer step `step_in_epoch` of an epoch's plan."""
+    per_step = world_size * grad_accum
+    base = step_in_epoch * per_step + rank * grad_accum
+    return [plan[(base + j) % len(plan)] for j in range(grad_accum)]
+
+
+def batch_stats(lengths: np.ndarray, plan: list[list[int]], micro_batch_tokens: int, packing: bool) -> dict:
+    """How well the plan uses the compute it pays for.
+
+    nonpad_frac: real tokens / tokens fed to the model (padding-free packs: 1.0; padded batches:
+    sum of lengths / (count x longest)). fill_frac: real tokens / (micro-batches x micro_batch_tokens).
+    """
+    real = int(sum(int(lengths[i]) for mb in plan for i in mb))
+    if packing:
+        fed = real
+    else:
+        fed = int(sum(len(mb) * max(int(lengths[i]) for i in mb) for mb in plan))
+    return {
+        "micro_batches": len(plan),
+        "nonpad_frac": round(real / fed, 4) if fed else None,
+        "fill_frac": round(real / (len(plan) * micro_batch_tokens), 4) if plan else None,
+    }
+
+
+def collate(examples: Examples, indices: list[int], packing: bool, pad_id: int) -> dict[str, Any]:
+    """Tensors for one micro-batch.
+
+    Packed: one row, the examples back to back, `position_ids` restarting at 0 for each one and no
+    attention mask, which transformers turns into a block-diagonal causal mask (no attention across
+    examples). Unpacked: one row per example, right-padded, with an attention mask. Labels are the
+    input ids with the prompt (and padding) set to IGNORE_INDEX; the model shifts them itself.
+    """
+    import torch
+
+    parts = [examples.get(i) for i in indices]
+    if packing:
+        ids = np.concatenate([t for t, _ in parts]).astype(np.int64)
+        pos = np.concatenate([np.arange(len(t)) for t, _ in parts])
+        labels = ids.copy()
+        start = 0
+        for t, p in parts:
+            labels[start : start + p] = IGNORE_INDEX
+            start += len(t)
+        return {
+            "input_ids": torch.from_numpy(ids)[None],
+            "position_ids": torch.from_numpy(pos.astype(np.int64))[None],
+            "labels": torch.from_numpy(labels)[None],
+        }
+    width = max(len(t) for t, _ in parts)
+    ids = np.full((len(parts), width), pad_id, dtype=np.int64)
+    labels = np.full((len(parts), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(parts), width), dtype=np.int64)
+    for row, (t, p) in enumerate(parts):
+        ids[row, : len(t)] = t
+        labels[row, p : len(t)] = t[p:]
+        mask[row, : len(t)] = 1
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(labels),
+    }
+
+
+def response_token_count(examples: Examples, indices: list[int]) -> int:
+    """Tokens that carry loss in a micro-batch (the model predicts each from the one before it)."""
+    return int(sum(examples.lengths[i] - examples.prompt_lens[i] for i in indices))

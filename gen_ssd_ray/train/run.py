@@ -1,0 +1,329 @@
+"""The fine-tuning job's driver: everything `python -m jobs.finetune` does, in order.
+
+1. `prepare(cfg)`: resolve and check the model (a causal LM with a chat template whose tokenizer fits
+   its embeddings), read and filter the rows, tokenize them, and check the output folder (a folder
+   written with another config is refused unless `output.force`). Everything that can fail on bad
+   input fails here, before Ray or any worker starts.
+2. `run_finetune(cfg, prepared)`: a complete folder with the same fingerprint is returned as is (a
+   pipeline re-run skips the stage); otherwise Ray Train's `TorchTrainer` runs
+   `gen_ssd_ray.train.worker.train_loop_per_worker` on `runtime.num_workers` workers (gloo on CPU,
+   nccl on GPU), which resumes from the last checkpoint if there is one. Then the loss plot and
+   `summary.json` (written last) are produced from the run's own files.
+
+A failed worker surfaces as `TrainingFailed`, naming the last complete checkpoint a re-run resumes from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from gen_ssd_ray.config import model_revision
+from gen_ssd_ray.train import checkpoint as ck
+from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
+from gen_ssd_ray.train.data import (
+    Examples,
+    FilterStep,
+    TokenizeReport,
+    TrainDataError,
+    apply_filters,
+    batch_stats,
+    data_signature,
+    plan_epoch,
+    read_rows,
+    steps_per_epoch,
+    tokenize,
+)
+from gen_ssd_ray.train.worker import FAIL_AT_STEP_ENV
+
+log = logging.getLogger("gen_ssd_ray.train")
+
+
+class ModelIncompatibleError(ValueError):
+    """The model folder cannot be fine-tuned here; the message says why and what to use."""
+
+
+class TrainingFailed(RuntimeError):
+    """A worker failed; the message names the checkpoint a re-run resumes from."""
+
+
+@dataclass
+class Prepared:
+    model_path: str
+    examples: Examples
+    rows_read: int
+    filters: list[FilterStep]
+    tokenized: TokenizeReport
+    fingerprint: str
+    pad_id: int
+    save_dtype: str
+    complete: dict[str, Any] | None  # the summary of an already complete run with this fingerprint
+
+
+def check_model(path: str, trust_remote_code: bool):
+    """(tokenizer, config) of a model folder that can be fine-tuned; raises ModelIncompatibleError."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelIncompatibleError(
+            f"model.path={path!r} cannot be loaded: {type(e).__name__}: {e}"
+        ) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise ModelIncompatibleError(
+            f"model.path={path!r} is a {config.model_type!r} model, not a causal language model "
+            "transformers can train (AutoModelForCausalLM)"
+        )
+    if not tokenizer.chat_template:
+        raise ModelIncompatibleError(
+            f"model.path={path!r}: its tokenizer has no chat template; the student is trained and "
+            "evaluated in its chat template (add chat_template.jinja to the folder)"
+        )
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelIncompatibleError(
+            f"model.path={path!r}: the tokenizer has {len(tokenizer)} tokens but the model's embeddings "
+            f"only {vocab}: the tokenizer belongs to another model"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ModelIncompatibleError(f"model.path={path!r}: the tokenizer has no EOS token")
+    return tokenizer, config
+
+
+def prepare(cfg: FinetuneConfig) -> Prepared:
+    """Everything that can fail on bad input, before any worker starts (see the module docstring).
+
+    Raises ModelNotFoundError / ModelIncompatibleError / TrainDataError (EmptyTrainingSetError) /
+    FingerprintMismatchError, all ValueErrors whose message names the key and the fix.
+    """
+    from gen_ssd_ray.models import resolve_model
+    from gen_ssd_ray.output import FingerprintMismatchError
+
+    model_path = resolve_model(cfg.model.path)
+    tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
+    df = read_rows(cfg.data)
+    rows_read = len(df)
+    df, steps = apply_filters(df, cfg.data)
+    examples, report = tokenize(df, tokenizer, cfg.data, cfg.prompt, cfg.optim.max_seq_len)
+    if len(examples) == 0:
+        raise TrainDataError(
+            f"no training examples: {len(df)} rows passed data.filters but all are longer than "
+            f"optim.max_seq_len={cfg.optim.max_seq_len} tokens ({report.dropped_too_long}) or have an empty "
+            "response; raise optim.max_seq_len"
+        )
+    fp = train_fingerprint(cfg, model_revision(model_path), data_signature(df, cfg.data))
+    out = Path(cfg.output.dir)
+    complete = None
+    state = ck.read_json(out / ck.STATE)
+    if state is not None and state.get("fingerprint") != fp:
+        if not cfg.output.force:
+            raise FingerprintMismatchError(
+                f"output.dir={str(out)!r} holds a fine-tuning run with another config or data "
+                f"(fingerprint {state.get('fingerprint')} != {fp}): use another output.dir, or set "
+                "output.force=true to start over there"
+            )
+    elif state is not None:
+        summary = ck.read_json(out / ck.SUMMARY)
+        if summary is not None and summary.get("fingerprint") == fp and ck.model_complete(out):
+            complete = summary
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    save_dtype = cfg.model.save_dtype
+    if save_dtype == "auto":
+        dt = getattr(mconfig, "dtype", None) or getattr(mconfig, "torch_dtype", None)
+        save_dtype = str(dt).removeprefix("torch.") if dt is not None else "float32"
+    return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete)
+
+
+def _init_ray(cfg: FinetuneConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # With the dashboard: Ray Train's placement-group cleaner polls the State API it serves (without
+        # it, a warning a second).
+        ray.init(
+            num_cpus=cfg.runtime.local_num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
+        )
+
+
+def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
+    """Write the run's identity; a forced run over another config's folder starts from scratch."""
+    import shutil
+
+    from gen_ssd_ray.config import to_yaml
+
+    state = ck.read_json(out / ck.STATE)
+    if state is not None and state.get("fingerprint") != p.fingerprint:  # output.force=true
+        for name in (ck.CHECKPOINTS, ck.MODEL):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (ck.METRICS, ck.SUMMARY, ck.PLOT):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    ck.atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
+    ck.atomic_write_text(out / ck.STATE, json.dumps({"fingerprint": p.fingerprint}) + "\n")
+    (out / ck.SUMMARY).unlink(missing_ok=True)
+    removed = ck.remove_partial_checkpoints(out)
+    if removed:
+        log.warning("removed checkpoints cut short by a crash: %s", removed)
+
+
+def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
+    """Run the Ray Train job (blocks). Raises TrainingFailed when a worker fails."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from gen_ssd_ray.train.worker import train_loop_per_worker
+
+    r = cfg.runtime
+    use_gpu = r.gpus_per_worker > 0
+    resources = {"CPU": r.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = r.gpus_per_worker
+    worker_env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(1, int(r.cpus_per_worker)))}
+    for name in ("HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR"):
+        if name in os.environ:
+            worker_env[name] = os.environ[name]
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "out_dir": str(out.resolve()),
+            "model_path": p.model_path,
+            "examples_ref": ray.put(p.examples),
+            "fingerprint": p.fingerprint,
+            "pad_id": p.pad_id,
+            "save_dtype": p.save_dtype,
+            "fail_at_step": os.environ.get(FAIL_AT_STEP_ENV),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="finetune",
+            storage_path=str((out / "_ray").resolve()),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            worker_runtime_env={"env_vars": worker_env},
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
+        last = ck.latest_tag(out)
+        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
+        raise TrainingFailed(
+            f"training failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}; "
+            f"{where} in {out / ck.CHECKPOINTS}; re-run the same command to resume"
+        ) from e
+
+
+def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Train (or resume, or skip a complete run) and return the summary (also in summary.json)."""
+    p = prepared or prepare(cfg)
+    out = Path(cfg.output.dir)
+    if p.complete is not None:
+        log.info("%s is complete for this config: skipping training", out)
+        return {**p.complete, "skipped": True}
+    _start_fresh(cfg, p, out)
+    started = time.perf_counter()
+    _init_ray(cfg)
+    launch(cfg, p, out)
+    if not ck.model_complete(out):  # a worker can abort at exit after finishing (PLATFORM.md)
+        raise TrainingFailed(f"training ended but {out / ck.MODEL} is incomplete; re-run to export again")
+    metrics = ck.read_metrics(out)
+    plot_metrics(metrics, out / ck.PLOT)
+    summary = make_summary(cfg, p, metrics, out, time.perf_counter() - started)
+    ck.atomic_write_text(out / ck.SUMMARY, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Path, elapsed: float) -> dict:
+    o = cfg.optim
+    lengths = p.examples.lengths
+    plan = plan_epoch(lengths, 0, o.seed, o.micro_batch_tokens, o.packing)
+    spe = steps_per_epoch(len(plan), cfg.runtime.num_workers, o.grad_accum_steps)
+    last = metrics[-1] if metrics else {}
+    return {
+        "fingerprint": p.fingerprint,
+        "output_dir": str(out.resolve()),
+        "model_dir": str((out / ck.MODEL).resolve()),
+        "base_model": p.model_path,
+        "data_path": cfg.data.path,
+        "rows_read": p.rows_read,
+        "filters": [asdict(s) for s in p.filters],
+        "examples": p.tokenized.examples,
+        "dropped_too_long": p.tokenized.dropped_too_long,
+        "response_tokens": p.examples.response_tokens,
+        "mean_example_tokens": p.tokenized.mean_len,
+        "steps": int(last.get("step", 0)),
+        "steps_per_epoch": spe,
+        "epochs": o.epochs,
+        "num_workers": cfg.runtime.num_workers,
+        "zero_stage": cfg.deepspeed.zero_stage,
+        "precision": cfg.deepspeed.precision,
+        "first_loss": metrics[0]["loss"] if metrics else None,
+        "final_loss": last.get("loss"),
+        "train/tokens_per_s": last.get("tokens_per_s"),
+        "train/batch": batch_stats(lengths, plan, o.micro_batch_tokens, o.packing),
+        "elapsed_s": round(elapsed, 1),
+    }
+
+
+def plot_metrics(metrics: list[dict], path: Path) -> None:
+    """Loss and learning rate per optimizer step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    ax1.plot(steps, [m["loss"] for m in metrics], marker="." if len(steps) < 50 else None)
+    ax1.set_ylabel("loss (NLL per response token)")
+    ax1.grid(alpha=0.3)
+    ax2.plot(steps, [m["lr"] for m in metrics], color="tab:orange")
+    ax2.set_ylabel("learning rate")
+    ax2.set_xlabel("optimizer step")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"fine-tuning: {path.parent.name}")
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    kept = summary["filters"]
+    filt = "; ".join(f"`{f['expr']}` {f['before']} -> {f['after']}" for f in kept)
+    lines = [
+        "",
+        f"Model: {summary['model_dir']}  (a Hugging Face folder: transformers, vLLM and jobs.generate load it)",
+        f"Data: {summary['rows_read']} rows read from {summary['data_path']}; {filt}; "
+        f"{summary['examples']} examples ({summary['dropped_too_long']} dropped as too long), "
+        f"{summary['response_tokens']} response tokens.",
+        f"Training: {summary['steps']} steps ({summary['steps_per_epoch']}/epoch x {summary['epochs']}), "
+        f"ZeRO-{summary['zero_stage']} {summary['precision']}, {summary['num_workers']} worker(s); loss "
+        f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; {summary['train/tokens_per_s']} tok/s.",
+        f"Files: {summary['output_dir']}/metrics.jsonl (per step), loss.png, checkpoints/ (resumable), "
+        "summary.json.",
+    ]
+    if summary.get("skipped"):
+        lines.insert(1, "Already complete for this config: nothing to do.")
+    return "\n".join(lines)

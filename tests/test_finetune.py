@@ -1,0 +1,167 @@
+"""The fine-tuning job as users run it: `python -m jobs.finetune ... key=value` on a tiny real model.
+
+Real Ray Train workers (gloo), real DeepSpeed ZeRO-2 and ZeRO-3 at one and two workers. Each run is
+killed mid-training (a worker exits abruptly), re-run with the same command, and must resume from the
+last complete checkpoint, finish with a lower loss, and export a Hugging Face folder that transformers
+loads and generates with. Bad input fails before anything starts (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_pairs(path: Path, n: int = 24) -> Path:
+    rows = []
+    for i in range(n):
+        a, b = 3 + i, 4 + i
+        rows.append(
+            {
+                "question": f"Tom has {a} apples and buys {b} more. How many apples?",
+                "response": f"Tom has {a} + {b} = {a + b} apples.\n#### {a + b}",
+                "status": "completed",
+                "correct": i % 4 != 0,
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def finetune(
+    args: list[str], env_extra: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    env.update(env_extra or {})
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.finetune", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def base_args(model: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        f"model.path={model}",
+        f"data.path={data}",
+        f"output.dir={out}",
+        "optim.lr=3e-3",
+        "optim.epochs=3",
+        "optim.warmup_steps=1",
+        "optim.max_seq_len=256",
+        "optim.micro_batch_tokens=512",
+        "output.save_every_steps=2",
+        "runtime.local_num_cpus=2",
+        *extra,
+    ]
+
+
+def _summary(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, workers", [(2, 1), (3, 2), (3, 1), (2, 2)])
+def test_train_crash_resume_export(tiny_model, tmp_path, stage, workers):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ft"
+    args = base_args(tiny_model, data, out, f"deepspeed.zero_stage={stage}", f"runtime.num_workers={workers}")
+    # 1. A worker dies at step 3: the job fails, naming the checkpoint it will resume from.
+    crashed = finetune(args, {"GEN_SSD_TRAIN_FAIL_AT_STEP": "3"})
+    assert crashed.returncode == 1, crashed.stdout[-3000:] + crashed.stderr[-3000:]
+    assert "step-000002" in crashed.stderr and "re-run the same command" in crashed.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+    # 2. The same command resumes from step 2 and finishes.
+    done = finetune(args)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from step-000002 at step 2" in done.stdout + done.stderr
+    s = _summary(done)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, s["steps"] + 1))  # each step logged once
+    assert s["steps"] == 3 * s["steps_per_epoch"] and s["examples"] == 18  # 24 rows, 6 not correct
+    assert s["rows_read"] == 24 and s["filters"][-1] == {"expr": "correct == True", "before": 24, "after": 18}
+    assert s["final_loss"] < 0.8 * s["first_loss"], (s["first_loss"], s["final_loss"])
+    assert s["zero_stage"] == stage and s["num_workers"] == workers
+    assert s["train/batch"]["nonpad_frac"] == 1.0
+    assert (out / "loss.png").stat().st_size > 1000
+
+    # 3. The exported folder is a plain Hugging Face model that loads and generates, with new weights.
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = out / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.chat_template
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    gen = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    new = load_file(str(folder / "model.safetensors"))
+    old = load_file(str(Path(tiny_model) / "model.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert new[key].shape == old[key].shape and new[key].abs().sum() > 0  # ZeRO-3 gathered real weights
+    assert not torch.equal(new[key], old[key])
+
+    # 4. Re-running a complete run is a no-op.
+    again = finetune(args)
+    assert again.returncode == 0 and _summary(again)["skipped"] is True
+
+
+@pytest.mark.integration
+def test_bad_input_fails_before_training(tiny_model, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ft"
+
+    empty = finetune(
+        base_args(tiny_model, data, out, 'data.filters=["correct == True","status == \'pruned\'"]')
+    )
+    assert empty.returncode == 2
+    assert "read 24 rows" in empty.stderr and "`status == 'pruned'` kept 0 of 18" in empty.stderr
+
+    missing = finetune(base_args(str(tmp_path / "nope"), data, out))
+    assert missing.returncode == 2 and "nope" in missing.stderr
+
+    no_template = tmp_path / "no_template"
+    import shutil
+
+    shutil.copytree(tiny_model, no_template)
+    cfg_path = no_template / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(tok_cfg))
+    for f in no_template.glob("chat_template.*"):
+        f.unlink()
+    bad_model = finetune(base_args(str(no_template), data, out))
+    assert bad_model.returncode == 2 and "no chat template" in bad_model.stderr
+
+    bad_key = finetune(base_args(tiny_model, data, out, "deepspeed.offload_param=true"))
+    assert bad_key.returncode == 2 and "deepspeed.offload_param" in bad_key.stderr
+
+    (out).mkdir()
+    (out / "_state.json").write_text(json.dumps({"fingerprint": "someone-else"}))
+    other = finetune(base_args(tiny_model, data, out))
+    assert other.returncode == 2 and "output.force=true" in other.stderr
+    assert not (out / "checkpoints").exists()
