@@ -150,6 +150,23 @@ def lab_dataset_path(name: str) -> Path:
     return file
 
 
+def lab_sft_path(split: str) -> Path:
+    """`embedded:lab-sft/<split>` for the fine-tuning job: the same problems as `embedded:lab/<split>`,
+    one row per problem and solution style (`question`, `response`, `style`; problem-major, so
+    `data.limit=3*k` is the first k problems in every style), generated on first use like them."""
+    from gen_ssd_ray.lab.problems import GENERATOR_VERSION, write_lab_sft_jsonl
+    from gen_ssd_ray.models import cache_root
+
+    name = f"lab/{split}"
+    if name not in LAB_DATASETS:
+        raise DataError(f"data.path='embedded:lab-sft/{split}': unknown split; use train or test")
+    split_, n, stem = LAB_DATASETS[name]
+    file = cache_root() / "data" / f"{stem}-sft-n{n}-seed{LAB_SEED}-v{GENERATOR_VERSION}.jsonl"
+    if not file.is_file():
+        write_lab_sft_jsonl(file, split_, n, LAB_SEED)
+    return file
+
+
 def _embedded_stem(name: str) -> str:
     return LAB_DATASETS[name][2] if name in LAB_DATASETS else EMBEDDED_DATASETS[name][1]
 

@@ -13,7 +13,6 @@ Exactly-once: a problem is committed only as part of a whole shard; a re-run ski
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.config import GenerateConfig, run_fingerprint, to_yaml
+from gen_ssd_ray.ray_init import init_ray
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -82,20 +82,6 @@ class RunStats:
         }
 
 
-def _init_ray(cfg: GenerateConfig) -> None:
-    """Join the cluster named by `runtime.ray_address` or RAY_ADDRESS (set by `ray job submit`),
-    else start a private local Ray for this run."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.runtime.local_num_cpus, include_dashboard=False, log_to_driver=True)
-
-
 @dataclass
 class Prepared:
     teacher_path: str
@@ -145,7 +131,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         p.writer.close()
         return stats.summary(cfg.output.dir)
 
-    _init_ray(cfg)
+    init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C / `ray job stop` (SIGTERM): stop admitting work, commit what finished, exit 130.

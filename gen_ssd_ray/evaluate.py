@@ -55,6 +55,7 @@ from gen_ssd_ray.config import (
 )
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.data import Problem, chat_messages
+from gen_ssd_ray.ray_init import init_ray
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -517,7 +518,7 @@ def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any
             todo.append(i)
     generation_s = 0.0
     if todo:
-        _init_ray(cfg.runtime)
+        init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
         restore = _sigterm_interrupts()
         verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
         engines: list = []
@@ -541,20 +542,6 @@ def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any
                 shutdown_pools(Pools(teachers=engines, scorers=[], managers=[]))
             restore()
     return [r for i in range(len(p.problems)) for r in rows[i]], generation_s
-
-
-def _init_ray(r: EvalRuntimeConfig) -> None:
-    """Join the cluster named by `runtime.ray_address` or RAY_ADDRESS (set by `ray job submit`), else
-    start a private local Ray (as gen_ssd_ray.driver does)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = r.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=r.local_num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def _sigterm_interrupts() -> Callable[[], None]:

@@ -5,7 +5,8 @@
 
 Parses the config, checks model, data and output folder (gen_ssd_ray.train.run.prepare), trains or
 resumes, prints the summary. Exit codes: 0 done (or already complete), 2 bad config / model / data
-(nothing started), 1 training failed (re-run the same command to resume from the last checkpoint).
+(nothing started), 1 training failed, 130 interrupted (either way, re-run the same command to resume
+from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from gen_ssd_ray.config import ConfigError, load_config
     from gen_ssd_ray.train.config import FinetuneConfig
-    from gen_ssd_ray.train.run import TrainingFailed, format_summary, prepare, run_finetune
+    from gen_ssd_ray.train.run import (
+        TrainingFailed,
+        TrainingInterrupted,
+        format_summary,
+        prepare,
+        run_finetune,
+    )
 
     try:
         cfg = load_config(args.config, args.overrides, schema_cls=FinetuneConfig)
@@ -40,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     print(json.dumps(summary))
     return 0

@@ -84,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from gen_ssd_ray.actors import build_pools
     from gen_ssd_ray.config import load_config
-    from gen_ssd_ray.driver import _init_ray, prepare, run_generate
+    from gen_ssd_ray.driver import prepare, run_generate
+    from gen_ssd_ray.ray_init import init_ray
 
     with tempfile.TemporaryDirectory(prefix="gen-ssd-bench-") as out, PeakMemory() as mem:
         cfg = load_config(args.config, [*args.overrides, f"output.dir={out}", "runtime.progress=false"])
         prepared = prepare(cfg)
-        _init_ray(cfg)
+        init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
         t0 = time.perf_counter()
         pools = build_pools(cfg, prepared.teacher_path, prepared.student_path)
         startup_s = time.perf_counter() - t0

@@ -56,12 +56,15 @@ def read_rows(cfg: TrainDataConfig):
 
     path = cfg.path
     if path.startswith("embedded:"):
-        from gen_ssd_ray.data import DataError, embedded_path
+        from gen_ssd_ray.data import DataError, embedded_path, lab_sft_path
 
+        name = path.removeprefix("embedded:")
         try:
-            path = str(embedded_path(path.removeprefix("embedded:")))
+            path = str(
+                lab_sft_path(name.split("/", 1)[-1]) if name.startswith("lab-sft/") else embedded_path(name)
+            )
         except DataError as e:
-            raise TrainDataError(str(e).replace("data.path", "data.path", 1)) from None
+            raise TrainDataError(str(e)) from None
     p = Path(path).expanduser()
     if not p.exists():
         raise TrainDataError(f"data.path={cfg.path!r}: no such file or folder")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.config import model_revision
+from gen_ssd_ray.ray_init import init_ray
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 from gen_ssd_ray.train.data import (
@@ -50,6 +51,10 @@ class ModelIncompatibleError(ValueError):
 
 class TrainingFailed(RuntimeError):
     """A worker failed; the message names the checkpoint a re-run resumes from."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT (Ray Train aborts the run) or SIGTERM (`ray job stop`); the last checkpoint is kept."""
 
 
 @dataclass
@@ -142,25 +147,6 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete)
 
 
-def _init_ray(cfg: FinetuneConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.runtime.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # With the dashboard: Ray Train's placement-group cleaner polls the State API it serves (without
-        # it, a warning a second).
-        ray.init(
-            num_cpus=cfg.runtime.local_num_cpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-        )
-
-
 def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     """Write the run's identity; a forced run over another config's folder starts from scratch."""
     import shutil
@@ -222,15 +208,39 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             worker_runtime_env={"env_vars": worker_env},
         ),
     )
+    restore = _sigterm_raises()
     try:
         trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as e:  # Ray Train exits on SIGINT after aborting the run
+        raise TrainingInterrupted(f"training interrupted; {_resume_hint(out)}") from e
     except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
-        last = ck.latest_tag(out)
-        where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
+        text = str(e).strip()
         raise TrainingFailed(
-            f"training failed: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}; "
-            f"{where} in {out / ck.CHECKPOINTS}; re-run the same command to resume"
+            f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out)}"
         ) from e
+    finally:
+        restore()
+
+
+def _resume_hint(out: Path) -> str:
+    last = ck.latest_tag(out)
+    where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
+    return f"{where} in {out / ck.CHECKPOINTS}; re-run the same command to resume"
+
+
+def _sigterm_raises():
+    """SIGTERM (`ray job stop`) interrupts `fit` like Ctrl-C; returns a function restoring the handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[str, Any]:
@@ -242,7 +252,7 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
         return {**p.complete, "skipped": True}
     _start_fresh(cfg, p, out)
     started = time.perf_counter()
-    _init_ray(cfg)
+    init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
     launch(cfg, p, out)
     if not ck.model_complete(out):  # a worker can abort at exit after finishing (PLATFORM.md)
         raise TrainingFailed(f"training ended but {out / ck.MODEL} is incomplete; re-run to export again")

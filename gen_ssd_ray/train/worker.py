@@ -183,7 +183,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     while step < total:
         epoch, k = divmod(step, spe)
-        plan = plans.setdefault(epoch, plan_epoch(lengths, epoch, o.seed, o.micro_batch_tokens, packing))
+        if epoch not in plans:
+            plans[epoch] = plan_epoch(lengths, epoch, o.seed, o.micro_batch_tokens, packing)
+        plan = plans[epoch]
         micro = step_micro_batches(plan, k, rank, world, o.grad_accum_steps)
         # Global number of loss tokens in this step: every token weighs the same.
         counts = torch.tensor(

@@ -1,0 +1,336 @@
+"""The whole distillation experiment as one resumable job (`python -m jobs.pipeline`, `make run`).
+
+Stages, in order, each one a call into the project's own jobs on one Ray (local or the cluster's):
+
+1. `teacher`     the teacher as configured, or, for `teacher: lab:<size>`, a model built from scratch
+                 with the lab tokenizer and trained by the fine-tuning job (`teacher_train`);
+2. `cold_start`  the student (a folder, or `lab:<size>` from scratch) fine-tuned on ordinary
+                 solutions (`cold_start`), so that its perplexity means something on teacher-style text;
+3. `generate/M`  the generation job once per method M in `methods` (teacher + cold-start student);
+                 the baselines sample `baseline_samples` whole solutions per problem;
+4. `distill/M`   the cold-start student fine-tuned on M's selected trajectories (`distill`);
+5. `eval/X`      the evaluation job on held-out problems for the teacher, the cold-start student and
+                 every distilled student (`evaluate`);
+6. `report`      Markdown and PNG plots from the run's own files (`gen_ssd_ray.report`).
+
+Every stage writes to its own folder under `output_dir` and is resumable on its own (generation skips
+committed problems, fine-tuning resumes from its last checkpoint and skips a complete run, evaluation
+skips a folder with the same fingerprint), so re-running the same command skips finished stages and
+continues the interrupted one. The pipeline fills in what links the stages (model paths, data paths,
+output folders, the prompt, the method); everything else comes from the stage sections of the config.
+
+A method whose filter keeps no trajectory gets no distilled student: the stage is recorded as
+`empty` with the reason and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gen_ssd_ray.config import ConfigError, GenerateConfig, PromptConfig, require
+from gen_ssd_ray.evaluate import EvaluateConfig
+from gen_ssd_ray.train.config import FinetuneConfig
+
+log = logging.getLogger("gen_ssd_ray")
+
+LAB_PREFIX = "lab:"
+STATE_NAME = "pipeline.json"
+
+
+def _default_methods() -> list[str]:
+    return ["gen_ssd", "standard_kd", "posthoc_ppl"]
+
+
+def _distill_defaults() -> FinetuneConfig:
+    cfg = FinetuneConfig()
+    cfg.data.filters = ["selected == True"]
+    return cfg
+
+
+@dataclass
+class PipelineRuntimeConfig:
+    # Ray address (null: RAY_ADDRESS if set, as under `ray job submit`, else a private local Ray).
+    ray_address: str | None = None
+    # CPUs for a local Ray started by the pipeline (null: all).
+    local_num_cpus: int | None = None
+
+
+@dataclass
+class PipelineConfig:
+    # Every stage writes under this folder; the report lands in <output_dir>/report.
+    output_dir: str = "outputs/pipeline"
+    # The teacher: a Hugging Face folder, hub id or embedded:teacher used as is, or lab:<size>
+    # (gen_ssd_ray.lab.models: teacher, student, medium, large) built from scratch and trained by the
+    # teacher_train stage.
+    teacher: str = "lab:teacher"
+    # The student before its cold start: a folder / embedded:student, or lab:<size> (random init).
+    student: str = "lab:student"
+    # Initialization seed of lab:<size> models.
+    init_seed: int = 0
+    # Data-generation methods compared (gen_ssd_ray.core.methods).
+    methods: list[str] = field(default_factory=_default_methods)
+    # Whole solutions sampled per problem by the baselines (standard_kd, posthoc_ppl).
+    baseline_samples: int = 4
+    # The prompt of every stage (generation, fine-tuning, evaluation).
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Fine-tuning of a lab:<size> teacher (model.path, output.dir and prompt are set by the pipeline).
+    teacher_train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Cold-start fine-tune of the student on ordinary solutions (model.path, output.dir, prompt set).
+    cold_start: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Generation (teacher.model, student.model, method, output.dir, prompt set by the pipeline; the
+    # baselines also get search.trajectories_per_problem = baseline_samples).
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # Fine-tuning of the cold-start student on each method's data (model.path, data.path,
+    # data.expect_fingerprint, output.dir, prompt set). Default filter: the method's selection.
+    distill: FinetuneConfig = field(default_factory=_distill_defaults)
+    # Evaluation of every model on held-out problems (model.model, output.dir, prompt set).
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runtime: PipelineRuntimeConfig = field(default_factory=PipelineRuntimeConfig)
+
+    def validate(self) -> None:
+        from gen_ssd_ray.core.methods import METHODS
+        from gen_ssd_ray.lab.models import LAB_MODEL_SIZES
+
+        require(bool(self.output_dir), "output_dir", "must not be empty")
+        require(bool(self.methods), "methods", f"must list at least one of {sorted(METHODS)}")
+        for m in self.methods:
+            require(m in METHODS, "methods", f"unknown method {m!r}; choose from {sorted(METHODS)}")
+        require(len(set(self.methods)) == len(self.methods), "methods", "lists a method twice")
+        require(
+            self.baseline_samples >= 2 or "posthoc_ppl" not in self.methods,
+            "baseline_samples",
+            f"must be >= 2 when methods include posthoc_ppl, got {self.baseline_samples}",
+        )
+        for key in ("teacher", "student"):
+            value = getattr(self, key)
+            if value.startswith(LAB_PREFIX):
+                size = value.removeprefix(LAB_PREFIX)
+                require(
+                    size in LAB_MODEL_SIZES, key, f"lab size {size!r} unknown; use {sorted(LAB_MODEL_SIZES)}"
+                )
+        for section in ("teacher_train", "cold_start", "generate", "distill", "evaluate"):
+            sub = _linked(self, section)
+            try:
+                sub.validate()
+            except ConfigError as e:
+                raise ConfigError(f"{section}.{e}") from None
+
+
+def _linked(cfg: PipelineConfig, section: str):
+    """A stage section with the prompt the pipeline gives every stage."""
+    sub = copy.deepcopy(getattr(cfg, section))
+    sub.prompt = copy.deepcopy(cfg.prompt)
+    return sub
+
+
+class StageFailed(RuntimeError):
+    """A stage failed; re-running the pipeline continues from it."""
+
+
+class PipelineInterrupted(RuntimeError):
+    """SIGINT/SIGTERM during a stage: what finished is kept; re-run to continue."""
+
+
+@contextlib.contextmanager
+def _own_signals():
+    """Stages install their own SIGINT/SIGTERM handlers; put the pipeline's back after each one."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+class Pipeline:
+    """Runs the stages in order and records each one's outcome in `<output_dir>/pipeline.json`."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.state: dict[str, Any] = {"init_seed": cfg.init_seed, "methods": list(cfg.methods), "stages": {}}
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _record(self, name: str, status: str, started: float, **info: Any) -> None:
+        from gen_ssd_ray.train.checkpoint import atomic_write_text
+
+        self.state["stages"][name] = {
+            "status": status,
+            "elapsed_s": round(time.perf_counter() - started, 1),
+            **info,
+        }
+        atomic_write_text(self.out / STATE_NAME, json.dumps(self.state, indent=1, default=str) + "\n")
+        log.info("pipeline: stage %s %s (%.1f s)", name, status, time.perf_counter() - started)
+
+    # ---- models ------------------------------------------------------------------------------
+    def _base_model(self, spec: str, role: str) -> str:
+        """A lab:<size> model built from scratch (once, atomically) or the configured name as is."""
+        if not spec.startswith(LAB_PREFIX):
+            return spec
+        from gen_ssd_ray.lab.models import build_lab_model
+
+        dest = self.out / "models" / f"{role}-init-{spec.removeprefix(LAB_PREFIX)}-seed{self.cfg.init_seed}"
+        if not (dest / "config.json").is_file():
+            tmp = dest.with_name(f".tmp-{dest.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            build_lab_model(tmp, size=spec.removeprefix(LAB_PREFIX), seed=self.cfg.init_seed)
+            tmp.replace(dest)
+        return str(dest)
+
+    # ---- stages ------------------------------------------------------------------------------
+    def finetune(self, name: str, section: str, model: str, **data: Any) -> dict[str, Any] | None:
+        """One fine-tuning stage; None when its filters left nothing to train on."""
+        from gen_ssd_ray.train.data import EmptyTrainingSetError
+        from gen_ssd_ray.train.run import TrainingFailed, TrainingInterrupted, prepare, run_finetune
+
+        started = time.perf_counter()
+        ft: FinetuneConfig = _linked(self.cfg, section)
+        ft.model.path = model
+        ft.output.dir = str(self.out / name)
+        ft.runtime.ray_address = self.cfg.runtime.ray_address
+        for k, v in data.items():
+            setattr(ft.data, k, v)
+        ft.validate()
+        try:
+            prepared = prepare(ft)
+        except EmptyTrainingSetError as e:
+            self._record(name, "empty", started, reason=str(e))
+            log.warning("pipeline: %s has nothing to train on: %s", name, e)
+            return None
+        try:
+            with _own_signals():
+                summary = run_finetune(ft, prepared)
+        except TrainingFailed as e:
+            raise StageFailed(f"{name}: {e}") from e
+        except TrainingInterrupted as e:
+            raise PipelineInterrupted(f"{name}: {e}") from e
+        self._record(name, "skipped" if summary.get("skipped") else "done", started, summary=summary)
+        return summary
+
+    def generate(self, method: str, teacher: str, student: str) -> dict[str, Any]:
+        from gen_ssd_ray.driver import prepare, run_generate
+
+        started = time.perf_counter()
+        name = f"generate/{method}"
+        g: GenerateConfig = _linked(self.cfg, "generate")
+        g.method = method
+        g.teacher.model, g.student.model = teacher, student
+        g.output.dir = str(self.out / name)
+        g.runtime.ray_address = self.cfg.runtime.ray_address
+        if method != "gen_ssd":
+            g.search.trajectories_per_problem = self.cfg.baseline_samples
+        g.validate()
+        with _own_signals():
+            summary = run_generate(g, prepare(g))
+        if summary.get("interrupted"):
+            raise PipelineInterrupted(f"{name} interrupted; re-run the same command to continue")
+        if summary.get("problems_failed_retry_later"):
+            raise StageFailed(
+                f"{name}: {summary['problems_failed_retry_later']} problems failed on engine errors; "
+                "re-run the same command to retry them"
+            )
+        self._record(name, "done", started, summary=summary)
+        return summary
+
+    def evaluate(self, name: str, model: str) -> dict[str, Any]:
+        from gen_ssd_ray.evaluate import EngineFailure, evaluate
+
+        started = time.perf_counter()
+        ev: EvaluateConfig = _linked(self.cfg, "evaluate")
+        ev.model.model = model
+        ev.output.dir = str(self.out / "eval" / name)
+        ev.runtime.ray_address = self.cfg.runtime.ray_address
+        ev.validate()
+        try:
+            with _own_signals():
+                summary = evaluate(ev)
+        except KeyboardInterrupt:
+            raise PipelineInterrupted(
+                f"eval/{name} interrupted; re-run the same command to continue"
+            ) from None
+        except EngineFailure as e:
+            raise StageFailed(f"eval/{name}: {e}") from e
+        self._record(
+            f"eval/{name}", "skipped" if summary.get("skipped") else "done", started, summary=summary
+        )
+        return summary
+
+    # ---- the run -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from gen_ssd_ray.output import read_manifest
+        from gen_ssd_ray.ray_init import init_ray
+        from gen_ssd_ray.report import write_report
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
+        started = time.perf_counter()
+
+        teacher = self._base_model(cfg.teacher, "teacher")
+        if cfg.teacher.startswith(LAB_PREFIX):
+            if self.finetune("teacher", "teacher_train", teacher) is None:
+                raise StageFailed("teacher: the teacher's training set is empty (see teacher_train.data)")
+            teacher = str(self.out / "teacher" / "model")
+        student = self._base_model(cfg.student, "student")
+        if self.finetune("cold_start", "cold_start", student) is None:
+            raise StageFailed("cold_start: the cold-start training set is empty (see cold_start.data)")
+        student = str(self.out / "cold_start" / "model")
+
+        students = {"cold_start": student}
+        for method in cfg.methods:
+            self.generate(method, teacher, student)
+        for method in cfg.methods:
+            folder = self.out / "generate" / method
+            manifest = read_manifest(folder) or {}
+            done = self.finetune(
+                f"distill/{method}",
+                "distill",
+                student,
+                path=str(folder),
+                expect_fingerprint=manifest.get("fingerprint"),
+            )
+            if done is not None:
+                students[method] = str(self.out / "distill" / method / "model")
+
+        evals = {"teacher": self.evaluate("teacher", teacher)}
+        for name, path in students.items():
+            evals[name] = self.evaluate(name, path)
+
+        t0 = time.perf_counter()
+        report = write_report(self.out, cfg.methods)
+        self._record("report", "done", t0, path=str(report))
+        self.state["elapsed_s"] = round(time.perf_counter() - started, 1)
+        self.state["report"] = str(report)
+        self.state["accuracy"] = {k: v.get("accuracy") for k, v in evals.items()}
+        self._record("pipeline", "done", started)
+        return self.state
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    return Pipeline(cfg).run()
+
+
+def format_summary(state: dict[str, Any]) -> str:
+    lines = ["", f"Report: {state['report']}"]
+    lines.append(
+        "Stages: " + ", ".join(f"{k} {v['status']}" for k, v in state["stages"].items() if k != "pipeline")
+    )
+    acc = state.get("accuracy", {})
+    lines.append(
+        "Accuracy on held-out problems: "
+        + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in acc.items())
+    )
+    lines.append(
+        "Every stage's folder sits beside the report (teacher/, cold_start/, generate/<method>/, "
+        "distill/<method>/, eval/<model>/); re-running the same command skips finished stages."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""The pipeline's report: Markdown plus PNG plots, computed only from the run's own files.
+
+Reads, under a pipeline's output folder: `generate/<method>/` (the committed shards), `eval/<model>/
+summary.json`, and `<stage>/summary.json` + `metrics.jsonl` of every fine-tuning stage; writes
+`report/report.md`, `report/metrics.json` (the same numbers, machine-readable) and the plots
+`accuracy.png`, `response_length.png`, `student_ppl.png`, `training_loss.png`.
+
+Per method: trajectories generated and kept (the method's `selected` column), mean response length
+and mean student PPL of the kept ones, teacher tokens generated and student tokens processed per kept
+trajectory, the distilled student's accuracy next to the cold-start student's and the teacher's.
+It knows nothing about how the files were produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+REPORT_DIR = "report"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _metrics_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def method_stats(out: Path, method: str) -> dict[str, Any]:
+    """Generation numbers of one method, from its committed shards."""
+    from gen_ssd_ray.output import read_output
+
+    df = read_output(out / "generate" / method).to_pandas()
+    kept = df[df["selected"] == True]  # noqa: E712 (nullable column)
+    completed = df[df["status"] == "completed"]
+    n_kept = len(kept)
+
+    def mean(series) -> float | None:
+        s = series.dropna()
+        return round(float(s.mean()), 3) if len(s) else None
+
+    teacher_tokens = int(df["teacher_tokens_generated"].fillna(0).sum())
+    student_tokens = int(df["student_tokens_processed"].fillna(0).sum())
+    return {
+        "method": method,
+        "problems": int(df["problem_id"].nunique()),
+        "trajectories": len(df),
+        "by_status": {k: int(v) for k, v in df["status"].value_counts().items()},
+        "completed_correct_frac": round(float((completed["correct"] == True).mean()), 3)  # noqa: E712
+        if len(completed)
+        else None,
+        "kept": n_kept,
+        "problems_with_kept": int(kept["problem_id"].nunique()),
+        "kept_mean_response_tokens": mean(kept["num_response_tokens"]),
+        "kept_mean_student_ppl": mean(kept["student_ppl"]),
+        "teacher_tokens_generated": teacher_tokens,
+        "student_tokens_processed": student_tokens,
+        "teacher_tokens_per_kept": round(teacher_tokens / n_kept, 1) if n_kept else None,
+        "student_tokens_per_kept": round(student_tokens / n_kept, 1) if n_kept else None,
+        "_lengths": kept["num_response_tokens"].dropna().tolist(),
+        "_ppls": kept["student_ppl"].dropna().tolist(),
+    }
+
+
+def collect(out: Path, methods: list[str]) -> dict[str, Any]:
+    out = Path(out)
+    gens = {m: method_stats(out, m) for m in methods if (out / "generate" / m).is_dir()}
+    evals = {}
+    for name in ["teacher", "cold_start", *methods]:
+        s = _read_json(out / "eval" / name / "summary.json")
+        if s is not None:
+            evals[name] = s
+    stages = {"teacher": out / "teacher", "cold_start": out / "cold_start"}
+    stages.update({f"distill/{m}": out / "distill" / m for m in methods})
+    training = {}
+    for name, folder in stages.items():
+        s = _read_json(folder / "summary.json")
+        if s is not None:
+            training[name] = {"summary": s, "metrics": _metrics_rows(folder / "metrics.jsonl")}
+    state = _read_json(out / "pipeline.json") or {}
+    return {"generation": gens, "eval": evals, "training": training, "state": state}
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if not math.isinf(v) else "inf"
+    return str(v)
+
+
+def _plots(data: dict[str, Any], folder: Path, methods: list[str]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    evals = data["eval"]
+    names = [n for n in ["teacher", "cold_start", *methods] if n in evals]
+    if names:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        accs = [evals[n].get("accuracy") or 0.0 for n in names]
+        bars = ax.bar(names, accs, color=["tab:gray", "tab:blue"] + ["tab:green"] * (len(names) - 2))
+        ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs])
+        n_probs = max((evals[n].get("problems") or 0) for n in names)
+        ax.set_ylabel(f"accuracy ({n_probs} held-out problems)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("held-out accuracy")
+        fig.tight_layout()
+        fig.savefig(folder / "accuracy.png", dpi=100)
+        plt.close(fig)
+        files.append("accuracy.png")
+    gens = data["generation"]
+    for key, fname, label in (
+        ("_lengths", "response_length.png", "response length (tokens) of kept trajectories"),
+        ("_ppls", "student_ppl.png", "student PPL of kept trajectories"),
+    ):
+        series = {m: gens[m][key] for m in methods if m in gens and gens[m][key]}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.hist(list(series.values()), bins=20, label=list(series.keys()), histtype="step", linewidth=1.5)
+        ax.set_xlabel(label)
+        ax.set_ylabel("trajectories")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / fname, dpi=100)
+        plt.close(fig)
+        files.append(fname)
+    training = data["training"]
+    if training:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for name, t in training.items():
+            m = t["metrics"]
+            if m:
+                ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (NLL per response token)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title("training loss")
+        fig.tight_layout()
+        fig.savefig(folder / "training_loss.png", dpi=100)
+        plt.close(fig)
+        files.append("training_loss.png")
+    return files
+
+
+def render_markdown(
+    data: dict[str, Any], methods: list[str], plots: list[str], config: dict[str, Any]
+) -> str:
+    gens, evals, training = data["generation"], data["eval"], data["training"]
+    lines = ["# Gen-SSD distillation report", ""]
+    gen_problems = sorted({g["problems"] for g in gens.values()})
+    eval_problems = sorted({e.get("problems") for e in evals.values() if e.get("problems") is not None})
+    lines += [
+        f"Generation on {', '.join(map(str, gen_problems)) or 'no'} problems per method; evaluation on "
+        f"{', '.join(map(str, eval_problems)) or 'no'} held-out problems "
+        f"({config.get('eval_sampling', 'greedy')}). One run: generation seed {config.get('generate_seed')}, "
+        f"training seed {config.get('train_seed')}, model initialization seed {config.get('init_seed')}. "
+        "Differences of a few problems are within the noise of a single seed at this size.",
+        "",
+        "## Methods",
+        "",
+        "| method | problems | trajectories | kept | problems with a kept one | kept: mean length (tokens) | "
+        "kept: mean student PPL | teacher tokens / kept | student tokens / kept | distilled student accuracy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        g = gens.get(m)
+        if g is None:
+            continue
+        acc = evals.get(m, {}).get("accuracy")
+        lines.append(
+            f"| {m} | {g['problems']} | {g['trajectories']} | {g['kept']} | {g['problems_with_kept']} | "
+            f"{_fmt(g['kept_mean_response_tokens'], 1)} | {_fmt(g['kept_mean_student_ppl'])} | "
+            f"{_fmt(g['teacher_tokens_per_kept'], 1)} | {_fmt(g['student_tokens_per_kept'], 1)} | {_fmt(acc)} |"
+        )
+    lines += [
+        "",
+        "## Accuracy on held-out problems",
+        "",
+        "| model | accuracy | problems | unverified | mean length |",
+    ]
+    lines.append("|---|---|---|---|---|")
+    for name in ["teacher", "cold_start", *methods]:
+        e = evals.get(name)
+        if e is None:
+            why = data["state"].get("stages", {}).get(f"distill/{name}", {}).get("status")
+            if why == "empty":
+                lines.append(f"| {name} | no student: nothing was kept to train on | | | |")
+            continue
+        label = name if name in ("teacher", "cold_start") else f"student distilled with {name}"
+        lines.append(
+            f"| {label} | {_fmt(e.get('accuracy'))} | {e.get('problems')} | {e.get('unverified')} | "
+            f"{_fmt(e.get('mean_response_tokens'), 1)} |"
+        )
+    lines += ["", "## Training", "", "| stage | examples | steps | first loss | final loss | tokens/s |"]
+    lines.append("|---|---|---|---|---|---|")
+    for name, t in training.items():
+        s = t["summary"]
+        lines.append(
+            f"| {name} | {s.get('examples')} | {s.get('steps')} | {_fmt(s.get('first_loss'))} | "
+            f"{_fmt(s.get('final_loss'))} | {_fmt(s.get('train/tokens_per_s'), 1)} |"
+        )
+    lines += [
+        "",
+        "Kept = the method's `selected` trajectories (Gen-SSD and standard KD: completed and verified "
+        "correct; post-hoc: the correct one with the lowest student PPL per problem). Teacher tokens / kept "
+        "counts every token the teacher generated, including rejected candidates and samples. For the "
+        "baselines the student tokens are the one scoring pass that gives their PPL column.",
+        "",
+    ]
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, methods: list[str]) -> Path:
+    """Write `<out>/report/` and return the path of report.md."""
+    from gen_ssd_ray.train.checkpoint import atomic_write_text
+
+    out = Path(out)
+    folder = out / REPORT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    data = collect(out, methods)
+    config = _config_facts(out)
+    plots = _plots(data, folder, methods)
+    atomic_write_text(folder / "report.md", render_markdown(data, methods, plots, config))
+    public = {
+        "generation": {
+            m: {k: v for k, v in g.items() if not k.startswith("_")} for m, g in data["generation"].items()
+        },
+        "accuracy": {k: v.get("accuracy") for k, v in data["eval"].items()},
+        "eval_problems": {k: v.get("problems") for k, v in data["eval"].items()},
+        "training": {
+            k: {kk: t["summary"].get(kk) for kk in ("examples", "steps", "first_loss", "final_loss")}
+            for k, t in data["training"].items()
+        },
+        **config,
+    }
+    atomic_write_text(folder / "metrics.json", json.dumps(public, indent=1) + "\n")
+    return folder / "report.md"
+
+
+def _config_facts(out: Path) -> dict[str, Any]:
+    """Seeds and sampling, read from the stages' own resolved configs."""
+    import yaml
+
+    facts: dict[str, Any] = {}
+    for sub in sorted((out / "generate").glob("*/_config.yaml")):
+        facts["generate_seed"] = yaml.safe_load(sub.read_text())["search"]["seed"]
+        break
+    for stage in ("cold_start", "teacher"):
+        cfg_file = out / stage / "_config.yaml"
+        if cfg_file.is_file():
+            facts["train_seed"] = yaml.safe_load(cfg_file.read_text())["optim"]["seed"]
+            break
+    state = _read_json(out / "pipeline.json") or {}
+    facts["init_seed"] = state.get("init_seed")
+    ev = next(iter(sorted((out / "eval").glob("*/summary.json"))), None)
+    if ev is not None:
+        s = json.loads(ev.read_text()).get("sampling", {})
+        facts["eval_sampling"] = (
+            "greedy" if not s.get("temperature") else f"temperature {s['temperature']}, n={s.get('n')}"
+        )
+    return facts
