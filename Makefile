@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run test test-fast bench models lint clean
+.PHONY: install run generate test test-fast bench models lint clean
 
 install: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml scripts/install.sh
 models: $(STAMP)
 	$(BIN)/python -m gen_ssd_ray.models
 
+# The whole experiment on the embedded lab task: teacher, cold start, generation per method,
+# distillation, evaluation, report (conf/pipeline.yaml).
 run: $(STAMP)
+	$(BIN)/python -m jobs.pipeline --config conf/pipeline.yaml $(ARGS)
+
+# The generation job alone on the SmolLM2 + GSM8K default (conf/default.yaml).
+generate: $(STAMP)
 	$(BIN)/python -m jobs.generate --config conf/default.yaml $(ARGS)
 
 test: $(STAMP)

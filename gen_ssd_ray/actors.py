@@ -176,8 +176,6 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     """Start teacher, scorer and beam-manager actors with resources from the config; wait until ready."""
     import ray
 
-    from gen_ssd_ray.manager import BeamManager, ManagerSpec
-
     t, s, r = cfg.teacher, cfg.student, cfg.runtime
 
     teacher_cls = ray.remote(TeacherEngine).options(
@@ -208,17 +206,32 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         for _ in range(s.num_scorers)
     ]
     ray.get([a.ready.remote() for a in teachers + scorers], timeout=r.startup_timeout_s)
+    return Pools(teachers, scorers, build_managers(cfg, teacher_path, student_path, teachers, scorers))
+
+
+def build_managers(
+    cfg: GenerateConfig, teacher_path: str, student_path: str, teachers: list, scorers: list
+) -> list:
+    """Beam-manager actors for `cfg` (its method and search knobs) over existing engines; waits until ready.
+
+    A caller that runs several configs on the same engines (the pipeline's methods) builds new managers
+    per config and keeps the engines."""
+    import ray
+
+    from gen_ssd_ray.manager import BeamManager, ManagerSpec
+
+    r = cfg.runtime
     mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)
     # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
     manager_cls = ray.remote(BeamManager).options(
         num_cpus=r.manager_num_cpus,
         max_concurrency=100_000,
         max_restarts=0,
-        runtime_env={"env_vars": _engine_env(t.kv_cache_gib)},
+        runtime_env={"env_vars": _engine_env(cfg.teacher.kv_cache_gib)},
     )
     managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
     ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)
-    return Pools(teachers, scorers, managers)
+    return managers
 
 
 def shutdown_pools(pools: Pools, timeout_s: float = 60.0) -> None:

@@ -44,7 +44,7 @@ class TeacherConfig:
     # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
     kv_cache_gib: float = 1.0
     enable_prefix_caching: bool = True
-    # KV block size in tokens (prefix-cache granularity); null lets vLLM choose.
+    # KV block size in tokens (prefix-cache granularity); null lets vLLM choose. CPU: a multiple of 32.
     block_size: int | None = None
     # Max sequences the engine batches at once.
     max_num_seqs: int = 128

@@ -7,7 +7,8 @@ Stages, in order, each one a call into the project's own jobs on one Ray (local 
 2. `cold_start`  the student (a folder, or `lab:<size>` from scratch) fine-tuned on ordinary
                  solutions (`cold_start`), so that its perplexity means something on teacher-style text;
 3. `generate/M`  the generation job once per method M in `methods` (teacher + cold-start student);
-                 the baselines sample `baseline_samples` whole solutions per problem;
+                 standard_kd samples `kd_samples` and posthoc_ppl `posthoc_samples` whole solutions
+                 per problem;
 4. `distill/M`   the cold-start student fine-tuned on M's selected trajectories (`distill`);
 5. `eval/X`      the evaluation job on held-out problems for the teacher, the cold-start student and
                  every distilled student (`evaluate`);
@@ -78,8 +79,11 @@ class PipelineConfig:
     init_seed: int = 0
     # Data-generation methods compared (gen_ssd_ray.core.methods).
     methods: list[str] = field(default_factory=_default_methods)
-    # Whole solutions sampled per problem by the baselines (standard_kd, posthoc_ppl).
-    baseline_samples: int = 4
+    # Whole solutions sampled per problem by standard_kd (each correct one is kept) and by posthoc_ppl
+    # (the correct one with the lowest student PPL is kept). With kd_samples=1 every method keeps at
+    # most one trajectory per problem, so the comparison is about which one, not how many.
+    kd_samples: int = 1
+    posthoc_samples: int = 4
     # The prompt of every stage (generation, fine-tuning, evaluation).
     prompt: PromptConfig = field(default_factory=PromptConfig)
     # Fine-tuning of a lab:<size> teacher (model.path, output.dir and prompt are set by the pipeline).
@@ -87,7 +91,7 @@ class PipelineConfig:
     # Cold-start fine-tune of the student on ordinary solutions (model.path, output.dir, prompt set).
     cold_start: FinetuneConfig = field(default_factory=FinetuneConfig)
     # Generation (teacher.model, student.model, method, output.dir, prompt set by the pipeline; the
-    # baselines also get search.trajectories_per_problem = baseline_samples).
+    # baselines get search.trajectories_per_problem = kd_samples / posthoc_samples).
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     # Fine-tuning of the cold-start student on each method's data (model.path, data.path,
     # data.expect_fingerprint, output.dir, prompt set). Default filter: the method's selection.
@@ -106,10 +110,11 @@ class PipelineConfig:
             require(m in METHODS, "methods", f"unknown method {m!r}; choose from {sorted(METHODS)}")
         require(len(set(self.methods)) == len(self.methods), "methods", "lists a method twice")
         require(
-            self.baseline_samples >= 2 or "posthoc_ppl" not in self.methods,
-            "baseline_samples",
-            f"must be >= 2 when methods include posthoc_ppl, got {self.baseline_samples}",
+            self.posthoc_samples >= 2 or "posthoc_ppl" not in self.methods,
+            "posthoc_samples",
+            f"must be >= 2 when methods include posthoc_ppl, got {self.posthoc_samples}",
         )
+        require(self.kd_samples >= 1, "kd_samples", f"must be >= 1, got {self.kd_samples}")
         for key in ("teacher", "student"):
             value = getattr(self, key)
             if value.startswith(LAB_PREFIX):
@@ -216,30 +221,72 @@ class Pipeline:
         self._record(name, "skipped" if summary.get("skipped") else "done", started, summary=summary)
         return summary
 
-    def generate(self, method: str, teacher: str, student: str) -> dict[str, Any]:
-        from gen_ssd_ray.driver import prepare, run_generate
-
-        started = time.perf_counter()
-        name = f"generate/{method}"
+    def _generate_config(self, method: str, teacher: str, student: str) -> GenerateConfig:
         g: GenerateConfig = _linked(self.cfg, "generate")
         g.method = method
         g.teacher.model, g.student.model = teacher, student
-        g.output.dir = str(self.out / name)
+        g.output.dir = str(self.out / "generate" / method)
         g.runtime.ray_address = self.cfg.runtime.ray_address
-        if method != "gen_ssd":
-            g.search.trajectories_per_problem = self.cfg.baseline_samples
+        samples = {"standard_kd": self.cfg.kd_samples, "posthoc_ppl": self.cfg.posthoc_samples}
+        if method in samples:
+            g.search.trajectories_per_problem = samples[method]
         g.validate()
-        with _own_signals():
-            summary = run_generate(g, prepare(g))
-        if summary.get("interrupted"):
-            raise PipelineInterrupted(f"{name} interrupted; re-run the same command to continue")
-        if summary.get("problems_failed_retry_later"):
-            raise StageFailed(
-                f"{name}: {summary['problems_failed_retry_later']} problems failed on engine errors; "
-                "re-run the same command to retry them"
-            )
-        self._record(name, "done", started, summary=summary)
-        return summary
+        return g
+
+    def generate_all(self, teacher: str, student: str) -> dict[str, dict[str, Any]]:
+        """The generation job once per method, all on one set of teacher and scorer engines (started
+        only if some method has problems left); each method gets its own beam managers."""
+        from gen_ssd_ray.actors import Pools, build_managers, build_pools, shutdown_pools
+        from gen_ssd_ray.driver import prepare, run_generate
+
+        configs = {m: self._generate_config(m, teacher, student) for m in self.cfg.methods}
+        prepared = {m: prepare(g) for m, g in configs.items()}  # bad input: ValueError, nothing started
+        pending = [
+            m
+            for m in configs
+            if {q.problem_id for q in prepared[m].problems} - prepared[m].writer.committed_ids
+        ]
+        engines = None
+        summaries = {}
+        try:
+            for method, g in configs.items():
+                started, name = time.perf_counter(), f"generate/{method}"
+                p = prepared[method]
+                pools = None
+                try:
+                    if method in pending:
+                        if engines is None:  # sized for the method with the most trajectories per problem
+                            widest = max(
+                                (configs[m] for m in pending), key=lambda c: c.search.trajectories_per_problem
+                            )
+                            engines = build_pools(widest, p.teacher_path, p.student_path)
+                            shutdown_pools(Pools([], [], engines.managers))
+                        managers = build_managers(
+                            g, p.teacher_path, p.student_path, engines.teachers, engines.scorers
+                        )
+                        pools = Pools(engines.teachers, engines.scorers, managers)
+                    with _own_signals():
+                        summary = run_generate(g, p, pools=pools)
+                except Exception as e:  # engines that do not start, a dead Ray...: resumable
+                    raise StageFailed(f"{name}: {type(e).__name__}: {_last_line(e)}") from e
+                finally:
+                    if pools is not None:
+                        shutdown_pools(Pools([], [], pools.managers))
+                if summary.get("interrupted"):
+                    raise PipelineInterrupted(f"{name} interrupted; re-run the same command to continue")
+                if summary.get("problems_failed_retry_later"):
+                    raise StageFailed(
+                        f"{name}: {summary['problems_failed_retry_later']} problems failed on engine errors; "
+                        "re-run the same command to retry them"
+                    )
+                self._record(name, "done" if method in pending else "skipped", started, summary=summary)
+                summaries[method] = summary
+        finally:
+            for p in prepared.values():
+                p.writer.close()
+            if engines is not None:
+                shutdown_pools(Pools(engines.teachers, engines.scorers, []))
+        return summaries
 
     def evaluate(self, name: str, model: str) -> dict[str, Any]:
         from gen_ssd_ray.evaluate import EngineFailure, evaluate
@@ -286,8 +333,7 @@ class Pipeline:
         student = str(self.out / "cold_start" / "model")
 
         students = {"cold_start": student}
-        for method in cfg.methods:
-            self.generate(method, teacher, student)
+        self.generate_all(teacher, student)
         for method in cfg.methods:
             folder = self.out / "generate" / method
             manifest = read_manifest(folder) or {}
@@ -313,6 +359,11 @@ class Pipeline:
         self.state["accuracy"] = {k: v.get("accuracy") for k, v in evals.items()}
         self._record("pipeline", "done", started)
         return self.state
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else ""
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

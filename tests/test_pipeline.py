@@ -29,7 +29,7 @@ TINY = [
     "distill.optim.epochs=1",
     "evaluate.data.limit=6",
     "evaluate.sampling.max_new_tokens=48",
-    "baseline_samples=2",
+    "posthoc_samples=2",
 ]
 
 
@@ -56,8 +56,8 @@ def test_bad_pipeline_config_names_the_section_key():
         load_config(CONF, ["distill.optim.lr=-1"], schema_cls=PipelineConfig)
     with pytest.raises(ConfigError, match="methods"):
         load_config(CONF, ["methods=[gen_ssd,best_of_n]"], schema_cls=PipelineConfig)
-    with pytest.raises(ConfigError, match="baseline_samples"):
-        load_config(CONF, ["baseline_samples=1"], schema_cls=PipelineConfig)
+    with pytest.raises(ConfigError, match="posthoc_samples"):
+        load_config(CONF, ["posthoc_samples=1"], schema_cls=PipelineConfig)
     with pytest.raises(ConfigError, match="teacher"):
         load_config(CONF, ["teacher=lab:huge"], schema_cls=PipelineConfig)
 
@@ -88,7 +88,7 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
     for m in methods:
         df = read_output(out / "generate" / m).to_pandas()
         assert (df.method == m).all() and df.selected.notna().all() and len(df.problem_id.unique()) == 6
-        per_problem = 1 if m == "gen_ssd" else 2
+        per_problem = 2 if m == "posthoc_ppl" else 1
         assert len(df) == 6 * per_problem
         assert (df.teacher_tokens_generated > 0).all()
 
