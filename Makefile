@@ -34,8 +34,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not slow and not gpu" $(ARGS)
 
+# Generation (ARGS: overrides of conf/default.yaml), then fine-tuning and the methods' costs (FT_ARGS).
 bench: $(STAMP)
 	$(BIN)/python -m scripts.bench $(ARGS)
+	$(BIN)/python -m scripts.bench_finetune $(FT_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -330,15 +330,17 @@ _DATA_FIELDS = {
 
 
 def model_revision(path: str) -> str:
-    """A cheap identity of a local model folder: its config.json and the names and sizes of its
-    weight files (a hub id without a local folder is identified by its name)."""
+    """A cheap identity of a local model folder: its config.json, the names and sizes of its weight
+    files, and its `.complete` marker if it has one (written by the fine-tuning job and the embedded
+    model builders; it holds the run's fingerprint, so a retrained model of the same shape is a new
+    revision). A hub id without a local folder is identified by its name."""
     folder = Path(path)
     if not folder.is_dir():
         return path
     h = hashlib.sha256()
-    cfg_file = folder / "config.json"
-    if cfg_file.is_file():
-        h.update(cfg_file.read_bytes())
+    for name in ("config.json", ".complete"):
+        if (folder / name).is_file():
+            h.update((folder / name).read_bytes())
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
@@ -348,6 +350,8 @@ def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = No
     """Hash of everything that changes the data; `data.limit`/`offset` are excluded on purpose so a
     run can be extended to more problems in the same folder."""
     d = to_dict(cfg)
+    # The search as the method runs it: the baselines ignore chunk_tokens, num_candidates, ...
+    d["search"].update(dataclasses.asdict(search_params(cfg)))
     picked = {
         sec: d[sec] if keys is None else {k: d[sec][k] for k in keys} for sec, keys in _DATA_FIELDS.items()
     }

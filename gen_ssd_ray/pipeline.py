@@ -32,6 +32,7 @@ import json
 import logging
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,8 +142,37 @@ class StageFailed(RuntimeError):
     """A stage failed; re-running the pipeline continues from it."""
 
 
+class StageInputError(ValueError):
+    """A stage refused its input before starting (bad data, or a folder holding another config's results)."""
+
+
+@contextlib.contextmanager
+def _stage_input(name: str, folder: Path):
+    """Name the stage in a bad-input error. A folder written with another config is the pipeline's own
+    doing (its config changed since): the fix is a new output_dir, or removing that stage's folder and
+    every later stage's (they depend on it)."""
+    from gen_ssd_ray.evaluate import EvaluationExistsError
+    from gen_ssd_ray.output import FingerprintMismatchError
+
+    try:
+        yield
+    except (FingerprintMismatchError, EvaluationExistsError) as e:
+        raise StageInputError(
+            f"stage {name}: {folder} holds results of a different configuration (the pipeline config or an "
+            "earlier stage's result changed since it ran). Use a new output_dir, or delete that folder and the "
+            f"folders of the stages after it to redo them. ({e})"
+        ) from None
+    except ValueError as e:
+        raise StageInputError(f"stage {name}: {e}") from None
+
+
 class PipelineInterrupted(RuntimeError):
     """SIGINT/SIGTERM during a stage: what finished is kept; re-run to continue."""
+
+
+def _sigterm_interrupts() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -205,12 +235,13 @@ class Pipeline:
         for k, v in data.items():
             setattr(ft.data, k, v)
         ft.validate()
-        try:
-            prepared = prepare(ft)
-        except EmptyTrainingSetError as e:
-            self._record(name, "empty", started, reason=str(e))
-            log.warning("pipeline: %s has nothing to train on: %s", name, e)
-            return None
+        with _stage_input(name, self.out / name):
+            try:
+                prepared = prepare(ft)
+            except EmptyTrainingSetError as e:  # a method that kept nothing: no student, the rest goes on
+                self._record(name, "empty", started, reason=str(e))
+                log.warning("pipeline: %s has nothing to train on: %s", name, e)
+                return None
         try:
             with _own_signals():
                 summary = run_finetune(ft, prepared)
@@ -240,7 +271,10 @@ class Pipeline:
         from gen_ssd_ray.driver import prepare, run_generate
 
         configs = {m: self._generate_config(m, teacher, student) for m in self.cfg.methods}
-        prepared = {m: prepare(g) for m, g in configs.items()}  # bad input: ValueError, nothing started
+        prepared = {}
+        for m, g in configs.items():  # bad input: ValueError, nothing started
+            with _stage_input(f"generate/{m}", Path(g.output.dir)):
+                prepared[m] = prepare(g)
         pending = [
             m
             for m in configs
@@ -290,6 +324,7 @@ class Pipeline:
 
     def evaluate(self, name: str, model: str) -> dict[str, Any]:
         from gen_ssd_ray.evaluate import EngineFailure, evaluate
+        from gen_ssd_ray.evaluate import prepare as prepare_eval
 
         started = time.perf_counter()
         ev: EvaluateConfig = _linked(self.cfg, "evaluate")
@@ -297,9 +332,11 @@ class Pipeline:
         ev.output.dir = str(self.out / "eval" / name)
         ev.runtime.ray_address = self.cfg.runtime.ray_address
         ev.validate()
+        with _stage_input(f"eval/{name}", Path(ev.output.dir)):
+            prepared = prepare_eval(ev)
         try:
             with _own_signals():
-                summary = evaluate(ev)
+                summary = evaluate(ev, prepared)
         except KeyboardInterrupt:
             raise PipelineInterrupted(
                 f"eval/{name} interrupted; re-run the same command to continue"
@@ -319,6 +356,7 @@ class Pipeline:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        _sigterm_interrupts()  # `ray job stop` between stages: exit 130 like Ctrl-C
         init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
         started = time.perf_counter()
 

@@ -28,12 +28,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _metrics_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def method_stats(out: Path, method: str) -> dict[str, Any]:
     """Generation numbers of one method, from its committed shards."""
     from gen_ssd_ray.output import read_output
@@ -71,21 +65,24 @@ def method_stats(out: Path, method: str) -> dict[str, Any]:
 
 
 def collect(out: Path, methods: list[str]) -> dict[str, Any]:
+    """Everything the report shows, from the stages this run recorded in pipeline.json (a folder left
+    over from an earlier run whose stage did not run this time is not shown)."""
+    from gen_ssd_ray.train.checkpoint import read_metrics
+
     out = Path(out)
-    gens = {m: method_stats(out, m) for m in methods if (out / "generate" / m).is_dir()}
+    state = _read_json(out / "pipeline.json") or {}
+    ran = {k for k, v in state.get("stages", {}).items() if v.get("status") in ("done", "skipped")}
+    gens = {m: method_stats(out, m) for m in methods if f"generate/{m}" in ran}
     evals = {}
     for name in ["teacher", "cold_start", *methods]:
         s = _read_json(out / "eval" / name / "summary.json")
-        if s is not None:
+        if s is not None and f"eval/{name}" in ran:
             evals[name] = s
-    stages = {"teacher": out / "teacher", "cold_start": out / "cold_start"}
-    stages.update({f"distill/{m}": out / "distill" / m for m in methods})
     training = {}
-    for name, folder in stages.items():
-        s = _read_json(folder / "summary.json")
-        if s is not None:
-            training[name] = {"summary": s, "metrics": _metrics_rows(folder / "metrics.jsonl")}
-    state = _read_json(out / "pipeline.json") or {}
+    for name in ["teacher", "cold_start", *(f"distill/{m}" for m in methods)]:
+        s = _read_json(out / name / "summary.json")
+        if s is not None and name in ran:
+            training[name] = {"summary": s, "metrics": read_metrics(out / name)}
     return {"generation": gens, "eval": evals, "training": training, "state": state}
 
 
@@ -105,11 +102,12 @@ def _plots(data: dict[str, Any], folder: Path, methods: list[str]) -> list[str]:
 
     files = []
     evals = data["eval"]
-    names = [n for n in ["teacher", "cold_start", *methods] if n in evals]
+    names = [n for n in ["teacher", "cold_start", *methods] if evals.get(n, {}).get("accuracy") is not None]
     if names:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        accs = [evals[n].get("accuracy") or 0.0 for n in names]
-        bars = ax.bar(names, accs, color=["tab:gray", "tab:blue"] + ["tab:green"] * (len(names) - 2))
+        accs = [evals[n]["accuracy"] for n in names]
+        colors = {"teacher": "tab:gray", "cold_start": "tab:blue"}
+        bars = ax.bar(names, accs, color=[colors.get(n, "tab:green") for n in names])
         ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs])
         n_probs = max((evals[n].get("problems") or 0) for n in names)
         ax.set_ylabel(f"accuracy ({n_probs} held-out problems)")
@@ -136,18 +134,24 @@ def _plots(data: dict[str, Any], folder: Path, methods: list[str]) -> list[str]:
         fig.savefig(folder / fname, dpi=100)
         plt.close(fig)
         files.append(fname)
-    training = data["training"]
+    training = {k: t for k, t in data["training"].items() if t["metrics"]}
     if training:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for name, t in training.items():
-            m = t["metrics"]
-            if m:
-                ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=name)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (NLL per response token)")
-        ax.set_yscale("log")
-        ax.legend()
-        ax.set_title("training loss")
+        # The models' own training (long) and the distillation runs (short) on separate panels.
+        groups = [
+            [k for k in training if not k.startswith("distill/")],
+            [k for k in training if k.startswith("distill/")],
+        ]
+        groups = [g for g in groups if g]
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), squeeze=False)
+        for ax, names in zip(axes[0], groups, strict=True):
+            for name in names:
+                m = training[name]["metrics"]
+                ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=name, linewidth=1)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("loss (NLL per response token)")
+            ax.set_yscale("log")
+            ax.legend()
+        fig.suptitle("training loss")
         fig.tight_layout()
         fig.savefig(folder / "training_loss.png", dpi=100)
         plt.close(fig)
@@ -166,7 +170,7 @@ def render_markdown(
         f"Generation on {', '.join(map(str, gen_problems)) or 'no'} problems per method; evaluation on "
         f"{', '.join(map(str, eval_problems)) or 'no'} held-out problems "
         f"({config.get('eval_sampling', 'greedy')}). One run: generation seed {config.get('generate_seed')}, "
-        f"training seed {config.get('train_seed')}, model initialization seed {config.get('init_seed')}. "
+        f"cold-start training seed {config.get('train_seed')}, model initialization seed {config.get('init_seed')}. "
         "Differences of a few problems are within the noise of a single seed at this size.",
         "",
         "## Methods",

@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         result["methods/kept"] = {m: g["kept"] for m, g in gen.items()}
         result["methods/source"] = str(report)
     else:
-        result["methods/teacher_tokens_per_kept"] = f"no pipeline run at {args.pipeline_dir}: run `make run` first"
+        result["methods/teacher_tokens_per_kept"] = (
+            f"no pipeline run at {args.pipeline_dir}: run `make run` first"
+        )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -114,9 +114,10 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
             assert stages[f"distill/{m}"]["status"] == "empty"
     for name, acc in metrics["accuracy"].items():
         preds = pd.read_parquet(out / "eval" / name / "predictions.parquet")
-        assert acc == pytest.approx(
-            preds.groupby("problem_id").correct.apply(lambda s: (s == True).mean()).mean()
-        )  # noqa: E712
+        per_problem = (
+            preds.assign(ok=preds.correct.fillna(False).astype(bool)).groupby("problem_id").ok.mean()
+        )
+        assert acc == pytest.approx(per_problem.mean())
         assert metrics["eval_problems"][name] == 6
     assert "6 held-out problems" in text and "generation seed 0" in text
     for png in ("accuracy.png", "training_loss.png"):

@@ -10,7 +10,7 @@ What this module knows:
   prompt is the rendered user turn with the generation prompt; the response is what the template adds
   after it for the assistant turn (the text plus the end-of-turn token, so the student learns to stop).
 - The batch plan: per epoch, a seeded order of micro-batches, either padding-free packs of whole
-  examples (first-fit decreasing into `micro_batch_tokens` bins) or length-grouped padded batches,
+  examples (best-fit decreasing into `micro_batch_tokens` bins) or length-grouped padded batches,
   and which micro-batches rank r uses at step s. The plan is a pure function of (lengths, epoch, seed,
   geometry), which is what makes a resume continue at the exact data position.
 
@@ -20,6 +20,7 @@ torch is imported only by `collate`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -319,7 +320,7 @@ def plan_epoch(
     """The micro-batches of one epoch, in training order, as lists of example indices.
 
     Packing: examples in a seeded random order are sorted by length (stable, so ties stay shuffled)
-    and placed first-fit-decreasing into bins of `micro_batch_tokens`; the bins are then shuffled.
+    and placed best-fit-decreasing into bins of `micro_batch_tokens`; the bins are then shuffled.
     Unpacked: a seeded shuffle, then within windows of 64 batches the examples are sorted by length
     and cut into batches whose padded size (count x longest) stays within `micro_batch_tokens`.
     """
@@ -327,19 +328,21 @@ def plan_epoch(
     order = list(range(len(lengths)))
     rng.shuffle(order)
     if packing:
+        # Best-fit decreasing: each example (longest first) goes to the fullest bin it fits in. Free
+        # room per bin is kept sorted, so this is O(n log n) even for millions of examples.
         order.sort(key=lambda i: -int(lengths[i]))
         bins: list[list[int]] = []
-        room: list[int] = []
+        room: list[tuple[int, int]] = []  # (free tokens, bin index), sorted
         for i in order:
             n = int(lengths[i])
-            for b, free in enumerate(room):
-                if n <= free:
-                    bins[b].append(i)
-                    room[b] -= n
-                    break
+            k = bisect.bisect_left(room, (n, -1))
+            if k < len(room):
+                free, b = room.pop(k)
             else:
-                bins.append([i])
-                room.append(micro_batch_tokens - n)
+                free, b = micro_batch_tokens, len(bins)
+                bins.append([])
+            bins[b].append(i)
+            bisect.insort(room, (free - n, b))
         rng.shuffle(bins)
         return bins
     batches: list[list[int]] = []

@@ -214,6 +214,12 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     except (KeyboardInterrupt, SystemExit) as e:  # Ray Train exits on SIGINT after aborting the run
         raise TrainingInterrupted(f"training interrupted; {_resume_hint(out)}") from e
     except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
+        last = ck.latest_tag(out)
+        if ck.model_complete(out) and last is not None and ck.step_of(last) >= planned_steps(cfg, p):
+            # Every step ran and the model was exported; a worker then died on its way out (PLATFORM.md
+            # has seen a 2-rank ZeRO-3 run abort at exit).
+            log.warning("training finished and the model was exported, but a worker failed at exit: %s", e)
+            return
         text = str(e).strip()
         raise TrainingFailed(
             f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out)}"
@@ -261,6 +267,20 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
     summary = make_summary(cfg, p, metrics, out, time.perf_counter() - started)
     ck.atomic_write_text(out / ck.SUMMARY, json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def planned_steps(cfg: FinetuneConfig, p: Prepared) -> int:
+    """Optimizer steps of the whole run (as the workers count them)."""
+    o = cfg.optim
+    per_epoch = [
+        steps_per_epoch(
+            len(plan_epoch(p.examples.lengths, e, o.seed, o.micro_batch_tokens, o.packing)),
+            cfg.runtime.num_workers,
+            o.grad_accum_steps,
+        )
+        for e in range(o.epochs)
+    ]
+    return sum(per_epoch) if o.max_steps is None else min(o.max_steps, sum(per_epoch))
 
 
 def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Path, elapsed: float) -> dict:

@@ -23,6 +23,8 @@ receives (see `gen_ssd_ray.train.run`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import logging
 import math
@@ -58,6 +60,20 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def summed_nll(logits, labels):
+    """Sum of the next-token NLLs over the positions whose label is not IGNORE_INDEX (float32 math).
+
+    Computed here rather than by the model's own loss, so that the normalisation does not depend on
+    a model honouring transformers' `num_items_in_batch`."""
+    import torch.nn.functional as F
+
+    from gen_ssd_ray.train.data import IGNORE_INDEX
+
+    shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[..., 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -137,10 +153,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     o = cfg.optim
     packing = o.packing
 
-    # Steps: the same plan geometry on every rank.
-    plan0 = plan_epoch(lengths, 0, o.seed, o.micro_batch_tokens, packing)
-    spe = steps_per_epoch(len(plan0), world, o.grad_accum_steps)
-    total = spe * o.epochs if o.max_steps is None else min(o.max_steps, spe * o.epochs)
+    # Every epoch's plan, identical on every rank; global step s runs epoch_of(s)'s plan.
+    plans = [plan_epoch(lengths, e, o.seed, o.micro_batch_tokens, packing) for e in range(o.epochs)]
+    starts = list(
+        itertools.accumulate((steps_per_epoch(len(p), world, o.grad_accum_steps) for p in plans), initial=0)
+    )
+    total = starts[-1] if o.max_steps is None else min(o.max_steps, starts[-1])
 
     ds_config = deepspeed_config(cfg)
     model = _load_model(cfg, config["model_path"], ds_config)
@@ -162,50 +180,50 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = 0
     tag = ck.latest_tag(out)
     if tag is not None:
-        _, client = engine.load_checkpoint(str(out / ck.CHECKPOINTS), tag=tag)
-        client = client or {}
-        if client.get("world_size", world) != world:
+        # (A different worker count changes the run's fingerprint: the driver refuses it before this.)
+        load_path, client = engine.load_checkpoint(str(out / ck.CHECKPOINTS), tag=tag)
+        if load_path is None:
             raise RuntimeError(
-                f"checkpoint {tag} was written by {client.get('world_size')} workers; resume with "
-                f"runtime.num_workers={client.get('world_size')} (the data order and optimizer shards depend on it)"
+                f"checkpoint {out / ck.CHECKPOINTS / tag} could not be loaded; see the log above"
             )
-        step = int(client.get("step", ck.step_of(tag)))
+        step = int((client or {}).get("step", ck.step_of(tag)))
         if rank == 0:
-            ck.truncate_metrics(out, step)
             print(f"[finetune] resumed from {tag} at step {step} of {total}", flush=True)
+    if rank == 0:  # a restart replays the steps after its checkpoint: log each step once
+        ck.truncate_metrics(out, step)
 
     fail_at = int(config.get("fail_at_step") or 0)
     pad_id = int(config["pad_id"])
     device = engine.device
-    plans = {0: plan0}
     save_every = cfg.output.save_every_steps
     t_start, tokens_done = time.perf_counter(), 0
 
     while step < total:
-        epoch, k = divmod(step, spe)
-        if epoch not in plans:
-            plans[epoch] = plan_epoch(lengths, epoch, o.seed, o.micro_batch_tokens, packing)
-        plan = plans[epoch]
-        micro = step_micro_batches(plan, k, rank, world, o.grad_accum_steps)
-        # Global number of loss tokens in this step: every token weighs the same.
+        epoch = bisect.bisect_right(starts, step) - 1
+        micro = step_micro_batches(plans[epoch], step - starts[epoch], rank, world, o.grad_accum_steps)
+        # Global number of loss tokens in this step: every token weighs the same. (On the engine's
+        # device: an nccl group has no CPU backend.)
         counts = torch.tensor(
             [
                 sum(response_token_count(examples, mb) for mb in micro),
                 sum(int(lengths[i]) for mb in micro for i in mb),
             ],
             dtype=torch.float64,
+            device=device,
         )
         dist.all_reduce(counts)
-        loss_tokens, input_tokens = float(counts[0]), int(counts[1])
+        loss_tokens, input_tokens = float(counts[0].item()), int(counts[1].item())
         norm = max(1.0, loss_tokens) / (world * o.grad_accum_steps)
         lr = scheduler.get_last_lr()[0]
-        nll = torch.zeros((), dtype=torch.float64)
+        nll = torch.zeros((), dtype=torch.float64, device=device)
         for mb in micro:
             batch = {key: v.to(device) for key, v in collate(examples, mb, packing, pad_id).items()}
-            out_ = engine(**batch, num_items_in_batch=torch.tensor(norm, device=device), use_cache=False)
-            engine.backward(out_.loss)
+            labels = batch.pop("labels")
+            logits = engine(**batch, use_cache=False).logits
+            token_nll = summed_nll(logits, labels)
+            engine.backward(token_nll / norm)
             engine.step()
-            nll += out_.loss.detach().double().cpu() * norm
+            nll += token_nll.detach().double()
         dist.all_reduce(nll)
         step += 1
         tokens_done += input_tokens
@@ -217,7 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row = {
                 "step": step,
                 "epoch": epoch,
-                "loss": float(nll) / max(1.0, loss_tokens),
+                "loss": float(nll.item()) / max(1.0, loss_tokens),
                 "lr": lr,
                 "loss_tokens": int(loss_tokens),
                 "input_tokens": input_tokens,
@@ -259,13 +277,21 @@ def _export(engine, cfg: FinetuneConfig, config: dict[str, Any], out: Path, rank
     model = engine.module
     dtype_name = config["save_dtype"]
     dtype = getattr(torch, dtype_name)
-    state = {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+    converted: dict[tuple, Any] = {}  # tied tensors (embeddings / LM head) stay one tensor
+    state = {
+        k: converted.setdefault((v.data_ptr(), tuple(v.shape)), v.detach().to("cpu", dtype))
+        for k, v in state.items()
+    }
     dest = out / ck.MODEL
     tmp = out / f".tmp-{ck.MODEL}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.config.dtype = dtype
     model.config.use_cache = True
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    # save_pretrained records the in-memory module's dtype; the file holds `dtype`.
+    cfg_path = tmp / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    saved["dtype"] = dtype_name
+    cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     tok = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=cfg.model.trust_remote_code)
     tok.save_pretrained(tmp)
     gen_cfg = Path(config["model_path"]) / "generation_config.json"
