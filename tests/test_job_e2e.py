@@ -162,7 +162,10 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, tiny_model, t
 
     r = run_job(args)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f'"problems_skipped_already_committed": {before}' in r.stdout
+    # A kill between a shard's rename and the manifest update leaves a complete orphan shard, which
+    # the next run adopts: it skips `before` problems, or one more.
+    skipped = json.loads(next(line for line in r.stdout.splitlines() if line.startswith('{"output_dir"')))
+    assert skipped["problems_skipped_already_committed"] in (before, before + 1)
     df = read(out)
     assert len(df) == 8 and df.problem_id.is_unique
     assert sorted(df.problem_id) == sorted(f"p-{i}" for i in range(8))

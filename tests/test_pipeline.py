@@ -27,6 +27,9 @@ TINY = [
     "generate.search.max_new_tokens=48",
     "generate.output.shard_size=4",
     "distill.optim.epochs=1",
+    # A teacher trained for a few steps solves nothing: distil on every trajectory with a response, so
+    # every method's fine-tune and evaluation run (the selection rules are unit-tested).
+    "distill.data.filters=[]",
     "evaluate.data.limit=6",
     "evaluate.sampling.max_new_tokens=48",
     "posthoc_samples=2",
@@ -135,4 +138,5 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
     ]:
         assert again[name]["status"] == "skipped", name
     for m in methods:
+        assert again[f"generate/{m}"]["status"] == "skipped"
         assert again[f"generate/{m}"]["summary"]["problems_done_this_run"] == 0

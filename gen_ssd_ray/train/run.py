@@ -257,6 +257,9 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
         log.info("%s is complete for this config: skipping training", out)
         return {**p.complete, "skipped": True}
     _start_fresh(cfg, p, out)
+    resumed = ck.latest_tag(out)
+    if resumed is not None:
+        log.info("resuming from %s", out / ck.CHECKPOINTS / resumed)
     started = time.perf_counter()
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
     launch(cfg, p, out)
@@ -265,6 +268,7 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
     metrics = ck.read_metrics(out)
     plot_metrics(metrics, out / ck.PLOT)
     summary = make_summary(cfg, p, metrics, out, time.perf_counter() - started)
+    summary["resumed_from_step"] = ck.step_of(resumed) if resumed is not None else None
     ck.atomic_write_text(out / ck.SUMMARY, json.dumps(summary, indent=1) + "\n")
     return summary
 
