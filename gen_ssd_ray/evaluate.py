@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -55,13 +54,13 @@ from gen_ssd_ray.config import (
 )
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.data import Problem, chat_messages
+from gen_ssd_ray.fsio import atomic_write_json, atomic_writer
 from gen_ssd_ray.ray_init import init_ray
 
 log = logging.getLogger("gen_ssd_ray")
 
 PREDICTIONS_NAME = "predictions.parquet"
 SUMMARY_NAME = "summary.json"
-TMP_PREFIX = ".tmp-"
 STATUSES = ("completed", "truncated", "error")
 # Batches in flight per engine: one generating, one queued behind it, so the engine does not idle
 # while the driver collects and verifies a finished batch.
@@ -480,7 +479,7 @@ def evaluate(cfg: EvaluateConfig, prepared: Prepared | None = None) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_NAME).unlink(missing_ok=True)  # never leave an old summary beside new predictions
     write_predictions(out / PREDICTIONS_NAME, rows)
-    _atomic_write(out / SUMMARY_NAME, lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
     return summary
 
 
@@ -725,24 +724,8 @@ def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
     names = PREDICTION_SCHEMA.names
     table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows], schema=PREDICTION_SCHEMA)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` to `.tmp-<name>` in the same folder, fsync it, rename over `path`, fsync the folder."""
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    write(tmp)
-    _fsync(tmp, os.O_RDONLY)
-    os.replace(tmp, path)
-    _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def _fsync(target: Path, flags: int) -> None:
-    fd = os.open(target, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_writer(path) as fh:
+        pq.write_table(table, fh)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from gen_ssd_ray.fsio import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_TEACHER = "embedded:teacher"
@@ -120,15 +122,7 @@ def _finish_tree(folder: Path) -> None:
         elif p.is_dir():
             p.chmod(0o755)
     folder.chmod(0o755)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def _materialize(dest: Path, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
@@ -162,7 +156,7 @@ def _materialize(dest: Path, recipe: dict[str, Any], build: Callable[[Path], Non
                 old = parent / f".tmp-{dest.name}~old-{os.getpid()}"
                 os.replace(dest, old)
             os.replace(tmp, dest)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             logger.info("built %s in %.1f s", dest, time.perf_counter() - start)

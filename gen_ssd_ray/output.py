@@ -17,7 +17,7 @@ Contract (see "Output contract" in docs/DESIGN.md):
   Readers that skip names starting with "." and "_" (pandas.read_parquet, pyarrow.dataset.dataset,
   ray.data.read_parquet) therefore see only complete shards. `read_output` reads exactly the shards
   the manifest lists.
-- A shard is written to `.tmp-part-NNNNN.parquet`, fsynced, renamed to `part-NNNNN.parquet` and the
+- A shard is written to `.tmp-part-NNNNN.parquet.<pid>`, fsynced, renamed to `part-NNNNN.parquet` and the
   folder fsynced; only then is the manifest rewritten (again temp file + fsync + rename + folder
   fsync). A kill at any moment leaves either the old state or the new one, plus possibly one
   *orphan*: a renamed shard not yet in the manifest. Being renamed, it is complete, so the next
@@ -45,13 +45,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gen_ssd_ray.fsio import TMP_PREFIX, atomic_write_bytes, atomic_writer, fsync_dir
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("completed", "pruned", "truncated", "error")
 MANIFEST_NAME = "_manifest.json"
 CONFIG_NAME = "_config.yaml"
 LOCK_NAME = "_lock"
-TMP_PREFIX = ".tmp-"
 MANIFEST_VERSION = 1
 _SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
 
@@ -194,25 +195,6 @@ def rows_to_table(rows: list[dict]) -> pa.Table:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via `.tmp-<name>` + fsync + rename + folder fsync."""
-    tmp = path.with_name(TMP_PREFIX + path.name.lstrip("_."))
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _shard_name(index: int) -> str:
@@ -392,13 +374,13 @@ class ShardWriter:
             self._committed.update(ids)
             changed = True
         if orphans:
-            _fsync_dir(self.out_dir)
+            fsync_dir(self.out_dir)
 
         self._manifest = manifest
         self._manifest_dirty = changed
         if changed:
             self._write_manifest()
-        _atomic_write_bytes(self.out_dir / CONFIG_NAME, config_yaml.encode())
+        atomic_write_bytes(self.out_dir / CONFIG_NAME, config_yaml.encode())
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -455,12 +437,9 @@ class ShardWriter:
         ids = [pid for pid, _ in self._buffer]
         table = pa.concat_tables([t for _, t in self._buffer])
         name = _shard_name(self._next_index)
-        tmp = self.out_dir / (TMP_PREFIX + name)
-        with open(tmp, "wb") as f:
+        # The folder is fsynced below, after the bookkeeping.
+        with atomic_writer(self.out_dir / name, sync_dir=False) as f:
             pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.out_dir / name)
         # The shard is complete and visible: it is committed from here on, even if what follows fails
         # (a crash now leaves an orphan that the next open adopts; a retry must not write it twice).
         self._next_index += 1
@@ -469,7 +448,7 @@ class ShardWriter:
         self._manifest_dirty = True
         self._buffer.clear()
         self._buffered_ids.clear()
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._write_manifest()
         return name
 
@@ -518,5 +497,5 @@ class ShardWriter:
         m["num_problems"] = sum(s["num_problems"] for s in m["shards"])
         m["num_rows"] = sum(s["num_rows"] for s in m["shards"])
         m["updated"] = _now()
-        _atomic_write_bytes(self.out_dir / MANIFEST_NAME, json.dumps(m, indent=1).encode())
+        atomic_write_bytes(self.out_dir / MANIFEST_NAME, json.dumps(m, indent=1).encode())
         self._manifest_dirty = False

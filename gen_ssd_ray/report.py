@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gen_ssd_ray.fsio import atomic_write_json, atomic_write_text
+
 REPORT_DIR = "report"
 
 
@@ -230,8 +232,6 @@ def render_markdown(
 
 def write_report(out: Path, methods: list[str]) -> Path:
     """Write `<out>/report/` and return the path of report.md."""
-    from gen_ssd_ray.train.checkpoint import atomic_write_text
-
     out = Path(out)
     folder = out / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -251,7 +251,7 @@ def write_report(out: Path, methods: list[str]) -> Path:
         },
         **config,
     }
-    atomic_write_text(folder / "metrics.json", json.dumps(public, indent=1) + "\n")
+    atomic_write_json(folder / "metrics.json", public, indent=1)
     return folder / "report.md"
 
 

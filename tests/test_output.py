@@ -211,15 +211,15 @@ def test_interrupted_manifest_update_is_retried(tmp_path, monkeypatch):
     import gen_ssd_ray.output as output
 
     w = writer(tmp_path, shard_size=1)
-    real = output._atomic_write_bytes
+    real = output.atomic_write_bytes
 
     def interrupted(path, data):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(output, "_atomic_write_bytes", interrupted)
+    monkeypatch.setattr(output, "atomic_write_bytes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         w.add("a", rows_for("a"))
-    monkeypatch.setattr(output, "_atomic_write_bytes", real)
+    monkeypatch.setattr(output, "atomic_write_bytes", real)
     assert w.committed_ids == {"a"} and read_manifest(tmp_path)["shards"] == []
     assert w.close() is None
     assert [s["problem_ids"] for s in read_manifest(tmp_path)["shards"]] == [["a"]]

@@ -19,10 +19,12 @@ Only plain files and folders: no torch, no DeepSpeed here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+# `atomic_write_text` is also imported from here by gen_ssd_ray.pipeline.
+from gen_ssd_ray.fsio import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -41,26 +43,6 @@ def tag_for(step: int) -> str:
 
 def step_of(tag: str) -> int:
     return int(tag.removeprefix("step-"))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, fsync, rename over `path`, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def latest_tag(out_dir: Path) -> str | None:

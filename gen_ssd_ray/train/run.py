@@ -15,7 +15,6 @@ A failed worker surfaces as `TrainingFailed`, naming the last complete checkpoin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.config import model_revision
+from gen_ssd_ray.fsio import atomic_write_json, atomic_write_text, atomic_writer
 from gen_ssd_ray.ray_init import init_ray
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
@@ -160,8 +160,8 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
         for name in (ck.METRICS, ck.SUMMARY, ck.PLOT):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    ck.atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
-    ck.atomic_write_text(out / ck.STATE, json.dumps({"fingerprint": p.fingerprint}) + "\n")
+    atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
+    atomic_write_json(out / ck.STATE, {"fingerprint": p.fingerprint})
     (out / ck.SUMMARY).unlink(missing_ok=True)
     removed = ck.remove_partial_checkpoints(out)
     if removed:
@@ -269,7 +269,7 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
     plot_metrics(metrics, out / ck.PLOT)
     summary = make_summary(cfg, p, metrics, out, time.perf_counter() - started)
     summary["resumed_from_step"] = ck.step_of(resumed) if resumed is not None else None
-    ck.atomic_write_text(out / ck.SUMMARY, json.dumps(summary, indent=1) + "\n")
+    atomic_write_json(out / ck.SUMMARY, summary, indent=1)
     return summary
 
 
@@ -337,10 +337,11 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
     ax2.grid(alpha=0.3)
     fig.suptitle(f"fine-tuning: {path.parent.name}")
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_writer(path) as fh:
+            fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

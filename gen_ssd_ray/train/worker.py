@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gen_ssd_ray.fsio import fsync_dir
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig
 from gen_ssd_ray.train.data import (
@@ -301,4 +302,4 @@ def _export(engine, cfg: FinetuneConfig, config: dict[str, Any], out: Path, rank
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
-    ck.fsync_dir(out)
+    fsync_dir(out)
