@@ -59,7 +59,7 @@ EMBEDDED_DATASETS: dict[str, tuple[str, str]] = {
 # embedded name -> (lab split, number of problems, id stem); generated with seed LAB_SEED on first use.
 LAB_DATASETS: dict[str, tuple[str, int, str]] = {
     "lab/train": ("train", 2000, "lab-train"),
-    "lab/test": ("test", 200, "lab-test"),
+    "lab/test": ("test", 500, "lab-test"),
 }
 LAB_SEED = 0
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -153,7 +153,9 @@ def lab_dataset_path(name: str) -> Path:
 def lab_sft_path(split: str) -> Path:
     """`embedded:lab-sft/<split>` for the fine-tuning job: the same problems as `embedded:lab/<split>`,
     one row per problem and solution style (`question`, `response`, `style`; problem-major, so
-    `data.limit=3*k` is the first k problems in every style), generated on first use like them."""
+    `data.limit=4*k` is the first k problems in every style, and with the filter
+    ``style != 'shortcut'``, `data.limit=3*k` the first k in the three step-by-step styles), generated
+    on first use like them."""
     from gen_ssd_ray.lab.problems import GENERATOR_VERSION, write_lab_sft_jsonl
     from gen_ssd_ray.models import cache_root
 

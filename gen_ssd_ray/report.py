@@ -85,7 +85,56 @@ def collect(out: Path, methods: list[str]) -> dict[str, Any]:
         s = _read_json(out / name / "summary.json")
         if s is not None and name in ran:
             training[name] = {"summary": s, "metrics": read_metrics(out / name)}
-    return {"generation": gens, "eval": evals, "training": training, "state": state}
+    return {
+        "generation": gens,
+        "eval": evals,
+        "training": training,
+        "state": state,
+        "styles": lab_styles(out, list(gens), list(evals)),
+    }
+
+
+def lab_styles(out: Path, methods: list[str], models: list[str]) -> dict[str, Any] | None:
+    """On the lab task only (every problem id starts with ``lab-``): the style (`classify_style`) of each
+    method's kept trajectories, and of each evaluated model's answers with its accuracy per style.
+    This is what the methods' numbers rest on: which way of solving the student was taught, and which
+    way it then solves held-out problems. None for any other task."""
+    import pandas as pd
+
+    from gen_ssd_ray.lab.problems import STYLES, classify_style
+    from gen_ssd_ray.output import read_output
+
+    kept: dict[str, dict[str, int]] = {}
+    for m in methods:
+        df = read_output(out / "generate" / m).to_pandas()
+        if len(df) == 0 or not df["problem_id"].str.startswith("lab-").all():
+            return None
+        styles = df.loc[df["selected"] == True, "response"].map(classify_style)  # noqa: E712
+        kept[m] = {st: int((styles == st).sum()) for st in STYLES}
+    answers: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in models:
+        path = out / "eval" / name / "predictions.parquet"
+        if not path.is_file():
+            continue
+        df = pd.read_parquet(path, columns=["problem_id", "response", "correct"])
+        if len(df) == 0 or not df["problem_id"].str.startswith("lab-").all():
+            return None
+        df["style"] = df["response"].fillna("").map(classify_style)
+        answers[name] = {
+            st: {"answers": int(len(g)), "accuracy": round(float((g["correct"] == True).mean()), 3)}  # noqa: E712
+            for st, g in df.groupby("style")
+        }
+    return {"kept": kept, "answers": answers}
+
+
+def _ci95(accuracy: float | None, n: int | None) -> list[float] | None:
+    """Wilson 95% interval of a proportion `accuracy` measured on `n` problems."""
+    if accuracy is None or not n:
+        return None
+    z = 1.959964
+    center = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, center - half), 3), round(min(1.0, center + half), 3)]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -173,7 +222,8 @@ def render_markdown(
         f"{', '.join(map(str, eval_problems)) or 'no'} held-out problems "
         f"({config.get('eval_sampling', 'greedy')}). One run: generation seed {config.get('generate_seed')}, "
         f"cold-start training seed {config.get('train_seed')}, model initialization seed {config.get('init_seed')}. "
-        "Differences of a few problems are within the noise of a single seed at this size.",
+        "The 95% intervals (Wilson) cover the sampling of test problems only, not seeds: differences inside "
+        "them are not evidence either way.",
         "",
         "## Methods",
         "",
@@ -195,21 +245,52 @@ def render_markdown(
         "",
         "## Accuracy on held-out problems",
         "",
-        "| model | accuracy | problems | unverified | mean length |",
+        "| model | accuracy | 95% interval | problems | unverified | mean length |",
     ]
-    lines.append("|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|")
     for name in ["teacher", "cold_start", *methods]:
         e = evals.get(name)
         if e is None:
             why = data["state"].get("stages", {}).get(f"distill/{name}", {}).get("status")
             if why == "empty":
-                lines.append(f"| {name} | no student: nothing was kept to train on | | | |")
+                lines.append(f"| {name} | no student: nothing was kept to train on | | | | |")
             continue
         label = name if name in ("teacher", "cold_start") else f"student distilled with {name}"
+        ci = _ci95(e.get("accuracy"), e.get("problems"))
+        ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
         lines.append(
-            f"| {label} | {_fmt(e.get('accuracy'))} | {e.get('problems')} | {e.get('unverified')} | "
+            f"| {label} | {_fmt(e.get('accuracy'))} | {ci_text} | {e.get('problems')} | {e.get('unverified')} | "
             f"{_fmt(e.get('mean_response_tokens'), 1)} |"
         )
+    styles = data.get("styles")
+    if styles:
+        from gen_ssd_ray.lab.problems import STYLES
+
+        lines += [
+            "",
+            "## Lab task: how the solutions are written",
+            "",
+            "Styles of the kept trajectories (what each student was distilled on). `shortcut` is the "
+            "teacher's compressed style (two operations in one step) that the smaller student cannot follow.",
+            "",
+            "| method | " + " | ".join(STYLES) + " |",
+            "|---|" + "---|" * len(STYLES),
+        ]
+        for m, counts in styles["kept"].items():
+            lines.append(f"| {m} | " + " | ".join(str(counts.get(st, 0)) for st in STYLES) + " |")
+        lines += [
+            "",
+            "Styles of each model's answers to the held-out problems: answers (accuracy within that style).",
+            "",
+            "| model | " + " | ".join(STYLES) + " |",
+            "|---|" + "---|" * len(STYLES),
+        ]
+        for name, per in styles["answers"].items():
+            cells = [
+                f"{per[st]['answers']} ({_fmt(per[st]['accuracy'], 2)})" if st in per else "0"
+                for st in STYLES
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Training", "", "| stage | examples | steps | first loss | final loss | tokens/s |"]
     lines.append("|---|---|---|---|---|---|")
     for name, t in training.items():
@@ -244,6 +325,8 @@ def write_report(out: Path, methods: list[str]) -> Path:
             m: {k: v for k, v in g.items() if not k.startswith("_")} for m, g in data["generation"].items()
         },
         "accuracy": {k: v.get("accuracy") for k, v in data["eval"].items()},
+        "accuracy_ci95": {k: _ci95(v.get("accuracy"), v.get("problems")) for k, v in data["eval"].items()},
+        "lab_styles": data["styles"],
         "eval_problems": {k: v.get("problems") for k, v in data["eval"].items()},
         "training": {
             k: {kk: t["summary"].get(kk) for kk in ("examples", "steps", "first_loss", "final_loss")}

@@ -80,11 +80,22 @@ def _summary(proc) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, workers", [(2, 1), (3, 2), (3, 1), (2, 2)])
-def test_train_crash_resume_export(tiny_model, tmp_path, stage, workers):
+@pytest.mark.parametrize(
+    "stage, workers, offload",
+    # ZeRO-2 on one worker also offloads the optimizer (DeepSpeed's CPU-Adam, its state in the checkpoint)
+    [(2, 1, True), (3, 2, False), (3, 1, False), (2, 2, False)],
+)
+def test_train_crash_resume_export(tiny_model, tmp_path, stage, workers, offload):
     data = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "ft"
-    args = base_args(tiny_model, data, out, f"deepspeed.zero_stage={stage}", f"runtime.num_workers={workers}")
+    args = base_args(
+        tiny_model,
+        data,
+        out,
+        f"deepspeed.zero_stage={stage}",
+        f"runtime.num_workers={workers}",
+        f"deepspeed.offload_optimizer={str(offload).lower()}",
+    )
     # 1. A worker dies at step 3: the job fails, naming the checkpoint it will resume from.
     crashed = finetune(args, {"GEN_SSD_TRAIN_FAIL_AT_STEP": "3"})
     assert crashed.returncode == 1, crashed.stdout[-3000:] + crashed.stderr[-3000:]
@@ -105,7 +116,7 @@ def test_train_crash_resume_export(tiny_model, tmp_path, stage, workers):
     assert s["steps"] == 3 * s["steps_per_epoch"] and s["examples"] == 18  # 24 rows, 6 not correct
     assert s["rows_read"] == 24 and s["filters"][-1] == {"expr": "correct == True", "before": 24, "after": 18}
     assert s["final_loss"] < 0.8 * s["first_loss"], (s["first_loss"], s["final_loss"])
-    assert s["zero_stage"] == stage and s["num_workers"] == workers
+    assert s["zero_stage"] == stage and s["num_workers"] == workers and s["offload_optimizer"] == offload
     assert s["train/batch"]["nonpad_frac"] == 1.0
     assert (out / "loss.png").stat().st_size > 1000
 

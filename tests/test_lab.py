@@ -14,6 +14,7 @@ from gen_ssd_ray.data import chat_messages, load_problems
 from gen_ssd_ray.lab.problems import (
     STYLES,
     Difficulty,
+    classify_style,
     generate_split,
     lab_sft_rows,
     make_problem,
@@ -23,6 +24,8 @@ from gen_ssd_ray.lab.problems import (
 )
 
 _EQUATION = re.compile(r"^(?:check: |not needed: )?(\d+) ([-+x/]) (\d+) = (\d+)$")
+_MERGED = re.compile(r"^\( (\d+) ([-+x/]) (\d+) \) ([-+x/]) (\d+) = (\d+)$")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "x": lambda a, b: a * b, "/": lambda a, b: a / b}
 _TEXT_FIELDS = ("question", "answer", *(f"solution_{s}" for s in STYLES))
 
 
@@ -50,9 +53,17 @@ def _check_arithmetic(solution: str) -> list[tuple[int, str, int, int]]:
     for line in lines:
         if m := _EQUATION.match(line):
             a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
-            expected = {"+": a + b, "-": a - b, "x": a * b, "/": a / b if b else None}[op]
-            assert expected == c, f"wrong arithmetic: {line!r}"
+            assert _OPS[op](a, b) == c, f"wrong arithmetic: {line!r}"
             equations.append((a, op, b, c))
+        elif m := _MERGED.match(line):  # shortcut style: ( a op b ) op2 d = c
+            a, op, b, op2, d, c = int(m[1]), m[2], int(m[3]), m[4], int(m[5]), int(m[6])
+            middle = _OPS[op](a, b)
+            assert middle == int(middle) and _OPS[op2](int(middle), d) == c, f"wrong arithmetic: {line!r}"
+            equations.append((int(middle), op2, d, c))
+        else:
+            assert line.startswith(("check: ", "not needed: ")) or not re.search(r"\d+ [-+x/] \d+ =", line), (
+                line
+            )
     assert re.fullmatch(r"#### \d+", final), final
     return equations
 
@@ -116,6 +127,16 @@ def test_styles_differ(train):
     details = [row["solution_detour"] for row in train]
     assert any("check: " in s for s in details) and any("not needed: " in s for s in details)
     assert all(len(r["solution_verbose"]) > len(r["solution_concise"]) for r in train)
+    # the shortcut writes one line fewer than concise and never the first intermediate result
+    for r in train:
+        concise, shortcut = r["solution_concise"].split("\n"), r["solution_shortcut"].split("\n")
+        assert len(shortcut) == len(concise) - 1 and shortcut[0].startswith("( ")
+        assert shortcut[1:] == concise[2:]
+
+
+def test_classify_style_recovers_every_gold_style(train):
+    for row in train:
+        assert {s: classify_style(row[f"solution_{s}"]) for s in STYLES} == {s: s for s in STYLES}
 
 
 def test_difficulty_bounds_and_validation():
@@ -144,7 +165,7 @@ def test_sft_rows_and_jsonl(tmp_path):
     }
     path = write_lab_sft_jsonl(tmp_path / "sft" / "lab.jsonl", "train", 3, 0, STYLES)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert len(lines) == 9 and lines[0]["style"] == "concise"
+    assert len(lines) == 3 * len(STYLES) and lines[0]["style"] == "concise"
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp")]
     with pytest.raises(ValueError, match="styles"):
         list(lab_sft_rows("train", 1, 0, ("fancy",)))
@@ -158,13 +179,13 @@ def test_sft_rows_and_jsonl(tmp_path):
 def test_embedded_lab_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("GEN_SSD_CACHE", str(tmp_path))
     ps = load_problems(DataConfig(path="embedded:lab/test", limit=None))
-    assert len(ps) == 200 and all(p.ok for p in ps)
+    assert len(ps) == 500 and all(p.ok for p in ps)
     assert [p.problem_id for p in ps[:2]] == ["lab-test-0", "lab-test-1"]
-    expected = generate_split("test", 200, 0)
+    expected = generate_split("test", 500, 0)
     assert [p.question for p in ps] == [r["question"] for r in expected]
     assert [p.gold_answer for p in ps] == [r["gold"] for r in expected]
     files = list((tmp_path / "data").iterdir())
-    assert len(files) == 1 and files[0].name.startswith("lab-test-n200-seed0")
+    assert len(files) == 1 and files[0].name.startswith("lab-test-n500-seed0")
     # second use reads the file; a slice keeps its ids
     assert load_problems(DataConfig(path="embedded:lab/test", offset=5, limit=2)) == ps[5:7]
     train = load_problems(DataConfig(path="embedded:lab/train", limit=3))

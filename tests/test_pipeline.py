@@ -69,6 +69,7 @@ def test_bad_pipeline_config_names_the_section_key():
 def test_pipeline_end_to_end_resume_and_report(tmp_path):
     import pandas as pd
 
+    from gen_ssd_ray.lab.problems import STYLES, classify_style
     from gen_ssd_ray.output import read_output
 
     out = tmp_path / "pipe"
@@ -111,6 +112,9 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
             )
             assert g["kept_mean_student_ppl"] == pytest.approx(kept.student_ppl.mean(), abs=1e-3)
         assert f"| {m} |" in text
+        # the lab table: styles of exactly the kept trajectories
+        styles = kept.response.map(classify_style).value_counts().to_dict()
+        assert metrics["lab_styles"]["kept"][m] == {st: styles.get(st, 0) for st in STYLES}
         assert stages[f"distill/{m}"]["status"] == "done" and stages[f"eval/{m}"]["status"] == "done"
         assert (out / "distill" / m / "model" / "config.json").is_file()
     for name, acc in metrics["accuracy"].items():
@@ -120,6 +124,10 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
         )
         assert acc == pytest.approx(per_problem.mean())
         assert metrics["eval_problems"][name] == 6
+        low, high = metrics["accuracy_ci95"][name]
+        assert low <= acc <= high
+        answers = metrics["lab_styles"]["answers"][name]
+        assert sum(v["answers"] for v in answers.values()) == len(preds)
     assert "6 held-out problems" in text and "generation seed 0" in text
     for png in ("accuracy.png", "training_loss.png"):
         assert (out / "report" / png).stat().st_size > 1000 and f"]({png})" in text

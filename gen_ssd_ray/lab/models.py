@@ -29,7 +29,7 @@ class LabModelSize:
 
 
 LAB_MODEL_SIZES: dict[str, LabModelSize] = {
-    # 0.32M parameters. Trained from scratch on the default lab task (2,000 problems x 3 styles, batch 8,
+    # 0.32M parameters. Trained from scratch on the default lab task (then 2,000 problems x 3 styles, batch 8,
     # AdamW lr 3e-3) for 3 minutes on one CPU core (~9.5k tokens/s, 2,040 steps, 1.7M tokens) it answered
     # 76% of 50 test problems greedily; on a GPU, with equal token counts, 59% of 100 after 1.26M tokens
     # and 93% after 2.5M (84% when sampling at temperature 0.8).

@@ -6,7 +6,10 @@ arithmetic steps chained on one running quantity), its gold answer, and three go
 - ``concise``: one equation per step (``5 + 3 = 8``), then ``#### <answer>``;
 - ``verbose``: each step restated in a sentence before its equation, and a closing sentence;
 - ``detour``: the concise solution plus one unnecessary but correct line: a re-check of a step by its
-  inverse (``check: 16 / 2 = 8``) or a sum of two numbers from the question that the answer does not need.
+  inverse (``check: 16 / 2 = 8``) or a sum of two numbers from the question that the answer does not need;
+- ``shortcut``: a strong reasoner's compressed solution: the first two steps in one line without the
+  intermediate result (``( 5 + 3 ) x 2 = 16``), the rest as in ``concise``. A small model cannot learn
+  to compute two operations in one token; this is the style a student should not imitate.
 
 Every solution ends with a ``#### <answer>`` line, the GSM8K format that `gen_ssd_ray.core.answers` reads.
 Operations are ``+``, ``-``, ``x`` and exact ``/``; every number in a question is at most
@@ -37,8 +40,8 @@ from pathlib import Path
 
 # Bump when the generated text changes (templates, word lists, DEFAULT_DIFFICULTY), so that the cached
 # embedded:lab files (named after it) are regenerated.
-GENERATOR_VERSION = 1
-STYLES: tuple[str, ...] = ("concise", "verbose", "detour")
+GENERATOR_VERSION = 2
+STYLES: tuple[str, ...] = ("concise", "verbose", "detour", "shortcut")
 SPLITS: tuple[str, ...] = ("train", "test")
 # Share of all possible question texts that belong to the test split (decided by a hash of the text).
 TEST_FRACTION = 0.1
@@ -213,6 +216,22 @@ def write_lab_sft_jsonl(
     return write_jsonl(path, lab_sft_rows(split, n, seed, styles, difficulty))
 
 
+def classify_style(solution: str) -> str:
+    """The style a (teacher's or student's) solution is written in, judged from its text: one of `STYLES`.
+
+    The markers are the ones only that style writes: a parenthesized first line (``shortcut``), a
+    ``check:``/``not needed:`` line (``detour``), a sentence with ``so we`` (``verbose``); anything else is
+    ``concise``. Sampled text may mix styles; the first marker in that order wins."""
+    lines = solution.strip().split("\n")
+    if lines and lines[0].startswith("( "):
+        return "shortcut"
+    if any(line.startswith(("check:", "not needed:")) for line in lines):
+        return "detour"
+    if "so we" in solution:
+        return "verbose"
+    return "concise"
+
+
 def vocabulary_texts() -> list[str]:
     """Every fixed piece of text the generator can write (templates without their placeholders, names,
     items, containers, operators). Numbers are not included: they are written digit by digit."""
@@ -230,7 +249,7 @@ def vocabulary_texts() -> list[str]:
         "#### =",
     ]
     stripped = [re.sub(r"\{\w+\}", " ", t) for t in templates]
-    return [*stripped, *NAMES, *ITEMS, *(c for pair in CONTAINERS for c in pair), *OPS]
+    return [*stripped, *NAMES, *ITEMS, *(c for pair in CONTAINERS for c in pair), *OPS, "( )"]
 
 
 # ---- generation ----------------------------------------------------------------------------------
@@ -272,6 +291,7 @@ def make_problem(rng: random.Random, difficulty: Difficulty = DEFAULT_DIFFICULTY
         "concise": "\n".join([*concise, final]),
         "verbose": "\n".join([*verbose, VERBOSE_END.format(**fill, ans=value), final]),
         "detour": "\n".join([*_detour_lines(rng, steps), final]),
+        "shortcut": "\n".join([*_shortcut_lines(steps), final]),
     }
     return Problem(question, tuple(steps), solutions)
 
@@ -307,6 +327,16 @@ def _apply(left: int, op: str, right: int) -> int:
     if op == "/":
         return left // right
     raise ValueError(f"unknown op {op!r}")
+
+
+def _shortcut_lines(steps: Sequence[Step]) -> list[str]:
+    """The first two steps as one parenthesized equation without the intermediate result, then the rest
+    (a one-step solution has nothing to merge: it is the concise one)."""
+    if len(steps) < 2:
+        return [s.text() for s in steps]
+    first, second, *rest = steps
+    merged = f"( {first.left} {first.op} {first.right} ) {second.op} {second.right} = {second.result}"
+    return [merged, *(s.text() for s in rest)]
 
 
 def _detour_lines(rng: random.Random, steps: Sequence[Step]) -> list[str]:

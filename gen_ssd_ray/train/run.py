@@ -310,6 +310,8 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
         "epochs": o.epochs,
         "num_workers": cfg.runtime.num_workers,
         "zero_stage": cfg.deepspeed.zero_stage,
+        "offload_optimizer": cfg.deepspeed.offload_optimizer,
+        "offload_param": cfg.deepspeed.offload_param,
         "precision": cfg.deepspeed.precision,
         "first_loss": metrics[0]["loss"] if metrics else None,
         "final_loss": last.get("loss"),
