@@ -91,7 +91,51 @@ def collect(out: Path, methods: list[str]) -> dict[str, Any]:
         "training": training,
         "state": state,
         "styles": lab_styles(out, list(gens), list(evals)),
+        "paired": paired_comparisons(out, [m for m in methods if m in evals], list(evals)),
     }
+
+
+def mcnemar_exact_p(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value: the chance of a split at least this uneven of the discordant
+    problems (solved by exactly one of two models) if both were equally good."""
+    n, k = a_only + b_only, min(a_only, b_only)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+def paired_comparisons(out: Path, methods: list[str], models: list[str]) -> list[dict[str, Any]]:
+    """The first distilled method (Gen-SSD in the default) against every other evaluated student, on
+    the same held-out problems: how many each one solved that the other did not, and the exact McNemar
+    p-value. Paired on problems, it is far more sensitive than comparing two accuracies' intervals."""
+    import pandas as pd
+
+    if not methods:
+        return []
+
+    def solved(name: str) -> pd.Series:
+        df = pd.read_parquet(out / "eval" / name / "predictions.parquet", columns=["problem_id", "correct"])
+        return df.assign(ok=df["correct"].fillna(False).astype(bool)).groupby("problem_id")["ok"].mean()
+
+    ref = methods[0]
+    a = solved(ref)
+    rows = []
+    for other in [m for m in models if m not in (ref, "teacher")]:
+        b = solved(other).reindex(a.index)
+        if b.isna().any():  # evaluated on other problems: not comparable
+            continue
+        a_only, b_only = int((a > b).sum()), int((b > a).sum())
+        rows.append(
+            {
+                "method": ref,
+                "other": other,
+                "problems": int(len(a)),
+                "method_only": a_only,
+                "other_only": b_only,
+                "p_value": round(mcnemar_exact_p(a_only, b_only), 4),
+            }
+        )
+    return rows
 
 
 def lab_styles(out: Path, methods: list[str], models: list[str]) -> dict[str, Any] | None:
@@ -262,6 +306,18 @@ def render_markdown(
             f"| {label} | {_fmt(e.get('accuracy'))} | {ci_text} | {e.get('problems')} | {e.get('unverified')} | "
             f"{_fmt(e.get('mean_response_tokens'), 1)} |"
         )
+    if data.get("paired"):
+        lines += [
+            "",
+            "## Paired comparison on the same held-out problems",
+            "",
+            "| method | against | solved only by the method | solved only by the other | exact McNemar p |",
+            "|---|---|---|---|---|",
+        ]
+        for r in data["paired"]:
+            lines.append(
+                f"| {r['method']} | {r['other']} | {r['method_only']} | {r['other_only']} | {r['p_value']:.4f} |"
+            )
     styles = data.get("styles")
     if styles:
         from gen_ssd_ray.lab.problems import STYLES
@@ -327,6 +383,7 @@ def write_report(out: Path, methods: list[str]) -> Path:
         "accuracy": {k: v.get("accuracy") for k, v in data["eval"].items()},
         "accuracy_ci95": {k: _ci95(v.get("accuracy"), v.get("problems")) for k, v in data["eval"].items()},
         "lab_styles": data["styles"],
+        "paired": data["paired"],
         "eval_problems": {k: v.get("problems") for k, v in data["eval"].items()},
         "training": {
             k: {kk: t["summary"].get(kk) for kk in ("examples", "steps", "first_loss", "final_loss")}

@@ -129,6 +129,9 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
         answers = metrics["lab_styles"]["answers"][name]
         assert sum(v["answers"] for v in answers.values()) == len(preds)
     assert "6 held-out problems" in text and "generation seed 0" in text
+    # Gen-SSD against every other student, paired on the same problems
+    assert {r["other"] for r in metrics["paired"]} == {"cold_start", "standard_kd", "posthoc_ppl"}
+    assert all(r["problems"] == 6 and 0 <= r["p_value"] <= 1 for r in metrics["paired"])
     for png in ("accuracy.png", "training_loss.png"):
         assert (out / "report" / png).stat().st_size > 1000 and f"]({png})" in text
 
