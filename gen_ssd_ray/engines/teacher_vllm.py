@@ -205,3 +205,7 @@ class VllmTeacher:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        # vLLM's AsyncLLM.__del__ shuts down again; at interpreter exit (the actor process ending) its
+        # module globals are already None and it prints a TypeError traceback after a clean run. The
+        # engine is stopped now, so make that second call a no-op.
+        self.engine.shutdown = lambda *args, **kwargs: None
