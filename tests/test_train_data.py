@@ -184,3 +184,12 @@ def test_packed_rows_do_not_attend_across_examples(tiny_model, tok):
             **D.collate(ex, [0, 1, 2, 3, 4], False, tok.pad_token_id), num_items_in_batch=one, use_cache=False
         ).loss
     assert torch.allclose(packed, alone, rtol=1e-4) and torch.allclose(padded, alone, rtol=1e-4)
+
+
+def test_cpu_bf16_detection_reads_the_flags():
+    from gen_ssd_ray.train.run import cpu_has_native_bf16
+
+    assert not cpu_has_native_bf16("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
+    assert cpu_has_native_bf16("Processor\t: AArch64\n")  # no flags line: nothing claimed

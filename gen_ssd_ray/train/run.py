@@ -103,6 +103,20 @@ def check_model(path: str, trust_remote_code: bool):
     return tokenizer, config
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this (Linux x86) CPU computes bf16 natively; True when it cannot tell (no /proc/cpuinfo,
+    another architecture), so that nothing is claimed without evidence."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return True
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return True
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
 def prepare(cfg: FinetuneConfig) -> Prepared:
     """Everything that can fail on bad input, before any worker starts (see the module docstring).
 
@@ -112,6 +126,12 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     from gen_ssd_ray.models import resolve_model
     from gen_ssd_ray.output import FingerprintMismatchError
 
+    if cfg.deepspeed.precision == "bf16" and cfg.runtime.gpus_per_worker == 0 and not cpu_has_native_bf16():
+        log.warning(
+            "deepspeed.precision=bf16 on CPU workers, and this machine's CPU has no native bf16 "
+            "(avx512_bf16/amx_bf16): every matmul is emulated and training is many times slower than "
+            "fp32; set deepspeed.precision=fp32 for CPU training"
+        )
     model_path = resolve_model(cfg.model.path)
     tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
     df = read_rows(cfg.data)
