@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import shutil
 import signal
@@ -196,14 +195,14 @@ class Pipeline:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **info: Any) -> None:
-        from gen_ssd_ray.train.checkpoint import atomic_write_text
+        from gen_ssd_ray.fsio import atomic_write_json
 
         self.state["stages"][name] = {
             "status": status,
             "elapsed_s": round(time.perf_counter() - started, 1),
             **info,
         }
-        atomic_write_text(self.out / STATE_NAME, json.dumps(self.state, indent=1, default=str) + "\n")
+        atomic_write_json(self.out / STATE_NAME, self.state, indent=1, default=str)
         log.info("pipeline: stage %s %s (%.1f s)", name, status, time.perf_counter() - started)
 
     # ---- models ------------------------------------------------------------------------------

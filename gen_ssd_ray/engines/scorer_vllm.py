@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.alignment import Aligner
 from gen_ssd_ray.engines.scorer_hf import ScorerSpec
-from gen_ssd_ray.engines.teacher_vllm import cuda_available
+from gen_ssd_ray.engines.teacher_vllm import cuda_available, shutdown_engine
 
 
 class VllmPromptLogprobScorer:
@@ -83,11 +83,7 @@ class VllmPromptLogprobScorer:
         """No per-group state: vLLM recomputes the prefix for prompt log-probs."""
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
-        # vLLM's AsyncLLM.__del__ shuts down again; at interpreter exit (the actor process ending) its
-        # module globals are already None and it prints a TypeError traceback after a clean run. The
-        # engine is stopped now, so make that second call a no-op.
-        self.engine.shutdown = lambda *args, **kwargs: None
+        shutdown_engine(self.engine)
 
 
 async def _zero() -> float:

@@ -64,6 +64,14 @@ class Generation:
     error: str | None = None
 
 
+def shutdown_engine(engine) -> None:
+    """Stop an `AsyncLLM` now. Its `__del__` shuts down again; at interpreter exit (an actor process
+    ending) vLLM's module globals are already None and that second call prints a TypeError traceback
+    after a clean run, so the stopped engine's `shutdown` becomes a no-op."""
+    engine.shutdown()
+    engine.shutdown = lambda *args, **kwargs: None
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -204,8 +212,4 @@ class VllmTeacher:
         await self.engine.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
-        # vLLM's AsyncLLM.__del__ shuts down again; at interpreter exit (the actor process ending) its
-        # module globals are already None and it prints a TypeError traceback after a clean run. The
-        # engine is stopped now, so make that second call a no-op.
-        self.engine.shutdown = lambda *args, **kwargs: None
+        shutdown_engine(self.engine)

@@ -23,7 +23,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# `atomic_write_text` is also imported from here by gen_ssd_ray.pipeline.
 from gen_ssd_ray.fsio import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
