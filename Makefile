@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml scripts/install.sh
 	touch $(STAMP)
 
 models: $(STAMP)
-	$(BIN)/python -m gen_ssd_ray.models
+	$(BIN)/python -m gen_ssd_ray.common.models
 
 # The whole experiment on the embedded lab task: teacher, cold start, generation per method,
 # distillation, evaluation, report (conf/pipeline.yaml).

@@ -3,7 +3,7 @@
     python -m jobs.evaluate [--config conf/evaluate.yaml] key=value ...
     ray job submit --working-dir . -- python -m jobs.evaluate model.model=/models/student model.num_gpus=1
 
-Parses the config, runs gen_ssd_ray.evaluate, prints the summary. Exit codes: 0 done (or already
+Parses the config, runs gen_ssd_ray.evaluate.run, prints the summary. Exit codes: 0 done (or already
 evaluated: skipped), 2 bad config / model / input / output folder (nothing started), 1 engines
 failed (nothing written: re-run), 130 interrupted (nothing written).
 """
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from gen_ssd_ray.config import ConfigError, load_config
-    from gen_ssd_ray.evaluate import EngineFailure, EvaluateConfig, evaluate, format_summary, prepare
+    from gen_ssd_ray.generate.config import ConfigError, load_config
+    from gen_ssd_ray.evaluate.run import EngineFailure, EvaluateConfig, evaluate, format_summary, prepare
 
     try:
         cfg = load_config(args.config, args.overrides, schema_cls=EvaluateConfig)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from gen_ssd_ray.config import ConfigError, load_config
+    from gen_ssd_ray.generate.config import ConfigError, load_config
     from gen_ssd_ray.train.config import FinetuneConfig
     from gen_ssd_ray.train.run import (
         TrainingFailed,

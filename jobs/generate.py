@@ -3,7 +3,7 @@
     python -m jobs.generate [--config conf/default.yaml] key=value ...
     ray job submit --working-dir . -- python -m jobs.generate --config conf/gpu_cluster.yaml
 
-Parses the config, runs the driver (gen_ssd_ray.driver), prints the summary. Exit codes: 0 done,
+Parses the config, runs the driver (gen_ssd_ray.generate.driver), prints the summary. Exit codes: 0 done,
 2 bad config / model / input (nothing started), 1 some problems failed on engine errors
 (not committed: re-run to retry them), 130 interrupted (finished problems committed).
 """
@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from gen_ssd_ray.config import ConfigError, load_config
-    from gen_ssd_ray.driver import format_summary, prepare, run_generate
+    from gen_ssd_ray.generate.config import ConfigError, load_config
+    from gen_ssd_ray.generate.driver import format_summary, prepare, run_generate
 
     try:
         cfg = load_config(args.config, args.overrides)

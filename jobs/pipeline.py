@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --config conf/pipeline_gsm8k.yaml
 
 Every stage is resumable: re-running the same command skips finished stages and continues the
-interrupted one (gen_ssd_ray.pipeline). Exit codes: 0 done, 2 bad config (nothing started), 1 a stage
+interrupted one (gen_ssd_ray.pipeline.run). Exit codes: 0 done, 2 bad config (nothing started), 1 a stage
 failed (re-run to continue), 130 interrupted.
 """
 
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from gen_ssd_ray.config import ConfigError, load_config
-    from gen_ssd_ray.pipeline import (
+    from gen_ssd_ray.generate.config import ConfigError, load_config
+    from gen_ssd_ray.pipeline.run import (
         PipelineConfig,
         PipelineInterrupted,
         StageFailed,

@@ -41,7 +41,7 @@ WORKLOADS = {
 
 
 def run_workload(name: str, packing: bool, steps: int, workdir: Path) -> dict:
-    from gen_ssd_ray.config import load_config
+    from gen_ssd_ray.generate.config import load_config
     from gen_ssd_ray.lab.models import build_lab_model
     from gen_ssd_ray.train import checkpoint as ck
     from gen_ssd_ray.train.config import FinetuneConfig

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.config import ConfigError, fingerprint, load_config
+from gen_ssd_ray.generate.config import ConfigError, fingerprint, load_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 # Each preset names the job that runs it in its header ("python -m jobs.<job>"); its schema:
 JOB_SCHEMAS = {
-    "generate": ("gen_ssd_ray.config", "GenerateConfig"),
+    "generate": ("gen_ssd_ray.generate.config", "GenerateConfig"),
     "finetune": ("gen_ssd_ray.train.config", "FinetuneConfig"),
-    "evaluate": ("gen_ssd_ray.evaluate", "EvaluateConfig"),
-    "pipeline": ("gen_ssd_ray.pipeline", "PipelineConfig"),
+    "evaluate": ("gen_ssd_ray.evaluate.run", "EvaluateConfig"),
+    "pipeline": ("gen_ssd_ray.pipeline.run", "PipelineConfig"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Data loading (gen_ssd_ray.data): every source format, slices, ids, bad rows, fatal errors, prompts."""
+"""Data loading (gen_ssd_ray.common.data): every source format, slices, ids, bad rows, fatal errors, prompts."""
 
 import json
 import sys
@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gen_ssd_ray.config import DataConfig, PromptConfig
-from gen_ssd_ray.data import (
+from gen_ssd_ray.generate.config import DataConfig, PromptConfig
+from gen_ssd_ray.common.data import (
     DataError,
     Problem,
     chat_messages,

@@ -1,4 +1,4 @@
-"""Student evaluation (`python -m jobs.evaluate`, gen_ssd_ray.evaluate).
+"""Student evaluation (`python -m jobs.evaluate`, gen_ssd_ray.evaluate.run).
 
 Unit tests cover the pure parts with no Ray or vLLM: rows from engine results, the summary (n samples,
 unverified and error rows), prompt rendering limits, batching, the fingerprint skip/refuse logic, config
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.config import ConfigError, PromptConfig, load_config, model_revision
-from gen_ssd_ray.data import Problem
+from gen_ssd_ray.generate.config import ConfigError, PromptConfig, load_config, model_revision
+from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.engines.teacher_vllm import Generation, Sample
-from gen_ssd_ray.evaluate import (
+from gen_ssd_ray.evaluate.run import (
     PREDICTIONS_NAME,
     SUMMARY_NAME,
     EvaluateConfig,
@@ -130,7 +130,7 @@ def test_summary_when_every_problem_failed():
 def test_predictions_parquet_round_trip(tmp_path):
     import pyarrow.parquet as pq
 
-    from gen_ssd_ray.evaluate import PREDICTION_SCHEMA
+    from gen_ssd_ray.evaluate.run import PREDICTION_SCHEMA
 
     rows = sample_rows(problem("a"), PROMPT, Generation((sample("#### 7"),)), n=1, model="m", seed=3)
     rows[0]["correct"] = True
@@ -199,7 +199,7 @@ def test_config_defaults_and_cross_field_checks():
 
 
 def test_importing_evaluate_does_not_import_engines():
-    code = "import sys, gen_ssd_ray.evaluate; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])"
+    code = "import sys, gen_ssd_ray.evaluate.run; print([m for m in ('ray', 'torch', 'vllm', 'transformers') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -244,8 +244,8 @@ def test_same_fingerprint_returns_stored_summary_without_starting_anything(fake_
     cfg = cfg_with(*args)
     with pytest.raises(ValueError, match="cannot load a tokenizer"):  # a real run would need the tokenizer
         prepare(cfg)
-    from gen_ssd_ray.data import load_problems
-    from gen_ssd_ray.evaluate import evaluation_fingerprint
+    from gen_ssd_ray.common.data import load_problems
+    from gen_ssd_ray.evaluate.run import evaluation_fingerprint
 
     out = tmp_path / "out"
     out.mkdir()

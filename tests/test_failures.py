@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from ray.exceptions import ActorDiedError, ObjectLostError, RayTaskError
 
-from gen_ssd_ray.driver import _reason, _transient
-from gen_ssd_ray.manager import EnginesUnavailable
+from gen_ssd_ray.generate.driver import _reason, _transient
+from gen_ssd_ray.generate.manager import EnginesUnavailable
 
 
 def task_error(cause: Exception) -> Exception:

@@ -20,7 +20,7 @@ PINNED = {
 
 
 def generation_fingerprints() -> dict[str, str]:
-    from gen_ssd_ray.config import fingerprint, load_config
+    from gen_ssd_ray.generate.config import fingerprint, load_config
 
     out = {}
     for name, overrides in {
@@ -35,9 +35,9 @@ def generation_fingerprints() -> dict[str, str]:
 
 
 def evaluation_fingerprints() -> dict[str, str]:
-    from gen_ssd_ray.config import load_config
-    from gen_ssd_ray.data import Problem
-    from gen_ssd_ray.evaluate import EvaluateConfig, evaluation_fingerprint
+    from gen_ssd_ray.generate.config import load_config
+    from gen_ssd_ray.common.data import Problem
+    from gen_ssd_ray.evaluate.run import EvaluateConfig, evaluation_fingerprint
 
     problems = [Problem("a-0", "1+1?", "2"), Problem("a-1", None, None, "empty question")]
     out = {}
@@ -48,7 +48,7 @@ def evaluation_fingerprints() -> dict[str, str]:
 
 
 def training_fingerprints() -> dict[str, str]:
-    from gen_ssd_ray.config import load_config
+    from gen_ssd_ray.generate.config import load_config
     from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 
     out = {}

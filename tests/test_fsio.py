@@ -1,4 +1,4 @@
-"""gen_ssd_ray.fsio: atomic, durable single-file writes (no Ray, no models)."""
+"""gen_ssd_ray.common.fsio: atomic, durable single-file writes (no Ray, no models)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from gen_ssd_ray import fsio
+from gen_ssd_ray.common import fsio
 
 
 def leftovers(folder):

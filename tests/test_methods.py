@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gen_ssd_ray.config import ConfigError, fingerprint, load_config, search_params
+from gen_ssd_ray.generate.config import ConfigError, fingerprint, load_config, search_params
 from gen_ssd_ray.core.methods import METHODS, get_method
 from gen_ssd_ray.core.search import SearchParams
 

@@ -1,4 +1,4 @@
-"""gen_ssd_ray.models: cache root, name resolution, the locked atomic build, and (integration) the real
+"""gen_ssd_ray.common.models: cache root, name resolution, the locked atomic build, and (integration) the real
 embedded teacher/student and the tiny test model."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray import models
-from gen_ssd_ray.models import ModelNotFoundError, cache_root, resolve_model
+from gen_ssd_ray.common import models
+from gen_ssd_ray.common.models import ModelNotFoundError, cache_root, resolve_model
 
 # ---------------------------------------------------------------------------------------------- unit
 
 
 def test_import_does_not_import_torch():
-    code = "import sys, gen_ssd_ray.models; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    code = "import sys, gen_ssd_ray.common.models; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -165,7 +165,7 @@ def test_materialize_two_processes(tmp_path):
     """Two processes racing on the same folder: one builds, the other waits and reuses it."""
     code = (
         "import sys, time, pathlib\n"
-        "from gen_ssd_ray import models\n"
+        "from gen_ssd_ray.common import models\n"
         "def build(tmp):\n"
         "    (tmp / 'config.json').write_text('{}')\n"
         "    with open(sys.argv[2], 'a') as f: f.write('built\\n')\n"

@@ -1,4 +1,4 @@
-"""Output schema and exactly-once shard writing (gen_ssd_ray.output)."""
+"""Output schema and exactly-once shard writing (gen_ssd_ray.generate.output)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from gen_ssd_ray.output import (
+from gen_ssd_ray.generate.output import (
     MANIFEST_NAME,
     OUTPUT_SCHEMA,
     FingerprintMismatchError,
@@ -208,7 +208,7 @@ def test_duplicate_and_bad_adds_refused(tmp_path):
 
 def test_interrupted_manifest_update_is_retried(tmp_path, monkeypatch):
     """An interrupt (SIGTERM -> KeyboardInterrupt) after a shard's rename: close() still records it, once."""
-    import gen_ssd_ray.output as output
+    import gen_ssd_ray.generate.output as output
 
     w = writer(tmp_path, shard_size=1)
     real = output.atomic_write_bytes
@@ -301,7 +301,7 @@ def test_fingerprint_mismatch_and_force(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys
-    from gen_ssd_ray.output import ShardWriter, rows_to_table
+    from gen_ssd_ray.generate.output import ShardWriter, rows_to_table
 
     out, shard_size = sys.argv[1], int(sys.argv[2])
     rows_to_table([])  # warm up (pyarrow imports pandas on first use) so that kills land in the I/O

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.config import ConfigError, load_config
-from gen_ssd_ray.pipeline import PipelineConfig
+from gen_ssd_ray.generate.config import ConfigError, load_config
+from gen_ssd_ray.pipeline.run import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "pipeline.yaml"
@@ -70,7 +70,7 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
     import pandas as pd
 
     from gen_ssd_ray.lab.problems import STYLES, classify_style
-    from gen_ssd_ray.output import read_output
+    from gen_ssd_ray.generate.output import read_output
 
     out = tmp_path / "pipe"
     first = run_pipeline(out)

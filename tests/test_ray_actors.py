@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 def cluster(tmp_path_factory, tiny_model, tiny_student):
     import ray
 
-    from gen_ssd_ray.actors import build_pools
-    from gen_ssd_ray.config import load_config
+    from gen_ssd_ray.engines.actors import build_pools
+    from gen_ssd_ray.generate.config import load_config
 
     tmp = tmp_path_factory.mktemp("ray")
     data = tmp / "p.jsonl"
@@ -81,7 +81,7 @@ def test_teacher_and_scorer_actors(cluster):
 def test_manager_solves_a_problem_with_two_trajectories(cluster):
     import ray
 
-    from gen_ssd_ray.data import Problem
+    from gen_ssd_ray.common.data import Problem
 
     cfg, pools = cluster
     rows = ray.get(pools.managers[0].solve.remote(Problem("x-1", "What is 2 plus 3?", "5"), 1), timeout=300)
@@ -97,8 +97,8 @@ def test_job_survives_a_dead_teacher_engine(cluster):
     import pandas as pd
     import ray
 
-    from gen_ssd_ray.driver import run_generate
-    from gen_ssd_ray.output import read_manifest
+    from gen_ssd_ray.generate.driver import run_generate
+    from gen_ssd_ray.generate.output import read_manifest
 
     cfg, pools = cluster
     killed = threading.Event()

@@ -1,4 +1,4 @@
-"""The report's statistics (gen_ssd_ray.report): Wilson intervals and the exact paired McNemar test,
+"""The report's statistics (gen_ssd_ray.pipeline.report): Wilson intervals and the exact paired McNemar test,
 checked against values computed independently; and the paired comparison read from prediction files."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from gen_ssd_ray.report import _ci95, mcnemar_exact_p, paired_comparisons
+from gen_ssd_ray.pipeline.report import _ci95, mcnemar_exact_p, paired_comparisons
 
 
 def test_wilson_interval_known_values():

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from gen_ssd_ray.config import PromptConfig
+from gen_ssd_ray.generate.config import PromptConfig
 from gen_ssd_ray.train import data as D
 from gen_ssd_ray.train.config import TrainDataConfig
 
@@ -59,7 +59,7 @@ def test_missing_column_and_bad_filter_name_the_key(tmp_path):
 
 
 def test_generation_folder_reads_manifest_shards_and_checks_fingerprint(tmp_path):
-    from gen_ssd_ray.output import ShardWriter
+    from gen_ssd_ray.generate.output import ShardWriter
 
     out = tmp_path / "gen"
     base = {"status": "completed", "correct": True, "trajectory_index": 0, "config_fingerprint": "aaa"}

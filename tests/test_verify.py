@@ -1,11 +1,11 @@
-"""Answer checking (gen_ssd_ray.verify): math-verify in worker processes with an outer deadline."""
+"""Answer checking (gen_ssd_ray.common.verify): math-verify in worker processes with an outer deadline."""
 
 import os
 import time
 
 import pytest
 
-from gen_ssd_ray.verify import Verifier, check_answer
+from gen_ssd_ray.common.verify import Verifier, check_answer
 
 
 def slow_check(gold: str, pred: str) -> bool | None:

@@ -1,6 +1,6 @@
 """Answer extraction from gold solutions and model responses (strings in, strings out).
 
-Extraction only: deciding whether two answers are equal is math-verify's job (`gen_ssd_ray.verify`),
+Extraction only: deciding whether two answers are equal is math-verify's job (`gen_ssd_ray.common.verify`),
 which runs in worker processes. Kept pure so the search core and unit tests can use it freely.
 """
 

@@ -2,7 +2,7 @@
 
 Knows how to turn `ExpandRequest`s (token ids in, n=K samples of up to `max_tokens`) into vLLM
 requests and back, and how to report prefix-cache hits. Knows nothing about the search, scoring,
-templates or Ray: the TeacherEngine actor (gen_ssd_ray.actors) wraps an instance of this class.
+templates or Ray: the TeacherEngine actor (gen_ssd_ray.engines.actors) wraps an instance of this class.
 
 Engine choices that matter, and why:
 - `enable_prefix_caching`: every expansion of a problem re-sends its whole prefix as token ids; the

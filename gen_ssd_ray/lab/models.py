@@ -54,7 +54,7 @@ def build_lab_model(
     """Write a randomly initialized ``LlamaForCausalLM`` of the named `size` with the lab tokenizer to
     folder `path` (deterministic in `seed`). `tokenizer_root` is the cache root for the tokenizer folder
     (default `gen_ssd_ray.models.cache_root()`). Returns `path`. Raises ValueError for an unknown size."""
-    from gen_ssd_ray.models import build_tiny_model
+    from gen_ssd_ray.common.models import build_tiny_model
 
     if size not in LAB_MODEL_SIZES:
         raise ValueError(f"unknown lab model size {size!r}; choose one of {sorted(LAB_MODEL_SIZES)}")

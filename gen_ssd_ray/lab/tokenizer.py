@@ -113,7 +113,7 @@ def save_lab_tokenizer(folder: Path | str) -> Path:
 def materialize_lab_tokenizer(root: Path | None = None) -> Path:
     """The tokenizer folder ``<root>/models/lab-tokenizer`` (root: `gen_ssd_ray.models.cache_root()`),
     built once, atomically and under a lock; rebuilt when the vocabulary changes."""
-    from gen_ssd_ray.models import _FORMAT, _materialize, _models_dir
+    from gen_ssd_ray.common.models import _FORMAT, _materialize, _models_dir
 
     dest = _models_dir(root) / TOKENIZER_DIRNAME
     recipe = {"format": _FORMAT, "model": "lab-tokenizer", "vocabulary": vocabulary_hash()}

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.fsio import atomic_write_text
+from gen_ssd_ray.common.fsio import atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

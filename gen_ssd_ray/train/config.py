@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from gen_ssd_ray.config import PromptConfig, require
+from gen_ssd_ray.generate.config import PromptConfig, require
 
 DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
 

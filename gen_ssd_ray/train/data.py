@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from gen_ssd_ray.config import PromptConfig
+from gen_ssd_ray.generate.config import PromptConfig
 from gen_ssd_ray.train.config import TrainDataConfig
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def read_rows(cfg: TrainDataConfig):
 
     path = cfg.path
     if path.startswith("embedded:"):
-        from gen_ssd_ray.data import DataError, embedded_path, lab_sft_path
+        from gen_ssd_ray.common.data import DataError, embedded_path, lab_sft_path
 
         name = path.removeprefix("embedded:")
         try:
@@ -101,7 +101,7 @@ def _read_folder(folder: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from gen_ssd_ray.output import read_manifest
+    from gen_ssd_ray.generate.output import read_manifest
 
     manifest = read_manifest(folder)
     if manifest is not None:
@@ -254,7 +254,7 @@ def render_example(
     (text plus end-of-turn marker). Templates that do not extend the prompt verbatim (some rewrite
     earlier turns) fall back to the response text followed by the EOS token.
     """
-    from gen_ssd_ray.data import chat_messages
+    from gen_ssd_ray.common.data import chat_messages
 
     messages = chat_messages(prompt, question)
     prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.config import model_revision
-from gen_ssd_ray.fsio import atomic_write_json, atomic_write_text, atomic_writer
-from gen_ssd_ray.ray_init import init_ray
+from gen_ssd_ray.generate.config import model_revision
+from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic_writer
+from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 from gen_ssd_ray.train.data import (
@@ -123,8 +123,8 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     Raises ModelNotFoundError / ModelIncompatibleError / TrainDataError (EmptyTrainingSetError) /
     FingerprintMismatchError, all ValueErrors whose message names the key and the fix.
     """
-    from gen_ssd_ray.models import resolve_model
-    from gen_ssd_ray.output import FingerprintMismatchError
+    from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.generate.output import FingerprintMismatchError
 
     if cfg.deepspeed.precision == "bf16" and cfg.runtime.gpus_per_worker == 0 and not cpu_has_native_bf16():
         log.warning(
@@ -171,7 +171,7 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     """Write the run's identity; a forced run over another config's folder starts from scratch."""
     import shutil
 
-    from gen_ssd_ray.config import to_yaml
+    from gen_ssd_ray.generate.config import to_yaml
 
     state = ck.read_json(out / ck.STATE)
     if state is not None and state.get("fingerprint") != p.fingerprint:  # output.force=true

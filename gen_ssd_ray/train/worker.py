@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.fsio import fsync_dir
+from gen_ssd_ray.common.fsio import fsync_dir
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig
 from gen_ssd_ray.train.data import (

@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gen_ssd_ray.config import GenerateConfig, run_fingerprint, search_params
+from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_params
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.core.search import ProblemSearch, SearchParams
 from gen_ssd_ray.core.types import Trajectory
-from gen_ssd_ray.data import Problem, chat_messages
+from gen_ssd_ray.common.data import Problem, chat_messages
 
 
 @dataclass(frozen=True)
@@ -287,7 +287,7 @@ def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
 
 
 def chat_messages_from_spec(spec: ManagerSpec, question: str) -> list[dict[str, str]]:
-    from gen_ssd_ray.config import PromptConfig
+    from gen_ssd_ray.generate.config import PromptConfig
 
     return chat_messages(
         PromptConfig(system=spec.prompt_system, instruction=spec.prompt_instruction), question

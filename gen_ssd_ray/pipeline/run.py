@@ -12,7 +12,7 @@ Stages, in order, each one a call into the project's own jobs on one Ray (local 
 4. `distill/M`   the cold-start student fine-tuned on M's selected trajectories (`distill`);
 5. `eval/X`      the evaluation job on held-out problems for the teacher, the cold-start student and
                  every distilled student (`evaluate`);
-6. `report`      Markdown and PNG plots from the run's own files (`gen_ssd_ray.report`).
+6. `report`      Markdown and PNG plots from the run's own files (`gen_ssd_ray.pipeline.report`).
 
 Every stage writes to its own folder under `output_dir` and is resumable on its own (generation skips
 committed problems, fine-tuning resumes from its last checkpoint and skips a complete run, evaluation
@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.config import ConfigError, GenerateConfig, PromptConfig, require
-from gen_ssd_ray.evaluate import EvaluateConfig
+from gen_ssd_ray.generate.config import ConfigError, GenerateConfig, PromptConfig, require
+from gen_ssd_ray.evaluate.run import EvaluateConfig
 from gen_ssd_ray.train.config import FinetuneConfig
 
 log = logging.getLogger("gen_ssd_ray")
@@ -150,8 +150,8 @@ def _stage_input(name: str, folder: Path):
     """Name the stage in a bad-input error. A folder written with another config is the pipeline's own
     doing (its config changed since): the fix is a new output_dir, or removing that stage's folder and
     every later stage's (they depend on it)."""
-    from gen_ssd_ray.evaluate import EvaluationExistsError
-    from gen_ssd_ray.output import FingerprintMismatchError
+    from gen_ssd_ray.evaluate.run import EvaluationExistsError
+    from gen_ssd_ray.generate.output import FingerprintMismatchError
 
     try:
         yield
@@ -195,7 +195,7 @@ class Pipeline:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _record(self, name: str, status: str, started: float, **info: Any) -> None:
-        from gen_ssd_ray.fsio import atomic_write_json
+        from gen_ssd_ray.common.fsio import atomic_write_json
 
         self.state["stages"][name] = {
             "status": status,
@@ -266,8 +266,8 @@ class Pipeline:
     def generate_all(self, teacher: str, student: str) -> dict[str, dict[str, Any]]:
         """The generation job once per method, all on one set of teacher and scorer engines (started
         only if some method has problems left); each method gets its own beam managers."""
-        from gen_ssd_ray.actors import Pools, build_managers, build_pools, shutdown_pools
-        from gen_ssd_ray.driver import prepare, run_generate
+        from gen_ssd_ray.engines.actors import Pools, build_managers, build_pools, shutdown_pools
+        from gen_ssd_ray.generate.driver import prepare, run_generate
 
         configs = {m: self._generate_config(m, teacher, student) for m in self.cfg.methods}
         prepared = {}
@@ -322,8 +322,8 @@ class Pipeline:
         return summaries
 
     def evaluate(self, name: str, model: str) -> dict[str, Any]:
-        from gen_ssd_ray.evaluate import EngineFailure, evaluate
-        from gen_ssd_ray.evaluate import prepare as prepare_eval
+        from gen_ssd_ray.evaluate.run import EngineFailure, evaluate
+        from gen_ssd_ray.evaluate.run import prepare as prepare_eval
 
         started = time.perf_counter()
         ev: EvaluateConfig = _linked(self.cfg, "evaluate")
@@ -349,9 +349,9 @@ class Pipeline:
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from gen_ssd_ray.output import read_manifest
-        from gen_ssd_ray.ray_init import init_ray
-        from gen_ssd_ray.report import write_report
+        from gen_ssd_ray.generate.output import read_manifest
+        from gen_ssd_ray.common.cluster import init_ray
+        from gen_ssd_ray.pipeline.report import write_report
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ other (each has its own temporary file; the last rename wins), but two threads o
 same path share a temporary name and must not. A hard kill (SIGKILL, power loss) in the middle of a write
 can leave a temporary file behind; cleaning those up belongs to whoever owns the folder. File permissions
 are the ordinary ones (``open`` with the process umask). Folders are replaced by their owners (see
-`gen_ssd_ray.models`), not here.
+`gen_ssd_ray.common.models`), not here.
 
 Standard library only; importing it is cheap.
 """

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from gen_ssd_ray.config import GenerateConfig
+from gen_ssd_ray.generate.config import GenerateConfig
 from gen_ssd_ray.engines.scorer_hf import ScorerSpec
 from gen_ssd_ray.engines.teacher_vllm import TeacherEngineSpec
 
@@ -218,7 +218,7 @@ def build_managers(
     per config and keeps the engines."""
     import ray
 
-    from gen_ssd_ray.manager import BeamManager, ManagerSpec
+    from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
 
     r = cfg.runtime
     mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)

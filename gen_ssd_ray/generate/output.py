@@ -45,7 +45,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gen_ssd_ray.fsio import TMP_PREFIX, atomic_write_bytes, atomic_writer, fsync_dir
+from gen_ssd_ray.common.fsio import TMP_PREFIX, atomic_write_bytes, atomic_writer, fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from gen_ssd_ray.config import (
+from gen_ssd_ray.generate.config import (
     DEFAULT_STUDENT,
     DataConfig,
     PromptConfig,
@@ -53,9 +53,9 @@ from gen_ssd_ray.config import (
     require,
 )
 from gen_ssd_ray.core.answers import extract_final_answer
-from gen_ssd_ray.data import Problem, chat_messages
-from gen_ssd_ray.fsio import atomic_write_json, atomic_writer
-from gen_ssd_ray.ray_init import init_ray
+from gen_ssd_ray.common.data import Problem, chat_messages
+from gen_ssd_ray.common.fsio import atomic_write_json, atomic_writer
+from gen_ssd_ray.common.cluster import init_ray
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -266,8 +266,8 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     Raises ModelNotFoundError, DataError, EvaluationExistsError or ValueError (all ValueErrors) with
     a message naming the config key and the fix.
     """
-    from gen_ssd_ray.data import load_problems
-    from gen_ssd_ray.models import resolve_model
+    from gen_ssd_ray.common.data import load_problems
+    from gen_ssd_ray.common.models import resolve_model
 
     model_path = resolve_model(cfg.model.model)
     revision = model_revision(model_path)
@@ -502,8 +502,8 @@ def _describe(cfg: EvaluateConfig, p: Prepared) -> dict[str, Any]:
 
 def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any]], float]:
     """Rows for every problem in input order, and the seconds spent generating (engine start excluded)."""
-    from gen_ssd_ray.actors import Pools, shutdown_pools
-    from gen_ssd_ray.verify import Verifier
+    from gen_ssd_ray.engines.actors import Pools, shutdown_pools
+    from gen_ssd_ray.common.verify import Verifier
 
     assert p.prompts is not None
     n, name = cfg.sampling.n, cfg.model.model
@@ -585,7 +585,7 @@ def start_engines(cfg: EvaluateConfig, model_path: str) -> list:
     """
     import ray
 
-    from gen_ssd_ray.actors import TeacherEngine, _engine_env
+    from gen_ssd_ray.engines.actors import TeacherEngine, _engine_env
 
     m = cfg.model
     engine_cls = ray.remote(TeacherEngine).options(

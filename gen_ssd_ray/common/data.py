@@ -44,12 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.config import DataConfig, PromptConfig
+from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 from gen_ssd_ray.core.answers import extract_gold_answer
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_PREFIX = "embedded:"
 # embedded name -> (file under the repo root, id stem)
 EMBEDDED_DATASETS: dict[str, tuple[str, str]] = {
@@ -141,7 +141,7 @@ def lab_dataset_path(name: str) -> Path:
     """The JSONL behind `embedded:lab/<split>`, under `cache_root()/data`, generated (deterministically,
     written atomically) if missing. The file name carries the generator version, size and seed."""
     from gen_ssd_ray.lab.problems import GENERATOR_VERSION, generate_split, write_jsonl
-    from gen_ssd_ray.models import cache_root
+    from gen_ssd_ray.common.models import cache_root
 
     split, n, stem = LAB_DATASETS[name]
     file = cache_root() / "data" / f"{stem}-n{n}-seed{LAB_SEED}-v{GENERATOR_VERSION}.jsonl"
@@ -157,7 +157,7 @@ def lab_sft_path(split: str) -> Path:
     ``style != 'shortcut'``, `data.limit=3*k` the first k in the three step-by-step styles), generated
     on first use like them."""
     from gen_ssd_ray.lab.problems import GENERATOR_VERSION, write_lab_sft_jsonl
-    from gen_ssd_ray.models import cache_root
+    from gen_ssd_ray.common.models import cache_root
 
     name = f"lab/{split}"
     if name not in LAB_DATASETS:

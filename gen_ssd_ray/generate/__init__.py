@@ -1,0 +1,1 @@
+"""The generation job (`python -m jobs.generate`): config, driver, beam managers, output shards."""
