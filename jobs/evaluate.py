@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    from gen_ssd_ray.generate.config import ConfigError, load_config
     from gen_ssd_ray.evaluate.run import EngineFailure, EvaluateConfig, evaluate, format_summary, prepare
+    from gen_ssd_ray.generate.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides, schema_cls=EvaluateConfig)

@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from gen_ssd_ray.common.cluster import init_ray
     from gen_ssd_ray.engines.actors import build_pools
     from gen_ssd_ray.generate.config import load_config
     from gen_ssd_ray.generate.driver import prepare, run_generate
-    from gen_ssd_ray.common.cluster import init_ray
 
     with tempfile.TemporaryDirectory(prefix="gen-ssd-bench-") as out, PeakMemory() as mem:
         cfg = load_config(args.config, [*args.overrides, f"output.dir={out}", "runtime.progress=false"])

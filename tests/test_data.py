@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 from gen_ssd_ray.common.data import (
     DataError,
     Problem,
@@ -18,6 +17,7 @@ from gen_ssd_ray.common.data import (
     load_problems,
     render_user_message,
 )
+from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 
 ROWS = [
     {"question": "What is 1+1?", "answer": "1+1=2\n#### 2", "uid": "a"},

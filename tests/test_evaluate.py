@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.generate.config import ConfigError, PromptConfig, load_config, model_revision
 from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.engines.teacher_vllm import Generation, Sample
 from gen_ssd_ray.evaluate.run import (
@@ -35,6 +34,7 @@ from gen_ssd_ray.evaluate.run import (
     summarize,
     write_predictions,
 )
+from gen_ssd_ray.generate.config import ConfigError, PromptConfig, load_config, model_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 

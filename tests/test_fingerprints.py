@@ -35,9 +35,9 @@ def generation_fingerprints() -> dict[str, str]:
 
 
 def evaluation_fingerprints() -> dict[str, str]:
-    from gen_ssd_ray.generate.config import load_config
     from gen_ssd_ray.common.data import Problem
     from gen_ssd_ray.evaluate.run import EvaluateConfig, evaluation_fingerprint
+    from gen_ssd_ray.generate.config import load_config
 
     problems = [Problem("a-0", "1+1?", "2"), Problem("a-1", None, None, "empty question")]
     out = {}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gen_ssd_ray.generate.config import ConfigError, fingerprint, load_config, search_params
 from gen_ssd_ray.core.methods import METHODS, get_method
 from gen_ssd_ray.core.search import SearchParams
+from gen_ssd_ray.generate.config import ConfigError, fingerprint, load_config, search_params
 
 
 def row(i, status="completed", correct=True, ppl=2.0):

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 from gen_ssd_ray.core.answers import extract_gold_answer
+from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def embedded_path(name: str) -> Path:
 def lab_dataset_path(name: str) -> Path:
     """The JSONL behind `embedded:lab/<split>`, under `cache_root()/data`, generated (deterministically,
     written atomically) if missing. The file name carries the generator version, size and seed."""
-    from gen_ssd_ray.lab.problems import GENERATOR_VERSION, generate_split, write_jsonl
     from gen_ssd_ray.common.models import cache_root
+    from gen_ssd_ray.lab.problems import GENERATOR_VERSION, generate_split, write_jsonl
 
     split, n, stem = LAB_DATASETS[name]
     file = cache_root() / "data" / f"{stem}-n{n}-seed{LAB_SEED}-v{GENERATOR_VERSION}.jsonl"
@@ -156,8 +156,8 @@ def lab_sft_path(split: str) -> Path:
     `data.limit=4*k` is the first k problems in every style, and with the filter
     ``style != 'shortcut'``, `data.limit=3*k` the first k in the three step-by-step styles), generated
     on first use like them."""
-    from gen_ssd_ray.lab.problems import GENERATOR_VERSION, write_lab_sft_jsonl
     from gen_ssd_ray.common.models import cache_root
+    from gen_ssd_ray.lab.problems import GENERATOR_VERSION, write_lab_sft_jsonl
 
     name = f"lab/{split}"
     if name not in LAB_DATASETS:

@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from gen_ssd_ray.generate.config import GenerateConfig
 from gen_ssd_ray.engines.scorer_hf import ScorerSpec
 from gen_ssd_ray.engines.teacher_vllm import TeacherEngineSpec
+from gen_ssd_ray.generate.config import GenerateConfig
 
 
 class TeacherEngine:

@@ -45,6 +45,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from gen_ssd_ray.common.cluster import init_ray
+from gen_ssd_ray.common.data import Problem, chat_messages
+from gen_ssd_ray.common.fsio import atomic_write_json, atomic_writer
+from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.generate.config import (
     DEFAULT_STUDENT,
     DataConfig,
@@ -52,10 +56,6 @@ from gen_ssd_ray.generate.config import (
     model_revision,
     require,
 )
-from gen_ssd_ray.core.answers import extract_final_answer
-from gen_ssd_ray.common.data import Problem, chat_messages
-from gen_ssd_ray.common.fsio import atomic_write_json, atomic_writer
-from gen_ssd_ray.common.cluster import init_ray
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -502,8 +502,8 @@ def _describe(cfg: EvaluateConfig, p: Prepared) -> dict[str, Any]:
 
 def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any]], float]:
     """Rows for every problem in input order, and the seconds spent generating (engine start excluded)."""
-    from gen_ssd_ray.engines.actors import Pools, shutdown_pools
     from gen_ssd_ray.common.verify import Verifier
+    from gen_ssd_ray.engines.actors import Pools, shutdown_pools
 
     assert p.prompts is not None
     n, name = cfg.sampling.n, cfg.model.model

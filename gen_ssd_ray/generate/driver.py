@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, to_yaml
 from gen_ssd_ray.common.cluster import init_ray
+from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, to_yaml
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -117,9 +117,9 @@ def prepare(cfg: GenerateConfig) -> Prepared:
 
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
     """Run the job. `pools` (from `build_pools`) lets a caller such as the benchmark reuse live actors."""
-    from gen_ssd_ray.engines.actors import build_pools, shutdown_pools
     from gen_ssd_ray.common.progress import Progress
     from gen_ssd_ray.common.verify import Verifier
+    from gen_ssd_ray.engines.actors import build_pools, shutdown_pools
 
     p = prepared or prepare(cfg)
     stats = RunStats(total=len(p.problems))

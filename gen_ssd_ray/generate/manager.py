@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_params
+from gen_ssd_ray.common.data import Problem, chat_messages
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.core.search import ProblemSearch, SearchParams
 from gen_ssd_ray.core.types import Trajectory
-from gen_ssd_ray.common.data import Problem, chat_messages
+from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_params
 
 
 @dataclass(frozen=True)

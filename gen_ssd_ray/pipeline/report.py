@@ -145,8 +145,8 @@ def lab_styles(out: Path, methods: list[str], models: list[str]) -> dict[str, An
     way it then solves held-out problems. None for any other task."""
     import pandas as pd
 
-    from gen_ssd_ray.lab.problems import STYLES, classify_style
     from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.lab.problems import STYLES, classify_style
 
     kept: dict[str, dict[str, int]] = {}
     for m in methods:

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.generate.config import ConfigError, GenerateConfig, PromptConfig, require
 from gen_ssd_ray.evaluate.run import EvaluateConfig
+from gen_ssd_ray.generate.config import ConfigError, GenerateConfig, PromptConfig, require
 from gen_ssd_ray.train.config import FinetuneConfig
 
 log = logging.getLogger("gen_ssd_ray")
@@ -349,8 +349,8 @@ class Pipeline:
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from gen_ssd_ray.generate.output import read_manifest
         from gen_ssd_ray.common.cluster import init_ray
+        from gen_ssd_ray.generate.output import read_manifest
         from gen_ssd_ray.pipeline.report import write_report
 
         cfg = self.cfg

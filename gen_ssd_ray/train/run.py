@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.generate.config import model_revision
-from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic_writer
 from gen_ssd_ray.common.cluster import init_ray
+from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic_writer
+from gen_ssd_ray.generate.config import model_revision
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 from gen_ssd_ray.train.data import (
