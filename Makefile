@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml scripts/install.sh
 	PY=$(PY) bash scripts/install.sh $(VENV)
 	touch $(STAMP)
 
+# Materialize the embedded teacher and student into the cache and print their paths and sizes.
 models: $(STAMP)
-	$(BIN)/python -m gen_ssd_ray.common.models
+	$(BIN)/python -m gen_ssd_ray.common.embedded_models
 
 # The whole experiment on the embedded lab task: teacher, cold start, generation per method,
 # distillation, evaluation, report (conf/pipeline.yaml).
@@ -28,6 +29,8 @@ run: $(STAMP)
 generate: $(STAMP)
 	$(BIN)/python -m jobs.generate --config conf/default.yaml $(ARGS)
 
+# Every tier but the GPU one. This -m replaces the one in pyproject.toml's addopts (the fast unit tier,
+# what a bare `pytest` runs), which is what `make test-fast` runs.
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not gpu" $(ARGS)
 

@@ -58,17 +58,30 @@ class PeakMemory:
         self._thread.join()
 
 
-def plain_sampling(
-    teacher, prompts, n: int, max_tokens: int, target_tokens: int, seed: int
-) -> tuple[int, float]:
-    """Whole-response sampling of the same prompts until `target_tokens` are generated. (tokens, s)."""
+def plain_sampling(teacher, prompts, search, target_tokens: int) -> tuple[int, float]:
+    """Whole-response sampling of the same prompts (n = K, the search's sampling) until `target_tokens`
+    are generated. Returns (tokens, seconds)."""
     import ray
+
+    from gen_ssd_ray.core.types import ExpandRequest
 
     ray.get(teacher.reset_prefix_cache.remote())
     generated, t0, rnd = 0, time.perf_counter(), 0
     while generated < target_tokens:
-        outs = ray.get(teacher.sample.remote(prompts, n, max_tokens, seed + rnd))
-        generated += sum(len(s) for per_prompt in outs for s in per_prompt)
+        requests = [
+            ExpandRequest(
+                key=f"plain{rnd}-{i}",
+                prompt_token_ids=tuple(p),
+                n=search.num_candidates,
+                max_tokens=search.max_new_tokens,
+                seed=search.seed + rnd,
+                temperature=search.temperature,
+                top_p=search.top_p,
+            )
+            for i, p in enumerate(prompts)
+        ]
+        outs = ray.get(teacher.generate.remote(requests))
+        generated += sum(len(s.token_ids) for g in outs for s in g.samples)
         rnd += 1
     return generated, time.perf_counter() - t0
 
@@ -83,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from gen_ssd_ray.common.cluster import init_ray
-    from gen_ssd_ray.engines.actors import build_pools
-    from gen_ssd_ray.generate.config import load_config
+    from gen_ssd_ray.common.config import load_config
+    from gen_ssd_ray.generate.config import GenerateConfig
     from gen_ssd_ray.generate.driver import prepare, run_generate
+    from gen_ssd_ray.generate.pools import build_pools
 
     with tempfile.TemporaryDirectory(prefix="gen-ssd-bench-") as out, PeakMemory() as mem:
-        cfg = load_config(args.config, [*args.overrides, f"output.dir={out}", "runtime.progress=false"])
+        cfg = load_config(
+            args.config, [*args.overrides, f"output.dir={out}", "runtime.progress=false"], GenerateConfig
+        )
         prepared = prepare(cfg)
         init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
         t0 = time.perf_counter()
@@ -108,14 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         df = df[df.status != "error"]
         manager = pools.managers[0]
         prompts = ray.get([manager.render_prompt_ids.remote(q) for q in df.question])
-        plain_tokens, plain_s = plain_sampling(
-            pools.teachers[0],
-            prompts,
-            cfg.search.num_candidates,
-            cfg.search.max_new_tokens,
-            gen_tokens,
-            cfg.search.seed,
-        )
+        plain_tokens, plain_s = plain_sampling(pools.teachers[0], prompts, cfg.search, gen_tokens)
 
     gen_rate = gen_tokens / gen_s
     plain_rate = plain_tokens / plain_s

@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer random Llama (hidden 128, head_dim 32) with the teacher's tokenizer and chat template."""
-    from gen_ssd_ray.common.models import build_tiny_model
+    from gen_ssd_ray.common.embedded_models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0))
 
@@ -23,7 +23,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory) -> str:
     """A different random tiny model (1 layer) sharing the tokenizer: a student for the tiny teacher."""
-    from gen_ssd_ray.common.models import build_tiny_model
+    from gen_ssd_ray.common.embedded_models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny_student", num_layers=1, seed=1))
 

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.generate.config import ConfigError, fingerprint, load_config
+from gen_ssd_ray.common.config import ConfigError
+from gen_ssd_ray.common.config import load_config as _load
+from gen_ssd_ray.generate.config import GenerateConfig, fingerprint
+
+
+def load_config(path, overrides=None, schema_cls=GenerateConfig):
+    return _load(path, overrides, schema_cls)
+
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -15,8 +22,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 JOB_SCHEMAS = {
     "generate": ("gen_ssd_ray.generate.config", "GenerateConfig"),
     "finetune": ("gen_ssd_ray.train.config", "FinetuneConfig"),
-    "evaluate": ("gen_ssd_ray.evaluate.run", "EvaluateConfig"),
-    "pipeline": ("gen_ssd_ray.pipeline.run", "PipelineConfig"),
+    "evaluate": ("gen_ssd_ray.evaluate.config", "EvaluateConfig"),
+    "pipeline": ("gen_ssd_ray.pipeline.config", "PipelineConfig"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Data loading (gen_ssd_ray.common.data): every source format, slices, ids, bad rows, fatal errors, prompts."""
+"""Data loading (gen_ssd_ray.common.data): every source format, slices, ids, bad rows, fatal errors; and the
+user-turn helpers of gen_ssd_ray.common.prompts."""
 
 import json
 import sys
@@ -9,15 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gen_ssd_ray.common.data import (
-    DataError,
-    Problem,
-    chat_messages,
-    check_data_source,
-    load_problems,
-    render_user_message,
-)
-from gen_ssd_ray.generate.config import DataConfig, PromptConfig
+from gen_ssd_ray.common.config import DataConfig, PromptConfig
+from gen_ssd_ray.common.data import DataError, Problem, check_data_source, load_problems
+from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.prompts import chat_messages, render_user_message
 
 ROWS = [
     {"question": "What is 1+1?", "answer": "1+1=2\n#### 2", "uid": "a"},
@@ -305,6 +301,10 @@ def test_hf_name_load_failure_and_success(monkeypatch):
 
 
 # ---- prompts -------------------------------------------------------------------------------------
+
+
+def test_data_error_is_input_error():
+    assert issubclass(DataError, InputError) and issubclass(DataError, ValueError)
 
 
 def test_render_and_chat_messages():

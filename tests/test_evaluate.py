@@ -16,25 +16,24 @@ from pathlib import Path
 
 import pytest
 
+from gen_ssd_ray.common.config import ConfigError, PromptConfig, load_config
 from gen_ssd_ray.common.data import Problem
-from gen_ssd_ray.engines.teacher_vllm import Generation, Sample
+from gen_ssd_ray.common.models import model_revision
+from gen_ssd_ray.common.prompts import RenderedPrompt
+from gen_ssd_ray.engines.base import Generation, Sample
+from gen_ssd_ray.evaluate.config import EvaluateConfig
+from gen_ssd_ray.evaluate.rows import PREDICTION_SCHEMA, sample_rows, summarize, write_predictions
 from gen_ssd_ray.evaluate.run import (
     PREDICTIONS_NAME,
     SUMMARY_NAME,
-    EvaluateConfig,
     EvaluationExistsError,
-    RenderedPrompt,
     batches,
     check_existing,
     evaluate,
     format_summary,
     prepare,
     render_prompts,
-    sample_rows,
-    summarize,
-    write_predictions,
 )
-from gen_ssd_ray.generate.config import ConfigError, PromptConfig, load_config, model_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,8 +128,6 @@ def test_summary_when_every_problem_failed():
 
 def test_predictions_parquet_round_trip(tmp_path):
     import pyarrow.parquet as pq
-
-    from gen_ssd_ray.evaluate.run import PREDICTION_SCHEMA
 
     rows = sample_rows(problem("a"), PROMPT, Generation((sample("#### 7"),)), n=1, model="m", seed=3)
     rows[0]["correct"] = True
@@ -245,7 +242,7 @@ def test_same_fingerprint_returns_stored_summary_without_starting_anything(fake_
     with pytest.raises(ValueError, match="cannot load a tokenizer"):  # a real run would need the tokenizer
         prepare(cfg)
     from gen_ssd_ray.common.data import load_problems
-    from gen_ssd_ray.evaluate.run import evaluation_fingerprint
+    from gen_ssd_ray.evaluate.config import evaluation_fingerprint
 
     out = tmp_path / "out"
     out.mkdir()

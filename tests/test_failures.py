@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from ray.exceptions import ActorDiedError, ObjectLostError, RayTaskError
 
-from gen_ssd_ray.generate.driver import _reason, _transient
+from gen_ssd_ray.common.errors import reason as _reason
+from gen_ssd_ray.generate.driver import is_transient as _transient
 from gen_ssd_ray.generate.manager import EnginesUnavailable
 
 

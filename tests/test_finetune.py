@@ -183,3 +183,46 @@ def test_bad_input_fails_before_training(tiny_model, tmp_path):
     other = finetune(base_args(tiny_model, data, out))
     assert other.returncode == 2 and "output.force=true" in other.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_config_is_frozen_and_derivable():
+    import dataclasses
+
+    from gen_ssd_ray.common.config import ConfigError, derive, load_config
+    from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
+
+    cfg = load_config(None, ["runtime.num_workers=2"], FinetuneConfig)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.optim.lr = 1.0  # type: ignore[misc]
+    stage = derive(cfg, {"model.path": "/m", "data.filters": []})
+    assert stage.model.path == "/m" and stage.data.filters == [] and cfg.model.path == "embedded:student"
+    fp = train_fingerprint(cfg, "rev", "sig")
+    # placement and resources do not change the fingerprint; the world size and the data do
+    moved = derive(
+        cfg, {"output.dir": "elsewhere", "runtime.cpus_per_worker": 4.0, "runtime.ray_address": "auto"}
+    )
+    assert train_fingerprint(moved, "rev", "sig") == fp
+    assert train_fingerprint(derive(cfg, {"runtime.num_workers": 1}), "rev", "sig") != fp
+    assert train_fingerprint(stage, "rev", "sig") != fp
+    assert train_fingerprint(cfg, "rev", "other") != fp
+    with pytest.raises(ConfigError, match="runtime.local_num_cpus"):
+        load_config(None, ["runtime.local_num_cpus=0"], FinetuneConfig)
+
+
+def test_input_errors_share_the_failure_model():
+    from gen_ssd_ray.common.errors import InputError
+    from gen_ssd_ray.train.data import EmptyTrainingSetError, TrainDataError
+    from gen_ssd_ray.train.run import ModelIncompatibleError, TrainOutputExistsError
+
+    for cls in (TrainDataError, EmptyTrainingSetError, ModelIncompatibleError, TrainOutputExistsError):
+        assert issubclass(cls, InputError)
+
+
+def test_bad_key_exits_2_before_anything_starts(capsys):
+    from jobs.finetune import main
+
+    assert main(["optim.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.nope" in err and "conf/finetune.yaml" in err
+    assert main(["deepspeed.offload_param=true"]) == 2
+    assert "deepspeed.offload_param" in capsys.readouterr().err

@@ -20,7 +20,8 @@ PINNED = {
 
 
 def generation_fingerprints() -> dict[str, str]:
-    from gen_ssd_ray.generate.config import fingerprint, load_config
+    from gen_ssd_ray.common.config import load_config
+    from gen_ssd_ray.generate.config import GenerateConfig, fingerprint
 
     out = {}
     for name, overrides in {
@@ -29,15 +30,15 @@ def generation_fingerprints() -> dict[str, str]:
         "posthoc": ["method=posthoc_ppl", "search.trajectories_per_problem=4", "search.seed=3"],
         "knobs": ["search.chunk_tokens=32", "student.backend=vllm", "prompt.system=Be brief."],
     }.items():
-        cfg = load_config(None, overrides)
+        cfg = load_config(None, overrides, GenerateConfig)
         out[f"generate/{name}"] = fingerprint(cfg, {"teacher": "rev-t", "student": "rev-s"})
     return out
 
 
 def evaluation_fingerprints() -> dict[str, str]:
+    from gen_ssd_ray.common.config import load_config
     from gen_ssd_ray.common.data import Problem
-    from gen_ssd_ray.evaluate.run import EvaluateConfig, evaluation_fingerprint
-    from gen_ssd_ray.generate.config import load_config
+    from gen_ssd_ray.evaluate.config import EvaluateConfig, evaluation_fingerprint
 
     problems = [Problem("a-0", "1+1?", "2"), Problem("a-1", None, None, "empty question")]
     out = {}
@@ -48,7 +49,7 @@ def evaluation_fingerprints() -> dict[str, str]:
 
 
 def training_fingerprints() -> dict[str, str]:
-    from gen_ssd_ray.generate.config import load_config
+    from gen_ssd_ray.common.config import load_config
     from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 
     out = {}

@@ -84,7 +84,8 @@ def read(out):
 def test_end_to_end_bad_rows_and_resume(tmp_path, tiny_model, tiny_student):
     import pyarrow.dataset as ds
 
-    from gen_ssd_ray.generate.output import OUTPUT_SCHEMA, read_manifest
+    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA
 
     data = write_problems(tmp_path / "problems.jsonl", 4)
     out = tmp_path / "out"
@@ -232,7 +233,7 @@ def test_sigterm_commits_finished_problems_and_exits_130(tmp_path, tiny_model, t
 
 def test_posthoc_baseline_same_schema(tmp_path, tiny_model, tiny_student):
     """method=posthoc_ppl: N whole solutions per problem in the same schema, at most one selected."""
-    from gen_ssd_ray.generate.output import OUTPUT_SCHEMA
+    from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA
 
     data = write_problems(tmp_path / "problems.jsonl", 2, bad=False)
     out = tmp_path / "out"

@@ -8,9 +8,10 @@ import re
 
 import pytest
 
-from gen_ssd_ray.common.data import chat_messages, load_problems
+from gen_ssd_ray.common.config import DataConfig, PromptConfig
+from gen_ssd_ray.common.data import load_problems
+from gen_ssd_ray.common.prompts import chat_messages
 from gen_ssd_ray.core.answers import extract_final_answer, extract_gold_answer
-from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 from gen_ssd_ray.lab.problems import (
     STYLES,
     Difficulty,

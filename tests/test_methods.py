@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from gen_ssd_ray.common.config import ConfigError
+from gen_ssd_ray.common.config import load_config as _load
 from gen_ssd_ray.core.methods import METHODS, get_method
 from gen_ssd_ray.core.search import SearchParams
-from gen_ssd_ray.generate.config import ConfigError, fingerprint, load_config, search_params
+from gen_ssd_ray.generate.config import GenerateConfig, fingerprint, search_params
+
+
+def load_config(path, overrides=None, schema_cls=GenerateConfig):
+    return _load(path, overrides, schema_cls)
 
 
 def row(i, status="completed", correct=True, ppl=2.0):

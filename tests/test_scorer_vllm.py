@@ -12,24 +12,27 @@ pytestmark = pytest.mark.integration
 
 
 def test_prompt_logprob_scorer_matches_hf_scorer(tiny_model):
-    from gen_ssd_ray.engines.scorer_hf import HfScorer, ScorerSpec
+    from gen_ssd_ray.engines.base import ScorerSpec
+    from gen_ssd_ray.engines.scorer_hf import HfScorer
     from gen_ssd_ray.engines.scorer_vllm import VllmPromptLogprobScorer
+    from gen_ssd_ray.generate.config import StudentConfig
 
-    spec = ScorerSpec(model=tiny_model, teacher_model=tiny_model)
+    # enforce_eager and max_model_len reach the vLLM engine from the student section and the spec
+    spec = ScorerSpec(StudentConfig(model=tiny_model, enforce_eager=True), tiny_model, max_model_len=512)
     prompt = tuple(range(300, 340))
     prefix = (11, 12, 13, 14)
     cands = (Candidate((21, 22, 23), "", "length"), Candidate((31, 32), "", "stop"))
     req = ScoreRequest("k", "g", prompt, prefix, "", cands)
 
     async def run():
-        scorer = VllmPromptLogprobScorer(spec, max_model_len=512, enforce_eager=True)
+        scorer = VllmPromptLogprobScorer(spec)
         try:
             return await scorer.score([req])
         finally:
             scorer.shutdown()
 
     (v,) = asyncio.run(run())
-    (h,) = HfScorer(spec).score([req])
+    (h,) = HfScorer(spec).score_sync([req])
     assert v.num_tokens == h.num_tokens == (3, 2)
     # bf16 engine vs fp32 reference: per-token NLLs agree to a few percent
     assert v.nll_sums == pytest.approx(h.nll_sums, rel=0.05)

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from gen_ssd_ray.generate.config import PromptConfig
+from gen_ssd_ray.common.config import PromptConfig
+from gen_ssd_ray.common.prompts import render_example
 from gen_ssd_ray.train import data as D
 from gen_ssd_ray.train.config import TrainDataConfig
 
@@ -94,7 +95,7 @@ def tok(tiny_model):
 
 def test_loss_only_on_response_in_chat_template(tok):
     prompt = PromptConfig()
-    p_ids, r_ids = D.render_example(tok, prompt, "What is 2+2?", "2 + 2 = 4\n#### 4")
+    p_ids, r_ids = render_example(tok, prompt, "What is 2+2?", "2 + 2 = 4\n#### 4")
     full = tok.apply_chat_template(
         [
             {"role": "user", "content": prompt.instruction.replace("{question}", "What is 2+2?")},

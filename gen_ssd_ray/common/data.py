@@ -1,11 +1,11 @@
-"""Problems in: load a math dataset into `Problem`s, and turn a question into chat messages.
+"""Problems in: load a math dataset into `Problem`s.
 
 `load_problems(cfg.data)` reads `data.path`, which is one of
 
 - `embedded:gsm8k/train` or `embedded:gsm8k/test`: the GSM8K copy shipped in `data/gsm8k/`;
 - `embedded:lab/train` or `embedded:lab/test`: the lab task (`gen_ssd_ray.lab.problems`, seeded arithmetic
-  word problems; 2,000 train and 200 test rows, seed 0), generated on first use into
-  `gen_ssd_ray.models.cache_root() / "data"` (atomically) and read from there afterwards;
+  word problems; 2,000 train and 500 test rows, seed 0: `LAB_DATASETS`), generated on first use into
+  `gen_ssd_ray.common.models.cache_root() / "data"` (atomically) and read from there afterwards;
 - a JSONL file (`.jsonl`/`.ndjson`; also a `.json` file that turns out to hold JSON lines);
 - a JSON file holding an array of objects, or an object whose "data" or "rows" key holds one;
 - a Parquet file, or a folder of them (read in sorted path order, recursively);
@@ -31,8 +31,8 @@ Two kinds of failure:
 `check_data_source` is the fail-before-actors check; it is `load_problems` itself with the result
 dropped (a GSM8K-sized file loads in well under a second), so it catches every fatal case above.
 
-This module does not tokenize and does not apply chat templates (the engines do, with each model's
-own template); `render_user_message`/`chat_messages` only fill in the configured prompt.
+This module does not tokenize, fill in the configured prompt or apply chat templates: a question
+becomes a prompt in `gen_ssd_ray.common.prompts` (`chat_messages`, `render_prompt`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gen_ssd_ray.common.config import DataConfig
+from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.core.answers import extract_gold_answer
-from gen_ssd_ray.generate.config import DataConfig, PromptConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Problem:
         return self.error is None
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """The data source cannot be used at all: the message names the config key and the fix."""
 
 
@@ -110,21 +111,6 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
 def check_data_source(cfg: DataConfig) -> None:
     """Raise `DataError` if `cfg` cannot be loaded. Implemented as a full `load_problems`."""
     load_problems(cfg)
-
-
-def render_user_message(prompt: PromptConfig, question: str) -> str:
-    """The user turn: `prompt.instruction` with `{question}` replaced. Plain replacement, not
-    `str.format`, so braces in the instruction or the question (LaTeX) are left alone."""
-    return prompt.instruction.replace("{question}", question)
-
-
-def chat_messages(prompt: PromptConfig, question: str) -> list[dict[str, str]]:
-    """OpenAI-style messages: the system message (only if `prompt.system` is set), then the user."""
-    messages: list[dict[str, str]] = []
-    if prompt.system:
-        messages.append({"role": "system", "content": prompt.system})
-    messages.append({"role": "user", "content": render_user_message(prompt, question)})
-    return messages
 
 
 def embedded_path(name: str) -> Path:

@@ -140,6 +140,15 @@ class Verifier:
     def verify(self, gold: str | None, pred: str | None) -> bool | None:
         return self.verify_many([(gold, pred)])[0]
 
+    def verify_rows(self, rows: Sequence[dict]) -> None:
+        """Fill `correct` of every completed output row (gold_answer vs final_answer), in place; rows
+        of any other status keep `correct` null (unverified). Generation and evaluation both call it."""
+        todo = [r for r in rows if r["status"] == "completed"]
+        for r, ok in zip(
+            todo, self.verify_many([(r["gold_answer"], r.get("final_answer")) for r in todo]), strict=True
+        ):
+            r["correct"] = ok
+
     def verify_many(self, pairs: Sequence[tuple[str | None, str | None]]) -> list[bool | None]:
         """Submit every pair, then collect them in order, each waited for at most `timeout_s`."""
         results: list[bool | None] = [None] * len(pairs)

@@ -36,15 +36,25 @@ _SEED_MOD = 2**31 - 1
 
 @dataclass(frozen=True)
 class SearchParams:
-    """The search knobs (mirrors `SearchConfig`, kept free of OmegaConf so the core stays pure)."""
+    """The search knobs: one definition, which the generation job's `search` config section extends
+    (gen_ssd_ray.generate.config.SearchConfig); plain values, so the core stays pure."""
 
+    # Tokens per chunk: the teacher extends each partial solution by this many tokens (or to EOS).
     chunk_tokens: int = 64
+    # K: candidates sampled per expansion (one request with n=K).
     num_candidates: int = 4
+    # B: partial solutions that survive each step.
     beam_width: int = 1
+    # Response token budget; a trajectory that reaches it ends as "truncated".
     max_new_tokens: int = 512
+    # A candidate with chunk PPL above this is not learnable; if all are, the branch is pruned (null: off).
     prune_ppl: float | None = None
+    # Registered policies (gen_ssd_ray.core.policies).
     selection: str = "min_ppl"
     pruning: str = "threshold"
+    # Sampling of every expansion (carried by each ExpandRequest).
+    temperature: float = 0.8
+    top_p: float = 0.95
 
     def __post_init__(self) -> None:
         for name in ("chunk_tokens", "num_candidates", "beam_width", "max_new_tokens"):
@@ -127,6 +137,8 @@ class ProblemSearch:
                 n=p.num_candidates,
                 max_tokens=min(p.chunk_tokens, p.max_new_tokens - len(node.ids)),
                 seed=self._seed(b),
+                temperature=p.temperature,
+                top_p=p.top_p,
             )
             for b, node in enumerate(self._live)
         ]

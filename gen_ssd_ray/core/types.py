@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class ExpandRequest:
-    """Ask a teacher engine for `n` continuations of `prompt_token_ids`.
+    """Ask a teacher engine for `n` continuations of `prompt_token_ids`, sampled with this request's
+    own parameters (one engine serves requests with different sampling, as vLLM does).
 
     `key` identifies the partial solution (node) being expanded; results carry it back.
     """
@@ -23,6 +24,8 @@ class ExpandRequest:
     n: int
     max_tokens: int
     seed: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -1,30 +1,31 @@
-"""Thin actor classes and the code that turns them into Ray actor pools.
+"""Thin actor classes over engine backends, and starting and stopping them as Ray actors.
 
-The classes are plain Python: `ray.remote` is applied in `build_pools`, with resources (num_cpus,
-num_gpus), restarts and concurrency from the config, never hard-coded on a class. Each actor owns
-one engine backend (gen_ssd_ray.engines) and translates calls; the search lives in the BeamManager.
+The classes are plain Python: `ray.remote` is applied in `start_actors`, with resources (num_cpus,
+num_gpus), restarts and concurrency from the caller's config, never hard-coded on a class. Each actor
+owns one backend, built by name from `gen_ssd_ray.engines.registry`, calls it only through the
+protocols of `gen_ssd_ray.engines.base`, and counts what it did; it holds no backend-specific code.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from gen_ssd_ray.engines.scorer_hf import ScorerSpec
-from gen_ssd_ray.engines.teacher_vllm import TeacherEngineSpec
-from gen_ssd_ray.generate.config import GenerateConfig
+from gen_ssd_ray.common.config import EngineConfig
+from gen_ssd_ray.common.errors import JobFailed, reason
+from gen_ssd_ray.core.types import ExpandRequest
+from gen_ssd_ray.engines.base import ScorerSpec
 
 
 class TeacherEngine:
-    """One vLLM async engine. Many concurrent `expand` calls are batched by the engine."""
+    """One teacher backend (`cfg.backend`). Many concurrent calls are batched by the engine."""
 
-    def __init__(self, spec: TeacherEngineSpec):
-        from gen_ssd_ray.engines.teacher_vllm import VllmTeacher
+    def __init__(self, cfg: EngineConfig):
+        from gen_ssd_ray.engines.registry import build_teacher
 
-        self.spec = spec
-        self.backend = VllmTeacher(spec)
+        self.cfg = cfg
+        self.backend = build_teacher(cfg)
         self.calls = 0
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
@@ -32,9 +33,9 @@ class TeacherEngine:
 
     async def ready(self) -> dict[str, Any]:
         await self.backend.check_health()
-        return {"pid": os.getpid(), "model": self.spec.model}
+        return {"pid": os.getpid(), "model": self.cfg.model, "backend": self.cfg.backend}
 
-    async def expand(self, requests):
+    async def expand(self, requests: Sequence[ExpandRequest]):
         results = await self.backend.expand(requests)
         self.calls += 1
         for r in results:
@@ -43,14 +44,11 @@ class TeacherEngine:
             self.generated_tokens += sum(len(c.token_ids) for c in r.candidates)
         return results
 
-    async def sample(self, prompts, n: int, max_tokens: int, seed: int | None = None):
-        return await self.backend.sample(prompts, n, max_tokens, seed)
-
-    async def generate(self, prompts, n: int, max_tokens: int, seed=None):
-        """Whole responses with text and finish reason (`VllmTeacher.generate`), for evaluation."""
-        results = await self.backend.generate(prompts, n, max_tokens, seed)
+    async def generate(self, requests: Sequence[ExpandRequest]):
+        """Whole responses with text and finish reason (evaluation, plain batch sampling)."""
+        results = await self.backend.generate(requests)
         self.calls += 1
-        self.prompt_tokens += sum(len(p) for p in prompts)
+        self.prompt_tokens += sum(len(r.prompt_token_ids) for r in requests)
         self.generated_tokens += sum(len(s.token_ids) for g in results for s in g.samples)
         return results
 
@@ -71,97 +69,37 @@ class TeacherEngine:
 
 
 class StudentScorer:
-    """The student behind `score`. HF scoring runs in a worker thread so health checks stay responsive."""
+    """One scorer backend (`student.backend`) behind `score` and `release`."""
 
-    def __init__(
-        self,
-        spec: ScorerSpec,
-        backend: str = "hf",
-        kv_cache_gib: float = 1.0,
-        max_model_len: int = 2048,
-        gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool = False,
-    ):
-        self.kind = backend
-        if backend == "hf":
-            from gen_ssd_ray.engines.scorer_hf import HfScorer
+    def __init__(self, spec: ScorerSpec):
+        from gen_ssd_ray.engines.registry import build_scorer
 
-            self.backend = HfScorer(spec)
-        else:
-            from gen_ssd_ray.engines.scorer_vllm import VllmPromptLogprobScorer
-
-            self.backend = VllmPromptLogprobScorer(
-                spec, kv_cache_gib=kv_cache_gib, max_model_len=max_model_len
-            )
-        self._lock = asyncio.Lock()
+        self.spec = spec
+        self.backend = build_scorer(spec)
         self.tokens_processed = 0
         self.tokens_scored = 0
 
     async def ready(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "backend": self.kind}
+        await self.backend.check_health()
+        return {"pid": os.getpid(), "backend": self.spec.student.backend}
 
     async def score(self, requests):
-        if self.kind == "hf":  # one forward at a time; the KV cache is not thread-safe
-            async with self._lock:
-                results = await asyncio.to_thread(self.backend.score, requests)
-        else:  # vLLM batches concurrent calls itself
-            results = await self.backend.score(requests)
+        results = await self.backend.score(requests)
         self.tokens_processed += sum(r.tokens_processed for r in results)
         self.tokens_scored += sum(r.tokens_scored for r in results)
         return results
 
-    async def shutdown(self) -> None:
-        if hasattr(self.backend, "shutdown"):
-            self.backend.shutdown()
-
     async def release(self, groups) -> None:
-        async with self._lock:
-            self.backend.release(groups)
+        await self.backend.release(groups)
+
+    async def shutdown(self) -> None:
+        self.backend.shutdown()
 
     async def stats(self) -> dict[str, int]:
         return {"tokens_processed": self.tokens_processed, "tokens_scored": self.tokens_scored}
 
 
-@dataclass
-class Pools:
-    teachers: list
-    scorers: list
-    managers: list
-
-
-def teacher_spec(cfg: GenerateConfig, model_path: str) -> TeacherEngineSpec:
-    t, q = cfg.teacher, cfg.search
-    return TeacherEngineSpec(
-        model=model_path,
-        dtype=t.dtype,
-        max_model_len=t.max_model_len,
-        tensor_parallel_size=t.tensor_parallel_size,
-        gpu_memory_utilization=t.gpu_memory_utilization,
-        kv_cache_gib=t.kv_cache_gib,
-        enable_prefix_caching=t.enable_prefix_caching,
-        block_size=t.block_size,
-        max_num_seqs=t.max_num_seqs,
-        enforce_eager=t.enforce_eager,
-        trust_remote_code=t.trust_remote_code,
-        temperature=q.temperature,
-        top_p=q.top_p,
-        seed=q.seed,
-    )
-
-
-def scorer_spec(cfg: GenerateConfig, student_path: str, teacher_path: str) -> ScorerSpec:
-    s = cfg.student
-    return ScorerSpec(
-        model=student_path,
-        teacher_model=teacher_path,
-        dtype=s.dtype,
-        kv_cache_tokens=s.kv_cache_tokens,
-        num_threads=s.num_threads,
-        trust_remote_code=s.trust_remote_code,
-    )
-
-
-def _engine_env(kv_cache_gib: float) -> dict[str, str]:
+def engine_env(kv_cache_gib: float) -> dict[str, str]:
     """Environment for an engine actor: its CPU KV-cache size, and the driver's settings if any."""
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib)))}
     for name in ("HF_HUB_OFFLINE", "VLLM_USE_AOT_COMPILE"):
@@ -172,73 +110,59 @@ def _engine_env(kv_cache_gib: float) -> dict[str, str]:
     return env
 
 
-def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Pools:
-    """Start teacher, scorer and beam-manager actors with resources from the config; wait until ready."""
+def create_actors(cls: type, args: tuple, count: int, **options) -> list:
+    """`count` actors of `cls(*args)` with Ray `options` (resources, restarts, concurrency, env)."""
     import ray
 
-    t, s, r = cfg.teacher, cfg.student, cfg.runtime
+    actor_cls = ray.remote(cls).options(**options)
+    return [actor_cls.remote(*args) for _ in range(count)]
 
-    teacher_cls = ray.remote(TeacherEngine).options(
-        num_cpus=t.num_cpus,
-        num_gpus=t.num_gpus,
+
+def create_engine_pool(cfg: EngineConfig, model_path: str, max_concurrency: int) -> list:
+    """`cfg.num_engines` TeacherEngine actors serving `model_path`, with the section's resources; one
+    restart each (a restarted engine reloads its model), no task retries (the caller retries)."""
+    import dataclasses
+
+    return create_actors(
+        TeacherEngine,
+        (dataclasses.replace(cfg, model=model_path),),
+        cfg.num_engines,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
         max_restarts=1,
         max_task_retries=0,
-        max_concurrency=max(
-            64, 2 * t.max_inflight_problems * cfg.search.beam_width * cfg.search.trajectories_per_problem
-        ),
-        runtime_env={"env_vars": _engine_env(t.kv_cache_gib)},
+        max_concurrency=max_concurrency,
+        runtime_env={"env_vars": engine_env(cfg.kv_cache_gib)},
     )
-    scorer_cls = ray.remote(StudentScorer).options(
-        num_cpus=s.num_cpus,
-        num_gpus=s.num_gpus,
-        max_restarts=1,
-        max_task_retries=0,
-        max_concurrency=1000,
-        runtime_env={"env_vars": _engine_env(s.kv_cache_gib)},
-    )
-    tspec = teacher_spec(cfg, teacher_path)
-    sspec = scorer_spec(cfg, student_path, teacher_path)
-    teachers = [teacher_cls.remote(tspec) for _ in range(t.num_engines)]
-    scorers = [
-        scorer_cls.remote(
-            sspec, s.backend, s.kv_cache_gib, t.max_model_len, s.gpu_memory_utilization, s.enforce_eager
-        )
-        for _ in range(s.num_scorers)
-    ]
-    ray.get([a.ready.remote() for a in teachers + scorers], timeout=r.startup_timeout_s)
-    return Pools(teachers, scorers, build_managers(cfg, teacher_path, student_path, teachers, scorers))
 
 
-def build_managers(
-    cfg: GenerateConfig, teacher_path: str, student_path: str, teachers: list, scorers: list
-) -> list:
-    """Beam-manager actors for `cfg` (its method and search knobs) over existing engines; waits until ready.
+def wait_ready(actors: Sequence, startup_timeout_s: float, what: str) -> None:
+    """Wait until every actor answers `ready` (actors of several pools start in parallel).
 
-    A caller that runs several configs on the same engines (the pipeline's methods) builds new managers
-    per config and keeps the engines."""
+    Raises JobFailed (after killing them) if one fails to start or misses `startup_timeout_s`; an
+    interrupt kills them too and is re-raised, so no half-started engines are left behind.
+    """
     import ray
 
-    from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
-
-    r = cfg.runtime
-    mspec = ManagerSpec.from_config(cfg, teacher_path, student_path)
-    # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
-    manager_cls = ray.remote(BeamManager).options(
-        num_cpus=r.manager_num_cpus,
-        max_concurrency=100_000,
-        max_restarts=0,
-        runtime_env={"env_vars": _engine_env(cfg.teacher.kv_cache_gib)},
-    )
-    managers = [manager_cls.remote(mspec, teachers, scorers) for _ in range(r.num_beam_managers)]
-    ray.get([m.ready.remote() for m in managers], timeout=r.startup_timeout_s)
-    return managers
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=startup_timeout_s)
+    except BaseException as e:
+        for a in actors:
+            ray.kill(a)
+        if not isinstance(e, Exception):
+            raise
+        raise JobFailed(
+            f"{what} did not start ({reason(e)}); see the actor log above "
+            f"(raise runtime.startup_timeout_s={startup_timeout_s:g} if loading is slow, or check the "
+            "resources asked for: num_gpus / num_cpus)"
+        ) from None
 
 
-def shutdown_pools(pools: Pools, timeout_s: float = 60.0) -> None:
+def stop_actors(actors: Sequence, timeout_s: float = 60.0) -> None:
     """Stop every engine cleanly (vLLM engine cores included), then release the actors."""
     import ray
 
-    refs = [a.shutdown.remote() for a in pools.teachers + pools.scorers]
+    refs = [a.shutdown.remote() for a in actors]
     ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    for a in pools.teachers + pools.scorers + pools.managers:
+    for a in actors:
         ray.kill(a)

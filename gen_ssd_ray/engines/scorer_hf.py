@@ -17,6 +17,7 @@ Knows torch, transformers and the alignment of token ids; knows nothing about th
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -24,17 +25,7 @@ from dataclasses import dataclass, field
 
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.alignment import Aligner
-
-
-@dataclass(frozen=True)
-class ScorerSpec:
-    model: str
-    teacher_model: str
-    dtype: str = "auto"
-    kv_cache_tokens: int = 100_000
-    num_threads: int = 1
-    trust_remote_code: bool = False
-    device: str = "auto"
+from gen_ssd_ray.engines.base import ScorerSpec
 
 
 @dataclass
@@ -55,27 +46,32 @@ class _Group:
 
 
 class HfScorer:
+    """The `hf` scorer backend. `score` runs one forward at a time in a worker thread (the KV cache is
+    not thread-safe), so the actor stays responsive; `score_sync` is the same work, synchronously."""
+
     def __init__(self, spec: ScorerSpec):
         import torch
         from transformers import AutoModelForCausalLM
 
-        if spec.num_threads:
-            torch.set_num_threads(spec.num_threads)
+        student = spec.student
+        if student.num_threads:
+            torch.set_num_threads(student.num_threads)
         self.torch = torch
         self.device = (
             ("cuda" if torch.cuda.is_available() else "cpu") if spec.device == "auto" else spec.device
         )
-        dtype = spec.dtype
+        dtype = student.dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        self.spec = spec
-        self.aligner = Aligner.from_models(spec.model, spec.teacher_model, spec.trust_remote_code)
+        self.kv_cache_tokens = student.kv_cache_tokens
+        self.aligner = Aligner.from_models(student.model, spec.teacher_model, student.trust_remote_code)
         self.tok = self.aligner.tok
         self.model = AutoModelForCausalLM.from_pretrained(
-            spec.model, dtype=getattr(torch, dtype), trust_remote_code=spec.trust_remote_code
+            student.model, dtype=getattr(torch, dtype), trust_remote_code=student.trust_remote_code
         ).to(self.device)
         self.model.eval()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._lock = asyncio.Lock()
         self._groups: OrderedDict[str, _Group] = OrderedDict()
         self._generation = 0
         self.stats = {
@@ -115,13 +111,17 @@ class HfScorer:
 
     def _evict(self) -> None:
         total = sum(g.tokens for g in self._groups.values())
-        while total > self.spec.kv_cache_tokens and len(self._groups) > 1:
+        while total > self.kv_cache_tokens and len(self._groups) > 1:
             _, g = self._groups.popitem(last=False)
             total -= g.tokens
 
-    def release(self, groups: Sequence[str]) -> None:
+    def release_sync(self, groups: Sequence[str]) -> None:
         for g in groups:
             self._groups.pop(g, None)
+
+    async def release(self, groups: Sequence[str]) -> None:
+        async with self._lock:
+            self.release_sync(groups)
 
     def cached_tokens(self) -> int:
         return sum(g.tokens for g in self._groups.values())
@@ -195,7 +195,18 @@ class HfScorer:
         self.stats["cache_hit_tokens"] += hit
         return ScoreResult(req.key, tuple(sums), tuple(len(t) for t in rows.targets), processed)
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        """`score_sync` in a worker thread, one call at a time."""
+        async with self._lock:
+            return await asyncio.to_thread(self.score_sync, requests)
+
+    async def check_health(self) -> None:
+        """A model in this process is healthy while the process lives."""
+
+    def shutdown(self) -> None:
+        self._groups.clear()
+
+    def score_sync(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Score each request's candidates. Raises ValueError for a request the model cannot hold."""
         t0 = time.perf_counter()
         self._generation += 1

@@ -11,47 +11,32 @@ Knows vLLM and the token alignment; knows nothing about the search or Ray.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Sequence
 
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.alignment import Aligner
-from gen_ssd_ray.engines.scorer_hf import ScorerSpec
-from gen_ssd_ray.engines.teacher_vllm import cuda_available, shutdown_engine
+from gen_ssd_ray.engines.base import ScorerSpec
+from gen_ssd_ray.engines.teacher_vllm import async_engine, shutdown_engine
 
 
 class VllmPromptLogprobScorer:
-    def __init__(
-        self,
-        spec: ScorerSpec,
-        kv_cache_gib: float = 1.0,
-        max_model_len: int = 2048,
-        gpu_memory_utilization: float = 0.85,
-        enforce_eager: bool = False,
-    ):
-        if not cuda_available():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # see teacher_vllm
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+    """The `vllm` scorer backend. Engine settings come from the `student` section: `kv_cache_gib` (CPU),
+    `gpu_memory_utilization` (GPU), `enforce_eager`, `dtype`, `trust_remote_code`."""
 
-        self.aligner = Aligner.from_models(spec.model, spec.teacher_model, spec.trust_remote_code)
+    def __init__(self, spec: ScorerSpec):
+        s = spec.student
+        self.aligner = Aligner.from_models(s.model, spec.teacher_model, s.trust_remote_code)
         self.tok = self.aligner.tok
-        kwargs = dict(
-            model=spec.model,
-            dtype="bfloat16" if spec.dtype == "auto" else spec.dtype,
-            max_model_len=max_model_len,
-            trust_remote_code=spec.trust_remote_code,
-            enforce_eager=enforce_eager,
-            disable_log_stats=True,
+        self.engine = async_engine(
+            s.model,
+            dtype="bfloat16" if s.dtype == "auto" else s.dtype,
+            max_model_len=spec.max_model_len,
+            trust_remote_code=s.trust_remote_code,
+            enforce_eager=s.enforce_eager,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            kv_cache_gib=s.kv_cache_gib,
         )
-        if cuda_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max_model_len * 4
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     async def _nll(self, ids: tuple[int, ...], start: int) -> float:
         from vllm import SamplingParams
@@ -79,8 +64,11 @@ class VllmPromptLogprobScorer:
             out.append(ScoreResult(r.key, tuple(sums), tuple(len(t) for t in rows.targets), processed))
         return out
 
-    def release(self, groups: Sequence[str]) -> None:
+    async def release(self, groups: Sequence[str]) -> None:
         """No per-group state: vLLM recomputes the prefix for prompt log-probs."""
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
 
     def shutdown(self) -> None:
         shutdown_engine(self.engine)

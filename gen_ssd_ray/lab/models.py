@@ -2,7 +2,7 @@
 
 What this module knows: the named sizes (`LAB_MODEL_SIZES`: ``teacher``, ``student``, and the bigger
 ``medium`` and ``large`` for machines with more compute) and how to write
-such a model folder with `gen_ssd_ray.models.build_tiny_model` and the lab tokenizer
+such a model folder with `gen_ssd_ray.common.embedded_models.build_tiny_model` and the lab tokenizer
 (`gen_ssd_ray.lab.tokenizer.materialize_lab_tokenizer`). Every size keeps head_dim = 32, the smallest
 head size vLLM's CPU attention runs, and 512 positions (the longest lab prompt plus solution is well
 under 256 tokens).
@@ -53,8 +53,8 @@ def build_lab_model(
 ) -> Path:
     """Write a randomly initialized ``LlamaForCausalLM`` of the named `size` with the lab tokenizer to
     folder `path` (deterministic in `seed`). `tokenizer_root` is the cache root for the tokenizer folder
-    (default `gen_ssd_ray.models.cache_root()`). Returns `path`. Raises ValueError for an unknown size."""
-    from gen_ssd_ray.common.models import build_tiny_model
+    (default `gen_ssd_ray.common.models.cache_root()`). Returns `path`. Raises ValueError for an unknown size."""
+    from gen_ssd_ray.common.embedded_models import build_tiny_model
 
     if size not in LAB_MODEL_SIZES:
         raise ValueError(f"unknown lab model size {size!r}; choose one of {sorted(LAB_MODEL_SIZES)}")

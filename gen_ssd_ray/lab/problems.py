@@ -172,7 +172,7 @@ def split_of(question: str) -> str:
 
 
 def write_jsonl(path: Path | str, rows: Iterable[dict]) -> Path:
-    """Write `rows` as JSON lines, atomically and durably (`gen_ssd_ray.fsio.atomic_writer`)."""
+    """Write `rows` as JSON lines, atomically and durably (`gen_ssd_ray.common.fsio.atomic_writer`)."""
     from gen_ssd_ray.common.fsio import atomic_writer
 
     path = Path(path)

@@ -48,7 +48,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 # Text outside the generator that the vocabulary also covers: the job's default instruction (see
-# gen_ssd_ray.config.PromptConfig) and the chat roles.
+# gen_ssd_ray.common.config.PromptConfig) and the chat roles.
 EXTRA_TEXTS = (
     "Solve the following math problem step by step. Put the final answer after '####' on the last line.\n\n",
     "system user assistant",
@@ -111,13 +111,13 @@ def save_lab_tokenizer(folder: Path | str) -> Path:
 
 
 def materialize_lab_tokenizer(root: Path | None = None) -> Path:
-    """The tokenizer folder ``<root>/models/lab-tokenizer`` (root: `gen_ssd_ray.models.cache_root()`),
+    """The tokenizer folder ``<root>/models/lab-tokenizer`` (root: `gen_ssd_ray.common.models.cache_root()`),
     built once, atomically and under a lock; rebuilt when the vocabulary changes."""
-    from gen_ssd_ray.common.models import _FORMAT, _materialize, _models_dir
+    from gen_ssd_ray.common.models import BUILD_FORMAT, materialize, models_dir
 
-    dest = _models_dir(root) / TOKENIZER_DIRNAME
-    recipe = {"format": _FORMAT, "model": "lab-tokenizer", "vocabulary": vocabulary_hash()}
-    return _materialize(dest, recipe, save_lab_tokenizer)
+    dest = models_dir(root) / TOKENIZER_DIRNAME
+    recipe = {"format": BUILD_FORMAT, "model": "lab-tokenizer", "vocabulary": vocabulary_hash()}
+    return materialize(dest, recipe, save_lab_tokenizer)
 
 
 def _drop_loader_flags(path: Path) -> None:

@@ -1,31 +1,36 @@
 """Typed configuration of the fine-tuning job (`python -m jobs.finetune`): the single source of defaults.
 
-Loaded like the generation config: `gen_ssd_ray.config.load_config(path, overrides,
-schema_cls=FinetuneConfig)` merges the dataclass defaults, an optional YAML file and `key=value`
-overrides, then `FinetuneConfig.validate()` runs the cross-field checks. Every error names the key
-and the value to set, before any worker starts.
+Loaded with `gen_ssd_ray.common.config.load_config(path, overrides, FinetuneConfig)`: the dataclass
+defaults, an optional YAML file and `key=value` overrides, then `FinetuneConfig.validate()` runs the
+cross-field checks. Every error is a `ConfigError` naming the key and the value to set, raised before
+any worker starts. Every section is a frozen dataclass; the pipeline derives its stage configs with
+`gen_ssd_ray.common.config.derive`. `prompt` is the shared `PromptConfig` and `runtime` extends the
+shared `RayConfig`.
 
-`train_fingerprint(cfg, ...)` hashes what changes the trained weights (model, data, filters, prompt,
-optimisation knobs, world size and batch geometry), so that a resume into a folder written by a
-different config is refused unless `output.force=true`.
+Fingerprint (the convention of gen_ssd_ray.common.fingerprint): `DATA_KEYS` lists what changes the
+trained weights: the model, data and filters, prompt, optimisation knobs and batch geometry,
+DeepSpeed settings, and the world size (`runtime.num_workers`, which changes the global batch). Output
+placement and handling, Ray address and per-worker resources are left out. `train_fingerprint(cfg,
+model_revision, data_signature)` adds the input model's identity and the training data's (row count
+and content hash) as derived values. A resume into a folder written with another fingerprint is
+refused unless `output.force=true`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from gen_ssd_ray.generate.config import PromptConfig, require
+from gen_ssd_ray.common.config import DEFAULT_STUDENT, PromptConfig, RayConfig, require
+from gen_ssd_ray.common.fingerprint import fingerprint
 
 DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     # Hugging Face folder, hub id in the offline cache, or embedded:student / embedded:teacher.
-    path: str = "embedded:student"
+    path: str = DEFAULT_STUDENT
     trust_remote_code: bool = False
     # Attention kernel: sdpa (CPU and GPU), eager, or flash_attention_2 (GPU with flash-attn installed).
     # Packed examples never attend to each other with any of them (position ids restart per example).
@@ -36,7 +41,7 @@ class ModelConfig:
     save_dtype: str = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainDataConfig:
     # A generation job's output folder (only manifest-listed shards are read), a Parquet file or folder,
     # a JSONL / JSON file of question-solution pairs, or embedded:gsm8k/train|test.
@@ -53,7 +58,7 @@ class TrainDataConfig:
     limit: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     # Passes over the filtered data.
     epochs: int = 1
@@ -82,7 +87,7 @@ class OptimConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DeepSpeedConfig:
     # ZeRO stage: 2 shards optimizer state and gradients, 3 also the parameters (0/1 also accepted).
     zero_stage: int = 2
@@ -94,7 +99,7 @@ class DeepSpeedConfig:
     precision: str = "fp32"
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneOutputConfig:
     dir: str = "outputs/finetune"
     # Save a resumable checkpoint (model, optimizer, scheduler, data position) every N steps (0: only
@@ -106,12 +111,9 @@ class FinetuneOutputConfig:
     force: bool = False
 
 
-@dataclass
-class TrainRuntimeConfig:
-    # Ray address (null: RAY_ADDRESS if set, as under `ray job submit`, else a private local Ray).
-    ray_address: str | None = None
-    # CPUs for a local Ray started by the job (null: all).
-    local_num_cpus: int | None = None
+@dataclass(frozen=True)
+class TrainRuntimeConfig(RayConfig):
+    # ray_address and local_num_cpus: see RayConfig.
     # Ray Train workers (data-parallel ranks), each with these resources.
     num_workers: int = 1
     cpus_per_worker: float = 1.0
@@ -122,9 +124,20 @@ class TrainRuntimeConfig:
     # the last checkpoint (useful on preemptible nodes).
     max_failures: int = 0
 
+    def validate(self) -> None:
+        super().validate()
+        require(self.num_workers >= 1, "runtime.num_workers", f"must be >= 1, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, "runtime.cpus_per_worker", "must be > 0")
+        require(self.gpus_per_worker >= 0, "runtime.gpus_per_worker", "must be >= 0")
+        require(self.torch_threads >= 0, "runtime.torch_threads", "must be >= 0")
+        require(self.max_failures >= 0, "runtime.max_failures", "must be >= 0")
 
-@dataclass
+
+@dataclass(frozen=True)
 class FinetuneConfig:
+    # The preset that lists every key (named in errors about unknown keys).
+    PRESET: ClassVar[str] = "conf/finetune.yaml"
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     # The prompt the student sees: the same keys (and defaults) as the generation job's prompt.
@@ -150,7 +163,7 @@ class FinetuneConfig:
         require(bool(d.path), "data.path", "must not be empty")
         require(bool(d.question_field) and bool(d.response_field), "data.response_field", "must not be empty")
         require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
-        require("{question}" in self.prompt.instruction, "prompt.instruction", "must contain {question}")
+        self.prompt.validate()
         require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
         require(o.max_steps is None or o.max_steps >= 1, "optim.max_steps", "must be >= 1 or null")
         require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
@@ -198,34 +211,21 @@ class FinetuneConfig:
         require(bool(out.dir), "output.dir", "must not be empty")
         require(out.save_every_steps >= 0, "output.save_every_steps", "must be >= 0")
         require(out.keep_last >= 1, "output.keep_last", "must be >= 1")
-        require(r.num_workers >= 1, "runtime.num_workers", f"must be >= 1, got {r.num_workers}")
-        require(r.cpus_per_worker > 0, "runtime.cpus_per_worker", "must be > 0")
-        require(r.gpus_per_worker >= 0, "runtime.gpus_per_worker", "must be >= 0")
-        require(r.torch_threads >= 0, "runtime.torch_threads", "must be >= 0")
-        require(r.max_failures >= 0, "runtime.max_failures", "must be >= 0")
+        r.validate()
 
 
-# Fields that do not change the trained weights: placement, resources, output handling.
-_IGNORED = {
-    "output": ("dir", "save_every_steps", "keep_last", "force"),
-    "runtime": (
-        "ray_address",
-        "local_num_cpus",
-        "cpus_per_worker",
-        "gpus_per_worker",
-        "torch_threads",
-        "max_failures",
-    ),
-}
+# What changes the trained weights (gen_ssd_ray.common.fingerprint). Left out: output.* (placement,
+# checkpoint cadence, force) and runtime.* except num_workers (Ray address, per-worker resources,
+# threads, restarts).
+DATA_KEYS = ("model", "data", "prompt", "optim", "deepspeed", "runtime.num_workers")
 
 
 def train_fingerprint(cfg: FinetuneConfig, model_revision: str, data_signature: str) -> str:
-    """Hash of the config fields that change the result, the input model's identity and the training
-    data's (row count and content hash)."""
-    d = dataclasses.asdict(cfg)
-    for section, keys in _IGNORED.items():
-        for k in keys:
-            d[section].pop(k, None)
-    d["_model_revision"] = model_revision
-    d["_data"] = data_signature
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Fingerprint of `DATA_KEYS`, the input model's identity and the training data's (row count and
+    content hash)."""
+    # The values predate the shared convention and are pinned (tests/test_fingerprints.py): they were
+    # the hash of `asdict(cfg)` minus the ignored fields, which left an empty "output" section and the
+    # top-level keys "_model_revision" and "_data". The derived values reproduce exactly that JSON, so
+    # that folders written before keep resuming.
+    derived = {"output": {}, "_model_revision": model_revision, "_data": data_signature}
+    return fingerprint(cfg, DATA_KEYS, derived)

@@ -6,11 +6,13 @@ What this module knows:
   JSON file, or an embedded data set (`embedded:gsm8k/train`).
 - Filtering (`data.filters`, pandas query expressions applied in order, each one's effect counted) and
   the error that names how many rows were read and which filter removed them when nothing is left.
-- Tokenization in the student's own chat template, with the loss on the response tokens only: the
-  prompt is the rendered user turn with the generation prompt; the response is what the template adds
-  after it for the assistant turn (the text plus the end-of-turn token, so the student learns to stop).
+- Tokenization in the student's own chat template (`gen_ssd_ray.common.prompts.render_example`, the
+  renderer generation and evaluation use too), with the loss on the response tokens only: the prompt
+  is the rendered user turn with the generation prompt; the response is what the template adds after
+  it for the assistant turn (the text plus the end-of-turn token, so the student learns to stop).
 - The batch plan: per epoch, a seeded order of micro-batches, either padding-free packs of whole
-  examples (best-fit decreasing into `micro_batch_tokens` bins) or length-grouped padded batches,
+  examples (best-fit decreasing into `micro_batch_tokens` bins) or length-grouped padded batches
+  (examples sorted by length within windows of 1024),
   and which micro-batches rank r uses at step s. The plan is a pure function of (lengths, epoch, seed,
   geometry), which is what makes a resume continue at the exact data position.
 
@@ -32,7 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from gen_ssd_ray.generate.config import PromptConfig
+from gen_ssd_ray.common.config import PromptConfig
+from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.prompts import render_example
 from gen_ssd_ray.train.config import TrainDataConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +44,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-class TrainDataError(ValueError):
+class TrainDataError(InputError):
     """The training data cannot be used; the message names the config key and the fix."""
 
 
@@ -245,30 +249,6 @@ class TokenizeReport:
     mean_len: float
 
 
-def render_example(
-    tokenizer, prompt: PromptConfig, question: str, response: str
-) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) in the tokenizer's chat template.
-
-    The response part is what the template writes after the generation prompt for the assistant turn
-    (text plus end-of-turn marker). Templates that do not extend the prompt verbatim (some rewrite
-    earlier turns) fall back to the response text followed by the EOS token.
-    """
-    from gen_ssd_ray.common.data import chat_messages
-
-    messages = chat_messages(prompt, question)
-    prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": response}], tokenize=False
-    )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    if full_text.startswith(prompt_text):
-        response_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-    else:
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids, response_ids
-
-
 def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max_seq_len: int):
     """(Examples, TokenizeReport). Examples longer than `max_seq_len` are dropped and counted."""
     tokens: list[np.ndarray] = []
@@ -321,8 +301,9 @@ def plan_epoch(
 
     Packing: examples in a seeded random order are sorted by length (stable, so ties stay shuffled)
     and placed best-fit-decreasing into bins of `micro_batch_tokens`; the bins are then shuffled.
-    Unpacked: a seeded shuffle, then within windows of 64 batches the examples are sorted by length
-    and cut into batches whose padded size (count x longest) stays within `micro_batch_tokens`.
+    Unpacked: a seeded shuffle, then within windows of 1024 examples the examples are sorted by length
+    and cut into batches whose padded size (count x longest) stays within `micro_batch_tokens`; the
+    batches are then shuffled.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))

@@ -10,7 +10,10 @@
    nccl on GPU), which resumes from the last checkpoint if there is one. Then the loss plot and
    `summary.json` (written last) are produced from the run's own files.
 
-A failed worker surfaces as `TrainingFailed`, naming the last complete checkpoint a re-run resumes from.
+Failures follow the shared model (gen_ssd_ray.common.errors): bad input is an `InputError`
+(`ModelIncompatibleError`, `TrainDataError`, `TrainOutputExistsError`, ...; exit 2); a failed worker
+surfaces as `JobFailed`, naming the last complete checkpoint a re-run resumes from (exit 1); SIGINT or
+SIGTERM during training is `JobInterrupted` (exit 130), the last checkpoint kept.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.common.cluster import init_ray
+from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted
 from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic_writer
-from gen_ssd_ray.generate.config import model_revision
+from gen_ssd_ray.common.interrupts import raise_on_signals
+from gen_ssd_ray.common.models import model_revision
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 from gen_ssd_ray.train.data import (
@@ -45,16 +50,12 @@ from gen_ssd_ray.train.worker import FAIL_AT_STEP_ENV
 log = logging.getLogger("gen_ssd_ray.train")
 
 
-class ModelIncompatibleError(ValueError):
+class ModelIncompatibleError(InputError):
     """The model folder cannot be fine-tuned here; the message says why and what to use."""
 
 
-class TrainingFailed(RuntimeError):
-    """A worker failed; the message names the checkpoint a re-run resumes from."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT (Ray Train aborts the run) or SIGTERM (`ray job stop`); the last checkpoint is kept."""
+class TrainOutputExistsError(InputError):
+    """output.dir holds a run with another fingerprint; the message says how to proceed."""
 
 
 @dataclass
@@ -120,11 +121,11 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 def prepare(cfg: FinetuneConfig) -> Prepared:
     """Everything that can fail on bad input, before any worker starts (see the module docstring).
 
-    Raises ModelNotFoundError / ModelIncompatibleError / TrainDataError (EmptyTrainingSetError) /
-    FingerprintMismatchError, all ValueErrors whose message names the key and the fix.
+    Raises ModelNotFoundError (a ValueError) / ModelIncompatibleError / TrainDataError
+    (EmptyTrainingSetError) / TrainOutputExistsError (InputErrors), whose message names the key and
+    the fix.
     """
     from gen_ssd_ray.common.models import resolve_model
-    from gen_ssd_ray.generate.output import FingerprintMismatchError
 
     if cfg.deepspeed.precision == "bf16" and cfg.runtime.gpus_per_worker == 0 and not cpu_has_native_bf16():
         log.warning(
@@ -150,7 +151,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     state = ck.read_json(out / ck.STATE)
     if state is not None and state.get("fingerprint") != fp:
         if not cfg.output.force:
-            raise FingerprintMismatchError(
+            raise TrainOutputExistsError(
                 f"output.dir={str(out)!r} holds a fine-tuning run with another config or data "
                 f"(fingerprint {state.get('fingerprint')} != {fp}): use another output.dir, or set "
                 "output.force=true to start over there"
@@ -171,7 +172,7 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     """Write the run's identity; a forced run over another config's folder starts from scratch."""
     import shutil
 
-    from gen_ssd_ray.generate.config import to_yaml
+    from gen_ssd_ray.common.config import to_yaml
 
     state = ck.read_json(out / ck.STATE)
     if state is not None and state.get("fingerprint") != p.fingerprint:  # output.force=true
@@ -189,7 +190,8 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
 
 
 def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
-    """Run the Ray Train job (blocks). Raises TrainingFailed when a worker fails."""
+    """Run the Ray Train job (blocks). Raises JobFailed when a worker fails, JobInterrupted on SIGINT or
+    SIGTERM."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -228,45 +230,29 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             worker_runtime_env={"env_vars": worker_env},
         ),
     )
-    restore = _sigterm_raises()
     try:
-        trainer.fit()
-    except (KeyboardInterrupt, SystemExit) as e:  # Ray Train exits on SIGINT after aborting the run
-        raise TrainingInterrupted(f"training interrupted; {_resume_hint(out)}") from e
+        # SIGTERM (`ray job stop`) interrupts `fit` like Ctrl-C (installed after ray.init's handlers).
+        with raise_on_signals():
+            trainer.fit()
+    except (KeyboardInterrupt, SystemExit) as e:  # a signal, or Ray Train exiting after aborting the run
+        raise JobInterrupted(f"training interrupted; {_resume_hint(out)}") from e
     except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
         last = ck.latest_tag(out)
         if ck.model_complete(out) and last is not None and ck.step_of(last) >= planned_steps(cfg, p):
-            # Every step ran and the model was exported; a worker then died on its way out (PLATFORM.md
-            # has seen a 2-rank ZeRO-3 run abort at exit).
+            # Every step ran and the model was exported; a worker then died on its way out (a 2-rank
+            # ZeRO-3 run has been seen to abort at exit).
             log.warning("training finished and the model was exported, but a worker failed at exit: %s", e)
             return
         text = str(e).strip()
-        raise TrainingFailed(
+        raise JobFailed(
             f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out)}"
         ) from e
-    finally:
-        restore()
 
 
 def _resume_hint(out: Path) -> str:
     last = ck.latest_tag(out)
     where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
     return f"{where} in {out / ck.CHECKPOINTS}; re-run the same command to resume"
-
-
-def _sigterm_raises():
-    """SIGTERM (`ray job stop`) interrupts `fit` like Ctrl-C; returns a function restoring the handler."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[str, Any]:
@@ -283,8 +269,8 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
     started = time.perf_counter()
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
     launch(cfg, p, out)
-    if not ck.model_complete(out):  # a worker can abort at exit after finishing (PLATFORM.md)
-        raise TrainingFailed(f"training ended but {out / ck.MODEL} is incomplete; re-run to export again")
+    if not ck.model_complete(out):  # a worker can abort at exit after finishing (see launch)
+        raise JobFailed(f"training ended but {out / ck.MODEL} is incomplete; re-run to export again")
     metrics = ck.read_metrics(out)
     plot_metrics(metrics, out / ck.PLOT)
     summary = make_summary(cfg, p, metrics, out, time.perf_counter() - started)

@@ -81,7 +81,7 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
     z, o = cfg.deepspeed, cfg.optim
     zero: dict[str, Any] = {"stage": z.zero_stage}
     if z.zero_stage == 3:
-        # Without it, save_16bit_model writes nothing under ZeRO-3 (PLATFORM.md).
+        # Without it, save_16bit_model writes nothing under ZeRO-3 (the exported folder would be empty).
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if z.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.runtime.gpus_per_worker > 0}
@@ -108,7 +108,8 @@ def _optimizer(cfg: FinetuneConfig, params):
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
     import torch
 
-    # A torch optimizer instance avoids DeepSpeed's FusedAdam build (PLATFORM.md).
+    # A torch optimizer instance avoids DeepSpeed's FusedAdam, a CUDA extension it would otherwise
+    # build at start-up.
     return torch.optim.AdamW(params, **kwargs)
 
 

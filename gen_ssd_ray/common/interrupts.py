@@ -1,0 +1,54 @@
+"""The one SIGINT/SIGTERM policy of every job.
+
+SIGINT (Ctrl-C) and SIGTERM (`ray job stop`, a preempted node) mean the same thing: stop, keep what
+finished, exit 130 so that re-running the same command continues.
+
+- A loop that owns its work (generation's and evaluation's dispatch loops) runs under
+  `stop_on_signals()`: a signal only sets the returned event, never raises, so a shard commit is never
+  cut in half; the loop stops admitting work and the job raises `JobInterrupted`.
+- Everywhere else (engine start-up, Ray Train's `fit`, between pipeline stages) the job runs under
+  `raise_on_signals()`: both signals raise KeyboardInterrupt where the job is, and the job's entry
+  point (gen_ssd_ray.common.cli.run_job) turns it into exit 130.
+
+Handlers are only installed in the main thread (elsewhere these are no-ops), after `ray.init` (which
+sets its own), and the previous handlers are restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _handlers(handler) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in _SIGNALS}
+    for s in _SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """Within the block, SIGINT and SIGTERM set the yielded event."""
+    stop = threading.Event()
+    with _handlers(lambda *_: stop.set()):
+        yield stop
+
+
+@contextlib.contextmanager
+def raise_on_signals() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise KeyboardInterrupt."""
+    with _handlers(signal.default_int_handler):
+        yield

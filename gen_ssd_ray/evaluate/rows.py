@@ -1,0 +1,153 @@
+"""Evaluation rows: the typed prediction row, its statuses, its Parquet schema, and the summary.
+
+One row per problem x sample (`PredictionRow`, `PREDICTION_SCHEMA`). `status` is `completed` (ended
+with EOS), `truncated` (hit `sampling.max_new_tokens` or the model length) or `error` (the reason in
+`error`: a bad data row, a prompt that does not fit `model.max_model_len` with the response budget, or
+a prompt the engine rejected). Only completed samples get a `final_answer` and a verdict; `correct` is
+null ("unverified") for the others and where no answer could be checked.
+
+Pure, apart from `write_predictions`: no engine, no Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypedDict
+
+import pyarrow as pa
+
+from gen_ssd_ray.common.data import Problem
+from gen_ssd_ray.common.fsio import atomic_writer
+from gen_ssd_ray.common.prompts import RenderedPrompt
+from gen_ssd_ray.core.answers import extract_final_answer
+
+COMPLETED, TRUNCATED, ERROR = "completed", "truncated", "error"
+STATUSES = (COMPLETED, TRUNCATED, ERROR)
+
+
+class PredictionRow(TypedDict):
+    problem_id: str
+    sample_index: int
+    question: str | None
+    gold_answer: str | None
+    prompt: str | None  # the rendered chat prompt
+    response: str | None
+    final_answer: str | None  # completed samples only
+    correct: bool | None  # null: unverified
+    status: str  # one of STATUSES
+    error: str | None  # the reason; null unless status == ERROR
+    num_response_tokens: int
+    model: str  # model.model as configured
+    seed: int  # the request seed of the problem
+
+
+PREDICTION_SCHEMA: pa.Schema = pa.schema(
+    [
+        pa.field("problem_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("question", pa.string()),
+        pa.field("gold_answer", pa.string()),
+        pa.field("prompt", pa.string()),  # the rendered chat prompt
+        pa.field("response", pa.string()),
+        pa.field("final_answer", pa.string()),  # completed samples only
+        pa.field("correct", pa.bool_()),  # null: unverified
+        pa.field("status", pa.string(), nullable=False),  # completed | truncated | error
+        pa.field("error", pa.string()),  # the reason; null unless status == "error"
+        pa.field("num_response_tokens", pa.int32()),
+        pa.field("model", pa.string()),  # model.model as configured
+        pa.field("seed", pa.int64()),  # the request seed of the problem
+    ]
+)
+
+
+def problem_seed(base: int, problem_id: str) -> int:
+    """The request seed of a problem: results do not depend on batching, engine count or order."""
+    h = hashlib.blake2b(f"{base}/{problem_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "big") & 0x7FFFFFFF
+
+
+def sample_rows(
+    problem: Problem,
+    prompt: RenderedPrompt,
+    generation: Any | None,
+    *,
+    n: int,
+    model: str,
+    seed: int,
+) -> list[dict[str, Any]]:
+    """The output rows of one problem (without `correct`, which the verifier fills in).
+
+    `generation` is the engine's `Generation` (samples with token ids, text and finish reason, or an
+    error); None for a problem that never reached an engine (then `prompt.error` says why).
+    """
+    base = {
+        "problem_id": problem.problem_id,
+        "question": problem.question,
+        "gold_answer": problem.gold_answer,
+        "prompt": prompt.text,
+        "model": model,
+        "seed": seed,
+        "correct": None,
+    }
+    error = prompt.error or (generation.error if generation is not None else "not generated")
+    if error is not None or generation is None:
+        failed = {"response": None, "final_answer": None, "status": "error", "error": error}
+        return [{**base, "sample_index": i, **failed, "num_response_tokens": 0} for i in range(n)]
+    return [{**base, "sample_index": i, **_sample_fields(s)} for i, s in enumerate(generation.samples)]
+
+
+def _sample_fields(sample: Any) -> dict[str, Any]:
+    status = {"stop": COMPLETED, "length": TRUNCATED}.get(sample.finish_reason, ERROR)
+    return {
+        "response": sample.text,
+        "final_answer": extract_final_answer(sample.text) if status == "completed" else None,
+        "status": status,
+        "error": None if status != "error" else f"generation ended with finish_reason={sample.finish_reason}",
+        "num_response_tokens": len(sample.token_ids),
+    }
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy and counts over prediction rows.
+
+    accuracy: mean over problems with at least one non-error sample of (correct samples / non-error
+    samples); error rows are counted apart, never as wrong. unverified: non-error samples whose
+    `correct` is null (truncated, no answer, or math-verify could not parse it).
+    """
+    by_problem: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    fractions = []
+    for samples in by_problem.values():
+        scored = [r for r in samples if r["status"] != "error"]
+        if scored:
+            fractions.append(sum(r.get("correct") is True for r in scored) / len(scored))
+    scored_rows = [r for r in rows if r["status"] != "error"]
+    tokens = sum(r["num_response_tokens"] or 0 for r in scored_rows)
+    statuses = Counter(r["status"] for r in rows)
+    return {
+        "accuracy": round(sum(fractions) / len(fractions), 6) if fractions else None,
+        "problems": len(by_problem),
+        "problems_scored": len(fractions),
+        "problems_error": len(by_problem) - len(fractions),
+        "samples": len(rows),
+        "samples_by_status": {s: statuses.get(s, 0) for s in STATUSES},
+        "correct": sum(r.get("correct") is True for r in scored_rows),
+        "incorrect": sum(r.get("correct") is False for r in scored_rows),
+        "unverified": sum(r.get("correct") is None for r in scored_rows),
+        "mean_response_tokens": round(tokens / len(scored_rows), 2) if scored_rows else None,
+        "generated_tokens": tokens,
+    }
+
+
+def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """The rows as Parquet with exactly `PREDICTION_SCHEMA`, written atomically."""
+    import pyarrow.parquet as pq
+
+    names = PREDICTION_SCHEMA.names
+    table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows], schema=PREDICTION_SCHEMA)
+    with atomic_writer(path) as fh:
+        pq.write_table(table, fh)

@@ -1,0 +1,85 @@
+"""The generation job's actors: teacher engines, student scorers and beam managers, with resources
+from the config (gen_ssd_ray.engines.actors starts and stops them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gen_ssd_ray.engines.actors import (
+    StudentScorer,
+    create_actors,
+    create_engine_pool,
+    engine_env,
+    stop_actors,
+    wait_ready,
+)
+from gen_ssd_ray.engines.base import ScorerSpec
+from gen_ssd_ray.generate.config import GenerateConfig
+
+
+@dataclass
+class Pools:
+    teachers: list
+    scorers: list
+    managers: list
+
+
+def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Pools:
+    """Start teacher, scorer and beam-manager actors with resources from the config; wait until ready.
+
+    Raises JobFailed if an engine does not start within runtime.startup_timeout_s."""
+    t, s, r, q = cfg.teacher, cfg.student, cfg.runtime, cfg.search
+    concurrency = max(64, 2 * t.max_inflight_problems * q.beam_width * q.trajectories_per_problem)
+    teachers = create_engine_pool(t, teacher_path, concurrency)
+    spec = ScorerSpec(dataclasses.replace(s, model=student_path), teacher_path, t.max_model_len)
+    scorers = create_actors(
+        StudentScorer,
+        (spec,),
+        s.num_scorers,
+        num_cpus=s.num_cpus,
+        num_gpus=s.num_gpus,
+        max_restarts=1,
+        max_task_retries=0,
+        max_concurrency=1000,
+        runtime_env={"env_vars": engine_env(s.kv_cache_gib)},
+    )
+    wait_ready(
+        teachers + scorers,
+        r.startup_timeout_s,
+        f"the teacher engines ({teacher_path}) or scorers ({student_path})",
+    )
+    return Pools(teachers, scorers, build_managers(cfg, teacher_path, student_path, teachers, scorers))
+
+
+def build_managers(
+    cfg: GenerateConfig, teacher_path: str, student_path: str, teachers: list, scorers: list
+) -> list:
+    """Beam-manager actors for `cfg` (its method and search knobs) over existing engines; waits until ready.
+
+    A caller that runs several configs on the same engines (the pipeline's methods) builds new managers
+    per config and keeps the engines."""
+    from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
+
+    r = cfg.runtime
+    # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
+    managers = create_actors(
+        BeamManager,
+        (ManagerSpec.from_config(cfg, teacher_path, student_path), teachers, scorers),
+        r.num_beam_managers,
+        num_cpus=r.manager_num_cpus,
+        max_concurrency=100_000,
+        max_restarts=0,
+        runtime_env={"env_vars": engine_env(cfg.teacher.kv_cache_gib)},
+    )
+    wait_ready(managers, r.startup_timeout_s, "the beam managers")
+    return managers
+
+
+def shutdown_pools(pools: Pools, timeout_s: float = 60.0) -> None:
+    """Stop every engine cleanly (vLLM engine cores included), then release all actors."""
+    import ray
+
+    stop_actors(pools.teachers + pools.scorers, timeout_s)
+    for m in pools.managers:
+        ray.kill(m)

@@ -1,0 +1,102 @@
+"""Typed configuration of the pipeline (`python -m jobs.pipeline`): the experiment's own knobs, and one
+section per stage holding that job's own config (gen_ssd_ray.generate.config, train.config,
+evaluate.config). The pipeline derives each stage's config from its section with `stage_config`
+(a copy with the shared prompt and Ray address and the links between stages filled in); a loaded
+config is frozen and never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from gen_ssd_ray.common.config import ConfigError, PromptConfig, RayConfig, derive, require
+from gen_ssd_ray.evaluate.config import EvaluateConfig
+from gen_ssd_ray.generate.config import GenerateConfig
+from gen_ssd_ray.train.config import FinetuneConfig, TrainDataConfig
+
+LAB_PREFIX = "lab:"
+
+
+def _default_methods() -> list[str]:
+    return ["gen_ssd", "standard_kd", "posthoc_ppl"]
+
+
+def _distill_defaults() -> FinetuneConfig:
+    return FinetuneConfig(data=TrainDataConfig(filters=["selected == True"]))
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    PRESET: ClassVar[str] = "conf/pipeline.yaml"
+
+    # Every stage writes under this folder; the report lands in <output_dir>/report.
+    output_dir: str = "outputs/pipeline"
+    # The teacher: a Hugging Face folder, hub id or embedded:teacher used as is, or lab:<size>
+    # (gen_ssd_ray.lab.models: teacher, student, medium, large) built from scratch and trained by the
+    # teacher_train stage.
+    teacher: str = "lab:teacher"
+    # The student before its cold start: a folder / embedded:student, or lab:<size> (random init).
+    student: str = "lab:student"
+    # Initialization seed of lab:<size> models.
+    init_seed: int = 0
+    # Data-generation methods compared (gen_ssd_ray.core.methods).
+    methods: list[str] = field(default_factory=_default_methods)
+    # Whole solutions sampled per problem by standard_kd (each correct one is kept) and by posthoc_ppl
+    # (the correct one with the lowest student PPL is kept). With kd_samples=1 every method keeps at
+    # most one trajectory per problem, so the comparison is about which one, not how many.
+    kd_samples: int = 1
+    posthoc_samples: int = 4
+    # The prompt of every stage (generation, fine-tuning, evaluation).
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Fine-tuning of a lab:<size> teacher (model.path, output.dir and prompt are set by the pipeline).
+    teacher_train: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Cold-start fine-tune of the student on ordinary solutions (model.path, output.dir, prompt set).
+    cold_start: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Generation (teacher.model, student.model, method, output.dir, prompt set by the pipeline; the
+    # baselines get search.trajectories_per_problem = kd_samples / posthoc_samples).
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    # Fine-tuning of the cold-start student on each method's data (model.path, data.path,
+    # data.expect_fingerprint, output.dir, prompt set). Default filter: the method's selection.
+    distill: FinetuneConfig = field(default_factory=_distill_defaults)
+    # Evaluation of every model on held-out problems (model.model, output.dir, prompt set).
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    # Where Ray runs; every stage runs on this one Ray.
+    runtime: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> None:
+        from gen_ssd_ray.core.methods import METHODS
+        from gen_ssd_ray.lab.models import LAB_MODEL_SIZES
+
+        require(bool(self.output_dir), "output_dir", "must not be empty")
+        require(bool(self.methods), "methods", f"must list at least one of {sorted(METHODS)}")
+        for m in self.methods:
+            require(m in METHODS, "methods", f"unknown method {m!r}; choose from {sorted(METHODS)}")
+        require(len(set(self.methods)) == len(self.methods), "methods", "lists a method twice")
+        require(
+            self.posthoc_samples >= 2 or "posthoc_ppl" not in self.methods,
+            "posthoc_samples",
+            f"must be >= 2 when methods include posthoc_ppl, got {self.posthoc_samples}",
+        )
+        require(self.kd_samples >= 1, "kd_samples", f"must be >= 1, got {self.kd_samples}")
+        for key in ("teacher", "student"):
+            value = getattr(self, key)
+            if value.startswith(LAB_PREFIX):
+                size = value.removeprefix(LAB_PREFIX)
+                require(
+                    size in LAB_MODEL_SIZES, key, f"lab size {size!r} unknown; use {sorted(LAB_MODEL_SIZES)}"
+                )
+        self.runtime.validate()
+        for section in ("teacher_train", "cold_start", "generate", "distill", "evaluate"):
+            try:
+                stage_config(self, section, {}).validate()
+            except ConfigError as e:
+                raise ConfigError(f"{section}.{e}") from None
+
+
+def stage_config(cfg: PipelineConfig, section: str, links: dict[str, Any]):
+    """A stage's config: its section of `cfg`, with the prompt and Ray address every stage shares and
+    the `links` the pipeline fills in (dotted keys: model paths, data paths, output folders, ...).
+    Derived as a copy (`derive`); the loaded config never changes."""
+    shared = {"prompt": cfg.prompt, "runtime.ray_address": cfg.runtime.ray_address}
+    return derive(getattr(cfg, section), {**shared, **links})

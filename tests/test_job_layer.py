@@ -1,0 +1,211 @@
+"""The shared job layer: frozen configs and `derive`, the failure model and `run_job`'s exit codes, the
+SIGINT/SIGTERM policy, the engine registry and protocols."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+
+import pytest
+
+from gen_ssd_ray.common.cli import Job, run_job
+from gen_ssd_ray.common.config import ConfigError, derive, load_config
+from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted
+from gen_ssd_ray.common.interrupts import raise_on_signals, stop_on_signals
+from gen_ssd_ray.generate.config import GenerateConfig
+
+# ---- configs ---------------------------------------------------------------------------------------
+
+
+def test_loaded_configs_are_frozen_and_derive_copies():
+    cfg = load_config(None, [], GenerateConfig)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.teacher.model = "x"  # type: ignore[misc]
+    new = derive(cfg, {"teacher.model": "/m", "output.dir": "/o", "method": "standard_kd"})
+    assert (new.teacher.model, new.output.dir, new.method) == ("/m", "/o", "standard_kd")
+    assert (cfg.teacher.model, cfg.output.dir, cfg.method) == (
+        "embedded:teacher",
+        "outputs/generate",
+        "gen_ssd",
+    )
+    assert new.student is cfg.student  # untouched sections are shared, not copied
+    with pytest.raises(ConfigError, match="teacher.nope"):
+        derive(cfg, {"teacher.nope": 1})
+
+
+def test_every_job_config_is_frozen():
+    from gen_ssd_ray.evaluate.config import EvaluateConfig
+    from gen_ssd_ray.pipeline.config import PipelineConfig
+    from gen_ssd_ray.train.config import FinetuneConfig
+
+    for schema in (GenerateConfig, EvaluateConfig, FinetuneConfig, PipelineConfig):
+        hints = {f.name: f for f in dataclasses.fields(schema)}
+        cfg = schema()
+        assert schema.__dataclass_params__.frozen, schema
+        for name in hints:
+            value = getattr(cfg, name)
+            if dataclasses.is_dataclass(value):
+                assert type(value).__dataclass_params__.frozen, f"{schema.__name__}.{name}"
+
+
+def test_one_engine_section_and_one_runtime_section():
+    from gen_ssd_ray.common.config import EngineConfig, EngineJobRuntimeConfig, RayConfig
+    from gen_ssd_ray.evaluate.config import EvaluateConfig
+    from gen_ssd_ray.pipeline.config import PipelineConfig
+    from gen_ssd_ray.train.config import FinetuneConfig
+
+    assert isinstance(GenerateConfig().teacher, EngineConfig)
+    assert isinstance(EvaluateConfig().model, EngineConfig)
+    for runtime in (GenerateConfig().runtime, EvaluateConfig().runtime):
+        assert isinstance(runtime, EngineJobRuntimeConfig)
+    for runtime in (FinetuneConfig().runtime, PipelineConfig().runtime):
+        assert isinstance(runtime, RayConfig)
+
+
+def test_unknown_key_names_the_jobs_own_preset():
+    from gen_ssd_ray.evaluate.config import EvaluateConfig
+
+    with pytest.raises(ConfigError, match=r"conf/evaluate\.yaml"):
+        load_config(None, ["model.nope=1"], EvaluateConfig)
+    with pytest.raises(ConfigError, match=r"conf/default\.yaml"):
+        load_config(None, ["teacher.nope=1"], GenerateConfig)
+
+
+# ---- run_job ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiny:
+    PRESET = "conf/tiny.yaml"
+    x: int = 1
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if self.x < 0:
+            raise ConfigError("x: must be >= 0")
+
+
+def tiny_job(prepare=lambda cfg: "ready", run=None) -> Job:
+    return Job(
+        name="tiny",
+        schema=Tiny,
+        prepare=prepare,
+        run=run or (lambda cfg, p: {"x": cfg.x, "prepared": p}),
+        format_summary=lambda s: f"summary x={s['x']}",
+    )
+
+
+def raise_(exc):
+    def f(*_):
+        raise exc
+
+    return f
+
+
+@pytest.mark.parametrize(
+    "job, argv, code",
+    [
+        (tiny_job(), ["x=3"], 0),
+        (tiny_job(), ["x=-1"], 2),  # bad config
+        (tiny_job(), ["nope=1"], 2),  # unknown key
+        (tiny_job(prepare=raise_(InputError("data.path: no such file"))), [], 2),
+        (tiny_job(prepare=raise_(OSError("disk"))), [], 2),
+        (tiny_job(run=raise_(InputError("stage x: bad data"))), [], 2),
+        (tiny_job(run=raise_(JobFailed("engines died; re-run", {"x": 7, "prepared": None}))), [], 1),
+        (tiny_job(run=raise_(JobInterrupted("stopped", {"x": 8, "prepared": None}))), [], 130),
+        (tiny_job(run=raise_(KeyboardInterrupt())), [], 130),
+    ],
+    ids=[
+        "ok",
+        "bad-value",
+        "unknown-key",
+        "bad-input",
+        "os-error",
+        "late-input",
+        "failed",
+        "interrupted",
+        "ctrl-c",
+    ],
+)
+def test_run_job_exit_codes(job, argv, code, capsys):
+    assert run_job(job, "A tiny job.", argv) == code
+    out, err = capsys.readouterr()
+    if code == 0:
+        assert out.splitlines()[-1] == json.dumps({"x": 3, "prepared": "ready"})
+    else:
+        assert err.startswith(("error: ", "interrupted: "))
+    if code in (1, 130) and "x=" in out:  # a summary carried by the failure is printed first
+        assert json.loads(out.splitlines()[-1])["x"] in (7, 8)
+
+
+def test_unexpected_errors_are_not_disguised():
+    with pytest.raises(ZeroDivisionError):
+        run_job(tiny_job(run=raise_(ZeroDivisionError())), "A tiny job.", [])
+
+
+# ---- signals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_set_the_stop_flag_in_a_work_loop_and_raise_elsewhere(sig):
+    before = signal.getsignal(signal.SIGTERM)
+    with raise_on_signals():
+        with stop_on_signals() as stop:
+            os.kill(os.getpid(), sig)
+            assert stop.wait(5)  # a flag, no exception
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), sig)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ---- engines ---------------------------------------------------------------------------------------
+
+
+def test_registry_lists_backends_and_refuses_unknown_names():
+    from gen_ssd_ray.common.config import EngineConfig
+    from gen_ssd_ray.engines.registry import SCORER_BACKENDS, TEACHER_BACKENDS, build_teacher
+
+    assert set(TEACHER_BACKENDS) == {"vllm"} and set(SCORER_BACKENDS) == {"hf", "vllm"}
+    with pytest.raises(ValueError, match=r"registered: \['vllm'\]"):
+        build_teacher(EngineConfig(backend="sim"))
+    with pytest.raises(ConfigError, match="teacher.backend"):
+        load_config(None, ["teacher.backend=sim"], GenerateConfig)
+    with pytest.raises(ConfigError, match="student.backend"):
+        load_config(None, ["student.backend=onnx"], GenerateConfig)
+
+
+@pytest.mark.parametrize(
+    "kind, name",
+    [("teacher", "vllm"), ("scorer", "hf"), ("scorer", "vllm")],
+    ids=["vllm", "hf", "vllm-scorer"],
+)
+def test_every_registered_backend_satisfies_its_protocol(kind, name):
+    import importlib
+
+    from gen_ssd_ray.engines import base, registry
+
+    table = registry.TEACHER_BACKENDS if kind == "teacher" else registry.SCORER_BACKENDS
+    module, _, attr = table[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    protocol = base.TeacherBackend if kind == "teacher" else base.ScorerBackend
+    for method, fn in inspect.getmembers(protocol, inspect.isfunction):
+        if method.startswith("_"):
+            continue
+        impl = getattr(cls, method, None)
+        assert impl is not None, f"{cls.__name__}.{method} is missing"
+        assert inspect.iscoroutinefunction(impl) == inspect.iscoroutinefunction(fn), (
+            f"{cls.__name__}.{method}"
+        )
+
+
+def test_actors_hold_no_backend_branches():
+    from gen_ssd_ray.engines import actors
+
+    source = inspect.getsource(actors)
+    for backend in ("vllm", "hf", "VllmTeacher", "HfScorer"):
+        for needle in (f'== "{backend}"', f"'{backend}'", f"import {backend}"):
+            assert needle not in source
