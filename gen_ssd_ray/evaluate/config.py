@@ -20,6 +20,7 @@ from gen_ssd_ray.common.config import (
     DataConfig,
     EngineConfig,
     EngineJobRuntimeConfig,
+    JobOutputConfig,
     PromptConfig,
     require,
 )
@@ -49,12 +50,10 @@ class EvalSamplingConfig:
 
 
 @dataclass(frozen=True)
-class EvalOutputConfig:
-    # Folder for predictions.parquet and summary.json.
+class EvalOutputConfig(JobOutputConfig):
+    # Folder for predictions.parquet and summary.json. With force: re-evaluate and overwrite whatever
+    # the folder holds (otherwise: same fingerprint = skip, different fingerprint = refused).
     dir: str = "outputs/evaluate"
-    # Re-evaluate and overwrite whatever the folder holds (otherwise: same fingerprint = skip,
-    # different fingerprint = refused).
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,7 @@ class EvaluateConfig:
         )
         self.prompt.validate()
         self.data.validate()
-        require(bool(self.output.dir), "output.dir", "must not be empty")
+        self.output.validate()
         self.runtime.validate()
 
 

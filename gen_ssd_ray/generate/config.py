@@ -20,6 +20,8 @@ from gen_ssd_ray.common.config import (
     DataConfig,
     EngineConfig,
     EngineJobRuntimeConfig,
+    JobOutputConfig,
+    ModelPoolConfig,
     PromptConfig,
     require,
 )
@@ -34,26 +36,20 @@ class TeacherConfig(EngineConfig):
 
 
 @dataclass(frozen=True)
-class StudentConfig:
-    # Hugging Face folder or hub id of the student, or "embedded:student".
+class StudentConfig(ModelPoolConfig):
+    """The student scorers. backend: "hf" (transformers with per-beam KV-cache reuse) or "vllm" (vLLM
+    prompt_logprobs; recomputes the prefix). dtype "auto": float32 on CPU, bfloat16 on GPU (hf);
+    gpu_memory_utilization, kv_cache_gib and enforce_eager apply to the vllm backend."""
+
     model: str = DEFAULT_STUDENT
-    # Scorer backend (gen_ssd_ray.engines.registry): "hf" (transformers with per-beam KV-cache
-    # reuse) or "vllm" (vLLM prompt_logprobs; recomputes the prefix).
     backend: str = "hf"
-    num_scorers: int = 1
-    num_gpus: float = 0.0
     num_cpus: float = 0.5
-    # torch dtype for the hf backend ("auto" = float32 on CPU, bfloat16 on GPU).
     dtype: str = "auto"
+    num_scorers: int = 1
     # hf backend: token budget of cached KV across live beams (LRU beyond it).
     kv_cache_tokens: int = 200_000
     # CPU threads for the hf scorer (0 = torch default).
     num_threads: int = 1
-    trust_remote_code: bool = False
-    # vllm backend only: KV cache GiB on CPU; fraction of GPU memory on GPU; skip compilation.
-    kv_cache_gib: float = 1.0
-    enforce_eager: bool = False
-    gpu_memory_utilization: float = 0.85
 
 
 @dataclass(frozen=True)
@@ -66,12 +62,10 @@ class SearchConfig(SearchParams):
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class OutputConfig(JobOutputConfig):
     dir: str = "outputs/generate"
     # Problems per Parquet shard.
     shard_size: int = 8
-    # Continue in a folder written with a different config fingerprint.
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,21 +100,9 @@ class GenerateConfig:
         t, s, q, o, r = self.teacher, self.student, self.search, self.output, self.runtime
         t.validate("teacher")
         require(t.max_inflight_problems >= 1, "teacher.max_inflight_problems", "must be >= 1")
-        require(
-            s.backend in SCORER_BACKENDS,
-            "student.backend",
-            f"must be one of {sorted(SCORER_BACKENDS)}, got {s.backend!r}",
-        )
+        s.validate_pool("student", SCORER_BACKENDS)
         require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
-        require(s.num_cpus >= 0 and s.num_gpus >= 0, "student.num_cpus", "resources must be >= 0")
-        require(
-            s.dtype in ("auto", "float32", "bfloat16", "float16"),
-            "student.dtype",
-            f"must be auto, float32, bfloat16 or float16, got {s.dtype!r}",
-        )
         require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
-        require(s.kv_cache_gib > 0, "student.kv_cache_gib", "must be > 0")
-        require(0 < s.gpu_memory_utilization <= 1, "student.gpu_memory_utilization", "must be in (0, 1]")
         self.prompt.validate()
         require(q.temperature >= 0, "search.temperature", f"must be >= 0, got {q.temperature}")
         require(0 < q.top_p <= 1, "search.top_p", f"must be in (0, 1], got {q.top_p}")
@@ -140,8 +122,8 @@ class GenerateConfig:
             "must be >= 2 with method=posthoc_ppl (it picks one of N whole solutions; e.g. 4)",
         )
         self.data.validate()
+        o.validate()
         require(o.shard_size >= 1, "output.shard_size", f"must be >= 1, got {o.shard_size}")
-        require(bool(o.dir), "output.dir", "must not be empty")
         r.validate()
         require(r.num_beam_managers >= 1, "runtime.num_beam_managers", "must be >= 1")
         require(r.manager_num_cpus >= 0, "runtime.manager_num_cpus", "must be >= 0")

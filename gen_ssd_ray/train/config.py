@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from gen_ssd_ray.common.config import DEFAULT_STUDENT, PromptConfig, RayConfig, require
+from gen_ssd_ray.common.config import DEFAULT_STUDENT, JobOutputConfig, PromptConfig, RayConfig, require
 from gen_ssd_ray.common.fingerprint import fingerprint
 
 DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
@@ -100,15 +100,13 @@ class DeepSpeedConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneOutputConfig:
+class FinetuneOutputConfig(JobOutputConfig):
     dir: str = "outputs/finetune"
     # Save a resumable checkpoint (model, optimizer, scheduler, data position) every N steps (0: only
     # at the end of training).
     save_every_steps: int = 50
     # Checkpoints kept on disk (older ones are deleted after a newer one is complete).
     keep_last: int = 2
-    # Continue in a folder written with a different config fingerprint.
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,7 +206,7 @@ class FinetuneConfig:
             "deepspeed.precision",
             "fp16 needs GPUs (runtime.gpus_per_worker > 0); use bf16 or fp32 on CPU",
         )
-        require(bool(out.dir), "output.dir", "must not be empty")
+        out.validate()
         require(out.save_every_steps >= 0, "output.save_every_steps", "must be >= 0")
         require(out.keep_last >= 1, "output.keep_last", "must be >= 1")
         r.validate()
