@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         format_summary=format_summary,
         example="generate.data.limit=64",
         summary_json=summary_json,
+        bad_input=(ValueError, OSError),  # each stage checks its input when it starts
     )
     return run_job(job, __doc__, argv)
 

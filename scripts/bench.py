@@ -81,7 +81,11 @@ def plain_sampling(teacher, prompts, search, target_tokens: int) -> tuple[int, f
             for i, p in enumerate(prompts)
         ]
         outs = ray.get(teacher.generate.remote(requests))
-        generated += sum(len(s.token_ids) for g in outs for s in g.samples)
+        tokens = sum(len(s.token_ids) for g in outs for s in g.samples)
+        if not tokens:
+            errors = sorted({g.error for g in outs if g.error})
+            raise RuntimeError(f"plain sampling generated nothing (engine errors: {errors})")
+        generated += tokens
         rnd += 1
     return generated, time.perf_counter() - t0
 

@@ -209,3 +209,28 @@ def test_actors_hold_no_backend_branches():
     for backend in ("vllm", "hf", "VllmTeacher", "HfScorer"):
         for needle in (f'== "{backend}"', f"'{backend}'", f"import {backend}"):
             assert needle not in source
+
+
+@pytest.mark.integration
+def test_init_ray_keeps_the_jobs_sigterm_policy():
+    """ray.init installs its own SIGTERM handler (sys.exit(15)); a job's handler survives it, so a
+    preempted job still exits 130."""
+    import ray
+
+    from gen_ssd_ray.common.cluster import init_ray
+
+    try:
+        with raise_on_signals():
+            init_ray(None, 1)
+            assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        ray.shutdown()
+
+
+def test_pipeline_bad_output_folder_is_bad_input(tmp_path, capsys):
+    from jobs.pipeline import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([f"output_dir={blocker / 'pipe'}"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")

@@ -66,10 +66,16 @@ def test_teacher_and_scorer_actors(cluster):
 
     _, pools = cluster
     prompt = tuple(range(200, 300))
-    (res,) = ray.get(pools.teachers[0].expand.remote([ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1)]))
+    (res,) = ray.get(
+        pools.teachers[0].expand.remote(
+            [ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1, temperature=0.8, top_p=0.95)]
+        )
+    )
     assert len(res.candidates) == 3 and all(1 <= len(c.token_ids) <= 8 for c in res.candidates)
     (again,) = ray.get(
-        pools.teachers[0].expand.remote([ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1)])
+        pools.teachers[0].expand.remote(
+            [ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1, temperature=0.8, top_p=0.95)]
+        )
     )
     assert again.candidates == res.candidates  # per-request seeds reproduce samples
     assert again.cached_prompt_tokens >= 96  # the prompt's full 32-token blocks came from the prefix cache

@@ -46,6 +46,10 @@ class Job:
     example: str = "data.limit=100"  # an override shown in --help
     # What the closing JSON line holds (default: the whole summary).
     summary_json: Callable[[dict[str, Any]], dict[str, Any]] = dict
+    # Errors that mean bad input (exit 2) when `run` raises them, besides InputError. A job with
+    # stages (the pipeline) checks each stage's input when the stage starts, so for it every
+    # ValueError / OSError is one.
+    bad_input: tuple[type[BaseException], ...] = (InputError,)
 
 
 def _print_summary(job: Job, summary: dict[str, Any] | None) -> None:
@@ -77,9 +81,6 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     try:
         with raise_on_signals():
             summary = job.run(cfg, prepared)
-    except InputError as e:  # found by a later stage of a multi-stage job, before it started
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except JobFailed as e:
         _print_summary(job, e.summary)
         print(f"error: {e}", file=sys.stderr)
@@ -87,9 +88,12 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     except (JobInterrupted, KeyboardInterrupt) as e:
         _print_summary(job, getattr(e, "summary", None))
         print(
-            f"interrupted: {e or 'stopped'}; what finished is kept, re-run the same command to continue",
+            f"interrupted: {str(e) or 'stopped'}; what finished is kept, re-run the same command to continue",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    except job.bad_input as e:  # found by a later stage of a multi-stage job, before it started
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     _print_summary(job, summary)
     return EXIT_OK

@@ -3,15 +3,17 @@
 SIGINT (Ctrl-C) and SIGTERM (`ray job stop`, a preempted node) mean the same thing: stop, keep what
 finished, exit 130 so that re-running the same command continues.
 
-- A loop that owns its work (generation's and evaluation's dispatch loops) runs under
-  `stop_on_signals()`: a signal only sets the returned event, never raises, so a shard commit is never
-  cut in half; the loop stops admitting work and the job raises `JobInterrupted`.
+- Work that owns its state runs under `stop_on_signals()`: a signal only sets the returned event,
+  never raises, so a shard commit is never cut in half. Generation holds it from `ray.init` to the
+  last commit (engine start-up, the dispatch loop, the final flush); evaluation around its dispatch
+  loop. The loop stops admitting work and the job raises `JobInterrupted`.
 - Everywhere else (engine start-up, Ray Train's `fit`, between pipeline stages) the job runs under
   `raise_on_signals()`: both signals raise KeyboardInterrupt where the job is, and the job's entry
   point (gen_ssd_ray.common.cli.run_job) turns it into exit 130.
 
-Handlers are only installed in the main thread (elsewhere these are no-ops), after `ray.init` (which
-sets its own), and the previous handlers are restored on exit.
+Handlers are only installed in the main thread (elsewhere these are no-ops) and the previous handlers
+are restored on exit; `ray.init` sets its own SIGTERM handler, so `gen_ssd_ray.common.cluster.init_ray`
+puts the job's back.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.fsio import fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ BUILD_FORMAT = 1
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(InputError):
     """A model name that cannot be resolved offline; the message says what to do."""
 
 

@@ -24,8 +24,9 @@ class ExpandRequest:
     n: int
     max_tokens: int
     seed: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # Required, by keyword: a request never falls back to some engine-wide sampling.
+    temperature: float = field(kw_only=True)
+    top_p: float = field(kw_only=True)
 
 
 @dataclass(frozen=True)

@@ -151,14 +151,16 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         return stats.summary(cfg.output.dir)
 
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
-    verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
-    progress = None
-    own_pools = pools is None
-    try:
-        pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
-        stats.started = time.perf_counter()  # rates exclude engine start-up
-        progress = Progress("generate", len(p.problems), stats.skipped, cfg.runtime.progress)
-        with stop_on_signals() as stop:  # a flag, never an exception: a commit is never cut in half
+    # From here to the end a signal only sets a flag, never raises: engine start-up finishes, the loop
+    # stops admitting work, and the last shard is committed even if a second signal arrives.
+    with stop_on_signals() as stop:
+        verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
+        progress = None
+        own_pools = pools is None
+        try:
+            pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
+            stats.started = time.perf_counter()  # rates exclude engine start-up
+            progress = Progress("generate", len(p.problems), stats.skipped, cfg.runtime.progress)
             for problem, rows in solve_all(cfg, pools, todo, p.fingerprint, stats, stop):
                 verifier.verify_rows(rows)
                 _select(cfg.method, rows)
@@ -168,16 +170,18 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
                 progress.update(1, tokens, pruned=stats.statuses["pruned"], errors=stats.statuses[ERROR])
             stats.interrupted = stop.is_set()
-        if stats.interrupted:
-            log.warning("interrupted: committed the finished problems; re-run the same command to continue")
-    finally:
-        if p.writer.close():
-            stats.shards_written += 1
-        if progress is not None:
-            progress.close()
-        verifier.close()
-        if own_pools and pools is not None:
-            shutdown_pools(pools)
+            if stats.interrupted:
+                log.warning(
+                    "interrupted: committed the finished problems; re-run the same command to continue"
+                )
+        finally:
+            if p.writer.close():
+                stats.shards_written += 1
+            if progress is not None:
+                progress.close()
+            verifier.close()
+            if own_pools and pools is not None:
+                shutdown_pools(pools)
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     return summary

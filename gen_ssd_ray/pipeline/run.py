@@ -65,18 +65,17 @@ def _stage_input(name: str, folder: Path):
             "earlier stage's result changed since it ran). Use a new output_dir, or delete that folder and the "
             f"folders of the stages after it to redo them. ({e})"
         ) from None
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise StageInputError(f"stage {name}: {e}") from None
 
 
 @contextlib.contextmanager
-def _stage(name: str) -> Iterator[None]:
-    """Name the stage in its failure or interrupt. Anything but bad input that ends a stage (a job
-    failure, engines that do not start, a dead Ray) is a JobFailed: re-running continues from it."""
+def _stage(name: str, *, any_error_fails: bool = False) -> Iterator[None]:
+    """Name the stage in its failure or interrupt. With `any_error_fails` (generation, whose engines
+    may not start or whose Ray may die), any other exception is a JobFailed too: re-running continues
+    from the stage."""
     try:
         yield
-    except InputError:
-        raise
     except JobInterrupted as e:
         raise JobInterrupted(f"{name}: {e}") from e
     except KeyboardInterrupt:
@@ -84,6 +83,8 @@ def _stage(name: str) -> Iterator[None]:
     except JobFailed as e:
         raise JobFailed(f"{name}: {e}") from e
     except Exception as e:
+        if not any_error_fails or isinstance(e, InputError):
+            raise
         raise JobFailed(f"{name}: {reason(e)}") from e
 
 
@@ -183,7 +184,7 @@ class Pipeline:
                 p = prepared[method]
                 pools = None
                 try:
-                    with _stage(name):
+                    with _stage(name, any_error_fails=True):
                         if method in pending:
                             if engines is None:  # sized for the method with the most trajectories per problem
                                 widest = max(
@@ -196,7 +197,7 @@ class Pipeline:
                                 g, p.teacher_path, p.student_path, engines.teachers, engines.scorers
                             )
                             pools = Pools(engines.teachers, engines.scorers, managers)
-                        summary = check_finished(run_generate(g, p, pools=pools), name)
+                        summary = check_finished(run_generate(g, p, pools=pools), "generation")
                 finally:
                     if pools is not None:
                         shutdown_pools(Pools([], [], pools.managers))
