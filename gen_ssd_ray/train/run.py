@@ -121,9 +121,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
 def prepare(cfg: FinetuneConfig) -> Prepared:
     """Everything that can fail on bad input, before any worker starts (see the module docstring).
 
-    Raises ModelNotFoundError (a ValueError) / ModelIncompatibleError / TrainDataError
-    (EmptyTrainingSetError) / TrainOutputExistsError (InputErrors), whose message names the key and
-    the fix.
+    Raises ModelNotFoundError / ModelIncompatibleError / TrainDataError (EmptyTrainingSetError) /
+    TrainOutputExistsError, all InputErrors whose message names the key and the fix.
     """
     from gen_ssd_ray.common.models import resolve_model
 
