@@ -277,10 +277,6 @@ def derive(cfg: C, changes: dict[str, Any], _prefix: str = "") -> C:
     return dataclasses.replace(cfg, **flat)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def to_yaml(cfg: Any) -> str:
     from omegaconf import OmegaConf
 

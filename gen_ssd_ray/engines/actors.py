@@ -8,6 +8,7 @@ protocols of `gen_ssd_ray.engines.base`, and counts what it did; it holds no bac
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -121,8 +122,6 @@ def create_actors(cls: type, args: tuple, count: int, **options) -> list:
 def create_engine_pool(cfg: EngineConfig, model_path: str, max_concurrency: int) -> list:
     """`cfg.num_engines` TeacherEngine actors serving `model_path`, with the section's resources; one
     restart each (a restarted engine reloads its model), no task retries (the caller retries)."""
-    import dataclasses
-
     return create_actors(
         TeacherEngine,
         (dataclasses.replace(cfg, model=model_path),),

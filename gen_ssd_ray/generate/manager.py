@@ -39,8 +39,6 @@ class ManagerSpec:
     prompt: PromptConfig
     trajectories: int
     seed: int
-    temperature: float
-    top_p: float
     teacher_max_len: int
     call_timeout_s: float
     fingerprint: str
@@ -59,8 +57,6 @@ class ManagerSpec:
             prompt=cfg.prompt,
             trajectories=cfg.search.trajectories_per_problem,
             seed=cfg.search.seed,
-            temperature=cfg.search.temperature,
-            top_p=cfg.search.top_p,
             teacher_max_len=cfg.teacher.max_model_len,
             call_timeout_s=cfg.runtime.call_timeout_s,
             fingerprint=run_fingerprint(cfg, teacher_path, student_path),
@@ -72,8 +68,8 @@ class ManagerSpec:
     def sampling(self) -> dict[str, Any]:
         p = self.params
         return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
             "chunk_tokens": p.chunk_tokens,
             "num_candidates": p.num_candidates,
             "beam_width": p.beam_width,
