@@ -137,7 +137,17 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, tiny_model, t
 
     data = write_problems(tmp_path / "p.jsonl", 8, bad=False)
     out = tmp_path / "out"
-    args = job_args(tiny_model, tiny_student, data, out, "output.shard_size=1", "search.max_new_tokens=48")
+    # One problem in flight: problems finish one after another, so the kill lands mid-run (with all 8
+    # in flight, equal-length trajectories can all finish within milliseconds of each other).
+    args = job_args(
+        tiny_model,
+        tiny_student,
+        data,
+        out,
+        "output.shard_size=1",
+        "search.max_new_tokens=48",
+        "teacher.max_inflight_problems=1",
+    )
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.generate", *args],
@@ -204,7 +214,16 @@ def test_sigterm_commits_finished_problems_and_exits_130(tmp_path, tiny_model, t
 
     data = write_problems(tmp_path / "p.jsonl", 8, bad=False)
     out = tmp_path / "out"
-    args = job_args(tiny_model, tiny_student, data, out, "output.shard_size=4", "search.max_new_tokens=48")
+    # One problem in flight, so the signal lands mid-run (see the SIGKILL test).
+    args = job_args(
+        tiny_model,
+        tiny_student,
+        data,
+        out,
+        "output.shard_size=4",
+        "search.max_new_tokens=48",
+        "teacher.max_inflight_problems=1",
+    )
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = tmp_path / "job.log"
     with open(log, "w") as fh:
