@@ -65,7 +65,7 @@ def plain_sampling(teacher, prompts, search, target_tokens: int) -> tuple[int, f
 
     from gen_ssd_ray.core.types import ExpandRequest
 
-    ray.get(teacher.reset_prefix_cache.remote())
+    ray.get(teacher.actor.reset_prefix_cache.remote())
     generated, t0, rnd = 0, time.perf_counter(), 0
     while generated < target_tokens:
         requests = [
@@ -80,7 +80,7 @@ def plain_sampling(teacher, prompts, search, target_tokens: int) -> tuple[int, f
             )
             for i, p in enumerate(prompts)
         ]
-        outs = ray.get(teacher.generate.remote(requests))
+        outs = ray.get(teacher.call("generate", requests))
         tokens = sum(len(s.token_ids) for g in outs for s in g.samples)
         if not tokens:
             errors = sorted({g.error for g in outs if g.error})
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_generate(cfg, prepared, pools=pools)
         gen_s = time.perf_counter() - t0
         gen_tokens = summary["teacher/tokens_generated"]
-        teacher_stats = ray.get(pools.teachers[0].stats.remote())
+        teacher_stats = ray.get(pools.teachers[0].actor.stats.remote())
 
         # the same prompts, rendered exactly as the job rendered them
         import pandas as pd

@@ -169,19 +169,19 @@ def test_registry_lists_backends_and_refuses_unknown_names():
     from gen_ssd_ray.common.config import EngineConfig
     from gen_ssd_ray.engines.registry import SCORER_BACKENDS, TEACHER_BACKENDS, build_teacher
 
-    assert set(TEACHER_BACKENDS) == {"vllm"} and set(SCORER_BACKENDS) == {"hf", "vllm"}
-    with pytest.raises(ValueError, match=r"registered: \['vllm'\]"):
-        build_teacher(EngineConfig(backend="sim"))
+    assert set(TEACHER_BACKENDS) == {"vllm", "sim"} and set(SCORER_BACKENDS) == {"hf", "vllm", "sim"}
+    with pytest.raises(ValueError, match=r"registered: \['sim', 'vllm'\]"):
+        build_teacher(EngineConfig(backend="onnx"))
     with pytest.raises(ConfigError, match="teacher.backend"):
-        load_config(None, ["teacher.backend=sim"], GenerateConfig)
+        load_config(None, ["teacher.backend=onnx"], GenerateConfig)
     with pytest.raises(ConfigError, match="student.backend"):
         load_config(None, ["student.backend=onnx"], GenerateConfig)
 
 
 @pytest.mark.parametrize(
     "kind, name",
-    [("teacher", "vllm"), ("scorer", "hf"), ("scorer", "vllm")],
-    ids=["vllm", "hf", "vllm-scorer"],
+    [("teacher", "vllm"), ("scorer", "hf"), ("scorer", "vllm"), ("teacher", "sim"), ("scorer", "sim")],
+    ids=["vllm", "hf", "vllm-scorer", "sim", "sim-scorer"],
 )
 def test_every_registered_backend_satisfies_its_protocol(kind, name):
     import importlib

@@ -67,23 +67,23 @@ def test_teacher_and_scorer_actors(cluster):
     _, pools = cluster
     prompt = tuple(range(200, 300))
     (res,) = ray.get(
-        pools.teachers[0].expand.remote(
-            [ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1, temperature=0.8, top_p=0.95)]
+        pools.teachers[0].call(
+            "expand", [ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1, temperature=0.8, top_p=0.95)]
         )
     )
     assert len(res.candidates) == 3 and all(1 <= len(c.token_ids) <= 8 for c in res.candidates)
     (again,) = ray.get(
-        pools.teachers[0].expand.remote(
-            [ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1, temperature=0.8, top_p=0.95)]
+        pools.teachers[0].call(
+            "expand", [ExpandRequest("k", prompt, n=3, max_tokens=8, seed=1, temperature=0.8, top_p=0.95)]
         )
     )
     assert again.candidates == res.candidates  # per-request seeds reproduce samples
     assert again.cached_prompt_tokens >= 96  # the prompt's full 32-token blocks came from the prefix cache
     (sc,) = ray.get(
-        pools.scorers[0].score.remote([ScoreRequest("k", "g", (1, 2, 3), (), "", res.candidates)])
+        pools.scorers[0].call("score", [ScoreRequest("k", "g", (1, 2, 3), (), "", res.candidates)])
     )
     assert len(sc.nll_sums) == 3 and all(x > 0 for x in sc.nll_sums)
-    ray.get(pools.scorers[0].release.remote(["g"]))
+    ray.get(pools.scorers[0].call("release", ["g"]))
 
 
 def test_manager_solves_a_problem_with_two_trajectories(cluster):
@@ -110,14 +110,14 @@ def test_job_survives_a_dead_teacher_engine(cluster):
 
     cfg, pools = cluster
     killed = threading.Event()
-    before = ray.get(pools.teachers[1].stats.remote())["generated_tokens"]
+    before = ray.get(pools.teachers[1].actor.stats.remote())["generated_tokens"]
 
     def kill_when_started():
         deadline = time.time() + 300
         while time.time() < deadline:
             m = read_manifest(cfg.output.dir)
             if m and m["num_problems"] >= 1:
-                ray.kill(pools.teachers[0], no_restart=True)
+                ray.kill(pools.teachers[0].actor, no_restart=True)
                 killed.set()
                 return
             time.sleep(0.05)
@@ -129,7 +129,7 @@ def test_job_survives_a_dead_teacher_engine(cluster):
     assert killed.is_set()
     # the kill fires at the first commit; at most 4 problems (2 per engine) were admitted by then
     # engine 1 took over the work pinned to the dead engine 0
-    assert ray.get(pools.teachers[1].stats.remote())["generated_tokens"] > before
+    assert ray.get(pools.teachers[1].actor.stats.remote())["generated_tokens"] > before
     assert summary["problems_failed_retry_later"] == 0
     df = pd.read_parquet(cfg.output.dir)
     assert len(df) == 20 and set(df.status) <= {"completed", "truncated", "pruned"}

@@ -148,6 +148,8 @@ class EngineJobRuntimeConfig(RayConfig):
     startup_timeout_s: float = 900.0
     # Attempts per unit of work (a problem, a batch) on engine deaths and missed deadlines.
     max_attempts: int = 3
+    # Restarts of an engine actor whose process died (a node lost, a dead engine core); -1: always.
+    max_actor_restarts: int = -1
     # math-verify worker processes and the per-answer deadline.
     verify_workers: int = 2
     verify_timeout_s: float = 10.0
@@ -159,6 +161,7 @@ class EngineJobRuntimeConfig(RayConfig):
         require(self.call_timeout_s > 0, "runtime.call_timeout_s", f"must be > 0, got {self.call_timeout_s}")
         require(self.startup_timeout_s > 0, "runtime.startup_timeout_s", "must be > 0")
         require(self.max_attempts >= 1, "runtime.max_attempts", f"must be >= 1, got {self.max_attempts}")
+        require(self.max_actor_restarts >= -1, "runtime.max_actor_restarts", "must be >= 0, or -1 (always)")
         require(
             self.verify_workers >= 1, "runtime.verify_workers", f"must be >= 1, got {self.verify_workers}"
         )
@@ -215,6 +218,58 @@ class DataConfig:
         require(
             bool(self.question_field) and bool(self.answer_field), "data.question_field", "must not be empty"
         )
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One entry of a simulated fault schedule (gen_ssd_ray.sim.faults), inside an engine backend.
+
+    kind: "dead" (the engine core dies inside the live actor: every call fails), "hung" (calls never
+    return, the actor still answers), "slow" (steps take `factor` times as long). `at_s` and
+    `duration_s` are simulated seconds from `sim.epoch` (null duration: to the end of the run).
+    """
+
+    target: str = "teacher"  # teacher | scorer
+    index: int = 0  # the engine (or scorer) index in its pool
+    kind: str = "dead"
+    at_s: float = 0.0
+    duration_s: float | None = None
+    factor: float = 4.0
+
+    def validate(self, key: str) -> None:
+        require(self.target in ("teacher", "scorer"), f"{key}.target", "must be teacher or scorer")
+        require(self.kind in ("dead", "hung", "slow"), f"{key}.kind", "must be dead, hung or slow")
+        require(self.index >= 0 and self.at_s >= 0, f"{key}.at_s", "index and at_s must be >= 0")
+        require(self.factor >= 1, f"{key}.factor", f"must be >= 1, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The simulated engines (`teacher.backend=sim`, `student.backend=sim`; gen_ssd_ray.sim): engines
+    that model time and memory instead of running a model, for scale and fault runs without GPUs."""
+
+    # Time and memory constants: "h100" or "cpu" (conf/sim/<name>.yaml) or a path to such a YAML file.
+    profile: str = "h100"
+    # Simulated seconds per wall-clock second. Every deadline of the runtime section (call_timeout_s,
+    # startup_timeout_s, retry windows) is divided by it, so a run behaves as it would uncompressed.
+    time_compression: float = 1.0
+    # Virtual engines per actor process, for teacher engines and scorers alike (64 engines on 2 cores).
+    engines_per_actor: int = 1
+    # Simulate the model load (the profile's load_s) when an engine starts and after each restart.
+    model_load: bool = True
+    # Wall-clock time (Unix seconds) the fault schedule counts from; null: when each engine starts.
+    epoch: float | None = None
+    faults: list[FaultSpec] = dataclasses.field(default_factory=list)
+
+    def validate(self) -> None:
+        require(self.time_compression > 0, "sim.time_compression", "must be > 0")
+        require(self.engines_per_actor >= 1, "sim.engines_per_actor", "must be >= 1")
+        for i, f in enumerate(self.faults):
+            f.validate(f"sim.faults[{i}]")
+
+    def scaled(self, seconds: float) -> float:
+        """A deadline in simulated seconds as wall-clock seconds."""
+        return seconds / self.time_compression
 
 
 # ---- loading and deriving --------------------------------------------------------------------------

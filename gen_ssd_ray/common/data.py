@@ -1,6 +1,7 @@
-"""Problems in: load a math dataset into `Problem`s.
+"""Problems in: read a math dataset as a stream of `Problem`s.
 
-`load_problems(cfg.data)` reads `data.path`, which is one of
+`open_problems(cfg.data)` checks the source up front and returns a `ProblemStream` that reads it lazily;
+`load_problems(cfg.data)` is the same stream collected into a list. `data.path` is one of
 
 - `embedded:gsm8k/train` or `embedded:gsm8k/test`: the GSM8K copy shipped in `data/gsm8k/`;
 - `embedded:lab/train` or `embedded:lab/test`: the lab task (`gen_ssd_ray.lab.problems`, seeded arithmetic
@@ -17,19 +18,33 @@ Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slic
 position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted) and
 the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the embedded sets,
 "<name>-<split>" for a Hugging Face dataset). Ids therefore do not depend on offset or limit, and they
-are unique in what `load_problems` returns.
+are unique in what the stream yields.
+
+Memory: the stream holds one batch of rows plus, when `data.id_field` is set, every id seen so far (to
+judge duplicates); without an id field it holds no ids at all (`<stem>-<index>` cannot repeat) and does not
+even decode the rows before `data.offset`. Parquet is read with `ParquetFile.iter_batches` over the question,
+answer and id columns only (other columns are never read); JSONL line by line (a file of up to 16 MiB,
+`_WHOLE_READ_BYTES`, in one read); a Hugging Face dataset (memory-mapped Arrow) through
+`select_columns`. A JSON array, and a `.json` file holding JSON lines, is read whole: a `.json` document
+can only be parsed whole, so use JSONL or Parquet for large sources. `ProblemStream.count` is the
+number of problems after offset/limit, from Parquet metadata, the dataset length, the array length or,
+for JSONL, a byte scan that counts non-blank lines without parsing them.
 
 Two kinds of failure:
 
 - a bad *row* (malformed JSON line, not an object, missing or empty question, missing answer, a gold
   answer that cannot be extracted, a missing id, a duplicate id) becomes a `Problem` with `error` set
-  and the job writes it as an error row; duplicates are judged over the whole source, the first one
-  wins and the later ones get a fallback id so ids stay unique;
+  and the job writes it as an error row; duplicates are judged in source order over the whole source
+  (also the rows before `data.offset`), the first one wins and the later ones get a fallback id so ids
+  stay unique;
 - a bad *source* (missing/unreadable file, unknown format, a dataset that cannot be loaded, a field
   that no row has, no rows at all) raises `DataError`, naming the config key and what to set.
 
-`check_data_source` is the fail-before-actors check; it is `load_problems` itself with the result
-dropped (a GSM8K-sized file loads in well under a second), so it catches every fatal case above.
+`open_problems` raises every such `DataError` before returning, reading only the Parquet footers, the
+first JSONL lines (up to the first valid line that shows every configured field: normally line one),
+the JSON document or the dataset's schema. `check_data_source`, the fail-before-actors check, is
+`open_problems` with the result dropped. The one thing it cannot see is a file that turns unreadable or
+corrupt past what was checked (a damaged Parquet page, an I/O error): iterating raises `DataError` there.
 
 This module does not tokenize, fill in the configured prompt or apply chat templates: a question
 becomes a prompt in `gen_ssd_ray.common.prompts` (`chat_messages`, `render_prompt`).
@@ -39,8 +54,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +82,13 @@ LAB_DATASETS: dict[str, tuple[str, int, str]] = {
 LAB_SEED = 0
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 _LOCAL_SUFFIXES = (*_JSONL_SUFFIXES, ".json", ".parquet", ".csv", ".tsv", ".txt", ".gz")
+# A JSONL file up to this size is read in one call (faster, and a constant bound); larger ones line by line.
+_WHOLE_READ_BYTES = 16 << 20
+# Rows per Parquet / Hugging Face batch: what a stream holds decoded at a time.
+_BATCH_ROWS = 4096
+# Block size of the JSONL line count.
+_SCAN_BYTES = 16 << 20
+_NOTHING = object()  # a sentinel: an iterable's first row, when there is none
 
 
 @dataclass(frozen=True)
@@ -87,30 +111,91 @@ class DataError(InputError):
 # ---- public API ----------------------------------------------------------------------------------
 
 
-def load_problems(cfg: DataConfig) -> list[Problem]:
-    """Read `cfg.path`, turn each row into a `Problem`, return the `offset`/`limit` slice."""
+class ProblemStream:
+    """The problems of one `DataConfig`, checked on open (`open_problems`) and read lazily.
+
+    Iterating yields exactly what `load_problems` returns (same order, ids, errors); every pass re-reads
+    the source. `count` is the number of problems it yields, `source_rows` the rows in the whole source.
+    Iterating raises `DataError` only for a file that turns unreadable or corrupt past what `open_problems`
+    checked.
+    """
+
+    def __init__(self, cfg: DataConfig, source: _Source) -> None:
+        self.cfg = cfg
+        self._source = source
+
+    @property
+    def where(self) -> str:
+        return self._source.where
+
+    @cached_property
+    def source_rows(self) -> int | None:
+        """Rows in the whole source, before offset/limit (for JSONL a byte scan on first use; None: unknown)."""
+        if self._source.n_rows is not None:
+            return self._source.n_rows
+        return None if self._source.count_rows is None else self._source.count_rows()
+
+    @property
+    def count(self) -> int | None:
+        """Problems this stream yields (after offset/limit); None if the source size is unknown."""
+        total = self.source_rows
+        return None if total is None else len(range(total)[self.cfg.offset : self._end])
+
+    @property
+    def _end(self) -> int | None:
+        return None if self.cfg.limit is None else self.cfg.offset + self.cfg.limit
+
+    def __iter__(self) -> Iterator[Problem]:
+        cfg, source, end = self.cfg, self._source, self._end
+        if end is not None and end <= cfg.offset:
+            return
+        ids = _Ids(cfg.id_field, source.stem)
+        # Without an id field no id can repeat, so the rows before the offset need not be decoded at all;
+        # with one, every earlier id must be seen to judge duplicates.
+        start = cfg.offset if cfg.id_field is None else 0
+        n = bad = 0
+        for k, row in enumerate(source.rows(start), start):
+            pid, id_error = ids.assign(row)
+            if k >= cfg.offset:
+                problem = _to_problem(cfg, row, pid, id_error)
+                n += 1
+                bad += problem.error is not None
+                yield problem
+            if end is not None and k + 1 >= end:  # stop before reading another row
+                break
+        total = "" if source.n_rows is None else f" of {source.n_rows}"
+        log.info(
+            "data: %d problems from %s (rows %d..%d%s; %d with errors)",
+            n,
+            cfg.path,
+            cfg.offset,
+            cfg.offset + n,
+            total,
+            bad,
+        )
+
+
+def open_problems(cfg: DataConfig) -> ProblemStream:
+    """Check `cfg.path` and return a lazy `ProblemStream` over its `offset`/`limit` slice.
+
+    Raises:
+        DataError: the source cannot be used (see the module docstring). Of the rows, only the first
+            JSONL lines have been read by then (a JSON document is parsed whole).
+    """
     source = _read_source(cfg)
     _check_fields(cfg, source)
-    ids, id_errors = _assign_ids(cfg, source)
-    end = None if cfg.limit is None else cfg.offset + cfg.limit
-    picked = range(len(source.rows))[cfg.offset : end]
-    problems = [_to_problem(cfg, source.rows[k], ids[k], id_errors[k]) for k in picked]
-    bad = sum(1 for p in problems if p.error is not None)
-    log.info(
-        "data: %d problems from %s (rows %d..%d of %d; %d with errors)",
-        len(problems),
-        cfg.path,
-        cfg.offset,
-        cfg.offset + len(problems),
-        len(source.rows),
-        bad,
-    )
-    return problems
+    return ProblemStream(cfg, source)
+
+
+def load_problems(cfg: DataConfig) -> list[Problem]:
+    """Read `cfg.path`, turn each row into a `Problem`, return the `offset`/`limit` slice: the whole
+    `open_problems(cfg)` stream as a list."""
+    return list(open_problems(cfg))
 
 
 def check_data_source(cfg: DataConfig) -> None:
-    """Raise `DataError` if `cfg` cannot be loaded. Implemented as a full `load_problems`."""
-    load_problems(cfg)
+    """Raise `DataError` if `cfg` cannot be loaded: `open_problems` without reading the rows."""
+    open_problems(cfg)
 
 
 def embedded_path(name: str) -> Path:
@@ -173,65 +258,172 @@ class _Row:
 class _Source:
     where: str  # for messages
     stem: str  # id prefix
-    rows: list[_Row]
-    fields: list[str]  # every field name seen, in first-seen order
+    # Field names: the schema, or (JSONL) those seen up to the first line that shows every wanted one.
+    fields: list[str]
+    empty: bool  # no rows at all
+    # A fresh pass over the rows from row `start` on (0-based among the rows; the earlier ones are skipped,
+    # undecoded where the format allows: only asked for when no id field makes them matter).
+    rows: Callable[[int], Iterator[_Row]]
+    n_rows: int | None  # rows in the source when known without reading them
+    count_rows: Callable[[], int] | None = None  # otherwise how to count them (a byte scan)
 
 
 def _read_source(cfg: DataConfig) -> _Source:
     path = cfg.path
+    wanted = list(dict.fromkeys(f for f in (cfg.question_field, cfg.answer_field, cfg.id_field) if f))
     if path.startswith(EMBEDDED_PREFIX):
         name = path[len(EMBEDDED_PREFIX) :]
         file = embedded_path(name)
         if not file.is_file():
             raise DataError(f"data.path={path!r}: {file} is missing from this installation")
-        return _read_jsonl(file, stem=_embedded_stem(name))
+        return _read_jsonl(file, _embedded_stem(name), wanted)
     local = Path(path).expanduser()
     if local.is_dir():
-        return _read_parquet(local)
+        return _read_parquet(local, wanted)
     if local.exists():
         suffix = local.suffix.lower()
         if suffix in _JSONL_SUFFIXES:
-            return _read_jsonl(local, stem=local.stem)
+            return _read_jsonl(local, local.stem, wanted)
         if suffix == ".json":
-            return _read_json(local)
+            return _read_json(local, wanted)
         if suffix == ".parquet":
-            return _read_parquet(local)
+            return _read_parquet(local, wanted)
         raise DataError(
             f"data.path={path!r}: unknown format {suffix or '(no suffix)'!r}; "
             "use a .jsonl, .json or .parquet file, a folder of .parquet files, or a Hugging Face dataset name"
         )
     if _looks_local(path):
         raise DataError(f"data.path={path!r}: no such file or folder")
-    return _read_hf(path, cfg.split)
+    return _read_hf(path, cfg.split, wanted)
 
 
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or path.lower().endswith(_LOCAL_SUFFIXES)
 
 
+def _unreadable(file: Path, e: OSError) -> DataError:
+    return DataError(f"data.path={str(file)!r}: cannot read it ({e.strerror or e})")
+
+
 def _read_bytes(file: Path) -> bytes:
     try:
         return file.read_bytes()
     except OSError as e:
-        raise DataError(f"data.path={str(file)!r}: cannot read it ({e.strerror or e})") from None
+        raise _unreadable(file, e) from None
 
 
-def _read_jsonl(file: Path, stem: str, data: bytes | None = None) -> _Source:
-    raw = _read_bytes(file) if data is None else data
-    rows: list[_Row] = []
-    for index, line in enumerate(raw.splitlines()):  # bytes: splits on \n and \r only
-        if not line.strip():
-            continue
+# -- JSONL
+
+
+def _read_jsonl(file: Path, stem: str, wanted: list[str], data: bytes | None = None) -> _Source:
+    """JSON lines, from `data` if given (already in memory), else from `file` (whole if small, else
+    line by line). Reads up front only up to the first valid line that shows every `wanted` field."""
+    if data is None:
         try:
-            rows.append(_Row(index, json.loads(line)))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            rows.append(_Row(index, None, f"malformed JSON on line {index + 1}: {e}"))
-    if rows and all(r.error is not None for r in rows):
-        raise DataError(f"data.path={str(file)!r}: no line is valid JSON (first: {rows[0].error})")
-    return _Source(str(file), stem, rows, _fields_of(r.value for r in rows))
+            size = file.stat().st_size
+        except OSError as e:
+            raise _unreadable(file, e) from None
+        if size <= _WHOLE_READ_BYTES:
+            data = _read_bytes(file)
+    lines = _jsonl_lines(file, data)
+
+    # The up-front check: enough lines to know the source is usable (usually one).
+    seen: dict[str, None] = {}
+    has_rows = valid = False
+    first_error: str | None = None
+    head = lines()
+    try:
+        for index, line in head:
+            has_rows = True
+            value, error = _decode_line(index, line)
+            if error is not None:
+                first_error = first_error or error
+                continue
+            valid = True
+            if isinstance(value, dict):
+                seen.update(dict.fromkeys(str(k) for k in value))
+            if all(f in seen for f in wanted):
+                break
+    finally:
+        head.close()
+    if has_rows and not valid:
+        raise DataError(f"data.path={str(file)!r}: no line is valid JSON (first: {first_error})")
+
+    def rows(start: int) -> Iterator[_Row]:
+        for k, (index, line) in enumerate(lines()):
+            if k < start:
+                continue  # not decoded: only reached without an id field
+            value, error = _decode_line(index, line)
+            yield _Row(index, value, error)
+
+    def count_rows() -> int:
+        return _count_lines(file, data)
+
+    return _Source(str(file), stem, list(seen), not has_rows, rows, None, count_rows)
 
 
-def _read_json(file: Path) -> _Source:
+def _decode_line(index: int, line: bytes) -> tuple[Any, str | None]:
+    try:
+        return json.loads(line), None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"malformed JSON on line {index + 1}: {e}"
+
+
+def _jsonl_lines(file: Path, data: bytes | None) -> Callable[[], Iterator[tuple[int, bytes]]]:
+    """Passes over the non-blank lines with their 0-based line numbers, split as `bytes.splitlines`
+    splits the whole file (on \\n, \\r\\n and \\r)."""
+    if data is not None:
+
+        def in_memory() -> Iterator[tuple[int, bytes]]:
+            for index, line in enumerate(data.splitlines()):
+                if line.strip():
+                    yield index, line
+
+        return in_memory
+
+    def from_file() -> Iterator[tuple[int, bytes]]:
+        index = 0
+        try:
+            with file.open("rb") as f:
+                # Each chunk ends with \n (but the last), so no \r\n is cut in two and splitting
+                # chunk by chunk gives the lines a split of the whole file gives.
+                for chunk in f:
+                    for line in chunk.splitlines():
+                        if line.strip():
+                            yield index, line
+                        index += 1
+        except OSError as e:
+            raise _unreadable(file, e) from None
+
+    return from_file
+
+
+def _count_lines(file: Path, data: bytes | None) -> int:
+    """Non-blank lines (rows), by a byte scan in blocks cut after a \\n; no JSON is parsed."""
+    if data is not None:
+        return _non_blank(data)
+    n, tail = 0, b""
+    try:
+        with file.open("rb") as f:
+            while block := f.read(_SCAN_BYTES):
+                block = tail + block
+                cut = block.rfind(b"\n") + 1
+                n += _non_blank(block[:cut])
+                tail = block[cut:]
+    except OSError as e:
+        raise _unreadable(file, e) from None
+    return n + _non_blank(tail)
+
+
+def _non_blank(text: bytes) -> int:
+    return sum(map(bool, map(bytes.strip, text.splitlines())))
+
+
+# -- JSON
+
+
+def _read_json(file: Path, wanted: list[str]) -> _Source:
+    """A JSON document is parsed whole and its rows stay in memory (JSON lines under a .json name too)."""
     raw = _read_bytes(file)
     try:
         doc = json.loads(raw)
@@ -239,7 +431,7 @@ def _read_json(file: Path) -> _Source:
         raise DataError(f"data.path={str(file)!r}: not UTF-8 text ({e})") from None
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several JSON values: it is JSON lines under a .json name
-            return _read_jsonl(file, stem=file.stem, data=raw)
+            return _read_jsonl(file, file.stem, wanted, data=raw)
         raise DataError(f"data.path={str(file)!r}: not valid JSON ({e})") from None
     if isinstance(doc, dict):
         for key in ("data", "rows"):
@@ -255,11 +447,26 @@ def _read_json(file: Path) -> _Source:
         raise DataError(
             f"data.path={str(file)!r}: expected a JSON array of objects, got {type(doc).__name__}"
         )
-    rows = [_Row(i, v) for i, v in enumerate(doc)]
-    return _Source(str(file), file.stem, rows, _fields_of(doc))
+    values: list[Any] = doc
+
+    def rows(start: int) -> Iterator[_Row]:
+        return (_Row(i, values[i]) for i in range(start, len(values)))
+
+    return _Source(str(file), file.stem, _fields_of(values), not values, rows, len(values))
 
 
-def _read_parquet(path: Path) -> _Source:
+# -- Parquet
+
+
+@dataclass(frozen=True)
+class _Shard:
+    file: Path
+    columns: list[str]  # the wanted columns this file has
+    groups: list[int]  # rows per row group
+
+
+def _read_parquet(path: Path, wanted: list[str]) -> _Source:
+    """Parquet files; up front only their footers (schema, row counts) are read."""
     import pyarrow.parquet as pq
 
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
@@ -268,20 +475,59 @@ def _read_parquet(path: Path) -> _Source:
             f"data.path={str(path)!r}: a folder must contain .parquet files (found none); "
             "or point data.path at a .jsonl/.json file"
         )
-    rows: list[_Row] = []
+    shards: list[_Shard] = []
     fields: list[str] = []
     for file in files:
         try:
-            table = pq.read_table(file)
+            with pq.ParquetFile(file) as pf:
+                names = pf.schema_arrow.names
+                groups = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         except Exception as e:  # pyarrow raises several types for unreadable/corrupt files
             raise DataError(f"data.path={str(path)!r}: cannot read Parquet file {file} ({e})") from None
-        fields += [n for n in table.column_names if n not in fields]
-        rows += [_Row(len(rows) + i, v) for i, v in enumerate(table.to_pylist())]
+        fields += [n for n in names if n not in fields]
+        shards.append(_Shard(file, [c for c in wanted if c in names], groups))
+    n_rows = sum(sum(s.groups) for s in shards)
+
+    def rows(start: int) -> Iterator[_Row]:
+        base = 0  # source position of the shard's first row
+        for shard in shards:
+            try:
+                yield from _parquet_rows(shard, base, start)
+            except Exception as e:  # a corrupt page or an I/O error past the footer
+                raise DataError(
+                    f"data.path={str(path)!r}: cannot read Parquet file {shard.file} ({e})"
+                ) from None
+            base += sum(shard.groups)
+
     stem = path.name if path.is_dir() else path.stem
-    return _Source(str(path), stem, rows, fields)
+    return _Source(str(path), stem, fields, n_rows == 0, rows, n_rows)
 
 
-def _read_hf(name: str, split: str) -> _Source:
+def _parquet_rows(shard: _Shard, base: int, start: int) -> Iterator[_Row]:
+    """The rows of one file from source position `start` on, reading its wanted columns only and
+    skipping whole row groups before `start`."""
+    import pyarrow.parquet as pq
+
+    first, pos = 0, base
+    while first < len(shard.groups) and pos + shard.groups[first] <= start:
+        pos += shard.groups[first]  # a group entirely before `start`: not read
+        first += 1
+    picked = list(range(first, len(shard.groups)))
+    if not picked:
+        return
+    with pq.ParquetFile(shard.file) as pf:
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=picked, columns=shard.columns):
+            values = batch.to_pylist()
+            for i in range(max(0, start - pos), len(values)):
+                yield _Row(pos + i, values[i])
+            pos += len(values)
+
+
+# -- Hugging Face
+
+
+def _read_hf(name: str, split: str, wanted: list[str]) -> _Source:
+    """`datasets.load_dataset` (memory-mapped Arrow); rows are read a batch at a time, wanted columns only."""
     hint = "offline, export it to JSONL or Parquet first and point data.path at that file"
     try:
         import datasets  # type: ignore[import-not-found]
@@ -297,10 +543,27 @@ def _read_hf(name: str, split: str) -> _Source:
             f"data.path={name!r}, data.split={split!r}: not a local file or folder, and loading it as a "
             f"Hugging Face dataset failed ({type(e).__name__}: {e}); {hint}"
         ) from None
-    values = list(ds)
-    fields = list(getattr(ds, "column_names", None) or _fields_of(values))
+    fields = list(getattr(ds, "column_names", None) or _fields_of(ds))
+    n_rows = len(ds) if hasattr(ds, "__len__") else None
+    columns = [c for c in wanted if c in fields]
+
+    def rows(start: int) -> Iterator[_Row]:
+        if hasattr(ds, "select_columns") and hasattr(ds, "iter") and n_rows is not None:
+            if start >= n_rows:
+                return
+            view = ds.select_columns(columns).select(range(start, n_rows))  # views, no copy
+            pos = start
+            for batch in view.iter(batch_size=_BATCH_ROWS):  # `columns` has the question field at least
+                for values in zip(*(batch[c] for c in columns), strict=True):
+                    yield _Row(pos, dict(zip(columns, values, strict=True)))
+                    pos += 1
+        else:  # any other iterable of rows (an IterableDataset, a list)
+            for i, value in islice(enumerate(ds), start, None):
+                yield _Row(i, value)
+
     stem = f"{name.rstrip('/').split('/')[-1]}-{split}"
-    return _Source(f"{name} ({split})", stem, [_Row(i, v) for i, v in enumerate(values)], fields)
+    empty = n_rows == 0 if n_rows is not None else next(iter(ds), _NOTHING) is _NOTHING
+    return _Source(f"{name} ({split})", stem, fields, empty, rows, n_rows)
 
 
 def _fields_of(values: Iterable[Any]) -> list[str]:
@@ -315,7 +578,7 @@ def _fields_of(values: Iterable[Any]) -> list[str]:
 
 
 def _check_fields(cfg: DataConfig, source: _Source) -> None:
-    if not source.rows:
+    if source.empty:
         raise DataError(f"data.path={cfg.path!r}: the source has no rows")
     for key, name in (
         ("data.question_field", cfg.question_field),
@@ -328,31 +591,35 @@ def _check_fields(cfg: DataConfig, source: _Source) -> None:
             )
 
 
-def _assign_ids(cfg: DataConfig, source: _Source) -> tuple[list[str], list[str | None]]:
-    """Ids for every row of the source (so they do not depend on offset/limit), unique; the error
-    for rows whose id is missing or duplicated (they get `<stem>-<index>`)."""
-    ids: list[str] = []
-    errors: list[str | None] = []
-    first_row: dict[str, int] = {}
-    for row in source.rows:
-        fallback = f"{source.stem}-{row.index}"
+class _Ids:
+    """Unique ids, assigned in source order (so they do not depend on offset/limit): the `id_field` value,
+    or `<stem>-<index>` with an error for a row whose id is missing or a duplicate (the first one wins).
+    Remembers every id assigned when there is an id field; without one, ids cannot repeat."""
+
+    def __init__(self, id_field: str | None, stem: str) -> None:
+        self.id_field = id_field
+        self.stem = stem
+        self.first_row: dict[str, int] = {}
+
+    def assign(self, row: _Row) -> tuple[str, str | None]:
+        fallback = f"{self.stem}-{row.index}"
+        if self.id_field is None:
+            return fallback, None
         pid, error = fallback, None
-        if cfg.id_field is not None and isinstance(row.value, dict):
-            value = row.value.get(cfg.id_field)
+        if isinstance(row.value, dict):
+            value = row.value.get(self.id_field)
             if value is None or str(value).strip() == "":
-                error = f"missing id field {cfg.id_field!r}"
+                error = f"missing id field {self.id_field!r}"
             else:
                 pid = str(value)
-        if pid in first_row:
-            error = f"duplicate problem_id {pid!r} (first at row {first_row[pid]})"
+        if pid in self.first_row:
+            error = f"duplicate problem_id {pid!r} (first at row {self.first_row[pid]})"
             pid = fallback
             n = 1
-            while pid in first_row:  # the fallback itself is taken by an explicit id
+            while pid in self.first_row:  # the fallback itself is taken by an explicit id
                 pid, n = f"{fallback}-dup{n}", n + 1
-        first_row[pid] = row.index
-        ids.append(pid)
-        errors.append(error)
-    return ids, errors
+        self.first_row[pid] = row.index
+        return pid, error
 
 
 def _to_problem(cfg: DataConfig, row: _Row, pid: str, id_error: str | None) -> Problem:

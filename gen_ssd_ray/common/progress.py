@@ -14,7 +14,9 @@ log = logging.getLogger("gen_ssd_ray")
 
 
 class Progress:
-    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True, every_s: float = 15.0):
+    def __init__(
+        self, desc: str, total: int | None, initial: int = 0, enabled: bool = True, every_s: float = 15.0
+    ):
         self.desc, self.total, self.every_s = desc, total, every_s
         self.done = self.initial = initial
         self.tokens = 0
@@ -37,12 +39,14 @@ class Progress:
             return
         now = time.perf_counter()
         first = self.done - self.initial == problems
-        if now - self.last_log >= self.every_s or self.done >= self.total or first:
+        if now - self.last_log >= self.every_s or (self.total and self.done >= self.total) or first:
             self.last_log = now
             rate = (self.done - self.initial) / elapsed
-            eta = (self.total - self.done) / rate if rate else float("nan")
+            eta = (self.total - self.done) / rate if rate and self.total else float("nan")
             shown = ", ".join(f"{k} {v}" for k, v in fields.items())
-            log.info("%s: problems %d/%d (%s), ETA %.0f s", self.desc, self.done, self.total, shown, eta)
+            log.info(
+                "%s: problems %d/%s (%s), ETA %.0f s", self.desc, self.done, self.total or "?", shown, eta
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -8,36 +8,74 @@ protocols of `gen_ssd_ray.engines.base`, and counts what it did; it holds no bac
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from gen_ssd_ray.common.config import EngineConfig
+from gen_ssd_ray.common.config import EngineConfig, SimConfig
 from gen_ssd_ray.common.errors import JobFailed, reason
 from gen_ssd_ray.core.types import ExpandRequest
-from gen_ssd_ray.engines.base import ScorerSpec
+from gen_ssd_ray.engines.base import EngineContext, EngineDead, ScorerSpec
 
 
-class TeacherEngine:
-    """One teacher backend (`cfg.backend`). Many concurrent calls are batched by the engine."""
+class _Slots:
+    """What both actor classes share: one backend per slot (virtual engines sharing one process: the
+    simulated backends run many per actor; a real engine has one slot), and what to do when an
+    engine core dies inside this live actor (EngineDead): answer the call with the error, then end
+    the process so that Ray restarts the actor with fresh engines (`max_restarts`)."""
 
-    def __init__(self, cfg: EngineConfig):
+    backends: list
+
+    async def _run(self, coro):
+        try:
+            return await coro
+        except EngineDead:
+            asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+            raise
+
+    async def check_health(self) -> None:
+        for b in self.backends:
+            await self._run(b.check_health())
+
+    async def progress(self, slot: int = 0) -> int:
+        """The slot's work counter (a late caller tells a busy engine from a hung one)."""
+        return int(self.backends[slot].progress())
+
+    async def shutdown(self) -> None:
+        """Stop the engines' processes cleanly before the actor goes away."""
+        for b in self.backends:
+            b.shutdown()
+
+
+class TeacherEngine(_Slots):
+    """`slots` teacher backends (`cfg.backend`), engines `first_index .. first_index + slots - 1` of
+    the pool. Many concurrent calls are batched by each engine."""
+
+    def __init__(self, cfg: EngineConfig, first_index: int = 0, slots: int = 1, sim: SimConfig | None = None):
         from gen_ssd_ray.engines.registry import build_teacher
 
         self.cfg = cfg
-        self.backend = build_teacher(cfg)
+        self.backends = [build_teacher(cfg, EngineContext(first_index + j, sim)) for j in range(slots)]
         self.calls = 0
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
         self.generated_tokens = 0
 
     async def ready(self) -> dict[str, Any]:
-        await self.backend.check_health()
-        return {"pid": os.getpid(), "model": self.cfg.model, "backend": self.cfg.backend}
+        await self.check_health()
+        return {
+            "pid": os.getpid(),
+            "model": self.cfg.model,
+            "backend": self.cfg.backend,
+            "node_id": _node_id(),
+            "capacity": [b.capacity() for b in self.backends],
+        }
 
-    async def expand(self, requests: Sequence[ExpandRequest]):
-        results = await self.backend.expand(requests)
+    async def expand(self, requests: Sequence[ExpandRequest], slot: int = 0):
+        results = await self._run(self.backends[slot].expand(requests))
         self.calls += 1
         for r in results:
             self.prompt_tokens += r.prompt_tokens
@@ -45,59 +83,79 @@ class TeacherEngine:
             self.generated_tokens += sum(len(c.token_ids) for c in r.candidates)
         return results
 
-    async def generate(self, requests: Sequence[ExpandRequest]):
+    async def generate(self, requests: Sequence[ExpandRequest], slot: int = 0):
         """Whole responses with text and finish reason (evaluation, plain batch sampling)."""
-        results = await self.backend.generate(requests)
+        results = await self._run(self.backends[slot].generate(requests))
         self.calls += 1
         self.prompt_tokens += sum(len(r.prompt_token_ids) for r in requests)
         self.generated_tokens += sum(len(s.token_ids) for g in results for s in g.samples)
         return results
 
-    async def reset_prefix_cache(self) -> None:
-        await self.backend.reset_prefix_cache()
+    async def reset_prefix_cache(self, slot: int | None = None) -> None:
+        for b in self.backends if slot is None else [self.backends[slot]]:
+            await b.reset_prefix_cache()
 
-    async def shutdown(self) -> None:
-        """Stop the engine's processes cleanly before the actor goes away."""
-        self.backend.shutdown()
-
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, Any]:
         return {
             "calls": self.calls,
             "prompt_tokens": self.prompt_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "generated_tokens": self.generated_tokens,
+            "backends": [getattr(b, "stats", None) for b in self.backends],
         }
 
 
-class StudentScorer:
-    """One scorer backend (`student.backend`) behind `score` and `release`."""
+class StudentScorer(_Slots):
+    """`slots` scorer backends (`student.backend`) behind `score` and `release`."""
 
-    def __init__(self, spec: ScorerSpec):
+    def __init__(self, spec: ScorerSpec, first_index: int = 0, slots: int = 1):
         from gen_ssd_ray.engines.registry import build_scorer
 
         self.spec = spec
-        self.backend = build_scorer(spec)
+        self.backends = [build_scorer(spec, EngineContext(first_index + j, spec.sim)) for j in range(slots)]
         self.tokens_processed = 0
         self.tokens_scored = 0
 
     async def ready(self) -> dict[str, Any]:
-        await self.backend.check_health()
-        return {"pid": os.getpid(), "backend": self.spec.student.backend}
+        await self.check_health()
+        return {"pid": os.getpid(), "backend": self.spec.student.backend, "node_id": _node_id()}
 
-    async def score(self, requests):
-        results = await self.backend.score(requests)
+    async def score(self, requests, slot: int = 0):
+        results = await self._run(self.backends[slot].score(requests))
         self.tokens_processed += sum(r.tokens_processed for r in results)
         self.tokens_scored += sum(r.tokens_scored for r in results)
         return results
 
-    async def release(self, groups) -> None:
-        await self.backend.release(groups)
+    async def release(self, groups, slot: int = 0) -> None:
+        await self.backends[slot].release(groups)
 
-    async def shutdown(self) -> None:
-        self.backend.shutdown()
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "tokens_processed": self.tokens_processed,
+            "tokens_scored": self.tokens_scored,
+            "backends": [getattr(b, "stats", None) for b in self.backends],
+        }
 
-    async def stats(self) -> dict[str, int]:
-        return {"tokens_processed": self.tokens_processed, "tokens_scored": self.tokens_scored}
+
+@dataclass(frozen=True)
+class EngineRef:
+    """One engine of a pool: an actor and the slot (virtual engine) inside it. `call(method, *args)`
+    is `actor.method.remote(*args, slot=slot)`."""
+
+    actor: Any
+    slot: int = 0
+
+    def call(self, method: str, *args):
+        return getattr(self.actor, method).remote(*args, slot=self.slot)
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # pragma: no cover - outside Ray
+        return None
 
 
 def engine_env(kv_cache_gib: float) -> dict[str, str]:
@@ -111,28 +169,63 @@ def engine_env(kv_cache_gib: float) -> dict[str, str]:
     return env
 
 
-def create_actors(cls: type, args: tuple, count: int, **options) -> list:
-    """`count` actors of `cls(*args)` with Ray `options` (resources, restarts, concurrency, env)."""
+def create_actors(
+    cls: type, args: tuple, count: int, per_actor: Callable[[int], dict] | None = None, **options
+) -> list:
+    """`count` actors of `cls(*args, **per_actor(i))` with Ray `options` (resources, restarts,
+    concurrency, env, scheduling strategy)."""
     import ray
 
     actor_cls = ray.remote(cls).options(**options)
-    return [actor_cls.remote(*args) for _ in range(count)]
+    return [actor_cls.remote(*args, **(per_actor(i) if per_actor else {})) for i in range(count)]
 
 
-def create_engine_pool(cfg: EngineConfig, model_path: str, max_concurrency: int) -> list:
-    """`cfg.num_engines` TeacherEngine actors serving `model_path`, with the section's resources; one
-    restart each (a restarted engine reloads its model), no task retries (the caller retries)."""
-    return create_actors(
-        TeacherEngine,
-        (dataclasses.replace(cfg, model=model_path),),
-        cfg.num_engines,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
-        max_restarts=1,
-        max_task_retries=0,
-        max_concurrency=max_concurrency,
-        runtime_env={"env_vars": engine_env(cfg.kv_cache_gib)},
-    )
+def pool_actors(num_engines: int, slots: int) -> list[tuple[int, int]]:
+    """(first engine index, slots) of each actor hosting `num_engines` engines, `slots` per actor."""
+    return [(first, min(slots, num_engines - first)) for first in range(0, num_engines, slots)]
+
+
+def create_engine_pool(
+    cfg: EngineConfig,
+    model_path: str,
+    max_concurrency: int,
+    *,
+    sim: SimConfig | None = None,
+    max_restarts: int = -1,
+) -> list[EngineRef]:
+    """The `cfg.num_engines` engines of a pool serving `model_path`, as EngineRefs.
+
+    One TeacherEngine actor per engine, or `sim.engines_per_actor` simulated engines per actor; each
+    actor asks for the section's resources times its engines. Actors are spread over nodes (one
+    node's loss costs its share), restart up to `max_restarts` times (-1: always; a restarted engine
+    reloads its model) and never retry tasks (the caller retries elsewhere).
+    """
+    slots = sim.engines_per_actor if sim is not None else 1
+    layout = pool_actors(cfg.num_engines, slots)
+    actors = [
+        create_actors(
+            TeacherEngine,
+            (dataclasses.replace(cfg, model=model_path), first, n, sim),
+            1,
+            num_cpus=cfg.num_cpus * n,
+            num_gpus=cfg.num_gpus * n,
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            max_concurrency=max_concurrency,
+            scheduling_strategy="SPREAD",
+            runtime_env={"env_vars": engine_env(cfg.kv_cache_gib)},
+        )[0]
+        for first, n in layout
+    ]
+    return [EngineRef(a, j) for a, (_, n) in zip(actors, layout, strict=True) for j in range(n)]
+
+
+def actors_of(refs: Sequence[EngineRef]) -> list:
+    """The distinct actors behind a pool's engines, in order."""
+    seen: dict = {}
+    for r in refs:
+        seen.setdefault(r.actor, None)
+    return list(seen)
 
 
 def wait_ready(actors: Sequence, startup_timeout_s: float, what: str) -> None:

@@ -19,7 +19,23 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from gen_ssd_ray.core.types import ExpandRequest, ExpandResult, ScoreRequest, ScoreResult
 
 if TYPE_CHECKING:
+    from gen_ssd_ray.common.config import SimConfig
     from gen_ssd_ray.generate.config import StudentConfig
+
+
+class EngineDead(RuntimeError):
+    """The engine inside a live actor is gone (vLLM's EngineDeadError, a simulated dead engine core).
+    The actor answers the call with this error and then ends its process, so that Ray restarts it
+    (`max_restarts`) with a fresh engine, and callers move the work elsewhere at once."""
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """Where a backend stands: its index in its pool (teacher engines, scorers) and, for the
+    simulated backends, the `sim` config section (profile, time compression, fault schedule)."""
+
+    index: int = 0
+    sim: SimConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +72,14 @@ class TeacherBackend(Protocol):
         """Forget cached prefixes (a benchmark's cold start); a backend without a cache does nothing."""
 
     async def check_health(self) -> None:
-        """Raise if the engine cannot serve requests."""
+        """Raise if the engine cannot serve requests (EngineDead when its engine core is gone)."""
+
+    def progress(self) -> int:
+        """A counter that advances whenever the engine does work (decode steps, finished requests):
+        a caller whose request is late tells a busy engine (advancing) from a hung one."""
+
+    def capacity(self) -> dict[str, int]:
+        """What the engine holds at once: `kv_tokens` (KV cache, in tokens) and `max_num_seqs`."""
 
     def shutdown(self) -> None:
         """Stop the engine's processes now."""
@@ -74,6 +97,9 @@ class ScorerBackend(Protocol):
     async def check_health(self) -> None:
         """Raise if the scorer cannot serve requests."""
 
+    def progress(self) -> int:
+        """A counter that advances whenever the scorer finishes work (see TeacherBackend.progress)."""
+
     def shutdown(self) -> None:
         """Free the model."""
 
@@ -88,3 +114,4 @@ class ScorerSpec:
     teacher_model: str
     max_model_len: int = 2048
     device: str = "auto"  # "auto": cuda when available, else cpu
+    sim: SimConfig | None = None  # the simulated scorer's section (gen_ssd_ray.sim)

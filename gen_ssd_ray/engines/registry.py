@@ -1,7 +1,8 @@
 """Backends by name. Adding a backend means adding one module and one entry here.
 
-A teacher backend is built as `cls(cfg: EngineConfig)` (gen_ssd_ray.common.config; `cfg.model` is
-the resolved model path); a scorer backend as `cls(spec: ScorerSpec)`. Both satisfy the protocols in
+A teacher backend is built as `cls(cfg: EngineConfig, context: EngineContext)`
+(gen_ssd_ray.common.config; `cfg.model` is the resolved model path; the context is the engine's index
+and the `sim` section); a scorer backend as `cls(spec: ScorerSpec, context: EngineContext)`. Both satisfy the protocols in
 `gen_ssd_ray.engines.base`. Entries are "module:Class" strings so that nothing heavy is imported
 until a backend is built.
 """
@@ -13,12 +14,16 @@ from typing import Any
 
 TEACHER_BACKENDS: dict[str, str] = {
     "vllm": "gen_ssd_ray.engines.teacher_vllm:VllmTeacher",
+    # simulated: models time and memory of a continuous-batching engine (gen_ssd_ray.sim)
+    "sim": "gen_ssd_ray.sim.teacher:SimTeacher",
 }
 SCORER_BACKENDS: dict[str, str] = {
     # transformers, the accepted prefix's KV cache reused across chunks
     "hf": "gen_ssd_ray.engines.scorer_hf:HfScorer",
     # vLLM prompt_logprobs: recomputes the prefix at every chunk
     "vllm": "gen_ssd_ray.engines.scorer_vllm:VllmPromptLogprobScorer",
+    # simulated: models the hf scorer's time, cache and memory (gen_ssd_ray.sim)
+    "sim": "gen_ssd_ray.sim.scorer:SimScorer",
 }
 
 
@@ -29,11 +34,17 @@ def _load(registry: dict[str, str], kind: str, name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-def build_teacher(cfg: Any):
+def build_teacher(cfg: Any, context: Any = None):
     """The teacher backend `cfg.backend` over `cfg` (an EngineConfig with the model path resolved)."""
-    return _load(TEACHER_BACKENDS, "teacher", cfg.backend)(cfg)
+    from gen_ssd_ray.engines.base import EngineContext
+
+    return _load(TEACHER_BACKENDS, "teacher", cfg.backend)(cfg, context or EngineContext())
 
 
-def build_scorer(spec: Any):
+def build_scorer(spec: Any, context: Any = None):
     """The scorer backend `spec.student.backend` over `spec` (a ScorerSpec)."""
-    return _load(SCORER_BACKENDS, "scorer", spec.student.backend)(spec)
+    from gen_ssd_ray.engines.base import EngineContext
+
+    return _load(SCORER_BACKENDS, "scorer", spec.student.backend)(
+        spec, context or EngineContext(sim=spec.sim)
+    )

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.alignment import Aligner
-from gen_ssd_ray.engines.base import ScorerSpec
+from gen_ssd_ray.engines.base import EngineContext, ScorerSpec
 
 
 @dataclass
@@ -49,7 +49,7 @@ class HfScorer:
     """The `hf` scorer backend. `score` runs one forward at a time in a worker thread (the KV cache is
     not thread-safe), so the actor stays responsive; `score_sync` is the same work, synchronously."""
 
-    def __init__(self, spec: ScorerSpec):
+    def __init__(self, spec: ScorerSpec, context: EngineContext | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -202,6 +202,9 @@ class HfScorer:
 
     async def check_health(self) -> None:
         """A model in this process is healthy while the process lives."""
+
+    def progress(self) -> int:
+        return self.stats["requests"]
 
     def shutdown(self) -> None:
         self._groups.clear()

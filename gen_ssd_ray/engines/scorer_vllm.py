@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.alignment import Aligner
-from gen_ssd_ray.engines.base import ScorerSpec
+from gen_ssd_ray.engines.base import EngineContext, ScorerSpec
 from gen_ssd_ray.engines.teacher_vllm import async_engine, shutdown_engine
 
 
@@ -24,7 +24,8 @@ class VllmPromptLogprobScorer:
     """The `vllm` scorer backend. Engine settings come from the `student` section: `kv_cache_gib` (CPU),
     `gpu_memory_utilization` (GPU), `enforce_eager`, `dtype`, `trust_remote_code`."""
 
-    def __init__(self, spec: ScorerSpec):
+    def __init__(self, spec: ScorerSpec, context: EngineContext | None = None):
+        self.calls = 0
         s = spec.student
         self.aligner = Aligner.from_models(s.model, spec.teacher_model, s.trust_remote_code)
         self.tok = self.aligner.tok
@@ -62,6 +63,7 @@ class VllmPromptLogprobScorer:
                 processed += len(full) if target else 0
             sums = await asyncio.gather(*jobs)
             out.append(ScoreResult(r.key, tuple(sums), tuple(len(t) for t in rows.targets), processed))
+        self.calls += 1
         return out
 
     async def release(self, groups: Sequence[str]) -> None:
@@ -69,6 +71,9 @@ class VllmPromptLogprobScorer:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+
+    def progress(self) -> int:
+        return self.calls
 
     def shutdown(self) -> None:
         shutdown_engine(self.engine)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from gen_ssd_ray.common.config import EngineConfig
 from gen_ssd_ray.core.types import Candidate, ExpandRequest, ExpandResult
-from gen_ssd_ray.engines.base import Generation, Sample
+from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample
 
 
 def shutdown_engine(engine) -> None:
@@ -88,8 +88,9 @@ class VllmTeacher:
     """The `vllm` teacher backend: owns one `AsyncLLM`. All methods are coroutines except construction
     and `shutdown`."""
 
-    def __init__(self, spec: EngineConfig):
+    def __init__(self, spec: EngineConfig, context: EngineContext | None = None):
         self.spec = spec
+        self.finished = 0  # requests finished (`progress`)
         extra = {"block_size": spec.block_size} if spec.block_size else {}
         self.engine = async_engine(
             spec.model,
@@ -122,8 +123,13 @@ class VllmTeacher:
         final = None
         rid = f"{r.key}-{uuid.uuid4().hex[:8]}"
         prompt = TokensPrompt(prompt_token_ids=list(r.prompt_token_ids))
-        async for out in self.engine.generate(prompt, params, rid):
-            final = out
+        try:
+            async for out in self.engine.generate(prompt, params, rid):
+                final = out
+        except Exception as e:
+            _raise_if_dead(e)
+            raise
+        self.finished += 1
         if final is None:  # pragma: no cover - vLLM always yields a final output
             raise RuntimeError(f"vLLM returned no output for {r.key}")
         return final
@@ -165,10 +171,33 @@ class VllmTeacher:
         return results
 
     async def check_health(self) -> None:
-        await self.engine.check_health()
+        try:
+            await self.engine.check_health()
+        except Exception as e:
+            _raise_if_dead(e)
+            raise
+
+    def progress(self) -> int:
+        return self.finished
+
+    def capacity(self) -> dict[str, int]:
+        """The KV cache vLLM allocated (its engine core reports the block count at start-up)."""
+        cache = self.engine.vllm_config.cache_config
+        return {
+            "kv_tokens": int(cache.num_gpu_blocks or 0) * int(cache.block_size or 16),
+            "max_num_seqs": self.spec.max_num_seqs,
+        }
 
     async def reset_prefix_cache(self) -> None:
         await self.engine.reset_prefix_cache()
 
     def shutdown(self) -> None:
         shutdown_engine(self.engine)
+
+
+def _raise_if_dead(exc: BaseException) -> None:
+    """vLLM's EngineDeadError (the engine core process is gone) as the backend protocol's EngineDead."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(exc, EngineDeadError):
+        raise EngineDead(f"vLLM engine core died: {exc}") from exc

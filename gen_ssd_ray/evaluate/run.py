@@ -198,7 +198,7 @@ def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any
     from gen_ssd_ray.common.interrupts import stop_on_signals
     from gen_ssd_ray.common.progress import Progress
     from gen_ssd_ray.common.verify import Verifier
-    from gen_ssd_ray.engines.actors import stop_actors
+    from gen_ssd_ray.engines.actors import actors_of, stop_actors
 
     assert p.prompts is not None
     n, name = cfg.sampling.n, cfg.model.model
@@ -236,7 +236,7 @@ def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any
                 progress.close()
             verifier.close()
             if engines:
-                stop_actors(engines)
+                stop_actors(actors_of(engines))
     return [r for i in range(len(p.problems)) for r in rows[i]], generation_s
 
 
@@ -245,11 +245,11 @@ def start_engines(cfg: EvaluateConfig, model_path: str) -> list:
 
     Raises JobFailed (after killing them) if one fails to start or misses runtime.startup_timeout_s.
     """
-    from gen_ssd_ray.engines.actors import create_engine_pool, wait_ready
+    from gen_ssd_ray.engines.actors import actors_of, create_engine_pool, wait_ready
 
     m = cfg.model
     engines = create_engine_pool(m, model_path, max_concurrency=4 * INFLIGHT_BATCHES_PER_ENGINE)
-    wait_ready(engines, cfg.runtime.startup_timeout_s, f"the {m.backend} engines for {model_path}")
+    wait_ready(actors_of(engines), cfg.runtime.startup_timeout_s, f"the {m.backend} engines for {model_path}")
     return engines
 
 
@@ -285,17 +285,18 @@ def generate_batches(cfg: EvaluateConfig, engines: list, todo: list[list[int]], 
             )
             for i in batch
         ]
-        return engines[engine].generate.remote(requests)
+        return engines[engine].call("generate", requests)
 
     dispatcher = Dispatcher(
         num_workers=len(engines),
         capacity=INFLIGHT_BATCHES_PER_ENGINE,
         submit=submit,
-        wait=calls.wait,
+        watch=calls.watch,
         get=calls.get,
         cancel=calls.cancel,
         deadline_s=r.call_timeout_s,
         max_attempts=r.max_attempts,
+        retry_window_s=0.0,  # evaluation: max_attempts quick tries (backoff between them)
         describe=lambda b: f"batch of {len(b)} problems",
         stop=stop,
     )

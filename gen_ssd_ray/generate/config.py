@@ -23,6 +23,8 @@ from gen_ssd_ray.common.config import (
     JobOutputConfig,
     ModelPoolConfig,
     PromptConfig,
+    SimConfig,
+    derive,
     require,
 )
 from gen_ssd_ray.common.fingerprint import fingerprint as _fingerprint
@@ -71,8 +73,17 @@ class OutputConfig(JobOutputConfig):
 @dataclass(frozen=True)
 class RuntimeConfig(EngineJobRuntimeConfig):
     num_beam_managers: int = 1
-    # CPUs reserved per beam manager (they are light: tokenizers and the search bookkeeping).
+    # CPUs and memory (GiB; 0: no reservation) reserved per beam manager: tokenizers and the search
+    # state of every problem in flight on it.
     manager_num_cpus: float = 0.0
+    manager_memory_gib: float = 0.0
+    # First cooldown of a failed engine or scorer (it doubles per consecutive failure, up to 32x);
+    # after it the engine is probed and used again once it answers.
+    engine_cooldown_s: float = 10.0
+    # While engines are missing (a lost node that comes back, actors restarting), a problem whose
+    # engines were unavailable is retried with backoff (1 s doubling to 60 s) for this long before it is
+    # left uncommitted for a re-run (and at least runtime.max_attempts times).
+    retry_window_s: float = 1800.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,30 @@ class GenerateConfig:
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    # Simulated engines (teacher.backend=sim, student.backend=sim): profile, time compression, faults.
+    sim: SimConfig = field(default_factory=SimConfig)
+
+    @property
+    def simulated(self) -> bool:
+        return "sim" in (self.teacher.backend, self.student.backend)
+
+    def effective(self) -> GenerateConfig:
+        """The config as the job runs it. With simulated engines every runtime deadline is in
+        simulated seconds: divided by `sim.time_compression` (start-up never below 120 wall-clock
+        seconds: starting actor processes is real time)."""
+        c = self.sim.time_compression
+        if not self.simulated or c == 1:
+            return self
+        r = self.runtime
+        return derive(
+            self,
+            {
+                "runtime.call_timeout_s": r.call_timeout_s / c,
+                "runtime.startup_timeout_s": max(120.0, r.startup_timeout_s / c),
+                "runtime.engine_cooldown_s": r.engine_cooldown_s / c,
+                "runtime.retry_window_s": r.retry_window_s / c,
+            },
+        )
 
     def validate(self) -> None:
         """Cross-field and value checks. Model and data paths are checked by their loaders."""
@@ -127,6 +162,10 @@ class GenerateConfig:
         r.validate()
         require(r.num_beam_managers >= 1, "runtime.num_beam_managers", "must be >= 1")
         require(r.manager_num_cpus >= 0, "runtime.manager_num_cpus", "must be >= 0")
+        require(r.manager_memory_gib >= 0, "runtime.manager_memory_gib", "must be >= 0")
+        require(r.engine_cooldown_s > 0, "runtime.engine_cooldown_s", "must be > 0")
+        require(r.retry_window_s >= 0, "runtime.retry_window_s", "must be >= 0")
+        self.sim.validate()
 
 
 def search_params(cfg: GenerateConfig) -> SearchParams:
@@ -161,6 +200,10 @@ def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = No
     """The fingerprint of `DATA_KEYS`, with the search as the method runs it (the baselines ignore
     chunk_tokens, num_candidates, ...) and the models' revisions when given."""
     derived: dict = {"search": dataclasses.asdict(search_params(cfg))}
+    if cfg.teacher.backend != "vllm":  # (the vLLM default keeps the fingerprints of earlier versions)
+        derived["teacher_backend"] = cfg.teacher.backend
+    if cfg.simulated:  # a profile's token statistics change the data
+        derived["sim_profile"] = cfg.sim.profile
     if model_revisions:
         derived["revisions"] = dict(sorted(model_revisions.items()))
     return _fingerprint(cfg, DATA_KEYS, derived)

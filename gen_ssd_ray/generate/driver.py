@@ -19,6 +19,7 @@ Exactly-once: a problem is committed only as part of a whole shard; a re-run ski
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -59,6 +60,7 @@ class RunStats:
     statuses: Counter = field(default_factory=Counter)
     verdicts: Counter = field(default_factory=Counter)  # True / False; None (unverified) is not counted
     costs: Counter = field(default_factory=Counter)  # COST_COLUMNS summed
+    dispatch: dict = field(default_factory=dict)  # admission and the dispatcher's counters
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, rows: list[TrajectoryRow]) -> None:
@@ -95,6 +97,7 @@ class RunStats:
                 "student_tokens_processed", "student_tokens_scored", 3
             ),
             "elapsed_s": round(elapsed, 1),
+            "dispatch": self.dispatch,
         }
 
 
@@ -102,7 +105,7 @@ class RunStats:
 class Prepared:
     teacher_path: str
     student_path: str
-    problems: list
+    problems: Any  # a ProblemStream (gen_ssd_ray.common.data): iterable, with `count`
     writer: Any
     fingerprint: str
 
@@ -113,13 +116,13 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     Raises ModelNotFoundError, DataError or FingerprintMismatchError (InputErrors) with a message
     naming the config key and the fix.
     """
-    from gen_ssd_ray.common.data import load_problems
+    from gen_ssd_ray.common.data import open_problems
     from gen_ssd_ray.common.models import resolve_model
     from gen_ssd_ray.generate.output import ShardWriter
 
     teacher_path = resolve_model(cfg.teacher.model)
     student_path = resolve_model(cfg.student.model)
-    problems = load_problems(cfg.data)
+    problems = open_problems(cfg.data)  # checked now, read lazily as engines have room
     fp = run_fingerprint(cfg, teacher_path, student_path)
     writer = ShardWriter(
         cfg.output.dir,
@@ -141,14 +144,17 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     from gen_ssd_ray.generate.pools import build_pools, shutdown_pools
 
     p = prepared or prepare(cfg)
-    stats = RunStats(total=len(p.problems))
-    committed = p.writer.committed_ids
-    todo = [q for q in p.problems if q.problem_id not in committed]
-    stats.skipped = len(p.problems) - len(todo)
-    log.info("%d problems, %d already committed in %s", len(p.problems), stats.skipped, cfg.output.dir)
-    if not todo:
+    total = p.problems.count
+    stats = RunStats(total=total or 0)
+    committed = p.writer  # `in` looks up the committed-id index: memory bounded by it
+    todo = _uncommitted(p.problems, committed, stats)
+    first = next(todo, None)
+    log.info("%s problems, %d already committed in %s", total, stats.skipped, cfg.output.dir)
+    if first is None:
         p.writer.close()
+        stats.total = stats.total or stats.skipped
         return stats.summary(cfg.output.dir)
+    todo = itertools.chain([first], todo)
 
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
     # From here to the end a signal only sets a flag, never raises: engine start-up finishes, the loop
@@ -160,7 +166,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         try:
             pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
             stats.started = time.perf_counter()  # rates exclude engine start-up
-            progress = Progress("generate", len(p.problems), stats.skipped, cfg.runtime.progress)
+            already = min(total or 0, len(p.writer.committed_ids))  # skipped ones are counted lazily
+            progress = Progress("generate", total, already, cfg.runtime.progress)
             for problem, rows in solve_all(cfg, pools, todo, p.fingerprint, stats, stop):
                 verifier.verify_rows(rows)
                 _select(cfg.method, rows)
@@ -185,6 +192,16 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     return summary
+
+
+def _uncommitted(problems, writer, stats: RunStats) -> Iterator:
+    """The problems not committed yet, lazily; counts the skipped ones in `stats`."""
+    for q in problems:
+        if q.problem_id in writer:
+            stats.skipped += 1
+        else:
+            yield q
+    stats.total = stats.total or stats.skipped + stats.problems_done + stats.failed
 
 
 def check_finished(summary: dict[str, Any], what: str = "generation") -> dict[str, Any]:
@@ -226,10 +243,12 @@ class _Managers:
 
 
 def solve_all(
-    cfg: GenerateConfig, pools, todo: list, fingerprint: str, stats: RunStats, stop
+    cfg: GenerateConfig, pools, todo: list | Iterator, fingerprint: str, stats: RunStats, stop
 ) -> Iterator[tuple[Any, list[TrajectoryRow]]]:
     """Yield `(problem, rows)` as problems finish (error rows for problems that fail by themselves);
-    problems whose infrastructure failed on every attempt are counted in `stats.failed` instead."""
+    problems whose infrastructure kept failing (runtime.max_attempts times, and for longer than
+    runtime.call_timeout_s, retried with backoff meanwhile) are counted in `stats.failed` instead.
+    `todo` is read lazily, as engines have room."""
     from ray.exceptions import RayActorError
 
     from gen_ssd_ray.common.dispatch import Dispatcher, ray_calls
@@ -255,22 +274,35 @@ def solve_all(
         managers.finished(ref)
         calls.cancel(ref)
 
+    r = cfg.effective().runtime  # deadlines in wall-clock seconds (simulated engines: compressed)
     steps = -(-cfg.search.max_new_tokens // cfg.search.chunk_tokens)
+    todo = iter(todo)
+    first = next(todo, None)
+    if first is None:
+        return
+    capacity = admission(cfg, pools, first)
+    compression = r.call_timeout_s / cfg.runtime.call_timeout_s
     dispatcher = Dispatcher(
         num_workers=cfg.teacher.num_engines,
-        capacity=cfg.teacher.max_inflight_problems,
+        capacity=capacity,
         submit=submit,
-        wait=calls.wait,
+        watch=calls.watch,
         get=get,
         cancel=cancel,
-        # enough for every step's calls to use their own deadline
-        deadline_s=cfg.runtime.call_timeout_s * (2 * steps + 2),
-        max_attempts=cfg.runtime.max_attempts,
+        # A liveness bound for a problem, not flow control: each of its calls may take its own deadline
+        # and a late-but-advancing grace (gen_ssd_ray.generate.manager).
+        deadline_s=r.call_timeout_s * 2 * (2 * steps + 2),
+        max_attempts=r.max_attempts,
+        # while engines are missing (a lost node the autoscaler replaces), problems wait this long
+        retry_window_s=r.retry_window_s,
+        initial_backoff_s=1.0 * compression,
+        max_backoff_s=60.0 * compression,
         is_transient=is_transient,
         describe=lambda q: f"problem {q.problem_id}",
         stop=stop,
     )
-    for out in dispatcher.run(todo):
+    stats.dispatch = {"inflight_per_engine": capacity, "started_at": time.time()}
+    for out in dispatcher.run(itertools.chain([first], _noting_last(todo, stats.dispatch))):
         if out.ok:
             yield out.item, out.result
         elif out.transient:
@@ -283,6 +315,41 @@ def solve_all(
             stats.failed += 1
         else:
             yield out.item, error_rows(cfg, out.item, out.error, fingerprint)
+        d = dispatcher.stats
+        stats.dispatch.update(peak_in_flight=d.peak_in_flight, retries=d.retries, results=d.results)
+    stats.dispatch["ms_per_result_p99"] = round(dispatcher.stats.loop_s.quantile(0.99) * 1e3, 3)
+
+
+def _noting_last(items: Iterator, note: dict) -> Iterator:
+    """`items`, noting in `note["last_admitted_at"]` when the last one was taken (the dispatcher reads
+    lazily, so that is when the last problem was admitted)."""
+    yield from items
+    note["last_admitted_at"] = time.time()
+
+
+def admission(cfg: GenerateConfig, pools, sample) -> int:
+    """Problems in flight per teacher engine from the engines' reported KV capacity (the smallest)
+    and the length of a rendered prompt (gen_ssd_ray.generate.admission)."""
+    import ray
+
+    from gen_ssd_ray.engines.actors import actors_of
+    from gen_ssd_ray.generate.admission import inflight_per_engine
+
+    ready = ray.get([a.ready.remote() for a in actors_of(pools.teachers)])
+    caps = [c for info in ready for c in info.get("capacity", [])]
+    prompt = len(ray.get(pools.managers[0].render_prompt_ids.remote(sample.question)))
+    kv = min((c["kv_tokens"] for c in caps), default=0)
+    seqs = min((c["max_num_seqs"] for c in caps), default=cfg.teacher.max_num_seqs)
+    n = inflight_per_engine(cfg, kv, seqs, prompt)
+    log.info(
+        "admission: %d problems in flight per teacher engine (KV %d tokens, %d-token prompts, cap "
+        "teacher.max_inflight_problems=%d)",
+        n,
+        kv,
+        prompt,
+        cfg.teacher.max_inflight_problems,
+    )
+    return n
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -338,7 +405,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         "",
         f"Output: {out}",
-        "  Parquet shards part-*.parquet (one row per trajectory), _manifest.json (committed shards),",
+        "  Parquet shards part-*.parquet (one row per trajectory), _manifest.{json,log} (committed shards),",
         "  _config.yaml (the resolved config). Read with pandas.read_parquet / pyarrow.dataset / ray.data.",
         f"Problems: {summary['problems_total']} total, {summary['problems_skipped_already_committed']} were already "
         f"committed, {summary['problems_done_this_run']} done in this run.",

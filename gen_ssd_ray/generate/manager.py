@@ -5,9 +5,13 @@ chat templates), runs every trajectory's `ProblemSearch` against its pinned teac
 scorer, and returns the problem's output rows (correctness is filled in by the driver's verifier).
 Thousands of calls can be in flight on one manager; the driver bounds admission.
 
-Failure handling: every remote call has a deadline (`runtime.call_timeout_s`). A dead or stuck
-engine is skipped and the same step is retried on the next engine (the search state only advances
-on success, so a retry is exact). A problem whose prompt does not fit becomes an error row.
+Failure handling (teacher engines and scorers alike, gen_ssd_ray.generate.health): a dead actor or a
+dead engine core moves the step to the next engine at once (the search state only advances on
+success, so a retry is exact) and the engine cools down, then is probed before it gets work again;
+when no engine of a pool is usable the problem fails fast (EnginesUnavailable) and the driver retries
+it later with backoff. `runtime.call_timeout_s` detects hung engines, not slow ones: a call past it
+asks the engine for its progress counter, keeps waiting while the engine advances (it is busy, not
+hung) and gives up only when it does not. A problem whose prompt does not fit becomes an error row.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -42,6 +45,8 @@ class ManagerSpec:
     teacher_max_len: int
     call_timeout_s: float
     fingerprint: str
+    # First cooldown of a failed engine (doubles per consecutive failure, up to 32x).
+    cooldown_s: float = 10.0
     trust_remote_code_teacher: bool = False
     trust_remote_code_student: bool = False
     method: str = "gen_ssd"
@@ -59,6 +64,7 @@ class ManagerSpec:
             seed=cfg.search.seed,
             teacher_max_len=cfg.teacher.max_model_len,
             call_timeout_s=cfg.runtime.call_timeout_s,
+            cooldown_s=cfg.runtime.engine_cooldown_s,
             fingerprint=run_fingerprint(cfg, teacher_path, student_path),
             trust_remote_code_teacher=cfg.teacher.trust_remote_code,
             trust_remote_code_student=cfg.student.trust_remote_code,
@@ -83,7 +89,8 @@ def trajectory_seed(base: int, problem_id: str, index: int) -> int:
     return int.from_bytes(h, "big") & 0x7FFFFFFF
 
 
-DEAD_COOLDOWN_S = 60.0
+# A call this many deadlines late is abandoned even if its engine still advances (it serves others).
+MAX_LATE_DEADLINES = 10
 
 
 class EnginesUnavailable(RuntimeError):
@@ -109,61 +116,100 @@ class BeamManager:
             )
         )
         self.student_max_len = _max_positions(spec.student_path, spec.trust_remote_code_student)
-        self.dead_teachers: dict[int, float] = {}  # engine -> until when it is tried last
+        from gen_ssd_ray.generate.health import PoolHealth
+
+        cool = {"base_s": spec.cooldown_s, "max_s": 32 * spec.cooldown_s}
+        self.teacher_health = PoolHealth(len(teachers), **cool)
+        self.scorer_health = PoolHealth(len(scorers), **cool)
+        self._probes: set = set()
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
-    # ---- remote calls with deadlines and fallback --------------------------------------------
-    async def _call(self, pool: list, first: int, method: str, payload, dead: dict[int, float] | None = None):
-        """Call `method` on pool[first], falling back to the others; every call has a deadline.
+    # ---- remote calls with health, liveness deadlines and fallback -------------------------
+    async def _call(self, pool: list, health, first: int, method: str, payload):
+        """Call `method` on engine `first` of `pool`, falling back to the pool's other usable engines.
 
         A ValueError raised by the engine is about this input and is re-raised. Anything else (actor
-        death, deadline) moves on to the next actor; `dead` remembers failing actors for a cooldown
-        so other problems try them last. Raises EnginesUnavailable when every actor failed.
+        death, a dead engine core, a hung engine) marks the engine failed and moves on. Raises
+        EnginesUnavailable when no engine is usable or every one failed.
         """
-        import ray
-
+        self._start_probes(pool, health)
+        order = health.order(first)
+        if not order:
+            raise EnginesUnavailable(
+                f"{method}: every engine of the pool is down or cooling down {health.down}"
+            )
         errors = []
-        n = len(pool)
-        order = [(first + i) % n for i in range(n)]
-        if dead is not None:
-            now = time.monotonic()
-            for i in [i for i, until in dead.items() if until < now]:
-                del dead[i]  # cooldown over: it may have restarted
-            order = [i for i in order if i not in dead] + [i for i in order if i in dead]
         for i in order:
-            ref = getattr(pool[i], method).remote(payload)
+            if not health.usable(i):  # another call found it failed meanwhile
+                continue
             try:
-                result = await asyncio.wait_for(ref, timeout=self.spec.call_timeout_s)
+                result = await self._await_live(pool[i], method, payload)
             except ValueError:
                 raise
-            except Exception as e:  # RayActorError, deadline, engine death
-                if isinstance(e, asyncio.TimeoutError | TimeoutError):
-                    ray.cancel(ref)  # do not leave abandoned work on a slow engine
+            except Exception as e:  # RayActorError, EngineDead, a hung engine
                 text = str(e).strip()
                 errors.append(f"{method}@{i}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
-                if dead is not None:
-                    dead[i] = time.monotonic() + DEAD_COOLDOWN_S
+                health.failed(i)
                 continue
-            if dead is not None:
-                dead.pop(i, None)
+            health.ok(i)
             return result
-        raise EnginesUnavailable("; ".join(errors))
+        raise EnginesUnavailable("; ".join(errors) or f"{method}: no usable engine")
+
+    async def _await_live(self, engine, method: str, payload):
+        """The call's result. Past the deadline, the engine's progress counter decides: advancing
+        means busy (keep waiting), not advancing (or no answer) means hung (cancel, raise)."""
+        import ray
+
+        ref = engine.call(method, payload)
+        fut = asyncio.wrap_future(ref.future())
+        timeout, last = self.spec.call_timeout_s, None
+        for _ in range(MAX_LATE_DEADLINES):
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
+            if done:
+                return fut.result()
+            try:
+                now = await asyncio.wait_for(engine.call("progress"), timeout=self.spec.call_timeout_s / 4)
+            except Exception:
+                now = None
+            if now is None or (last is not None and now <= last):
+                break
+            last, timeout = now, self.spec.call_timeout_s / 4
+        ray.cancel(ref)  # do not leave abandoned work on a hung engine
+        raise TimeoutError(f"no answer and no progress within the deadline of {self.spec.call_timeout_s:g} s")
+
+    def _start_probes(self, pool: list, health) -> None:
+        for i in health.due_probes():
+            task = asyncio.get_running_loop().create_task(self._probe(pool[i], health, i))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+
+    async def _probe(self, engine, health, i: int) -> None:
+        """A cooled-down engine gets work again only once it answers a cheap liveness call."""
+        try:
+            await asyncio.wait_for(engine.call("progress"), timeout=self.spec.call_timeout_s)
+        except Exception:
+            health.probed(i, False)
+        else:
+            health.probed(i, True)
 
     async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
+        used: set[int] = set()
         try:
             while not search.done:
                 expanded = await self._call(
-                    self.teachers, engine, "expand", search.expand_requests(), self.dead_teachers
+                    self.teachers, self.teacher_health, engine, "expand", search.expand_requests()
                 )
                 score_reqs = search.update_expanded(expanded)
-                scored = await self._call(self.scorers, engine % len(self.scorers), "score", score_reqs)
+                first = engine % len(self.scorers)
+                used.add(first)
+                scored = await self._call(self.scorers, self.scorer_health, first, "score", score_reqs)
                 search.update_scored(scored)
             return search.result()
         finally:
-            for s in self.scorers:  # free the scorer's KV cache for this trajectory (fire and forget)
-                s.release.remote([search.group])
+            for i in used:  # free the scorer's KV cache for this trajectory (fire and forget)
+                self.scorers[i].call("release", [search.group])
 
     # ---- one problem -------------------------------------------------------------------------
     async def solve(self, problem: Problem, engine: int) -> list[TrajectoryRow]:

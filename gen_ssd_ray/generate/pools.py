@@ -7,10 +7,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from gen_ssd_ray.engines.actors import (
+    EngineRef,
     StudentScorer,
+    actors_of,
     create_actors,
     create_engine_pool,
     engine_env,
+    pool_actors,
     stop_actors,
     wait_ready,
 )
@@ -20,8 +23,11 @@ from gen_ssd_ray.generate.config import GenerateConfig
 
 @dataclass
 class Pools:
-    teachers: list
-    scorers: list
+    """The job's actors: teacher engines and scorers as EngineRefs (an actor and a slot: simulated
+    engines share actors), beam managers as actor handles."""
+
+    teachers: list[EngineRef]
+    scorers: list[EngineRef]
     managers: list
 
 
@@ -29,23 +35,35 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
     """Start teacher, scorer and beam-manager actors with resources from the config; wait until ready.
 
     Raises JobFailed if an engine does not start within runtime.startup_timeout_s."""
-    t, s, r, q = cfg.teacher, cfg.student, cfg.runtime, cfg.search
+    t, s, r, q = cfg.teacher, cfg.student, cfg.effective().runtime, cfg.search
+    sim = cfg.sim if "sim" in (t.backend, s.backend) else None
     concurrency = max(64, 2 * t.max_inflight_problems * q.beam_width * q.trajectories_per_problem)
-    teachers = create_engine_pool(t, teacher_path, concurrency)
-    spec = ScorerSpec(dataclasses.replace(s, model=student_path), teacher_path, t.max_model_len)
-    scorers = create_actors(
+    teachers = create_engine_pool(
+        t,
+        teacher_path,
+        concurrency,
+        sim=sim if t.backend == "sim" else None,
+        max_restarts=r.max_actor_restarts,
+    )
+    spec = ScorerSpec(dataclasses.replace(s, model=student_path), teacher_path, t.max_model_len, sim=sim)
+    slots = sim.engines_per_actor if s.backend == "sim" and sim is not None else 1
+    layout = pool_actors(s.num_scorers, slots)
+    scorer_actors = create_actors(
         StudentScorer,
         (spec,),
-        s.num_scorers,
-        num_cpus=s.num_cpus,
-        num_gpus=s.num_gpus,
-        max_restarts=1,
+        len(layout),
+        per_actor=lambda i: {"first_index": layout[i][0], "slots": layout[i][1]},
+        num_cpus=s.num_cpus * slots,
+        num_gpus=s.num_gpus * slots,
+        max_restarts=r.max_actor_restarts,
         max_task_retries=0,
         max_concurrency=1000,
+        scheduling_strategy="SPREAD",
         runtime_env={"env_vars": engine_env(s.kv_cache_gib)},
     )
+    scorers = [EngineRef(a, j) for a, (_, n) in zip(scorer_actors, layout, strict=True) for j in range(n)]
     wait_ready(
-        teachers + scorers,
+        actors_of(teachers) + scorer_actors,
         r.startup_timeout_s,
         f"the teacher engines ({teacher_path}) or scorers ({student_path})",
     )
@@ -61,13 +79,15 @@ def build_managers(
     per config and keeps the engines."""
     from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
 
-    r = cfg.runtime
+    r = cfg.effective().runtime
     # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
     managers = create_actors(
         BeamManager,
-        (ManagerSpec.from_config(cfg, teacher_path, student_path), teachers, scorers),
+        (ManagerSpec.from_config(cfg.effective(), teacher_path, student_path), teachers, scorers),
         r.num_beam_managers,
         num_cpus=r.manager_num_cpus,
+        memory=int(r.manager_memory_gib * 2**30) or None,
+        scheduling_strategy="SPREAD",
         max_concurrency=100_000,
         max_restarts=0,
         runtime_env={"env_vars": engine_env(cfg.teacher.kv_cache_gib)},
@@ -80,6 +100,6 @@ def shutdown_pools(pools: Pools, timeout_s: float = 60.0) -> None:
     """Stop every engine cleanly (vLLM engine cores included), then release all actors."""
     import ray
 
-    stop_actors(pools.teachers + pools.scorers, timeout_s)
+    stop_actors(actors_of(pools.teachers) + actors_of(pools.scorers), timeout_s)
     for m in pools.managers:
         ray.kill(m)

@@ -1,0 +1,298 @@
+"""The `sim` teacher backend: a continuous-batching engine that models time and memory, not a model.
+
+What it models (constants from the profile, gen_ssd_ray.sim.profile):
+- `max_num_seqs` slots (teacher.max_num_seqs) and a KV cache of `kv_capacity_tokens` in blocks of
+  `block_size`. A request (n sequences sharing one prompt) is admitted when a slot per sequence and
+  the blocks for its prompt plus n * max_tokens are free; otherwise it waits (FIFO), as in vLLM.
+- An LRU prefix cache over the blocks of finished sequences (chained block hashes, as vLLM's); a
+  prompt's leading cached blocks are hits (`cached_prompt_tokens`, shared by every request that has
+  them, refreshed as most recent), the rest are prefilled at `prefill_per_token_s` each. Cached blocks
+  and the blocks running requests hold for new tokens share `kv_capacity_tokens`.
+- Decode steps of the whole batch: `step_base_s + step_per_seq_s * batch + step_per_ctx_token_s *
+  sum(context)` simulated seconds each, run in macro-steps of up to MAX_MACRO_STEPS (arrivals join
+  at the next macro-step), slept on the compressed clock (gen_ssd_ray.sim.profile.SimClock).
+- Tokens from a seeded generator: candidate j of a request with seed s is the same in every run;
+  each token is EOS with probability `eos_prob` (finish "stop"), else the candidate runs to
+  `max_tokens` ("length"). Ids are drawn from the model's vocabulary (its config.json); texts are
+  empty (no tokenizer is loaded). A prompt longer than `max_model_len - max_tokens` is a ValueError.
+- The fault schedule (gen_ssd_ray.sim.faults): a dead engine core raises EngineDead, a hung one stops
+  stepping, a slow one steps `factor` times slower.
+
+`stats` records what an engine did, including the wall-clock intervals it sat idle (no request
+running or waiting), which the harness sets against the time problems were waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gen_ssd_ray.common.config import EngineConfig, SimConfig
+from gen_ssd_ray.core.types import Candidate, ExpandRequest, ExpandResult
+from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample
+from gen_ssd_ray.sim.faults import EngineFaults
+from gen_ssd_ray.sim.profile import SimClock, load_profile
+
+MAX_MACRO_STEPS = 32
+FIRST_TOKEN_ID = 100  # sampled ids start here (clear of special tokens)
+
+
+def model_vocab(model_path: str) -> tuple[int, int]:
+    """(eos id, vocab size) from a Hugging Face model folder's config.json."""
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    eos = cfg.get("eos_token_id", 0)
+    eos = eos[0] if isinstance(eos, list) else eos
+    text = cfg.get("text_config") or {}
+    return int(eos if eos is not None else 0), int(cfg.get("vocab_size") or text.get("vocab_size") or 32000)
+
+
+def block_hashes(ids: Sequence[int], block: int, start: int = 0, prev: int = 0) -> list[int]:
+    """Chained hashes of the full blocks of `ids` from block index `start` on (vLLM's prefix keys)."""
+    out = []
+    for b in range(start, len(ids) // block):
+        prev = hash((prev, tuple(ids[b * block : (b + 1) * block])))
+        out.append(prev)
+    return out
+
+
+def sample_candidate(seed: int | None, j: int, max_tokens: int, eos: int, vocab: int, eos_prob: float):
+    """Candidate j's token ids and finish reason, from the request's seed (deterministic)."""
+    rng = random.Random(f"{seed}/{j}")
+    length = max_tokens + 1
+    if eos_prob > 0:
+        u = 1.0 - rng.random()  # (0, 1]
+        length = max(1, math.ceil(math.log(u) / math.log1p(-eos_prob))) if eos_prob < 1 else 1
+    hi = max(FIRST_TOKEN_ID + 1, vocab)
+    if length <= max_tokens:
+        return tuple(rng.choices(range(FIRST_TOKEN_ID, hi), k=length - 1)) + (eos,), "stop"
+    return tuple(rng.choices(range(FIRST_TOKEN_ID, hi), k=max_tokens)), "length"
+
+
+@dataclass
+class _Request:
+    req: ExpandRequest
+    future: asyncio.Future
+    cands: list[tuple[tuple[int, ...], str]]
+    blocks: int = 0  # KV blocks held while running
+    cached: int = 0
+    done_steps: int = 0
+    remaining: list[int] = field(default_factory=list)
+
+
+class SimTeacher:
+    """See the module docstring."""
+
+    def __init__(self, cfg: EngineConfig, context: EngineContext | None = None):
+        context = context or EngineContext()
+        sim = context.sim or SimConfig()
+        self.cfg = cfg
+        self.profile = load_profile(sim.profile).teacher
+        self.clock = SimClock(sim.time_compression, sim.epoch)
+        self.model_load = sim.model_load
+        self.faults = EngineFaults(sim.faults, "teacher", context.index, self.clock)
+        self.block = cfg.block_size or self.profile.block_size
+        self.total_blocks = self.profile.kv_capacity_tokens // self.block
+        self.eos, self.vocab = model_vocab(cfg.model)
+        self.cache: OrderedDict[int, None] = OrderedDict()  # free blocks that keep their content (LRU)
+        self.used_blocks = 0
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.steps = 0
+        self.loaded = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.loop_task: asyncio.Task | None = None
+        self.stats = {
+            "steps": 0,
+            "sim_busy_s": 0.0,
+            "generated_tokens": 0,
+            "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
+            "idle_intervals": [],  # wall-clock (start, end) with nothing running or waiting
+            "peak_running_seqs": 0,
+            "idle_since": time.time(),  # wall clock; None while working
+        }
+
+    # ---- protocol ------------------------------------------------------------------------------
+    async def expand(self, requests: Sequence[ExpandRequest]) -> list[ExpandResult]:
+        return list(await asyncio.gather(*(self._submit(r) for r in requests)))
+
+    async def generate(self, requests: Sequence[ExpandRequest]) -> list[Generation]:
+        results = await asyncio.gather(*(self._submit(r) for r in requests), return_exceptions=True)
+        out = []
+        for r in results:
+            if isinstance(r, ValueError):
+                out.append(Generation(error=f"ValueError: {r}"))
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append(
+                    Generation(tuple(Sample(c.token_ids, c.text, c.finish_reason) for c in r.candidates))
+                )
+        return out
+
+    async def reset_prefix_cache(self) -> None:
+        self.cache.clear()
+
+    async def check_health(self) -> None:
+        self._ensure_loop()
+        if self.faults.dead():
+            raise EngineDead("simulated engine core died")
+        await self.loaded.wait()
+
+    def progress(self) -> int:
+        return self.steps
+
+    def capacity(self) -> dict[str, int]:
+        return {"kv_tokens": self.total_blocks * self.block, "max_num_seqs": self.cfg.max_num_seqs}
+
+    def shutdown(self) -> None:
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def _submit(self, r: ExpandRequest) -> ExpandResult:
+        if len(r.prompt_token_ids) + r.max_tokens > self.cfg.max_model_len:
+            raise ValueError(
+                f"prompt of {len(r.prompt_token_ids)} tokens + max_tokens {r.max_tokens} exceeds "
+                f"max_model_len {self.cfg.max_model_len}"
+            )
+        if self.faults.dead():
+            raise EngineDead("simulated engine core died")
+        self._ensure_loop()
+        p = self.profile
+        cands = [
+            sample_candidate(r.seed, j, r.max_tokens, self.eos, self.vocab, p.eos_prob) for j in range(r.n)
+        ]
+        req = _Request(r, asyncio.get_running_loop().create_future(), cands)
+        req.remaining = [len(ids) for ids, _ in cands]
+        self.waiting.append(req)
+        self.wake.set()
+        return await req.future
+
+    def _ensure_loop(self) -> None:
+        if self.loop_task is None:
+            self.loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    def _admit(self) -> float:
+        """Admit waiting requests that fit; returns the simulated prefill time they cost."""
+        prefill = 0.0
+        seqs = sum(len(q.cands) for q in self.running)
+        while self.waiting:
+            q = self.waiting[0]
+            prompt = q.req.prompt_token_ids
+            need = -(-(len(prompt)) // self.block) + len(q.cands) * -(-q.req.max_tokens // self.block)
+            if seqs + len(q.cands) > self.cfg.max_num_seqs or (
+                self.used_blocks + need > self.total_blocks and self.running
+            ):
+                break
+            self.waiting.popleft()
+            hashes = block_hashes(prompt, self.block)
+            hits = 0
+            for h in hashes[: (len(prompt) - 1) // self.block]:
+                if h not in self.cache:
+                    break
+                self.cache.move_to_end(h)  # shared with other requests: stays cached, most recent
+                hits += 1
+            q.cached = hits * self.block
+            q.blocks = need - hits
+            self.used_blocks += q.blocks
+            while self.cache and len(self.cache) > self.total_blocks - self.used_blocks:
+                self.cache.popitem(last=False)
+            prefill += (len(prompt) - q.cached) * self.profile.prefill_per_token_s
+            self.running.append(q)
+            seqs += len(q.cands)
+        self.stats["peak_running_seqs"] = max(self.stats["peak_running_seqs"], seqs)
+        return prefill
+
+    def _finish(self, q: _Request) -> None:
+        self.used_blocks -= q.blocks
+        prompt = q.req.prompt_token_ids
+        base = block_hashes(prompt, self.block)
+        for h in base:
+            self.cache[h] = None
+            self.cache.move_to_end(h)
+        for ids, _ in q.cands:
+            full = prompt + ids
+            prev = base[-1] if base else 0
+            for h in block_hashes(full, self.block, start=len(base), prev=prev):
+                self.cache[h] = None
+        while len(self.cache) > self.total_blocks - self.used_blocks:
+            self.cache.popitem(last=False)
+        cands = tuple(Candidate(ids, "", finish) for ids, finish in q.cands)
+        self.stats["generated_tokens"] += sum(len(ids) for ids, _ in q.cands)
+        self.stats["prompt_tokens"] += len(prompt)
+        self.stats["cached_prompt_tokens"] += q.cached
+        if not q.future.done():
+            q.future.set_result(ExpandResult(q.req.key, cands, len(prompt), q.cached))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for q in [*self.running, *self.waiting]:
+            if not q.future.done():
+                q.future.set_exception(exc)
+        self.running.clear()
+        self.waiting.clear()
+        self.used_blocks = 0
+
+    # ---- the engine loop -----------------------------------------------------------------------
+    async def _loop(self) -> None:
+        p = self.profile
+        if self.model_load:
+            await self.clock.sleep(p.load_s)
+        self.loaded.set()
+        while True:
+            if self.faults.dead():
+                self._fail_all(EngineDead("simulated engine core died"))
+                await self.clock.sleep(1.0)
+                continue
+            if self.faults.hung():
+                await self.clock.sleep(1.0)
+                continue
+            # Drop requests whose caller went away (a cancelled call).
+            self.waiting = deque(q for q in self.waiting if not q.future.done())
+            prefill = self._admit()
+            if not self.running:
+                if self.stats["idle_since"] is None:
+                    self.stats["idle_since"] = time.time()
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            if self.stats["idle_since"] is not None:
+                self._record_idle(self.stats["idle_since"], time.time())
+                self.stats["idle_since"] = None
+            batch = sum(sum(1 for r in q.remaining if r > 0) for q in self.running)
+            ctx = sum(
+                (len(q.req.prompt_token_ids) + q.done_steps) * sum(1 for r in q.remaining if r > 0)
+                for q in self.running
+            )
+            n = min(MAX_MACRO_STEPS, min(r for q in self.running for r in q.remaining if r > 0))
+            step = p.step_base_s + p.step_per_seq_s * batch + p.step_per_ctx_token_s * ctx
+            sim_s = (
+                prefill + n * step + p.step_per_ctx_token_s * batch * n * (n - 1) / 2
+            ) * self.faults.slow_factor()
+            await self.clock.sleep(sim_s)
+            self.steps += n
+            self.stats["steps"] += n
+            self.stats["sim_busy_s"] += sim_s
+            still = []
+            for q in self.running:
+                q.done_steps += n
+                q.remaining = [max(0, r - n) for r in q.remaining]
+                if any(q.remaining) and not q.future.done():
+                    still.append(q)
+                elif q.future.done():  # cancelled by its caller: free its blocks
+                    self.used_blocks -= q.blocks
+                else:
+                    self._finish(q)
+            self.running = still
+
+    def _record_idle(self, start: float, end: float) -> None:
+        intervals = self.stats["idle_intervals"]
+        if len(intervals) < 100_000:
+            intervals.append((start, end))
