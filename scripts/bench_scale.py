@@ -23,20 +23,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
+# Simulated time runs `compression` times faster than wall-clock time. The runs measure simulated
+# throughput, so each size gets the fastest compression at which this 2-core machine still feeds its
+# engines (the orchestration's real CPU time is the limit: 64 engines need a slower clock).
 PROFILES = {
     # engines -> problems per engine; the 64-engine run keeps >= 10,000 problems in flight
     "full": {
-        "engines": (1, 8, 64),
+        "engines": {1: 2.0, 8: 2.0, 64: 0.4},
         "per_engine": 240,
         "inflight": 160,
-        "compression": 1.0,
         "manifest": 1_000_000,
     },
-    "short": {"engines": (1, 8), "per_engine": 24, "inflight": 16, "compression": 4.0, "manifest": 20_000},
+    "short": {"engines": {1: 4.0, 8: 4.0}, "per_engine": 24, "inflight": 16, "manifest": 20_000},
 }
 
 
@@ -56,11 +59,12 @@ def scale_run(tmp: Path, engines: int, per_engine: int, inflight: int, compressi
             f"output.dir={tmp / f'scale-{engines}'}",
             f"teacher.num_engines={engines}",
             f"teacher.max_inflight_problems={inflight}",
-            f"student.num_scorers={max(1, engines // 4)}",
+            f"student.num_scorers={engines}",  # the same ratio at every size (weak scaling)
             f"sim.engines_per_actor={slots}",
             f"sim.time_compression={compression}",
             f"runtime.num_beam_managers={max(1, min(4, engines // 4))}",
             "runtime.local_num_cpus=64",
+            "sim.model_load=false",
         ]
     )
     r = run(cfg)
@@ -69,6 +73,7 @@ def scale_run(tmp: Path, engines: int, per_engine: int, inflight: int, compressi
     idle = r.idle_fraction(start, last_admit) if start and last_admit else None
     out = {
         "engines": engines,
+        "time_compression": compression,
         "problems": n,
         "committed": r.summary.get("problems_done_this_run"),
         "wall_s": round(r.wall_s, 1),
@@ -79,6 +84,18 @@ def scale_run(tmp: Path, engines: int, per_engine: int, inflight: int, compressi
         "idle_while_waiting": None if idle is None else round(idle, 4),
         "driver_ms_per_result_p99": d.get("ms_per_result_p99"),
         "prefix_cache_hit_rate": r.summary.get("teacher/prefix_cache_hit_rate"),
+        # simulated seconds the engines were stepping, over engines x simulated run time
+        "engine_busy": round(
+            sum(s["sim_busy_s"] for s in r.engine_stats) / (len(r.engine_stats) * r.sim_s), 3
+        )
+        if r.engine_stats and r.sim_s
+        else None,
+        "mean_batch": round(
+            sum(s["generated_tokens"] for s in r.engine_stats)
+            / max(1, sum(s["steps"] for s in r.engine_stats)),
+            1,
+        ),
+        "peak_running_seqs": max((s["peak_running_seqs"] for s in r.engine_stats), default=None),
         "error": r.error,
     }
     log(json.dumps(out))
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"profile": args.profile}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmpdir:
         tmp = Path(tmpdir)
-        runs = {e: scale_run(tmp, e, p["per_engine"], p["inflight"], p["compression"]) for e in p["engines"]}
+        runs = {e: scale_run(tmp, e, p["per_engine"], p["inflight"], c) for e, c in p["engines"].items()}
         one = runs[1]["sim_tokens_per_s"]
         for e, r in runs.items():
             if e > 1:
@@ -109,11 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         result["driver_ms_per_result_p99"] = big["driver_ms_per_result_p99"]
         result["runs"] = list(runs.values())
 
-        from scripts.bench_manifest import manifest_bytes_per_problem
+        from scripts.bench_manifest import bench as bench_manifest
 
-        small = manifest_bytes_per_problem(10_000, tmp / "manifest-small")
-        large = manifest_bytes_per_problem(p["manifest"], tmp / "manifest-large")
-        result["manifest_bytes_per_problem"] = {"10000": small, str(p["manifest"]): large}
+        # bytes are the figure here, not time: tmpfs where there is one (the writer's fsyncs are real)
+        shm = Path("/dev/shm")
+        where = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp
+        try:
+            sizes = (10_000, p["manifest"])
+            runs_m = {n: bench_manifest(n, 64, where) for n in sizes}
+        finally:
+            if where != tmp:
+                shutil.rmtree(where, ignore_errors=True)
+        result["manifest_bytes_per_problem"] = {
+            str(n): r["manifest_bytes_per_problem"] for n, r in runs_m.items()
+        }
+        log(f"manifest: {json.dumps(runs_m)}")
 
         if not args.skip_faults:
             from gen_ssd_ray.sim.scenarios import run_scenarios

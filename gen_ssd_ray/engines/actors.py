@@ -193,7 +193,8 @@ def create_engine_pool(
     sim: SimConfig | None = None,
     max_restarts: int = -1,
 ) -> list[EngineRef]:
-    """The `cfg.num_engines` engines of a pool serving `model_path`, as EngineRefs.
+    """The `cfg.num_engines` engines of a pool serving `model_path`, as EngineRefs (`max_concurrency`
+    calls per engine).
 
     One TeacherEngine actor per engine, or `sim.engines_per_actor` simulated engines per actor; each
     actor asks for the section's resources times its engines. Actors are spread over nodes (one
@@ -211,7 +212,7 @@ def create_engine_pool(
             num_gpus=cfg.num_gpus * n,
             max_restarts=max_restarts,
             max_task_retries=0,
-            max_concurrency=max_concurrency,
+            max_concurrency=max_concurrency * n,  # per engine
             scheduling_strategy="SPREAD",
             runtime_env={"env_vars": engine_env(cfg.kv_cache_gib)},
         )[0]

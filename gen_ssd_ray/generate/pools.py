@@ -57,7 +57,7 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         num_gpus=s.num_gpus * slots,
         max_restarts=r.max_actor_restarts,
         max_task_retries=0,
-        max_concurrency=1000,
+        max_concurrency=max(1000, concurrency) * slots,
         scheduling_strategy="SPREAD",
         runtime_env={"env_vars": engine_env(s.kv_cache_gib)},
     )

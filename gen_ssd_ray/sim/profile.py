@@ -93,14 +93,27 @@ def load_profile(name_or_path: str) -> Profile:
 
 class SimClock:
     """Simulated time: `now()` in simulated seconds since `epoch` (wall-clock Unix seconds), and
-    `sleep(sim_s)` that waits `sim_s / compression` wall-clock seconds."""
+    `work(sim_s)`, which keeps a device busy for `sim_s / compression` wall-clock seconds.
+
+    `work` schedules against a cursor (the time the device's previous work ends), not from when it is
+    called: the Python bookkeeping between two steps overlaps the simulated device time, as the
+    host's scheduling overlaps a GPU's kernels, so a busy host process does not slow the simulated
+    device down (unless it falls behind by more than a step, which then shows as lost throughput).
+    """
 
     def __init__(self, compression: float, epoch: float | None = None):
         self.compression = compression
         self.epoch = time.time() if epoch is None else epoch
+        self.cursor = 0.0  # time.monotonic() at which the device's work so far ends
 
     def now(self) -> float:
         return (time.time() - self.epoch) * self.compression
 
     async def sleep(self, sim_s: float) -> None:
+        """Wait `sim_s` simulated seconds (idle waits: polling a fault, loading a model)."""
         await asyncio.sleep(max(0.0, sim_s) / self.compression)
+
+    async def work(self, sim_s: float) -> None:
+        now = time.monotonic()
+        self.cursor = max(self.cursor, now) + max(0.0, sim_s) / self.compression
+        await asyncio.sleep(self.cursor - now)

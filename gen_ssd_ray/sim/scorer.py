@@ -79,7 +79,7 @@ class SimScorer:
                 if self.faults.dead():
                     raise EngineDead("simulated scorer died")
                 result, seconds = self._score_one(r)
-                await self.clock.sleep(seconds * self.faults.slow_factor())
+                await self.clock.work(seconds * self.faults.slow_factor())
                 out.append(result)
             return out
 

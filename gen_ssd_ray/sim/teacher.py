@@ -262,6 +262,7 @@ class SimTeacher:
                     self.stats["idle_since"] = time.time()
                 self.wake.clear()
                 await self.wake.wait()
+                self.clock.cursor = 0.0  # an idle device starts its next work when it arrives
                 continue
             if self.stats["idle_since"] is not None:
                 self._record_idle(self.stats["idle_since"], time.time())
@@ -276,7 +277,7 @@ class SimTeacher:
             sim_s = (
                 prefill + n * step + p.step_per_ctx_token_s * batch * n * (n - 1) / 2
             ) * self.faults.slow_factor()
-            await self.clock.sleep(sim_s)
+            await self.clock.work(sim_s)
             self.steps += n
             self.stats["steps"] += n
             self.stats["sim_busy_s"] += sim_s
