@@ -226,7 +226,8 @@ class FaultSpec:
 
     kind: "dead" (the engine core dies inside the live actor: every call fails), "hung" (calls never
     return, the actor still answers), "slow" (steps take `factor` times as long). `at_s` and
-    `duration_s` are simulated seconds from `sim.epoch` (null duration: to the end of the run).
+    `duration_s` are simulated seconds from `sim.epoch` (null: from the engine's first request; null
+    duration: to the end of the run). A restarted actor's engines have no faults.
     """
 
     target: str = "teacher"  # teacher | scorer
@@ -257,7 +258,7 @@ class SimConfig:
     engines_per_actor: int = 1
     # Simulate the model load (the profile's load_s) when an engine starts and after each restart.
     model_load: bool = True
-    # Wall-clock time (Unix seconds) the fault schedule counts from; null: when each engine starts.
+    # Wall-clock time (Unix seconds) the fault schedule counts from; null: each engine's first request.
     epoch: float | None = None
     faults: list[FaultSpec] = dataclasses.field(default_factory=list)
 

@@ -58,7 +58,8 @@ class TeacherEngine(_Slots):
         from gen_ssd_ray.engines.registry import build_teacher
 
         self.cfg = cfg
-        self.backends = [build_teacher(cfg, EngineContext(first_index + j, sim)) for j in range(slots)]
+        again = _restarted()
+        self.backends = [build_teacher(cfg, EngineContext(first_index + j, sim, again)) for j in range(slots)]
         self.calls = 0
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
@@ -112,7 +113,8 @@ class StudentScorer(_Slots):
         from gen_ssd_ray.engines.registry import build_scorer
 
         self.spec = spec
-        self.backends = [build_scorer(spec, EngineContext(first_index + j, spec.sim)) for j in range(slots)]
+        again = _restarted()
+        self.backends = [build_scorer(spec, EngineContext(first_index + j, spec.sim, again)) for j in range(slots)]
         self.tokens_processed = 0
         self.tokens_scored = 0
 
@@ -147,6 +149,15 @@ class EngineRef:
 
     def call(self, method: str, *args):
         return getattr(self.actor, method).remote(*args, slot=self.slot)
+
+
+def _restarted() -> bool:
+    try:
+        import ray
+
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # pragma: no cover - outside Ray
+        return False
 
 
 def _node_id() -> str | None:

@@ -36,6 +36,7 @@ class EngineContext:
 
     index: int = 0
     sim: SimConfig | None = None
+    restarted: bool = False  # the actor was restarted by Ray (a fresh engine after a failure)
 
 
 @dataclass(frozen=True)

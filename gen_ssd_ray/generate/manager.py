@@ -164,6 +164,7 @@ class BeamManager:
 
         ref = engine.call(method, payload)
         fut = asyncio.wrap_future(ref.future())
+        fut.add_done_callback(_retrieve)  # a cancelled or abandoned call's error is expected
         timeout, last = self.spec.call_timeout_s, None
         for _ in range(MAX_LATE_DEADLINES):
             done, _ = await asyncio.wait({fut}, timeout=timeout)
@@ -322,6 +323,11 @@ class BeamManager:
     async def render_prompt_ids(self, question: str) -> list[int]:
         """The teacher prompt's token ids for a question (used by the benchmark's baseline)."""
         return list(self.prompts(question)[0].token_ids)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:

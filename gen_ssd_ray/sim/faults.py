@@ -1,9 +1,10 @@
 """The fault schedule inside simulated engines: when an engine is dead, hung or slow.
 
-`EngineFaults(schedule, target, index, clock)` filters `sim.faults` (gen_ssd_ray.common.config.FaultSpec)
-to one engine and answers, at the clock's current simulated time:
-- `dead()`: the engine core is gone. Only faults that start after this backend was built count: an
-  actor restarted after the fault gets a fresh engine core, as a real restart does.
+`EngineFaults(schedule, target, index, clock, restarted)` filters `sim.faults`
+(gen_ssd_ray.common.config.FaultSpec) to one engine and answers, at the current simulated time
+(counted from `sim.epoch`, or when null from the engine's first request, `start()`):
+- `dead()`: the engine core is gone. An actor that Ray restarted gets a fresh engine with no faults,
+  as a real restart does.
 - `hung()`: the engine stops stepping (calls never return, the actor still answers).
 - `slow_factor()`: step times are multiplied by it.
 Faults that happen to actors, nodes, managers and the driver are applied from outside by the
@@ -19,12 +20,22 @@ from gen_ssd_ray.sim.profile import SimClock
 
 
 class EngineFaults:
-    def __init__(self, schedule: Sequence[FaultSpec], target: str, index: int, clock: SimClock):
+    def __init__(
+        self, schedule: Sequence[FaultSpec], target: str, index: int, clock: SimClock, restarted: bool = False
+    ):
         self.clock = clock
-        self.built_at = clock.now()
-        self.faults = [f for f in schedule if f.target == target and f.index == index]
+        self.t0: float | None = 0.0 if clock.epoch_given else None
+        self.faults = [] if restarted else [f for f in schedule if f.target == target and f.index == index]
+
+    def start(self) -> None:
+        """The engine's first request: the schedule counts from here when `sim.epoch` is null."""
+        if self.t0 is None:
+            self.t0 = self.clock.now()
 
     def _active(self, kind: str, now: float) -> list[FaultSpec]:
+        if self.t0 is None:
+            return []
+        now -= self.t0
         return [
             f
             for f in self.faults
@@ -32,8 +43,7 @@ class EngineFaults:
         ]
 
     def dead(self) -> bool:
-        now = self.clock.now()
-        return any(f.at_s >= self.built_at for f in self._active("dead", now))
+        return bool(self._active("dead", self.clock.now()))
 
     def hung(self) -> bool:
         return bool(self._active("hung", self.clock.now()))

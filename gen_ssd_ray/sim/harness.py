@@ -17,6 +17,8 @@ Simulated throughput is tokens over simulated time: wall-clock seconds times `si
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -54,27 +56,55 @@ class SimCluster:
     def __init__(self, nodes: int, gpus_per_node: int = 8, cpus_per_node: int = 8, head_cpus: int = 4):
         from ray.cluster_utils import Cluster
 
-        self.gpus_per_node, self.cpus_per_node = gpus_per_node, cpus_per_node
+        self.size, self.gpus_per_node, self.cpus_per_node = nodes, gpus_per_node, cpus_per_node
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "num_gpus": 0})
         self.nodes = [self.add() for _ in range(nodes)]
+        self.joined: list[subprocess.Popen] = []  # nodes that joined as their own `ray start` process
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
     def add(self):
-        node = self.cluster.add_node(num_gpus=self.gpus_per_node, num_cpus=self.cpus_per_node)
-        return node
+        return self.cluster.add_node(num_gpus=self.gpus_per_node, num_cpus=self.cpus_per_node)
+
+    def join(self) -> None:
+        """A new node joins as its own process (what an autoscaler or KubeRay does); safe from any thread."""
+        ray_bin = Path(sys.executable).with_name("ray")
+        cmd = [str(ray_bin), "start", "--address", self.address, "--block", "--disable-usage-stats"]
+        cmd += [f"--num-gpus={self.gpus_per_node}", f"--num-cpus={self.cpus_per_node}"]
+        self.joined.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def remove(self, node) -> None:
         self.cluster.remove_node(node, allow_graceful=False)
         if node in self.nodes:
             self.nodes.remove(node)
 
+    def restore(self) -> None:
+        """Back to `nodes` nodes of this cluster's own (joined nodes stopped), before a new scenario."""
+        self._stop_joined()
+        while len(self.nodes) < self.size:
+            self.nodes.append(self.add())
+        self.cluster.wait_for_nodes()
+
     def node_of(self, node_id: str):
         return next((n for n in self.nodes if n.node_id == node_id), None)
 
+    def _stop_joined(self) -> None:
+        for p in self.joined:
+            p.terminate()
+        for p in self.joined:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.joined.clear()
+
     def shutdown(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self._stop_joined()
         self.cluster.shutdown()
 
     def __enter__(self) -> SimCluster:
@@ -122,9 +152,11 @@ def run(cfg: GenerateConfig, during: Callable[[Any], None] | None = None) -> Run
 
     prepared = prepare(cfg)
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
-    pools = build_pools(cfg, prepared.teacher_path, prepared.student_path)
-    thread, error = None, None
+    thread, error, pools, engine_stats = None, None, None, []
+    summary: dict[str, Any] = {}
+    t0 = time.time()
     try:
+        pools = build_pools(cfg, prepared.teacher_path, prepared.student_path)
         if during is not None:
             thread = threading.Thread(target=during, args=(pools,), daemon=True)
             thread.start()
@@ -133,17 +165,20 @@ def run(cfg: GenerateConfig, during: Callable[[Any], None] | None = None) -> Run
             summary = run_generate(cfg, prepared, pools=pools)
         except Exception as e:  # a scenario may end in JobFailed: the caller reports it
             summary, error = getattr(e, "summary", {}) or {}, f"{type(e).__name__}: {e}"
-        wall = time.time() - t0
-        engine_stats = []
         for a in actors_of(pools.teachers):
             try:
                 engine_stats += [b for b in ray.get(a.stats.remote(), timeout=30)["backends"] if b]
             except Exception:  # an actor killed by the scenario
                 pass
+    except Exception as e:  # engines that never started
+        error = f"{type(e).__name__}: {e}"
+        prepared.writer.close()
     finally:
+        wall = time.time() - t0
         if thread is not None:
-            thread.join(timeout=5)
-        shutdown_pools(pools)
+            thread.join(timeout=60)
+        if pools is not None:
+            shutdown_pools(pools)
         ray.shutdown()
     tokens = int(summary.get("teacher/tokens_generated") or 0)
     elapsed = float(summary.get("elapsed_s") or wall)

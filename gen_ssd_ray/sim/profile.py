@@ -103,6 +103,7 @@ class SimClock:
 
     def __init__(self, compression: float, epoch: float | None = None):
         self.compression = compression
+        self.epoch_given = epoch is not None
         self.epoch = time.time() if epoch is None else epoch
         self.cursor = 0.0  # time.monotonic() at which the device's work so far ends
 

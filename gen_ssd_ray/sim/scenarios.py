@@ -26,7 +26,7 @@ from typing import Any
 
 from gen_ssd_ray.sim.harness import SimCluster, output_ids, run, sim_config, write_problems
 
-FAULT_AT_S = 40.0  # simulated seconds after the engines start
+FAULT_AT_S = 10.0  # simulated seconds after an engine's first request
 
 
 def _base(tmp: Path, name: str, address: str, problems: Path, short: bool) -> list[str]:
@@ -63,7 +63,10 @@ def _after(seconds: float, action: Callable[[Any], None]) -> Callable[[Any], Non
     return during
 
 
-def run_scenarios(tmp: Path, short: bool = False, log: Callable[[str], None] = print) -> dict[str, dict]:
+def run_scenarios(
+    tmp: Path, short: bool = False, log: Callable[[str], None] = print, only: set[str] | None = None
+) -> dict[str, dict]:
+    """Run the clean run and every scenario (or the clean run and those in `only`); see the module doc."""
     import ray
 
     n = 96 if short else 256
@@ -71,9 +74,6 @@ def run_scenarios(tmp: Path, short: bool = False, log: Callable[[str], None] = p
     results: dict[str, dict] = {}
     with SimCluster(nodes=4, gpus_per_node=8, cpus_per_node=8) as cluster:
         wall_fault = FAULT_AT_S / (8 if short else 4)
-
-        def epoch() -> str:
-            return f"sim.epoch={time.time()}"
 
         def kill_teacher(no_restart: bool):
             return lambda pools: ray.kill(pools.teachers[0].actor, no_restart=no_restart)
@@ -89,7 +89,7 @@ def run_scenarios(tmp: Path, short: bool = False, log: Callable[[str], None] = p
                     cluster.remove(node)
                 if readd_after is not None:
                     time.sleep(readd_after)
-                    cluster.nodes.append(cluster.add())
+                    cluster.join()
 
             return action
 
@@ -108,7 +108,10 @@ def run_scenarios(tmp: Path, short: bool = False, log: Callable[[str], None] = p
         ]
         clean_tps = None
         for name, extra, during in scenarios:
-            cfg = sim_config([*_base(tmp, name, cluster.address, problems, short), epoch(), *extra])
+            if only and name != "clean" and name not in only:
+                continue
+            cluster.restore()
+            cfg = sim_config([*_base(tmp, name, cluster.address, problems, short), *extra])
             t0 = time.time()
             r = run(cfg, during)
             ids = output_ids(cfg.output.dir)
@@ -116,6 +119,9 @@ def run_scenarios(tmp: Path, short: bool = False, log: Callable[[str], None] = p
                 clean_tps = r.sim_tokens_per_s
             results[name] = _record(n, ids, r.sim_tokens_per_s, clean_tps, r.error, time.time() - t0)
             log(f"fault {name}: {results[name]}")
+        if only and "driver_sigkill_resubmit" not in only:
+            return results
+        cluster.restore()
         results["driver_sigkill_resubmit"] = _driver_kill(
             tmp, cluster.address, problems, n, short, clean_tps, log
         )
@@ -139,7 +145,13 @@ def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, c
     from gen_ssd_ray.generate.output import read_manifest
 
     out = tmp / "driver_sigkill_resubmit"
-    overrides = [o for o in _base(tmp, out.name, address, problems, short) if not o.startswith("output.dir")]
+    # a slower clock than the other scenarios, so that the kill lands while shards are being filled
+    overrides = [
+        o
+        for o in _base(tmp, out.name, address, problems, short)
+        if not o.startswith(("output.dir", "sim.time_compression"))
+    ]
+    overrides += ["sim.time_compression=1", "sim.model_load=false"]
     cmd = [
         sys.executable,
         "-m",
@@ -152,7 +164,7 @@ def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, c
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     t0 = time.time()
-    proc = subprocess.Popen([*cmd, f"sim.epoch={time.time()}"], cwd=root, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, start_new_session=True)
     killed_at = None
     while proc.poll() is None and time.time() - t0 < 900:
         m = (
@@ -161,14 +173,13 @@ def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, c
             else None
         )
         if m and m["num_problems"] >= 16:  # one shard committed, the next one filling
-            time.sleep(1.0)
             os.killpg(proc.pid, signal.SIGKILL)
             killed_at = m["num_problems"]
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.wait()
     first = output_ids(out)
-    rc = subprocess.run([*cmd, f"sim.epoch={time.time()}"], cwd=root, env=env).returncode
+    rc = subprocess.run(cmd, cwd=root, env=env).returncode
     ids = output_ids(out)
     rec = _record(n, ids, 0.0, None, None if rc == 0 else f"resubmission exit {rc}", time.time() - t0)
     rec["committed_before_kill"] = len(first) if killed_at is not None else None

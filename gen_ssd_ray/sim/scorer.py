@@ -42,7 +42,7 @@ class SimScorer:
         self.profile = load_profile(sim.profile).scorer
         self.clock = SimClock(sim.time_compression, sim.epoch)
         self.model_load = sim.model_load
-        self.faults = EngineFaults(sim.faults, "scorer", context.index, self.clock)
+        self.faults = EngineFaults(sim.faults, "scorer", context.index, self.clock, context.restarted)
         self.kv_cache_tokens = spec.student.kv_cache_tokens
         # group -> {hash of a candidate's full context: its length}
         self.groups: OrderedDict[str, dict[int, int]] = OrderedDict()
@@ -71,6 +71,7 @@ class SimScorer:
         self.cached = 0
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        self.faults.start()
         async with self.lock:
             out = []
             for r in requests:

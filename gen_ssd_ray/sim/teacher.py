@@ -96,7 +96,7 @@ class SimTeacher:
         self.profile = load_profile(sim.profile).teacher
         self.clock = SimClock(sim.time_compression, sim.epoch)
         self.model_load = sim.model_load
-        self.faults = EngineFaults(sim.faults, "teacher", context.index, self.clock)
+        self.faults = EngineFaults(sim.faults, "teacher", context.index, self.clock, context.restarted)
         self.block = cfg.block_size or self.profile.block_size
         self.total_blocks = self.profile.kv_capacity_tokens // self.block
         self.eos, self.vocab = model_vocab(cfg.model)
@@ -163,6 +163,7 @@ class SimTeacher:
                 f"prompt of {len(r.prompt_token_ids)} tokens + max_tokens {r.max_tokens} exceeds "
                 f"max_model_len {self.cfg.max_model_len}"
             )
+        self.faults.start()
         if self.faults.dead():
             raise EngineDead("simulated engine core died")
         self._ensure_loop()
