@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run generate test test-fast bench models lint clean
+.PHONY: install run generate test test-fast bench bench-scale calibrate-sim models lint clean
 
 install: $(STAMP)
 
@@ -41,6 +41,15 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m scripts.bench $(ARGS)
 	$(BIN)/python -m scripts.bench_finetune $(FT_ARGS)
+
+# Scale and fault figures on the simulated GPU cluster (gen_ssd_ray.sim): one JSON object, last line.
+# ARGS="--profile short" is the test suite's few-minute version.
+bench-scale: $(STAMP)
+	$(BIN)/python -m scripts.bench_scale $(ARGS)
+
+# Measure the real vLLM engine and hf scorer on this machine into conf/sim/cpu.yaml (a few minutes).
+calibrate-sim: $(STAMP)
+	$(BIN)/python -m gen_ssd_ray.sim.calibrate $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -27,6 +27,8 @@ from typing import Any
 from gen_ssd_ray.sim.harness import SimCluster, output_ids, run, sim_config, write_problems
 
 FAULT_AT_S = 10.0  # simulated seconds after an engine's first request
+# The short schedule (the test suite's): one fault of each kind of recovery.
+SHORT = {"teacher_dead", "node_removed_readded", "manager_killed", "driver_sigkill_resubmit"}
 
 
 def _base(tmp: Path, name: str, address: str, problems: Path, short: bool) -> list[str]:
@@ -47,6 +49,8 @@ def _base(tmp: Path, name: str, address: str, problems: Path, short: bool) -> li
         "runtime.engine_cooldown_s=10",
         "runtime.max_attempts=3",
         "output.shard_size=16",
+        # the short schedule skips simulated model loads (restarts cost no load time there)
+        f"sim.model_load={not short}",
     ]
 
 
@@ -151,6 +155,7 @@ def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, c
         for o in _base(tmp, out.name, address, problems, short)
         if not o.startswith(("output.dir", "sim.time_compression"))
     ]
+    overrides = [o for o in overrides if not o.startswith("sim.model_load")]
     overrides += ["sim.time_compression=1", "sim.model_load=false"]
     cmd = [
         sys.executable,
