@@ -34,7 +34,7 @@ from pathlib import Path
 PROFILES = {
     # engines -> problems per engine; the 64-engine run keeps >= 10,000 problems in flight
     "full": {
-        "engines": {1: 2.0, 8: 2.0, 64: 0.4},
+        "engines": {1: 2.0, 8: 1.0, 64: 0.4},
         "per_engine": 240,
         "inflight": 160,
         "manifest": 1_000_000,

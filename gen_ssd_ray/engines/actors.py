@@ -114,7 +114,9 @@ class StudentScorer(_Slots):
 
         self.spec = spec
         again = _restarted()
-        self.backends = [build_scorer(spec, EngineContext(first_index + j, spec.sim, again)) for j in range(slots)]
+        self.backends = [
+            build_scorer(spec, EngineContext(first_index + j, spec.sim, again)) for j in range(slots)
+        ]
         self.tokens_processed = 0
         self.tokens_scored = 0
 

@@ -44,7 +44,8 @@ class PoolHealth:
     def failed(self, i: int) -> None:
         n = self.failures.get(i, 0) + 1
         self.failures[i] = n
-        self.until[i] = self.clock() + min(self.max_s, self.base_s * 2 ** (n - 1))
+        # The exponent is bounded: 2 ** (n - 1) overflows a float after ~1000 failures of a flapping engine.
+        self.until[i] = self.clock() + min(self.max_s, self.base_s * 2.0 ** min(n - 1, 64))
 
     def ok(self, i: int) -> None:
         self.until.pop(i, None)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "conf" / "sim"
@@ -59,10 +59,16 @@ class Profile:
 
 
 def _section(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: must be a mapping of {cls.__name__} keys, got {data!r}")
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing = required - set(data)
+    if missing:
+        raise ValueError(f"{where}: missing keys {sorted(missing)}")
     return cls(**data)
 
 
@@ -79,7 +85,12 @@ def load_profile(name_or_path: str) -> Profile:
         raise ValueError(
             f"sim.profile: no profile {name_or_path!r} (named profiles: {known}, or a YAML path)"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: must be a mapping with source, teacher and scorer, got {data!r}")
     for key in ("source", "teacher", "scorer"):
         if key not in data:
             raise ValueError(f"{path}: missing the {key!r} section")

@@ -4,10 +4,14 @@ What it models (constants from the profile, gen_ssd_ray.sim.profile):
 - `max_num_seqs` slots (teacher.max_num_seqs) and a KV cache of `kv_capacity_tokens` in blocks of
   `block_size`. A request (n sequences sharing one prompt) is admitted when a slot per sequence and
   the blocks for its prompt plus n * max_tokens are free; otherwise it waits (FIFO), as in vLLM.
-- An LRU prefix cache over the blocks of finished sequences (chained block hashes, as vLLM's); a
-  prompt's leading cached blocks are hits (`cached_prompt_tokens`, shared by every request that has
-  them, refreshed as most recent), the rest are prefilled at `prefill_per_token_s` each. Cached blocks
-  and the blocks running requests hold for new tokens share `kv_capacity_tokens`.
+- An LRU prefix cache over the blocks of finished sequences (chained block hashes, as vLLM's): the
+  full blocks of the tokens whose KV was computed, the prompt and every sampled token but the last
+  (which is never fed back). A prompt's leading cached blocks, at most (len - 1) // block_size of
+  them, are hits (`cached_prompt_tokens`); the rest are prefilled at `prefill_per_token_s` each. A hit
+  block is shared by every running request that has it and cannot be evicted while one holds it; when
+  the last one finishes it is free again and evictable, most recent first (tail blocks go before
+  leading ones). Cached blocks, shared hits and the blocks running requests hold for new tokens share
+  `kv_capacity_tokens`.
 - Decode steps of the whole batch: `step_base_s + step_per_seq_s * batch + step_per_ctx_token_s *
   sum(context)` simulated seconds each, run in macro-steps of up to MAX_MACRO_STEPS (arrivals join
   at the next macro-step), slept on the compressed clock (gen_ssd_ray.sim.profile.SimClock).
@@ -80,7 +84,9 @@ class _Request:
     req: ExpandRequest
     future: asyncio.Future
     cands: list[tuple[tuple[int, ...], str]]
-    blocks: int = 0  # KV blocks held while running
+    blocks: int = 0  # KV blocks held while running, hits excepted
+    hits: list[int] = field(default_factory=list)  # hashes of the cached blocks it shares
+    prompt_hashes: list[int] | None = None  # of the prompt's full blocks, once computed
     cached: int = 0
     done_steps: int = 0
     remaining: list[int] = field(default_factory=list)
@@ -101,7 +107,8 @@ class SimTeacher:
         self.total_blocks = self.profile.kv_capacity_tokens // self.block
         self.eos, self.vocab = model_vocab(cfg.model)
         self.cache: OrderedDict[int, None] = OrderedDict()  # free blocks that keep their content (LRU)
-        self.used_blocks = 0
+        self.in_use: dict[int, int] = {}  # cached blocks running requests share -> how many hold each
+        self.used_blocks = 0  # blocks running requests hold (shared ones once), not evictable
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.steps = 0
@@ -187,45 +194,70 @@ class SimTeacher:
         seqs = sum(len(q.cands) for q in self.running)
         while self.waiting:
             q = self.waiting[0]
+            if seqs + len(q.cands) > self.cfg.max_num_seqs:
+                break
             prompt = q.req.prompt_token_ids
+            if q.prompt_hashes is None:
+                q.prompt_hashes = block_hashes(prompt, self.block)
+            # Leading cached blocks, free or held by running requests; the last token is recomputed.
+            hits = []
+            for h in q.prompt_hashes[: (len(prompt) - 1) // self.block]:
+                if h not in self.cache and h not in self.in_use:
+                    break
+                hits.append(h)
+            shared = sum(1 for h in hits if h in self.in_use)  # already counted in used_blocks
             need = -(-(len(prompt)) // self.block) + len(q.cands) * -(-q.req.max_tokens // self.block)
-            if seqs + len(q.cands) > self.cfg.max_num_seqs or (
-                self.used_blocks + need > self.total_blocks and self.running
-            ):
+            if self.used_blocks + need - shared > self.total_blocks and self.running:
                 break
             self.waiting.popleft()
-            hashes = block_hashes(prompt, self.block)
-            hits = 0
-            for h in hashes[: (len(prompt) - 1) // self.block]:
-                if h not in self.cache:
-                    break
-                self.cache.move_to_end(h)  # shared with other requests: stays cached, most recent
-                hits += 1
-            q.cached = hits * self.block
-            q.blocks = need - hits
-            self.used_blocks += q.blocks
-            while self.cache and len(self.cache) > self.total_blocks - self.used_blocks:
-                self.cache.popitem(last=False)
+            for h in hits:  # a free hit leaves the evictable cache while requests hold it
+                if h in self.in_use:
+                    self.in_use[h] += 1
+                else:
+                    del self.cache[h]
+                    self.in_use[h] = 1
+            q.hits = hits
+            q.cached = len(hits) * self.block
+            q.blocks = need - len(hits)
+            self.used_blocks += need - shared
+            self._trim_cache()
             prefill += (len(prompt) - q.cached) * self.profile.prefill_per_token_s
             self.running.append(q)
             seqs += len(q.cands)
         self.stats["peak_running_seqs"] = max(self.stats["peak_running_seqs"], seqs)
         return prefill
 
-    def _finish(self, q: _Request) -> None:
+    def _trim_cache(self) -> None:
+        """Evict free cached blocks, least recently used first, until everything fits."""
+        while self.cache and len(self.cache) > self.total_blocks - self.used_blocks:
+            self.cache.popitem(last=False)
+
+    def _release(self, q: _Request) -> None:
+        """Free the blocks a request held; the hits no other request holds become evictable."""
         self.used_blocks -= q.blocks
+        for h in reversed(q.hits):  # tail blocks least recent: evicted first, as in vLLM
+            self.in_use[h] -= 1
+            if not self.in_use[h]:
+                del self.in_use[h]
+                self.used_blocks -= 1
+                self.cache[h] = None
+        q.blocks, q.hits = 0, []
+
+    def _finish(self, q: _Request) -> None:
+        self._release(q)
         prompt = q.req.prompt_token_ids
-        base = block_hashes(prompt, self.block)
-        for h in base:
+        base = q.prompt_hashes if q.prompt_hashes is not None else block_hashes(prompt, self.block)
+        computed = list(base)
+        prev = base[-1] if base else 0
+        for ids, _ in q.cands:
+            # KV was computed for every sampled token but the last one (never fed back).
+            computed += block_hashes(prompt + ids[:-1], self.block, start=len(base), prev=prev)
+        for h in reversed(computed):  # leading blocks most recent: tails are evicted first
+            if h in self.in_use:  # another running request holds it: not free
+                continue
             self.cache[h] = None
             self.cache.move_to_end(h)
-        for ids, _ in q.cands:
-            full = prompt + ids
-            prev = base[-1] if base else 0
-            for h in block_hashes(full, self.block, start=len(base), prev=prev):
-                self.cache[h] = None
-        while len(self.cache) > self.total_blocks - self.used_blocks:
-            self.cache.popitem(last=False)
+        self._trim_cache()
         cands = tuple(Candidate(ids, "", finish) for ids, finish in q.cands)
         self.stats["generated_tokens"] += sum(len(ids) for ids, _ in q.cands)
         self.stats["prompt_tokens"] += len(prompt)
@@ -237,9 +269,10 @@ class SimTeacher:
         for q in [*self.running, *self.waiting]:
             if not q.future.done():
                 q.future.set_exception(exc)
+        for q in self.running:
+            self._release(q)
         self.running.clear()
         self.waiting.clear()
-        self.used_blocks = 0
 
     # ---- the engine loop -----------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -289,7 +322,7 @@ class SimTeacher:
                 if any(q.remaining) and not q.future.done():
                     still.append(q)
                 elif q.future.done():  # cancelled by its caller: free its blocks
-                    self.used_blocks -= q.blocks
+                    self._release(q)
                 else:
                     self._finish(q)
             self.running = still
