@@ -256,7 +256,8 @@ class SimConfig:
     time_compression: float = 1.0
     # Virtual engines per actor process, for teacher engines and scorers alike (64 engines on 2 cores).
     engines_per_actor: int = 1
-    # Simulate the model load (the profile's load_s) when an engine starts and after each restart.
+    # Simulate the model load (the profile's load_s) when the job's engines start. An engine whose
+    # actor Ray restarted pays it either way (a restart reloads the model).
     model_load: bool = True
     # Wall-clock time (Unix seconds) the fault schedule counts from; null: each engine's first request.
     epoch: float | None = None

@@ -41,23 +41,27 @@ class SimScorer:
         sim = context.sim or spec.sim or SimConfig()
         self.profile = load_profile(sim.profile).scorer
         self.clock = SimClock(sim.time_compression, sim.epoch)
-        self.model_load = sim.model_load
+        self.model_load = sim.model_load or context.restarted  # a restart reloads the model
         self.faults = EngineFaults(sim.faults, "scorer", context.index, self.clock, context.restarted)
         self.kv_cache_tokens = spec.student.kv_cache_tokens
         # group -> {hash of a candidate's full context: its length}
         self.groups: OrderedDict[str, dict[int, int]] = OrderedDict()
         self.cached = 0
         self.lock = asyncio.Lock()
-        self.loaded = False
+        self.load_task: asyncio.Task | None = None
         self.stats = {"requests": 0, "tokens_processed": 0, "tokens_scored": 0, "hit_requests": 0, "oom": 0}
 
     async def check_health(self) -> None:
         if self.faults.dead():
             raise EngineDead("simulated scorer died")
-        if not self.loaded:
-            if self.model_load:
-                await self.clock.sleep(self.profile.load_s)
-            self.loaded = True
+        await self._loaded()
+
+    async def _loaded(self) -> None:
+        """The model load, once (a restarted scorer's first call waits for it, as a real one does)."""
+        if self.load_task is None:
+            seconds = self.profile.load_s if self.model_load else 0.0
+            self.load_task = asyncio.get_running_loop().create_task(self.clock.sleep(seconds))
+        await asyncio.shield(self.load_task)
 
     def progress(self) -> int:
         return self.stats["requests"]
@@ -72,6 +76,7 @@ class SimScorer:
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         self.faults.start()
+        await self._loaded()
         async with self.lock:
             out = []
             for r in requests:

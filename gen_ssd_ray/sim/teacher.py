@@ -101,7 +101,7 @@ class SimTeacher:
         self.cfg = cfg
         self.profile = load_profile(sim.profile).teacher
         self.clock = SimClock(sim.time_compression, sim.epoch)
-        self.model_load = sim.model_load
+        self.model_load = sim.model_load or context.restarted  # a restart reloads the model
         self.faults = EngineFaults(sim.faults, "teacher", context.index, self.clock, context.restarted)
         self.block = cfg.block_size or self.profile.block_size
         self.total_blocks = self.profile.kv_capacity_tokens // self.block
