@@ -12,9 +12,9 @@ in a worker thread itself. Sampling travels with every request (`ExpandRequest.t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gen_ssd_ray.core.types import ExpandRequest, ExpandResult, ScoreRequest, ScoreResult
 
@@ -58,6 +58,24 @@ class Generation:
 
     samples: tuple[Sample, ...] = ()
     error: str | None = None
+
+
+def to_generations(
+    outcomes: Sequence[Any], samples_of: Callable[[Any], tuple[Sample, ...]]
+) -> list[Generation]:
+    """Per-prompt outcomes of a backend's `generate` (results, or exceptions from
+    `asyncio.gather(..., return_exceptions=True)`) as Generations: a ValueError (input the engine
+    rejects, e.g. too long) becomes a Generation with `error`; any other exception (a dead engine) is
+    raised; a result becomes its `samples_of(result)`."""
+    out = []
+    for o in outcomes:
+        if isinstance(o, ValueError):
+            out.append(Generation(error=f"{type(o).__name__}: {o}"))
+        elif isinstance(o, BaseException):
+            raise o
+        else:
+            out.append(Generation(samples_of(o)))
+    return out
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from gen_ssd_ray.common.config import EngineConfig
 from gen_ssd_ray.core.types import Candidate, ExpandRequest, ExpandResult
-from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample
+from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample, to_generations
 
 
 def shutdown_engine(engine) -> None:
@@ -156,19 +156,13 @@ class VllmTeacher:
         finish reason. A prompt the engine rejects as input (a `ValueError`, e.g. too long) comes back
         as a `Generation` with `error` set; any other failure (a dead engine) is raised."""
         outs = await asyncio.gather(*(self._generate(r) for r in requests), return_exceptions=True)
-        results = []
-        for out in outs:
-            if isinstance(out, ValueError):
-                results.append(Generation(error=f"{type(out).__name__}: {out}"))
-            elif isinstance(out, BaseException):
-                raise out
-            else:
-                samples = tuple(
-                    Sample(tuple(o.token_ids), o.text, str(o.finish_reason))
-                    for o in sorted(out.outputs, key=lambda o: o.index)
-                )
-                results.append(Generation(samples))
-        return results
+        return to_generations(
+            outs,
+            lambda out: tuple(
+                Sample(tuple(o.token_ids), o.text, str(o.finish_reason))
+                for o in sorted(out.outputs, key=lambda o: o.index)
+            ),
+        )
 
     async def check_health(self) -> None:
         try:

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from gen_ssd_ray.common.config import EngineConfig, SimConfig
 from gen_ssd_ray.core.types import Candidate, ExpandRequest, ExpandResult
-from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample
+from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample, to_generations
 from gen_ssd_ray.sim.faults import EngineFaults
 from gen_ssd_ray.sim.profile import SimClock, load_profile
 
@@ -132,17 +132,9 @@ class SimTeacher:
 
     async def generate(self, requests: Sequence[ExpandRequest]) -> list[Generation]:
         results = await asyncio.gather(*(self._submit(r) for r in requests), return_exceptions=True)
-        out = []
-        for r in results:
-            if isinstance(r, ValueError):
-                out.append(Generation(error=f"ValueError: {r}"))
-            elif isinstance(r, BaseException):
-                raise r
-            else:
-                out.append(
-                    Generation(tuple(Sample(c.token_ids, c.text, c.finish_reason) for c in r.candidates))
-                )
-        return out
+        return to_generations(
+            results, lambda r: tuple(Sample(c.token_ids, c.text, c.finish_reason) for c in r.candidates)
+        )
 
     async def reset_prefix_cache(self) -> None:
         self.cache.clear()
