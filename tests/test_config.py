@@ -65,6 +65,9 @@ def test_defaults_and_overrides():
         (["prompt.instruction=no placeholder"], "prompt.instruction"),
         (["output.shard_size=0"], "output.shard_size"),
         (["runtime.call_timeout_s=0"], "runtime.call_timeout_s"),
+        (["runtime.late_call_limit=0.5"], "runtime.late_call_limit"),
+        (["runtime.scheduling_strategy=PACK"], "runtime.scheduling_strategy"),
+        (["teacher.admission=auto"], "teacher.admission"),
         (["search.chunk_tokens"], "key=value"),
     ],
 )

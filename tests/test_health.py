@@ -150,3 +150,30 @@ def test_all_down_gives_an_empty_order(clock):
     assert health.order(0) == []  # due, but not probed yet
     health.probed(1, True)
     assert health.order(0) == [1]
+
+
+def test_disabled_health_tracks_nothing(clock):
+    health = PoolHealth(3, base_s=5.0, max_s=30.0, clock=clock, enabled=False)
+    for _ in range(3):
+        health.failed(1)
+    assert health.order(1) == [1, 2, 0] and health.usable(1)
+    assert health.down == [] and health.due_probes() == []
+
+
+def test_next_due_is_the_earliest_cooldown_end(clock):
+    health = pool(clock)
+    assert health.next_due_s() is None
+    health.failed(0)
+    health.failed(1)
+    health.failed(1)  # 10 s
+    assert health.next_due_s() == 5.0
+    clock.t += 7.0
+    assert health.next_due_s() == 0.0
+
+
+def test_next_due_leaves_out_engines_being_probed(clock):
+    health = pool(clock)
+    health.failed(0)
+    clock.t += 6.0
+    assert health.due_probes() == [0]
+    assert health.next_due_s() is None  # its probe decides; nothing else is due

@@ -693,3 +693,39 @@ def test_registry_builds_both_sim_backends(model):
     assert isinstance(s, SimScorer) and isinstance(s, ScorerBackend)
     with pytest.raises(ValueError, match=r"unknown teacher backend 'simm'.*'sim'"):
         build_teacher(EngineConfig(model=model, backend="simm"))
+
+
+# ---- the health probe (`ping`) of the real actor classes over sim engines ---------------------------
+
+
+@arun
+async def test_ping_is_real_work_that_a_hung_teacher_fails_while_its_actor_answers(model, tmp_path):
+    from gen_ssd_ray.engines.actors import TeacherEngine
+
+    prof = write_profile(tmp_path)
+    cfg = EngineConfig(model=model, backend="sim", max_num_seqs=8, max_model_len=2048)
+    healthy = TeacherEngine(cfg, 0, 1, sim(prof))
+    await asyncio.wait_for(healthy.ping(), 1.0)
+    assert healthy.backends[0].progress() == 1 and healthy.calls == 0  # one step; not counted as work
+    hung = TeacherEngine(cfg, 0, 1, sim(prof, [fault("hung")]))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(hung.ping(), 0.05)
+    assert await hung.progress() == 0  # the liveness counter answers, and shows no progress
+    for e in (healthy, hung):
+        await e.shutdown()
+
+
+@arun
+async def test_ping_of_a_scorer_goes_through_its_queue_and_leaves_no_cache(model, tmp_path):
+    from gen_ssd_ray.engines.actors import StudentScorer
+
+    prof = write_profile(tmp_path)
+    student = StudentConfig(model=model, backend="sim")
+    healthy = StudentScorer(ScorerSpec(student, teacher_model=model, sim=sim(prof)))
+    await asyncio.wait_for(healthy.ping(), 1.0)
+    assert await healthy.progress() == 1 and healthy.tokens_scored == 0 and not healthy.backends[0].groups
+    hung_spec = ScorerSpec(student, teacher_model=model, sim=sim(prof, [fault("hung", target="scorer")]))
+    hung = StudentScorer(hung_spec)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(hung.ping(), 0.05)
+    assert await hung.progress() == 0

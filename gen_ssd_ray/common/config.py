@@ -150,6 +150,9 @@ class EngineJobRuntimeConfig(RayConfig):
     max_attempts: int = 3
     # Restarts of an engine actor whose process died (a node lost, a dead engine core); -1: always.
     max_actor_restarts: int = -1
+    # Where Ray places engine actors: "SPREAD" (over nodes, so one node's loss costs its share) or
+    # "DEFAULT" (Ray's default: fills a node before the next, e.g. to keep a pool on one switch).
+    scheduling_strategy: str = "SPREAD"
     # math-verify worker processes and the per-answer deadline.
     verify_workers: int = 2
     verify_timeout_s: float = 10.0
@@ -162,6 +165,11 @@ class EngineJobRuntimeConfig(RayConfig):
         require(self.startup_timeout_s > 0, "runtime.startup_timeout_s", "must be > 0")
         require(self.max_attempts >= 1, "runtime.max_attempts", f"must be >= 1, got {self.max_attempts}")
         require(self.max_actor_restarts >= -1, "runtime.max_actor_restarts", "must be >= 0, or -1 (always)")
+        require(
+            self.scheduling_strategy in ("SPREAD", "DEFAULT"),
+            "runtime.scheduling_strategy",
+            f"must be SPREAD or DEFAULT, got {self.scheduling_strategy!r}",
+        )
         require(
             self.verify_workers >= 1, "runtime.verify_workers", f"must be >= 1, got {self.verify_workers}"
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 from gen_ssd_ray.common.config import EngineConfig, SimConfig
 from gen_ssd_ray.common.errors import JobFailed, reason
-from gen_ssd_ray.core.types import ExpandRequest
+from gen_ssd_ray.core.types import Candidate, ExpandRequest, ScoreRequest
 from gen_ssd_ray.engines.base import EngineContext, EngineDead, ScorerSpec
 
 
@@ -43,6 +43,14 @@ class _Slots:
     async def progress(self, slot: int = 0) -> int:
         """The slot's work counter (a late caller tells a busy engine from a hung one)."""
         return int(self.backends[slot].progress())
+
+    async def ping(self, _=None, slot: int = 0) -> None:
+        """A minimal unit of real work through the slot's engine (one token generated or scored): a
+        probe that a hung engine fails even while its actor answers. Not counted in `stats`."""
+        await self._run(self._ping(self.backends[slot]))
+
+    async def _ping(self, backend) -> None:
+        raise NotImplementedError
 
     async def shutdown(self) -> None:
         """Stop the engines' processes cleanly before the actor goes away."""
@@ -83,6 +91,9 @@ class TeacherEngine(_Slots):
             self.cached_prompt_tokens += r.cached_prompt_tokens
             self.generated_tokens += sum(len(c.token_ids) for c in r.candidates)
         return results
+
+    async def _ping(self, backend) -> None:
+        await backend.expand([ExpandRequest("ping", (1,), 1, 1, 0, temperature=0.0, top_p=1.0)])
 
     async def generate(self, requests: Sequence[ExpandRequest], slot: int = 0):
         """Whole responses with text and finish reason (evaluation, plain batch sampling)."""
@@ -133,6 +144,15 @@ class StudentScorer(_Slots):
     async def release(self, groups, slot: int = 0) -> None:
         await self.backends[slot].release(groups)
 
+    async def _ping(self, backend) -> None:
+        group = "\0ping"
+        try:
+            await backend.score(
+                [ScoreRequest("ping", group, (1,), (), "", (Candidate((1,), " 1", "length"),))]
+            )
+        finally:
+            await backend.release([group])
+
     async def stats(self) -> dict[str, Any]:
         return {
             "tokens_processed": self.tokens_processed,
@@ -155,9 +175,13 @@ class EngineRef:
 
 def _restarted() -> bool:
     try:
+        import warnings
+
         import ray
 
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own deprecated access inside this property
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # pragma: no cover - outside Ray
         return False
 
@@ -205,13 +229,14 @@ def create_engine_pool(
     *,
     sim: SimConfig | None = None,
     max_restarts: int = -1,
+    scheduling_strategy: str = "SPREAD",
 ) -> list[EngineRef]:
     """The `cfg.num_engines` engines of a pool serving `model_path`, as EngineRefs (`max_concurrency`
     calls per engine).
 
     One TeacherEngine actor per engine, or `sim.engines_per_actor` simulated engines per actor; each
     actor asks for the section's resources times its engines. Actors are spread over nodes (one
-    node's loss costs its share), restart up to `max_restarts` times (-1: always; a restarted engine
+    node's loss costs its share; `scheduling_strategy="DEFAULT"` packs them instead), restart up to `max_restarts` times (-1: always; a restarted engine
     reloads its model) and never retry tasks (the caller retries elsewhere).
     """
     slots = sim.engines_per_actor if sim is not None else 1
@@ -226,7 +251,7 @@ def create_engine_pool(
             max_restarts=max_restarts,
             max_task_retries=0,
             max_concurrency=max_concurrency * n,  # per engine
-            scheduling_strategy="SPREAD",
+            scheduling_strategy=scheduling_strategy,
             runtime_env={"env_vars": engine_env(cfg.kv_cache_gib)},
         )[0]
         for first, n in layout

@@ -248,7 +248,13 @@ def start_engines(cfg: EvaluateConfig, model_path: str) -> list:
     from gen_ssd_ray.engines.actors import actors_of, create_engine_pool, wait_ready
 
     m = cfg.model
-    engines = create_engine_pool(m, model_path, max_concurrency=4 * INFLIGHT_BATCHES_PER_ENGINE)
+    engines = create_engine_pool(
+        m,
+        model_path,
+        max_concurrency=4 * INFLIGHT_BATCHES_PER_ENGINE,
+        max_restarts=cfg.runtime.max_actor_restarts,
+        scheduling_strategy=cfg.runtime.scheduling_strategy,
+    )
     wait_ready(actors_of(engines), cfg.runtime.startup_timeout_s, f"the {m.backend} engines for {model_path}")
     return engines
 

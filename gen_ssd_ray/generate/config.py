@@ -35,6 +35,10 @@ from gen_ssd_ray.core.search import SearchParams
 class TeacherConfig(EngineConfig):
     # Concurrent problems per engine: keeps continuous batching full while others wait for scores.
     max_inflight_problems: int = 32
+    # "kv": as many problems per engine as the engine's reported KV cache holds (their prefixes stay
+    # cached between chunks; gen_ssd_ray.generate.admission), at most max_inflight_problems.
+    # "fixed": max_inflight_problems, whatever the cache holds.
+    admission: str = "kv"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,13 @@ class RuntimeConfig(EngineJobRuntimeConfig):
     # engines were unavailable is retried with backoff (1 s doubling to 60 s) for this long before it is
     # left uncommitted for a re-run (and at least runtime.max_attempts times).
     retry_window_s: float = 1800.0
+    # A call past runtime.call_timeout_s whose engine still advances (busy, not hung) is waited for,
+    # up to this many call_timeout_s in all. 1: a hard deadline (the call is cancelled and retried
+    # elsewhere, even on a busy engine).
+    late_call_limit: float = 4.0
+    # Cooldown, probes and fallback order per pool (gen_ssd_ray.generate.health). false: a failed
+    # engine gets the next call again at once (for comparison runs; see scripts/bench_fixes.py).
+    pool_health: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,9 @@ class GenerateConfig:
         t, s, q, o, r = self.teacher, self.student, self.search, self.output, self.runtime
         t.validate("teacher")
         require(t.max_inflight_problems >= 1, "teacher.max_inflight_problems", "must be >= 1")
+        require(
+            t.admission in ("kv", "fixed"), "teacher.admission", f"must be kv or fixed, got {t.admission!r}"
+        )
         s.validate_pool("student", SCORER_BACKENDS)
         require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
         require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
@@ -165,6 +179,7 @@ class GenerateConfig:
         require(r.manager_memory_gib >= 0, "runtime.manager_memory_gib", "must be >= 0")
         require(r.engine_cooldown_s > 0, "runtime.engine_cooldown_s", "must be > 0")
         require(r.retry_window_s >= 0, "runtime.retry_window_s", "must be >= 0")
+        require(r.late_call_limit >= 1, "runtime.late_call_limit", f"must be >= 1, got {r.late_call_limit}")
         self.sim.validate()
 
 

@@ -218,19 +218,35 @@ def check_finished(summary: dict[str, Any], what: str = "generation") -> dict[st
 
 
 class _Managers:
-    """Which manager runs which call: the least-loaded live manager gets the next problem; a manager
-    that died is never used again (its problems are retried on the others)."""
+    """Which manager runs which call: the least-loaded usable manager gets the next problem.
 
-    def __init__(self, count: int):
+    A manager whose actor failed (it died with its node and Ray restarts it, or it was killed) cools
+    down like an engine (gen_ssd_ray.generate.health): its problems are retried on the others, and
+    after the cooldown it gets a problem again (a restarted one answers it; a dead one fails fast and
+    cools down twice as long). When every manager keeps failing (`GIVE_UP` times in a row each),
+    the job stops: nothing can run."""
+
+    GIVE_UP = 6
+
+    def __init__(self, count: int, cooldown_s: float):
+        from gen_ssd_ray.generate.health import PoolHealth
+
         self.load = [0] * count
-        self.dead: set[int] = set()
+        self.health = PoolHealth(count, base_s=cooldown_s, max_s=32 * cooldown_s)
         self.of: dict[Any, int] = {}
 
     def pick(self) -> int:
-        live = [i for i in range(len(self.load)) if i not in self.dead]
-        if not live:
-            raise JobFailed("every beam manager died; see the actor logs above, then re-run the same command")
-        return min(live, key=self.load.__getitem__)
+        h = self.health
+        if all(h.failures.get(i, 0) >= self.GIVE_UP for i in range(len(self.load))):
+            raise JobFailed(
+                f"every beam manager failed {self.GIVE_UP} times in a row; see the actor logs above, "
+                "then re-run the same command"
+            )
+        h.due_probes()  # a manager's cooldown ended: its next problem is the probe
+        usable = [i for i in range(len(self.load)) if i not in h.until or i in h.probing]
+        if not usable:  # all cooling down: the first one back (its call fails fast if it is not)
+            usable = [min(h.until, key=h.until.__getitem__)]
+        return min(usable, key=self.load.__getitem__)
 
     def started(self, ref, m: int) -> None:
         self.of[ref] = m
@@ -249,12 +265,13 @@ def solve_all(
     problems whose infrastructure kept failing (runtime.max_attempts times, and for longer than
     runtime.call_timeout_s, retried with backoff meanwhile) are counted in `stats.failed` instead.
     `todo` is read lazily, as engines have room."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     from gen_ssd_ray.common.dispatch import Dispatcher, ray_calls
 
+    r = cfg.effective().runtime  # deadlines in wall-clock seconds (simulated engines: compressed)
     calls = ray_calls()
-    managers = _Managers(len(pools.managers))
+    managers = _Managers(len(pools.managers), r.engine_cooldown_s)
 
     def submit(problem, engine: int, attempt: int):
         m = managers.pick()
@@ -265,16 +282,23 @@ def solve_all(
     def get(ref):
         m = managers.finished(ref)
         try:
-            return calls.get(ref)
-        except RayActorError:  # the manager itself died; engine deaths arrive as EnginesUnavailable
-            managers.dead.add(m)
+            out = calls.get(ref)
+        except RayActorError as e:
+            # The manager itself failed (a RayTaskError is the manager's answer: engine deaths arrive
+            # as EnginesUnavailable, even when their cause is an actor error).
+            if not isinstance(e, RayTaskError):
+                managers.health.probed(m, False)
             raise
+        except Exception:
+            managers.health.ok(m)
+            raise
+        managers.health.ok(m)
+        return out
 
     def cancel(ref) -> None:
         managers.finished(ref)
         calls.cancel(ref)
 
-    r = cfg.effective().runtime  # deadlines in wall-clock seconds (simulated engines: compressed)
     steps = -(-cfg.search.max_new_tokens // cfg.search.chunk_tokens)
     todo = iter(todo)
     first = next(todo, None)

@@ -8,9 +8,13 @@ Contract:
 - `failed(i)`: engine i failed (dead actor, missed deadline, dead engine core). It cools down for
   `base_s * 2**(consecutive failures - 1)`, at most `max_s`: a restarting actor that is not back yet
   is not hammered, and one that is back is used again soon.
+- `next_due_s()`: how long until the next cooldown ends (a caller waiting for a pool sleeps that long).
 - `due_probes()`: engines whose cooldown ended and that should be probed (a cheap liveness call)
   before real work goes to them again; `probed(i, ok)` records the answer. `ok(i)` after any success
   clears the engine's record.
+
+With `enabled=False` nothing is tracked: every engine is always in the order and a failed one gets
+the next call again (the behaviour before pool health, kept for comparison runs).
 
 Pure bookkeeping with an injectable clock: no Ray, no asyncio.
 """
@@ -29,8 +33,10 @@ class PoolHealth:
         base_s: float = 5.0,
         max_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        enabled: bool = True,
     ):
         self.size, self.base_s, self.max_s, self.clock = size, base_s, max_s, clock
+        self.enabled = enabled
         self.until: dict[int, float] = {}  # engine -> end of its cooldown
         self.failures: dict[int, int] = {}  # engine -> consecutive failures
         self.probing: set[int] = set()
@@ -42,6 +48,8 @@ class PoolHealth:
         return [j for j in ((first + k) % self.size for k in range(self.size)) if j not in self.until]
 
     def failed(self, i: int) -> None:
+        if not self.enabled:
+            return
         n = self.failures.get(i, 0) + 1
         self.failures[i] = n
         # The exponent is bounded: 2 ** (n - 1) overflows a float after ~1000 failures of a flapping engine.
@@ -64,6 +72,14 @@ class PoolHealth:
             self.ok(i)
         else:
             self.failed(i)
+
+    def next_due_s(self) -> float | None:
+        """Seconds until the next cooldown ends (0 when one has ended and is not being probed), None
+        when none is cooling down outside a probe."""
+        ends = [t for i, t in self.until.items() if i not in self.probing]
+        if not ends:
+            return None
+        return max(0.0, min(ends) - self.clock())
 
     @property
     def down(self) -> list[int]:

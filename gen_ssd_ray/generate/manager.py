@@ -7,9 +7,10 @@ Thousands of calls can be in flight on one manager; the driver bounds admission.
 
 Failure handling (teacher engines and scorers alike, gen_ssd_ray.generate.health): a dead actor or a
 dead engine core moves the step to the next engine at once (the search state only advances on
-success, so a retry is exact) and the engine cools down, then is probed before it gets work again;
-when no engine of a pool is usable the problem fails fast (EnginesUnavailable) and the driver retries
-it later with backoff. `runtime.call_timeout_s` detects hung engines, not slow ones: a call past it
+success, so a retry is exact) and the engine cools down, then is probed with real work (`ping`)
+before it gets work again. When no engine of a pool is usable (all restarting, a node lost) the step
+waits for one, keeping the problem's search state, up to `pool_wait_s`; then the problem fails
+(EnginesUnavailable) and the driver retries it later with backoff. `runtime.call_timeout_s` detects hung engines, not slow ones: a call past it
 asks the engine for its progress counter, keeps waiting while the engine advances (it is busy, not
 hung) and gives up only when it does not. A problem whose prompt does not fit becomes an error row.
 """
@@ -47,6 +48,13 @@ class ManagerSpec:
     fingerprint: str
     # First cooldown of a failed engine (doubles per consecutive failure, up to 32x).
     cooldown_s: float = 10.0
+    # A late call whose engine advances is waited for up to this many call_timeout_s (1: hard deadline).
+    late_call_limit: float = 4.0
+    pool_health: bool = True
+    # How long a step waits for a pool with no usable engine (all restarting, a node lost) before the
+    # problem fails to the driver (which retries it with backoff, from scratch): waiting keeps the
+    # search state, so a short outage costs no work.
+    pool_wait_s: float = 2400.0
     trust_remote_code_teacher: bool = False
     trust_remote_code_student: bool = False
     method: str = "gen_ssd"
@@ -65,6 +73,9 @@ class ManagerSpec:
             teacher_max_len=cfg.teacher.max_model_len,
             call_timeout_s=cfg.runtime.call_timeout_s,
             cooldown_s=cfg.runtime.engine_cooldown_s,
+            late_call_limit=cfg.runtime.late_call_limit,
+            pool_health=cfg.runtime.pool_health,
+            pool_wait_s=min(cfg.runtime.retry_window_s, 4 * cfg.runtime.call_timeout_s),
             fingerprint=run_fingerprint(cfg, teacher_path, student_path),
             trust_remote_code_teacher=cfg.teacher.trust_remote_code,
             trust_remote_code_student=cfg.student.trust_remote_code,
@@ -87,10 +98,6 @@ class ManagerSpec:
 def trajectory_seed(base: int, problem_id: str, index: int) -> int:
     h = hashlib.blake2b(f"{base}/{problem_id}/{index}".encode(), digest_size=4).digest()
     return int.from_bytes(h, "big") & 0x7FFFFFFF
-
-
-# A call this many deadlines late is abandoned even if its engine still advances (it serves others).
-MAX_LATE_DEADLINES = 10
 
 
 class EnginesUnavailable(RuntimeError):
@@ -118,10 +125,12 @@ class BeamManager:
         self.student_max_len = _max_positions(spec.student_path, spec.trust_remote_code_student)
         from gen_ssd_ray.generate.health import PoolHealth
 
-        cool = {"base_s": spec.cooldown_s, "max_s": 32 * spec.cooldown_s}
+        cool = {"base_s": spec.cooldown_s, "max_s": 32 * spec.cooldown_s, "enabled": spec.pool_health}
         self.teacher_health = PoolHealth(len(teachers), **cool)
         self.scorer_health = PoolHealth(len(scorers), **cool)
         self._probes: set = set()
+        # per pool (id of its health): set, then replaced, whenever one of its engines comes back
+        self._recovered: dict[int, asyncio.Event] = {}
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
@@ -134,12 +143,7 @@ class BeamManager:
         death, a dead engine core, a hung engine) marks the engine failed and moves on. Raises
         EnginesUnavailable when no engine is usable or every one failed.
         """
-        self._start_probes(pool, health)
-        order = health.order(first)
-        if not order:
-            raise EnginesUnavailable(
-                f"{method}: every engine of the pool is down or cooling down {health.down}"
-            )
+        order = await self._usable(pool, health, first, method)
         errors = []
         for i in order:
             if not health.usable(i):  # another call found it failed meanwhile
@@ -153,32 +157,72 @@ class BeamManager:
                 errors.append(f"{method}@{i}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
                 health.failed(i)
                 continue
+            if not health.usable(i) or health.failures.get(i):
+                self._wake(health)
             health.ok(i)
             return result
         raise EnginesUnavailable("; ".join(errors) or f"{method}: no usable engine")
 
-    async def _await_live(self, engine, method: str, payload):
+    async def _usable(self, pool: list, health, first: int, method: str) -> list[int]:
+        """The pool's usable engines in call order, waiting up to `pool_wait_s` while there are none
+        (cooldowns end, probes bring engines back); EnginesUnavailable after that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.pool_wait_s
+        while True:
+            self._start_probes(pool, health)
+            order = health.order(first)
+            if order:
+                return order
+            left = deadline - loop.time()
+            if left <= 0:
+                raise EnginesUnavailable(
+                    f"{method}: every engine of the pool is down or cooling down {health.down} "
+                    f"(waited {self.spec.pool_wait_s:g} s)"
+                )
+            event = self._recovered.setdefault(id(health), asyncio.Event())
+            due = health.next_due_s()
+            wait = left if due is None else min(left, max(due, 0.05))
+            try:
+                await asyncio.wait_for(event.wait(), wait)
+            except TimeoutError:
+                pass
+
+    def _wake(self, health) -> None:
+        """An engine of this pool is back: wake the steps waiting for it."""
+        event = self._recovered.pop(id(health), None)
+        if event is not None:
+            event.set()
+
+    async def _await_live(self, engine, method: str, payload=None):
         """The call's result. Past the deadline, the engine's progress counter decides: advancing
-        means busy (keep waiting), not advancing (or no answer) means hung (cancel, raise)."""
+        means busy (keep waiting, checking every quarter deadline, up to `late_call_limit` deadlines
+        in all), not advancing (or no answer) means hung (cancel, raise)."""
         import ray
 
         ref = engine.call(method, payload)
         fut = asyncio.wrap_future(ref.future())
         fut.add_done_callback(_retrieve)  # a cancelled or abandoned call's error is expected
-        timeout, last = self.spec.call_timeout_s, None
-        for _ in range(MAX_LATE_DEADLINES):
+        deadline = self.spec.call_timeout_s
+        waited, timeout, last = 0.0, deadline, None
+        while True:
             done, _ = await asyncio.wait({fut}, timeout=timeout)
             if done:
                 return fut.result()
+            waited += timeout
+            if waited >= deadline * self.spec.late_call_limit - 1e-9:
+                why = f"runtime.late_call_limit={self.spec.late_call_limit:g} deadlines"
+                break
             try:
-                now = await asyncio.wait_for(engine.call("progress"), timeout=self.spec.call_timeout_s / 4)
+                now = await asyncio.wait_for(engine.call("progress"), timeout=deadline / 4)
             except Exception:
                 now = None
             if now is None or (last is not None and now <= last):
+                why = "no progress"
                 break
-            last, timeout = now, self.spec.call_timeout_s / 4
+            last = now
+            timeout = min(deadline / 4, deadline * self.spec.late_call_limit - waited)
         ray.cancel(ref)  # do not leave abandoned work on a hung engine
-        raise TimeoutError(f"no answer and no progress within the deadline of {self.spec.call_timeout_s:g} s")
+        raise TimeoutError(f"no answer within {waited:g} s (deadline {deadline:g} s): {why}")
 
     def _start_probes(self, pool: list, health) -> None:
         for i in health.due_probes():
@@ -187,13 +231,17 @@ class BeamManager:
             task.add_done_callback(self._probes.discard)
 
     async def _probe(self, engine, health, i: int) -> None:
-        """A cooled-down engine gets work again only once it answers a cheap liveness call."""
+        """A cooled-down engine gets work again only once it does a minimal unit of real work
+        (`ping`: one token through its queue), under the same liveness deadline as a call: a hung
+        engine whose actor still answers fails it."""
         try:
-            await asyncio.wait_for(engine.call("progress"), timeout=self.spec.call_timeout_s)
+            await self._await_live(engine, "ping")
         except Exception:
             health.probed(i, False)
+            self._wake(health)  # waiting steps look at the new cooldown
         else:
             health.probed(i, True)
+            self._wake(health)
 
     async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
         used: set[int] = set()

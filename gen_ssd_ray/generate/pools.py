@@ -44,6 +44,7 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         concurrency,
         sim=sim if t.backend == "sim" else None,
         max_restarts=r.max_actor_restarts,
+        scheduling_strategy=r.scheduling_strategy,
     )
     spec = ScorerSpec(dataclasses.replace(s, model=student_path), teacher_path, t.max_model_len, sim=sim)
     slots = sim.engines_per_actor if s.backend == "sim" and sim is not None else 1
@@ -58,7 +59,7 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         max_restarts=r.max_actor_restarts,
         max_task_retries=0,
         max_concurrency=max(1000, concurrency) * slots,
-        scheduling_strategy="SPREAD",
+        scheduling_strategy=r.scheduling_strategy,
         runtime_env={"env_vars": engine_env(s.kv_cache_gib)},
     )
     scorers = [EngineRef(a, j) for a, (_, n) in zip(scorer_actors, layout, strict=True) for j in range(n)]
@@ -80,16 +81,18 @@ def build_managers(
     from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
 
     r = cfg.effective().runtime
-    # No restarts: a dead manager's problems are re-queued by the driver onto the live managers.
+    # A manager that dies (with its node) is restarted by Ray; meanwhile the driver re-queues its
+    # problems onto the others and lets it cool down (generate.driver._Managers).
     managers = create_actors(
         BeamManager,
         (ManagerSpec.from_config(cfg.effective(), teacher_path, student_path), teachers, scorers),
         r.num_beam_managers,
         num_cpus=r.manager_num_cpus,
         memory=int(r.manager_memory_gib * 2**30) or None,
-        scheduling_strategy="SPREAD",
+        scheduling_strategy=r.scheduling_strategy,
         max_concurrency=100_000,
-        max_restarts=0,
+        max_restarts=r.max_actor_restarts,
+        max_task_retries=0,
         runtime_env={"env_vars": engine_env(cfg.teacher.kv_cache_gib)},
     )
     wait_ready(managers, r.startup_timeout_s, "the beam managers")

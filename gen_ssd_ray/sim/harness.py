@@ -8,6 +8,9 @@
   engines, beam managers, dispatcher, shard writer), with `during(pools)` called in a thread while it
   runs (a fault schedule's outside actions: kill an actor, remove a node); returns a `RunResult`
   with the job's summary and what the engines recorded (simulated busy time, idle intervals).
+- `stand_in_models(dir, max_len)`: the embedded teacher and student without weights (config and
+  tokenizer are all the simulated engines read), declaring `max_len` positions, for runs with the long
+  trajectories of real reasoning models.
 - `output_ids(dir)`: committed problem ids of an output folder, duplicates included, to check
   exactly-once.
 
@@ -191,6 +194,33 @@ def run(cfg: GenerateConfig, during: Callable[[Any], None] | None = None) -> Run
         dispatch=summary.get("dispatch", {}),
         error=error,
     )
+
+
+def stand_in_models(root: str | Path, max_len: int) -> tuple[str, str]:
+    """(teacher, student) folders: the embedded models' configs and tokenizers, declaring `max_len`
+    positions (`max_position_embeddings`, the tokenizer's `model_max_length`), without weights."""
+    import shutil
+
+    from gen_ssd_ray.common.models import EMBEDDED_STUDENT, EMBEDDED_TEACHER, resolve_model
+
+    out = []
+    for name in (EMBEDDED_TEACHER, EMBEDDED_STUDENT):
+        src, dest = Path(resolve_model(name)), Path(root) / name.split(":")[1]
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix not in (".safetensors", ".bin"):
+                shutil.copy2(f, dest / f.name)
+        for fname, key in (
+            ("config.json", "max_position_embeddings"),
+            ("tokenizer_config.json", "model_max_length"),
+        ):
+            path = dest / fname
+            if path.exists():
+                data = json.loads(path.read_text())
+                data[key] = max_len
+                path.write_text(json.dumps(data, indent=2))
+        out.append(str(dest))
+    return out[0], out[1]
 
 
 def output_ids(out_dir: str | Path) -> Counter:

@@ -31,7 +31,7 @@ FAULT_AT_S = 10.0  # simulated seconds after an engine's first request
 SHORT = {"teacher_dead", "node_removed_readded", "manager_killed", "driver_sigkill_resubmit"}
 
 
-def _base(tmp: Path, name: str, address: str, problems: Path, short: bool) -> list[str]:
+def base_overrides(tmp: Path, name: str, address: str, problems: Path, short: bool) -> list[str]:
     return [
         f"data.path={problems}",
         f"output.dir={tmp / name}",
@@ -56,12 +56,12 @@ def _base(tmp: Path, name: str, address: str, problems: Path, short: bool) -> li
     ]
 
 
-def _faults(kind: str, target: str, duration: float | None = None) -> list[str]:
+def fault_overrides(kind: str, target: str, duration: float | None = None) -> list[str]:
     d = "null" if duration is None else duration
     return [f"sim.faults=[{{target: {target}, index: 0, kind: {kind}, at_s: {FAULT_AT_S}, duration_s: {d}}}]"]
 
 
-def _after(seconds: float, action: Callable[[Any], None]) -> Callable[[Any], None]:
+def after(seconds: float, action: Callable[[Any], None]) -> Callable[[Any], None]:
     def during(pools) -> None:
         time.sleep(seconds)
         action(pools)
@@ -101,29 +101,29 @@ def run_scenarios(
 
         scenarios: list[tuple[str, list[str], Callable | None]] = [
             ("clean", [], None),
-            ("teacher_dead", _faults("dead", "teacher"), None),
-            ("teacher_hung", _faults("hung", "teacher"), None),
-            ("teacher_slow", _faults("slow", "teacher", duration=FAULT_AT_S * 2), None),
-            ("scorer_dead", _faults("dead", "scorer"), None),
-            ("scorer_hung", _faults("hung", "scorer"), None),
-            ("actor_killed_restart", [], _after(wall_fault, kill_teacher(False))),
-            ("actor_killed_no_restart", [], _after(wall_fault, kill_teacher(True))),
-            ("node_removed", [], _after(wall_fault, remove_node(None))),
-            ("node_removed_readded", [], _after(wall_fault, remove_node(wall_fault))),
-            ("manager_killed", [], _after(wall_fault, lambda pools: ray.kill(pools.managers[0]))),
+            ("teacher_dead", fault_overrides("dead", "teacher"), None),
+            ("teacher_hung", fault_overrides("hung", "teacher"), None),
+            ("teacher_slow", fault_overrides("slow", "teacher", duration=FAULT_AT_S * 2), None),
+            ("scorer_dead", fault_overrides("dead", "scorer"), None),
+            ("scorer_hung", fault_overrides("hung", "scorer"), None),
+            ("actor_killed_restart", [], after(wall_fault, kill_teacher(False))),
+            ("actor_killed_no_restart", [], after(wall_fault, kill_teacher(True))),
+            ("node_removed", [], after(wall_fault, remove_node(None))),
+            ("node_removed_readded", [], after(wall_fault, remove_node(wall_fault))),
+            ("manager_killed", [], after(wall_fault, lambda pools: ray.kill(pools.managers[0]))),
         ]
         clean_tps = None
         for name, extra, during in scenarios:
             if only and name != "clean" and name not in only:
                 continue
             cluster.restore()
-            cfg = sim_config([*_base(tmp, name, cluster.address, problems, short), *extra])
+            cfg = sim_config([*base_overrides(tmp, name, cluster.address, problems, short), *extra])
             t0 = time.time()
             r = run(cfg, during)
             ids = output_ids(cfg.output.dir)
             if name == "clean":
                 clean_tps = r.sim_tokens_per_s
-            results[name] = _record(n, ids, r.sim_tokens_per_s, clean_tps, r.error, time.time() - t0)
+            results[name] = record(n, ids, r.sim_tokens_per_s, clean_tps, r.error, time.time() - t0)
             log(f"fault {name}: {results[name]}")
         if only and "driver_sigkill_resubmit" not in only:
             return results
@@ -134,7 +134,7 @@ def run_scenarios(
     return results
 
 
-def _record(n: int, ids, tps: float, clean_tps: float | None, error: str | None, wall: float) -> dict:
+def record(n: int, ids, tps: float, clean_tps: float | None, error: str | None, wall: float) -> dict:
     return {
         "total": n,
         "committed": len(ids),
@@ -154,7 +154,7 @@ def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, c
     # a slower clock than the other scenarios, so that the kill lands while shards are being filled
     overrides = [
         o
-        for o in _base(tmp, out.name, address, problems, short)
+        for o in base_overrides(tmp, out.name, address, problems, short)
         if not o.startswith(("output.dir", "sim.time_compression"))
     ]
     overrides.append("sim.time_compression=1")
@@ -187,7 +187,7 @@ def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, c
     first = output_ids(out)
     rc = subprocess.run(cmd, cwd=root, env=env).returncode
     ids = output_ids(out)
-    rec = _record(n, ids, 0.0, None, None if rc == 0 else f"resubmission exit {rc}", time.time() - t0)
+    rec = record(n, ids, 0.0, None, None if rc == 0 else f"resubmission exit {rc}", time.time() - t0)
     rec["committed_before_kill"] = len(first) if killed_at is not None else None
     log(f"fault driver_sigkill_resubmit: {rec}")
     return rec
