@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run generate test test-fast bench bench-scale calibrate-sim models lint clean
+.PHONY: install run generate test test-fast bench bench-scale bench-fixes calibrate-sim models lint clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ bench: $(STAMP)
 # ARGS="--profile short" is the test suite's few-minute version.
 bench-scale: $(STAMP)
 	$(BIN)/python -m scripts.bench_scale $(ARGS)
+
+# Each fix of the simulated-cluster work against a run with it switched off: one JSON object, last line.
+bench-fixes: $(STAMP)
+	$(BIN)/python -m scripts.bench_fixes $(ARGS)
 
 # Measure the real vLLM engine and hf scorer on this machine into conf/sim/cpu.yaml (a few minutes).
 calibrate-sim: $(STAMP)

@@ -34,3 +34,46 @@ def test_errors_from_the_problem_itself_become_error_rows(cause):
     exc = task_error(cause)
     assert not _transient(exc)
     assert _reason(exc).startswith(type(cause).__name__)
+
+
+# ---- which beam manager gets the next problem (generate.driver._Managers) ---------------------------
+
+
+class Clock:
+    t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_managers_least_loaded_first_and_a_failed_one_cools_down():
+    from gen_ssd_ray.generate.driver import _Managers
+
+    clock = Clock()
+    m = _Managers(3, cooldown_s=10.0, clock=clock)
+    m.started("a", m.pick())
+    m.started("b", m.pick())
+    assert sorted(m.of.values()) == [0, 1] and m.pick() == 2
+    m.health.probed(m.finished("a"), False)  # manager 0's actor failed (died with its node)
+    assert m.load == [0, 1, 0] and m.pick() == 2  # the least loaded is cooling down: skipped
+    clock.t += 10.0  # cooldown over: its next problem is the probe (a restarted actor answers it)
+    assert m.pick() == 0
+    m.health.ok(0)
+    assert m.health.failures == {}
+
+
+def test_managers_all_cooling_down_pick_the_first_back_then_give_up():
+    from gen_ssd_ray.common.errors import JobFailed
+    from gen_ssd_ray.generate.driver import _Managers
+
+    clock = Clock()
+    m = _Managers(2, cooldown_s=10.0, clock=clock)
+    m.health.probed(0, False)
+    clock.t += 1.0
+    m.health.probed(1, False)
+    assert m.pick() == 0  # both down: the one whose cooldown ends first
+    for _ in range(_Managers.GIVE_UP - 1):
+        m.health.probed(0, False)
+        m.health.probed(1, False)
+    with pytest.raises(JobFailed, match="every beam manager failed"):
+        m.pick()

@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,11 +228,11 @@ class _Managers:
 
     GIVE_UP = 6
 
-    def __init__(self, count: int, cooldown_s: float):
+    def __init__(self, count: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
         from gen_ssd_ray.generate.health import PoolHealth
 
         self.load = [0] * count
-        self.health = PoolHealth(count, base_s=cooldown_s, max_s=32 * cooldown_s)
+        self.health = PoolHealth(count, base_s=cooldown_s, max_s=32 * cooldown_s, clock=clock)
         self.of: dict[Any, int] = {}
 
     def pick(self) -> int:

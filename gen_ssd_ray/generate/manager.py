@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +32,8 @@ from gen_ssd_ray.core.search import ProblemSearch, SearchParams
 from gen_ssd_ray.core.types import Trajectory
 from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_params
 from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
+
+log = logging.getLogger("gen_ssd_ray")
 
 
 @dataclass(frozen=True)
@@ -53,8 +56,12 @@ class ManagerSpec:
     pool_health: bool = True
     # How long a step waits for a pool with no usable engine (all restarting, a node lost) before the
     # problem fails to the driver (which retries it with backoff, from scratch): waiting keeps the
-    # search state, so a short outage costs no work.
+    # search state, so an outage as long as a restart costs no work. From the config:
+    # min(retry_window_s, max(4 x call_timeout_s, startup_timeout_s)).
     pool_wait_s: float = 2400.0
+    # Liveness deadline of a probe: a restarted actor loads its model before it answers, so as long
+    # as a start-up may take (a hung engine's probe fails after it and the engine stays out meanwhile).
+    probe_timeout_s: float = 900.0
     trust_remote_code_teacher: bool = False
     trust_remote_code_student: bool = False
     method: str = "gen_ssd"
@@ -75,7 +82,10 @@ class ManagerSpec:
             cooldown_s=cfg.runtime.engine_cooldown_s,
             late_call_limit=cfg.runtime.late_call_limit,
             pool_health=cfg.runtime.pool_health,
-            pool_wait_s=min(cfg.runtime.retry_window_s, 4 * cfg.runtime.call_timeout_s),
+            pool_wait_s=min(
+                cfg.runtime.retry_window_s, max(4 * cfg.runtime.call_timeout_s, cfg.runtime.startup_timeout_s)
+            ),
+            probe_timeout_s=max(cfg.runtime.call_timeout_s, cfg.runtime.startup_timeout_s),
             fingerprint=run_fingerprint(cfg, teacher_path, student_path),
             trust_remote_code_teacher=cfg.teacher.trust_remote_code,
             trust_remote_code_student=cfg.student.trust_remote_code,
@@ -102,6 +112,10 @@ def trajectory_seed(base: int, problem_id: str, index: int) -> int:
 
 class EnginesUnavailable(RuntimeError):
     """Every engine of a pool failed or missed its deadline for one step."""
+
+
+class EngineFailed(RuntimeError):
+    """A call abandoned because another call found its engine failed (it moves to another engine)."""
 
 
 class BeamManager:
@@ -131,6 +145,8 @@ class BeamManager:
         self._probes: set = set()
         # per pool (id of its health): set, then replaced, whenever one of its engines comes back
         self._recovered: dict[int, asyncio.Event] = {}
+        # (id of a pool's health, engine) -> the calls waiting on that engine, abandoned when it fails
+        self._waiting: dict[tuple[int, int], set[asyncio.Future]] = {}
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
@@ -140,8 +156,9 @@ class BeamManager:
         """Call `method` on engine `first` of `pool`, falling back to the pool's other usable engines.
 
         A ValueError raised by the engine is about this input and is re-raised. Anything else (actor
-        death, a dead engine core, a hung engine) marks the engine failed and moves on. Raises
-        EnginesUnavailable when no engine is usable or every one failed.
+        death, a dead engine core, a hung engine) marks the engine failed (once: the calls that were
+        waiting on it meanwhile are abandoned and move on too, without counting again) and moves on.
+        Raises EnginesUnavailable when no engine is usable or every one failed.
         """
         order = await self._usable(pool, health, first, method)
         errors = []
@@ -149,13 +166,16 @@ class BeamManager:
             if not health.usable(i):  # another call found it failed meanwhile
                 continue
             try:
-                result = await self._await_live(pool[i], method, payload)
+                result = await self._await_live(pool[i], method, payload, key=(id(health), i))
             except ValueError:
                 raise
-            except Exception as e:  # RayActorError, EngineDead, a hung engine
+            except Exception as e:  # RayActorError, EngineDead, a hung engine, EngineFailed
                 text = str(e).strip()
                 errors.append(f"{method}@{i}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
-                health.failed(i)
+                if health.enabled and health.usable(i):  # the first failure of this episode counts
+                    health.failed(i)
+                    for other in list(self._waiting.get((id(health), i), ())):
+                        other.cancel()
                 continue
             if not health.usable(i) or health.failures.get(i):
                 self._wake(health)
@@ -193,20 +213,37 @@ class BeamManager:
         if event is not None:
             event.set()
 
-    async def _await_live(self, engine, method: str, payload=None):
-        """The call's result. Past the deadline, the engine's progress counter decides: advancing
-        means busy (keep waiting, checking every quarter deadline, up to `late_call_limit` deadlines
-        in all), not advancing (or no answer) means hung (cancel, raise)."""
-        import ray
+    async def _await_live(
+        self, engine, method: str, payload=None, deadline: float | None = None, key: tuple | None = None
+    ):
+        """The call's result. Past the deadline (`runtime.call_timeout_s` unless given), the engine's
+        progress counter decides: advancing means busy (keep waiting, checking every quarter deadline,
+        up to `late_call_limit` deadlines in all), not advancing (or no answer) means hung (cancel,
+        raise). With `key`, the call is abandoned (EngineFailed) as soon as another call finds that
+        engine failed."""
 
         ref = engine.call(method, payload)
         fut = asyncio.wrap_future(ref.future())
         fut.add_done_callback(_retrieve)  # a cancelled or abandoned call's error is expected
-        deadline = self.spec.call_timeout_s
+        waiting = self._waiting.setdefault(key, set()) if key is not None else None
+        if waiting is not None:
+            waiting.add(fut)
+        try:
+            return await self._wait_live(engine, ref, fut, deadline or self.spec.call_timeout_s)
+        finally:
+            if waiting is not None:
+                waiting.discard(fut)
+
+    async def _wait_live(self, engine, ref, fut: asyncio.Future, deadline: float):
+        import ray
+
         waited, timeout, last = 0.0, deadline, None
         while True:
             done, _ = await asyncio.wait({fut}, timeout=timeout)
             if done:
+                if fut.cancelled():  # abandoned: another call found the engine failed
+                    ray.cancel(ref)
+                    raise EngineFailed("the engine failed in another call")
                 return fut.result()
             waited += timeout
             if waited >= deadline * self.spec.late_call_limit - 1e-9:
@@ -232,16 +269,39 @@ class BeamManager:
 
     async def _probe(self, engine, health, i: int) -> None:
         """A cooled-down engine gets work again only once it does a minimal unit of real work
-        (`ping`: one token through its queue), under the same liveness deadline as a call: a hung
-        engine whose actor still answers fails it."""
-        try:
-            await self._await_live(engine, "ping")
-        except Exception:
-            health.probed(i, False)
-            self._wake(health)  # waiting steps look at the new cooldown
-        else:
+        (`ping`: one token through its queue): a hung engine whose actor still answers fails it. An
+        actor that Ray is restarting is asked again until it is back and has loaded its model, up
+        to `probe_timeout_s`."""
+        from ray.exceptions import ActorUnavailableError
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.spec.probe_timeout_s
+        while True:
+            try:
+                await self._await_live(engine, "ping", deadline=self.spec.probe_timeout_s)
+            except ActorUnavailableError:  # restarting (or its node is not yet known to be gone)
+                if loop.time() < deadline:
+                    await asyncio.sleep(self.spec.cooldown_s / 4)
+                    continue
+                e: Exception | None = TimeoutError(f"still unavailable after {self.spec.probe_timeout_s:g} s")
+            except Exception as exc:
+                e = exc
+            else:
+                e = None
+            break
+        if e is None:
             health.probed(i, True)
-            self._wake(health)
+        else:
+            text = str(e).strip().splitlines()
+            log.warning(
+                "probe of engine %d failed (%d in a row): %s: %s",
+                i,
+                health.failures.get(i, 0),
+                type(e).__name__,
+                text[0] if text else "",
+            )
+            health.probed(i, False)
+        self._wake(health)  # waiting steps use it, or look at its new cooldown
 
     async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
         used: set[int] = set()
