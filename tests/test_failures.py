@@ -50,30 +50,36 @@ def test_managers_least_loaded_first_and_a_failed_one_cools_down():
     from gen_ssd_ray.generate.driver import _Managers
 
     clock = Clock()
-    m = _Managers(3, cooldown_s=10.0, clock=clock)
+    m = _Managers(3, cooldown_s=10.0, give_up_s=100.0, clock=clock)
     m.started("a", m.pick())
     m.started("b", m.pick())
     assert sorted(m.of.values()) == [0, 1] and m.pick() == 2
-    m.health.probed(m.finished("a"), False)  # manager 0's actor failed (died with its node)
+    m.failed(m.finished("a"))  # manager 0's actor failed (died with its node)
     assert m.load == [0, 1, 0] and m.pick() == 2  # the least loaded is cooling down: skipped
+    m.failed(0)  # a late failure while it cools down does not count again
+    assert m.health.failures[0] == 1
     clock.t += 10.0  # cooldown over: its next problem is the probe (a restarted actor answers it)
     assert m.pick() == 0
-    m.health.ok(0)
+    m.ok(0)
     assert m.health.failures == {}
 
 
-def test_managers_all_cooling_down_pick_the_first_back_then_give_up():
+def test_managers_all_down_pick_the_first_back_then_give_up_after_the_start_up_time():
     from gen_ssd_ray.common.errors import JobFailed
     from gen_ssd_ray.generate.driver import _Managers
 
     clock = Clock()
-    m = _Managers(2, cooldown_s=10.0, clock=clock)
-    m.health.probed(0, False)
+    m = _Managers(2, cooldown_s=10.0, give_up_s=100.0, clock=clock)
+    m.failed(0)
     clock.t += 1.0
-    m.health.probed(1, False)
-    assert m.pick() == 0  # both down: the one whose cooldown ends first
-    for _ in range(_Managers.GIVE_UP - 1):
-        m.health.probed(0, False)
-        m.health.probed(1, False)
-    with pytest.raises(JobFailed, match="every beam manager failed"):
+    m.failed(1)
+    for _ in range(20):  # failing fast while cooling down costs nothing
+        assert m.pick() == 0
+        m.failed(0)
+    clock.t += 50.0
+    m.pick()  # probes due; the probes fail
+    m.failed(0)
+    m.failed(1)
+    clock.t += 60.0
+    with pytest.raises(JobFailed, match="every beam manager has been down"):
         m.pick()

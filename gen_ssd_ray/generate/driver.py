@@ -222,31 +222,44 @@ class _Managers:
 
     A manager whose actor failed (it died with its node and Ray restarts it, or it was killed) cools
     down like an engine (gen_ssd_ray.generate.health): its problems are retried on the others, and
-    after the cooldown it gets a problem again (a restarted one answers it; a dead one fails fast and
-    cools down twice as long). When every manager keeps failing (`GIVE_UP` times in a row each),
-    the job stops: nothing can run."""
+    after the cooldown it gets a problem again (a restarted one answers it; a dead one fails again
+    and cools down twice as long). Failures while it cools down do not count. When every manager has
+    been down for `give_up_s` (a restart takes at most the start-up timeout), the job stops."""
 
-    GIVE_UP = 6
-
-    def __init__(self, count: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, count: int, cooldown_s: float, give_up_s: float, clock: Callable[[], float] = time.monotonic
+    ):
         from gen_ssd_ray.generate.health import PoolHealth
 
         self.load = [0] * count
         self.health = PoolHealth(count, base_s=cooldown_s, max_s=32 * cooldown_s, clock=clock)
+        self.give_up_s, self.clock = give_up_s, clock
         self.of: dict[Any, int] = {}
+        self.all_down_since: float | None = None
 
     def pick(self) -> int:
         h = self.health
-        if all(h.failures.get(i, 0) >= self.GIVE_UP for i in range(len(self.load))):
+        if self.all_down_since is not None and self.clock() - self.all_down_since > self.give_up_s:
             raise JobFailed(
-                f"every beam manager failed {self.GIVE_UP} times in a row; see the actor logs above, "
+                f"every beam manager has been down for {self.give_up_s:g} s; see the actor logs above, "
                 "then re-run the same command"
             )
         h.due_probes()  # a manager's cooldown ended: its next problem is the probe
         usable = [i for i in range(len(self.load)) if i not in h.until or i in h.probing]
-        if not usable:  # all cooling down: the first one back (its call fails fast if it is not)
-            usable = [min(h.until, key=h.until.__getitem__)]
-        return min(usable, key=self.load.__getitem__)
+        if usable:
+            return min(usable, key=self.load.__getitem__)
+        if self.all_down_since is None:  # until one of them answers again (`ok`)
+            self.all_down_since = self.clock()
+        return min(h.until, key=h.until.__getitem__)  # the first one back (fails fast if it is not)
+
+    def failed(self, m: int) -> None:
+        h = self.health
+        if m not in h.until or m in h.probing:  # not already cooling down: this failure counts
+            h.probed(m, False)
+
+    def ok(self, m: int) -> None:
+        self.health.ok(m)
+        self.all_down_since = None
 
     def started(self, ref, m: int) -> None:
         self.of[ref] = m
@@ -271,7 +284,7 @@ def solve_all(
 
     r = cfg.effective().runtime  # deadlines in wall-clock seconds (simulated engines: compressed)
     calls = ray_calls()
-    managers = _Managers(len(pools.managers), r.engine_cooldown_s)
+    managers = _Managers(len(pools.managers), r.engine_cooldown_s, give_up_s=r.startup_timeout_s)
 
     def submit(problem, engine: int, attempt: int):
         m = managers.pick()
@@ -287,12 +300,12 @@ def solve_all(
             # The manager itself failed (a RayTaskError is the manager's answer: engine deaths arrive
             # as EnginesUnavailable, even when their cause is an actor error).
             if not isinstance(e, RayTaskError):
-                managers.health.probed(m, False)
+                managers.failed(m)
             raise
         except Exception:
-            managers.health.ok(m)
+            managers.ok(m)
             raise
-        managers.health.ok(m)
+        managers.ok(m)
         return out
 
     def cancel(ref) -> None:

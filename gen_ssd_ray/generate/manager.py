@@ -118,6 +118,11 @@ class EngineFailed(RuntimeError):
     """A call abandoned because another call found its engine failed (it moves to another engine)."""
 
 
+class CallTooLate(TimeoutError):
+    """A call whose engine still advances outlived `runtime.late_call_limit` deadlines: the engine
+    is busy, not broken, so the other calls waiting on it keep waiting."""
+
+
 class BeamManager:
     def __init__(self, spec: ManagerSpec, teachers: list, scorers: list):
         from transformers import AutoTokenizer
@@ -156,8 +161,9 @@ class BeamManager:
         """Call `method` on engine `first` of `pool`, falling back to the pool's other usable engines.
 
         A ValueError raised by the engine is about this input and is re-raised. Anything else (actor
-        death, a dead engine core, a hung engine) marks the engine failed (once: the calls that were
-        waiting on it meanwhile are abandoned and move on too, without counting again) and moves on.
+        death, a dead engine core, a hung engine, a call too late) marks the engine failed, once (a
+        hung or dead engine's other calls are abandoned and move on too, without counting again),
+        and moves on.
         Raises EnginesUnavailable when no engine is usable or every one failed.
         """
         order = await self._usable(pool, health, first, method)
@@ -174,8 +180,9 @@ class BeamManager:
                 errors.append(f"{method}@{i}: {type(e).__name__}: {text.splitlines()[0] if text else ''}")
                 if health.enabled and health.usable(i):  # the first failure of this episode counts
                     health.failed(i)
-                    for other in list(self._waiting.get((id(health), i), ())):
-                        other.cancel()
+                    if not isinstance(e, CallTooLate):  # hung or dead: nothing else will come back
+                        for other in list(self._waiting.get((id(health), i), ())):
+                            other.cancel()
                 continue
             if not health.usable(i) or health.failures.get(i):
                 self._wake(health)
@@ -259,7 +266,8 @@ class BeamManager:
             last = now
             timeout = min(deadline / 4, deadline * self.spec.late_call_limit - waited)
         ray.cancel(ref)  # do not leave abandoned work on a hung engine
-        raise TimeoutError(f"no answer within {waited:g} s (deadline {deadline:g} s): {why}")
+        error = TimeoutError if why == "no progress" else CallTooLate
+        raise error(f"no answer within {waited:g} s (deadline {deadline:g} s): {why}")
 
     def _start_probes(self, pool: list, health) -> None:
         for i in health.due_probes():
