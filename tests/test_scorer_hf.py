@@ -89,3 +89,38 @@ def test_cuda_scorer_matches_cpu(tiny_model):
     assert next(gpu.model.parameters()).dtype.is_floating_point and gpu.device == "cuda"
     (g,) = gpu.score_sync([req])
     assert g.nll_sums == pytest.approx(cpu.nll_sums, rel=0.05)
+
+
+def test_a_call_that_stops_waiting_never_overlaps_the_next_forward(tiny_model):
+    """A deadline that cancels a score call leaves its forward running; the next call must not start
+    its forward on the same cache meanwhile (one worker thread, in order)."""
+    import asyncio
+    import threading
+    import time
+
+    from gen_ssd_ray.engines.scorer_hf import HfScorer
+
+    s = HfScorer(spec(tiny_model, device="cpu"))
+    inside, overlap = [0], [0]
+    guard = threading.Lock()
+
+    def slow(requests):
+        with guard:
+            inside[0] += 1
+            overlap[0] = max(overlap[0], inside[0])
+        time.sleep(0.2)
+        with guard:
+            inside[0] -= 1
+        return []
+
+    s.score_sync = slow
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(s.score([]), 0.01)  # the caller gives up; the forward goes on
+        await s.score([])
+        await s.release(["g"])
+
+    asyncio.run(main())
+    assert overlap[0] == 1
+    s.shutdown()

@@ -21,6 +21,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
@@ -46,8 +47,8 @@ class _Group:
 
 
 class HfScorer:
-    """The `hf` scorer backend. `score` runs one forward at a time in a worker thread (the KV cache is
-    not thread-safe), so the actor stays responsive; `score_sync` is the same work, synchronously."""
+    """The `hf` scorer backend. `score` and `release` run on one worker thread, in order (the KV cache
+    is not thread-safe), so the actor stays responsive; `score_sync` is the same work, synchronously."""
 
     def __init__(self, spec: ScorerSpec, context: EngineContext | None = None):
         import torch
@@ -71,7 +72,10 @@ class HfScorer:
         ).to(self.device)
         self.model.eval()
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
-        self._lock = asyncio.Lock()
+        # Every forward and every cache change runs on this one thread, in submission order: a caller
+        # that stops waiting (a deadline, a cancelled call) never leaves a forward running while the
+        # next one starts on the same cache.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-scorer")
         self._groups: OrderedDict[str, _Group] = OrderedDict()
         self._generation = 0
         self.stats = {
@@ -120,8 +124,7 @@ class HfScorer:
             self._groups.pop(g, None)
 
     async def release(self, groups: Sequence[str]) -> None:
-        async with self._lock:
-            self.release_sync(groups)
+        await asyncio.get_running_loop().run_in_executor(self._worker, self.release_sync, groups)
 
     def cached_tokens(self) -> int:
         return sum(g.tokens for g in self._groups.values())
@@ -196,9 +199,8 @@ class HfScorer:
         return ScoreResult(req.key, tuple(sums), tuple(len(t) for t in rows.targets), processed)
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        """`score_sync` in a worker thread, one call at a time."""
-        async with self._lock:
-            return await asyncio.to_thread(self.score_sync, requests)
+        """`score_sync` on the scorer's one worker thread, one call at a time."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, self.score_sync, requests)
 
     async def check_health(self) -> None:
         """A model in this process is healthy while the process lives."""
@@ -207,6 +209,7 @@ class HfScorer:
         return self.stats["requests"]
 
     def shutdown(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
         self._groups.clear()
 
     def score_sync(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:

@@ -61,6 +61,7 @@ class RunStats:
     verdicts: Counter = field(default_factory=Counter)  # True / False; None (unverified) is not counted
     costs: Counter = field(default_factory=Counter)  # COST_COLUMNS summed
     dispatch: dict = field(default_factory=dict)  # admission and the dispatcher's counters
+    score_calls: list = field(default_factory=list)  # per scorer, calls answered (all managers)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, rows: list[TrajectoryRow]) -> None:
@@ -96,6 +97,11 @@ class RunStats:
             "scorer/tokens_processed_per_scored": ratio(
                 "student_tokens_processed", "student_tokens_scored", 3
             ),
+            "scorer/calls": self.score_calls,
+            # score calls of the busiest scorer over the idlest (1 is even; None: a scorer got none)
+            "scorer/calls_max_over_min": round(max(self.score_calls) / min(self.score_calls), 3)
+            if self.score_calls and min(self.score_calls)
+            else None,
             "elapsed_s": round(elapsed, 1),
             "dispatch": self.dispatch,
         }
@@ -182,6 +188,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                     "interrupted: committed the finished problems; re-run the same command to continue"
                 )
         finally:
+            if pools is not None:
+                stats.score_calls = _score_calls(pools)
             if p.writer.close():
                 stats.shards_written += 1
             if progress is not None:
@@ -192,6 +200,20 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     return summary
+
+
+def _score_calls(pools) -> list[int]:
+    """Score calls answered per scorer, summed over the live beam managers ([] if none answers)."""
+    import ray
+
+    total: list[int] = []
+    for m in pools.managers:
+        try:
+            calls = ray.get(m.stats.remote(), timeout=30)["score_calls"]
+        except Exception:  # a manager lost with its node: its counts are gone
+            continue
+        total = [a + b for a, b in zip(total, calls, strict=True)] if total else list(calls)
+    return total
 
 
 def _uncommitted(problems, writer, stats: RunStats) -> Iterator:

@@ -147,6 +147,10 @@ class BeamManager:
         cool = {"base_s": spec.cooldown_s, "max_s": 32 * spec.cooldown_s, "enabled": spec.pool_health}
         self.teacher_health = PoolHealth(len(teachers), **cool)
         self.scorer_health = PoolHealth(len(scorers), **cool)
+        from gen_ssd_ray.generate.routing import ScorerRouter
+
+        self.router = ScorerRouter(len(scorers))
+        self.score_calls = [0] * len(scorers)  # per scorer, answered calls (`stats`)
         self._probes: set = set()
         # per pool (id of its health): set, then replaced, whenever one of its engines comes back
         self._recovered: dict[int, asyncio.Event] = {}
@@ -156,17 +160,31 @@ class BeamManager:
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
+    async def stats(self) -> dict[str, Any]:
+        """Score calls answered per scorer (the driver sums them over managers: scorer balance)."""
+        return {"score_calls": list(self.score_calls)}
+
     # ---- remote calls with health, liveness deadlines and fallback -------------------------
     async def _call(self, pool: list, health, first: int, method: str, payload):
+        return (await self._call_where(pool, health, first, method, payload))[1]
+
+    async def _call_where(
+        self, pool: list, health, first: int, method: str, payload, prefer: list[int] | None = None
+    ) -> tuple[int, Any]:
         """Call `method` on engine `first` of `pool`, falling back to the pool's other usable engines.
 
         A ValueError raised by the engine is about this input and is re-raised. Anything else (actor
         death, a dead engine core, a hung engine, a call too late) marks the engine failed, once (a
         hung or dead engine's other calls are abandoned and move on too, without counting again),
         and moves on.
-        Raises EnginesUnavailable when no engine is usable or every one failed.
+        Raises EnginesUnavailable when no engine is usable or every one failed. `prefer`: the
+        engines in the order to try them (default: `first`, then the others round-robin). Returns
+        (the engine that answered, its result).
         """
-        order = await self._usable(pool, health, first, method)
+        self._start_probes(pool, health)
+        order = [i for i in prefer if health.usable(i)] if prefer else health.order(first)
+        if not order:  # the whole pool is down: wait for it
+            order = await self._usable(pool, health, first, method, prefer)
         errors = []
         for i in order:
             if not health.usable(i):  # another call found it failed meanwhile
@@ -187,17 +205,19 @@ class BeamManager:
             if not health.usable(i) or health.failures.get(i):
                 self._wake(health)
             health.ok(i)
-            return result
+            return i, result
         raise EnginesUnavailable("; ".join(errors) or f"{method}: no usable engine")
 
-    async def _usable(self, pool: list, health, first: int, method: str) -> list[int]:
+    async def _usable(
+        self, pool: list, health, first: int, method: str, prefer: list[int] | None = None
+    ) -> list[int]:
         """The pool's usable engines in call order, waiting up to `pool_wait_s` while there are none
         (cooldowns end, probes bring engines back); EnginesUnavailable after that."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.spec.pool_wait_s
         while True:
             self._start_probes(pool, health)
-            order = health.order(first)
+            order = [i for i in prefer if health.usable(i)] if prefer else health.order(first)
             if order:
                 return order
             left = deadline - loop.time()
@@ -312,21 +332,29 @@ class BeamManager:
         self._wake(health)  # waiting steps use it, or look at its new cooldown
 
     async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
-        used: set[int] = set()
+        """The trajectory's steps: expand on its pinned teacher engine, score on its scorer (sticky
+        for the scorer's cache, spread over all scorers: gen_ssd_ray.generate.routing)."""
+        group, used = search.group, set()
         try:
             while not search.done:
                 expanded = await self._call(
                     self.teachers, self.teacher_health, engine, "expand", search.expand_requests()
                 )
                 score_reqs = search.update_expanded(expanded)
-                first = engine % len(self.scorers)
-                used.add(first)
-                scored = await self._call(self.scorers, self.scorer_health, first, "score", score_reqs)
+                order = self.router.order(group)
+                i, scored = await self._call_where(
+                    self.scorers, self.scorer_health, order[0], "score", score_reqs, prefer=order
+                )
+                if i != order[0]:  # its scorer was down: it moves, and its cache is rebuilt there
+                    self.router.moved(group, i)
+                used.add(i)
+                self.score_calls[i] += 1
                 search.update_scored(scored)
             return search.result()
         finally:
+            self.router.release(group)
             for i in used:  # free the scorer's KV cache for this trajectory (fire and forget)
-                self.scorers[i].call("release", [search.group])
+                self.scorers[i].call("release", [group])
 
     # ---- one problem -------------------------------------------------------------------------
     async def solve(self, problem: Problem, engine: int) -> list[TrajectoryRow]:

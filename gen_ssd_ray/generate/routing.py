@@ -30,6 +30,7 @@ class ScorerRouter:
         self.n, self.epsilon = num_scorers, epsilon
         self.load = [0] * num_scorers
         self.of: dict[str, int] = {}
+        self._order: dict[str, list[int]] = {}  # a live group's order (its scorer, then its ranking)
 
     def ranking(self, group: str) -> list[int]:
         """Every scorer, best first, for this group (the same on every call and every manager)."""
@@ -38,14 +39,15 @@ class ScorerRouter:
     def order(self, group: str) -> list[int]:
         """The scorers to try for this group: its assigned one first (assigning it now if new), then
         the rest of its ranking."""
-        rank = self.ranking(group)
-        s = self.of.get(group)
-        if s is None:
+        order = self._order.get(group)
+        if order is None:
+            rank = self.ranking(group)
             cap = math.ceil((1 + self.epsilon) * (len(self.of) + 1) / self.n)
             s = next((c for c in rank if self.load[c] < cap), rank[0])
             self.of[group] = s
             self.load[s] += 1
-        return [s, *(c for c in rank if c != s)]
+            order = self._order[group] = [s, *(c for c in rank if c != s)]
+        return order
 
     def moved(self, group: str, scorer: int) -> None:
         """The group was scored elsewhere (its scorer was down): it stays there from now on."""
@@ -56,9 +58,11 @@ class ScorerRouter:
             self.load[old] -= 1
         self.of[group] = scorer
         self.load[scorer] += 1
+        self._order[group] = [scorer, *(c for c in self.ranking(group) if c != scorer)]
 
     def release(self, group: str) -> None:
         """The trajectory ended (or was abandoned)."""
         s = self.of.pop(group, None)
+        self._order.pop(group, None)
         if s is not None:
             self.load[s] -= 1
