@@ -35,7 +35,7 @@ PROFILES = {
     # engines -> problems per engine; the 64-engine run keeps >= 10,000 problems in flight
     "full": {
         "engines": {1: 2.0, 8: 1.0, 64: 0.4},
-        "per_engine": 240,
+        "per_engine": 320,
         "inflight": 160,
         "manifest": 1_000_000,
     },

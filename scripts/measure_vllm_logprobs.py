@@ -21,7 +21,11 @@ engines run), a ~1,500-token context cut from GSM8K text and a 64-token candidat
    (b) `prompt_logprob_token_ids` + `prompt_logprob_start` (documented as needing Model Runner V2,
    `VLLM_USE_V2_MODEL_RUNNER=1`), probed in a child process since it needs its own engine.
 
-Run: `python -m scripts.measure_vllm_logprobs` from the repo root (about 2-4 minutes on 2 cores). Set
+Items 1-3a run once per dtype (`--dtypes`, default `bfloat16,float32`: bf16 is what the project
+serves; float32 tells numerical drift from wrong rows). Logprobs are compared with the cold run of the
+same dtype.
+
+Run: `python -m scripts.measure_vllm_logprobs` from the repo root (about 2-3 minutes on 2 cores). Set
 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false. The last line printed is one JSON object with the figures.
 `--no-v2` skips the child-process probe; `--v2-probe` is that child's entry point.
 """
@@ -69,12 +73,12 @@ def text_tokens(tok, n: int) -> list[int]:
     return ids[:n]
 
 
-def build_llm(model: str):
+def build_llm(model: str, dtype: str = "bfloat16"):
     from vllm import LLM
 
     return LLM(
         model=model,
-        dtype="bfloat16",
+        dtype=dtype,
         max_model_len=MAX_MODEL_LEN,
         enable_prefix_caching=True,
         enable_chunked_prefill=False,
@@ -234,7 +238,7 @@ def run_v2_probe(timeout: int = 240) -> dict:
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode == 0 and lines:
         return {"ok": True, **json.loads(lines[-1])}
-    errs = [ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln]
+    errs = [ln for ln in p.stderr.splitlines() if "rror" in ln and "further information" not in ln]
     return {"ok": False, "rc": p.returncode, "error": (errs[-1] if errs else p.stderr[-300:]).strip()[:300]}
 
 
@@ -249,8 +253,25 @@ def finite(x):
     return x
 
 
+def measure_dtype(model: str, dtype: str) -> dict:
+    """Items 1, 2 and 3a with one engine of `dtype`; the engine is shut down before returning."""
+    llm = build_llm(model, dtype)
+    ids = text_tokens(llm.get_tokenizer(), CTX_LEN_ALIGNED + CAND_LEN)
+    res = {
+        "block_size": int(llm.llm_engine.vllm_config.cache_config.block_size),
+        "unaligned": measure_context(llm, ids, CTX_LEN),
+        "aligned": measure_context(llm, ids, CTX_LEN_ALIGNED),
+    }
+    res["route_first_tokens_logprob_token_ids"] = first_tokens_route(
+        llm, ids, CTX_LEN_ALIGNED, res["aligned"]["override_first_token"]["cold"]
+    )
+    llm.llm_engine.engine_core.shutdown()
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated; one engine each")
     ap.add_argument("--no-v2", action="store_true", help="skip the Model Runner V2 probe")
     ap.add_argument("--v2-probe", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -265,22 +286,9 @@ def main() -> None:
     import vllm
 
     t0 = time.perf_counter()
-    llm = build_llm(model)
-    block = int(llm.llm_engine.vllm_config.cache_config.block_size)
-    ids = text_tokens(llm.get_tokenizer(), CTX_LEN_ALIGNED + CAND_LEN)
-    result = {
-        "vllm": vllm.__version__,
-        "model": model,
-        "block_size": block,
-        "repeats": REPEATS,
-        "unaligned": measure_context(llm, ids, CTX_LEN),
-        "aligned": measure_context(llm, ids, CTX_LEN_ALIGNED),
-    }
-    result["route_first_tokens_logprob_token_ids"] = first_tokens_route(
-        llm, ids, CTX_LEN_ALIGNED, result["aligned"]["override_first_token"]["cold"]
-    )
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    result = {"vllm": vllm.__version__, "model": model, "repeats": REPEATS}
+    for dtype in args.dtypes.split(","):
+        result[dtype] = measure_dtype(model, dtype)
     result["route_v2_prompt_logprob_token_ids"] = {"skipped": True} if args.no_v2 else run_v2_probe()
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(finite(result)), flush=True)
