@@ -20,7 +20,7 @@ TEACHER_BACKENDS: dict[str, str] = {
 SCORER_BACKENDS: dict[str, str] = {
     # transformers, the accepted prefix's KV cache reused across chunks
     "hf": "gen_ssd_ray.engines.scorer_hf:HfScorer",
-    # vLLM prompt_logprobs: recomputes the prefix at every chunk
+    # vLLM prompt_logprobs, reading the prefix cache (only what the cache lacks is computed)
     "vllm": "gen_ssd_ray.engines.scorer_vllm:VllmPromptLogprobScorer",
     # simulated: models the hf scorer's time, cache and memory (gen_ssd_ray.sim)
     "sim": "gen_ssd_ray.sim.scorer:SimScorer",

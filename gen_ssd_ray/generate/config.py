@@ -44,7 +44,7 @@ class TeacherConfig(EngineConfig):
 @dataclass(frozen=True)
 class StudentConfig(ModelPoolConfig):
     """The student scorers. backend: "hf" (transformers with per-beam KV-cache reuse) or "vllm" (vLLM
-    prompt_logprobs; recomputes the prefix). dtype "auto": float32 on CPU, bfloat16 on GPU (hf);
+    prompt_logprobs reading the prefix cache). dtype "auto": float32 on CPU, bfloat16 on GPU (hf);
     gpu_memory_utilization, kv_cache_gib and enforce_eager apply to the vllm backend."""
 
     model: str = DEFAULT_STUDENT
