@@ -149,7 +149,7 @@ class BeamManager:
         self.scorer_health = PoolHealth(len(scorers), **cool)
         from gen_ssd_ray.generate.routing import ScorerRouter
 
-        self.router = ScorerRouter(len(scorers))
+        self.router = ScorerRouter(len(scorers)) if scorers else None  # (a manager only rendering prompts)
         self.score_calls = [0] * len(scorers)  # per scorer, answered calls (`stats`)
         self._probes: set = set()
         # per pool (id of its health): set, then replaced, whenever one of its engines comes back
