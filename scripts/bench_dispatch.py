@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--actors", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         print(json.dumps(measure(args.pending, args.calls, args.actors, args.seed)), flush=True)
     finally:

@@ -33,7 +33,7 @@ def test_ray_job_submit_to_local_head(tmp_path, tiny_model, tiny_student):
         "VLLM_CPU_KVCACHE_SPACE": "1",
     }
     env.pop("RAY_ADDRESS", None)
-    dash = free_port()
+    dash, port = free_port(), free_port()
     head = [
         str(BIN / "ray"),
         "start",
@@ -41,7 +41,7 @@ def test_ray_job_submit_to_local_head(tmp_path, tiny_model, tiny_student):
         "--num-cpus",
         "2",
         "--port",
-        str(free_port()),
+        str(port),
         "--dashboard-host",
         "127.0.0.1",
         "--dashboard-port",
@@ -51,6 +51,24 @@ def test_ray_job_submit_to_local_head(tmp_path, tiny_model, tiny_student):
     ]
     subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
     try:
+        # With no address, a job starts its own Ray even while this head runs (a plain `ray.init()` joins
+        # the head and refuses num_cpus: how a leftover head once failed every job of a test run).
+        private = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import ray; from gen_ssd_ray.common.cluster import init_ray; init_ray(None, 1); "
+                "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert private.returncode == 0, private.stderr[-3000:]
+        gcs = [line for line in private.stdout.splitlines() if line.startswith("GCS ")]
+        assert gcs and not gcs[0].endswith(f":{port}"), (gcs, port)
         data = write_problems(tmp_path / "p.jsonl", 2, bad=False)
         out = tmp_path / "out"
         env["RAY_ADDRESS"] = f"http://127.0.0.1:{dash}"

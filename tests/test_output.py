@@ -551,7 +551,7 @@ def test_ray_data_reads_only_complete_shards(tmp_path):
         for pid in "abc":
             w.add(pid, rows_for(pid))
     (out / ".tmp-part-00002.parquet").write_bytes(b"half written")
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
         ds = ray.data.read_parquet(str(out))
         rows = ds.take_all()

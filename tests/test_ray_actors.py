@@ -53,7 +53,7 @@ def cluster(tmp_path_factory, tiny_model, tiny_student):
         ],
         GenerateConfig,
     )
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     pools = build_pools(cfg, tiny_model, tiny_student)
     yield cfg, pools
     ray.shutdown()

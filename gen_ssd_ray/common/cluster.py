@@ -9,7 +9,8 @@ import threading
 
 def init_ray(address: str | None, local_num_cpus: int | None, dashboard: bool = False) -> None:
     """Join the cluster named by `address` or RAY_ADDRESS (set by `ray job submit`), else start a private
-    local Ray with `local_num_cpus` CPUs (None: all). A no-op when Ray is already initialized (a
+    local Ray with `local_num_cpus` CPUs (None: all), even when a head started by `ray start` runs on
+    this machine (a plain `ray.init()` would join it, and refuse `num_cpus`). A no-op when Ray is already initialized (a
     pipeline runs every stage on one Ray). `dashboard` also serves the State API, which Ray Train's
     placement-group cleaner polls (without it, a warning a second).
 
@@ -33,7 +34,11 @@ def _init(ray, address: str | None, local_num_cpus: int | None, dashboard: bool)
         ray.init(address=address, log_to_driver=True)
     elif dashboard:
         ray.init(
-            num_cpus=local_num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True
+            address="local",
+            num_cpus=local_num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=True,
         )
     else:
-        ray.init(num_cpus=local_num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False, log_to_driver=True)
