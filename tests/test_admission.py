@@ -46,3 +46,20 @@ def test_slots_bound_the_queue_when_the_cache_is_not_the_limit():
     # whole-solution methods run one sequence per trajectory
     kd = derive(cfg, {"method": "standard_kd"})
     assert inflight_per_engine(kd, 10**9, 64, 50) == 256
+
+
+def test_the_scorers_kv_bounds_the_problems_of_all_engines():
+    # 1.5B student in bf16 (28 KiB of KV per token) on 2 x 80 GB: ~2.4M tokens each; 4 engines,
+    # 8k budgets, K=4 x 256-token chunks: each beam holds ~9.5k tokens -> ~450 problems, ~110 per engine
+    cfg = _cfg(
+        **{
+            "search.chunk_tokens": 256,
+            "search.max_new_tokens": 8192,
+            "teacher.num_engines": 4,
+            "student.batch_tokens": 16384,
+        }
+    )
+    n = inflight_per_engine(cfg, 10**9, 10**6, 300, [2_400_000, 2_400_000])
+    assert 100 <= n <= 120
+    assert inflight_per_engine(cfg, 10**9, 10**6, 300, [2_400_000] * 4) > 1.9 * n  # more scorers, more
+    assert inflight_per_engine(cfg, 10**9, 10**6, 300) > 2 * n  # a scorer that reports nothing: no bound

@@ -1,4 +1,5 @@
-"""The HF scorer's KV reuse gives the same NLLs as recomputing the whole sequence, at linear cost."""
+"""The HF scorer: each beam's context KV once, calls batched across trajectories, a byte budget; its
+NLLs equal a full recompute whatever the batching and the evictions, at linear cost."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def spec(model: str, device: str = "auto", **student) -> ScorerSpec:
 def scorer(tiny_model):
     from gen_ssd_ray.engines.scorer_hf import HfScorer
 
-    return HfScorer(spec(tiny_model, kv_cache_tokens=10_000))
+    return HfScorer(spec(tiny_model, device="cpu"))
 
 
 def full_nll(scorer, context, cand):
@@ -36,46 +37,111 @@ def cands(*seqs, finish="length"):
     return tuple(Candidate(tuple(s), "", finish) for s in seqs)
 
 
+def assert_full(scorer, req, result):
+    context = req.student_prompt_ids + req.prefix_ids
+    for i, c in enumerate(req.candidates):
+        expected = full_nll(scorer, context, c.token_ids)
+        assert result.nll_sums[i] == pytest.approx(expected, rel=1e-4, abs=1e-4), (req.key, i)
+
+
 def test_kv_reuse_matches_full_recompute_and_costs_only_new_tokens(scorer):
     prompt = (1, 500, 600, 700, 800, 2)
     step0 = cands((11, 12, 13, 14), (21, 22, 23, 24), (31, 32))
-    (r0,) = scorer.score_sync([ScoreRequest("k0", "g", prompt, (), "", step0)])
+    req0 = ScoreRequest("k0", "g", prompt, (), "", step0)
+    (r0,) = scorer.score_sync([req0])
     assert r0.num_tokens == (4, 4, 2)
     assert r0.tokens_processed == len(prompt) + 10  # the context once, then the candidates
-    for i, c in enumerate(step0):
-        assert r0.nll_sums[i] == pytest.approx(full_nll(scorer, prompt, c.token_ids), rel=1e-4, abs=1e-4)
+    assert_full(scorer, req0, r0)
+    # the context once and each candidate's own tokens, not K copies of the context
+    assert scorer.cached_tokens() == len(prompt) + 10
 
-    # step 1 continues from candidate 1: its KV is cached, only the new candidates are run
-    prefix = step0[1].token_ids
-    step1 = cands((41, 42, 43), (51, 52, 53))
-    (r1,) = scorer.score_sync([ScoreRequest("k1", "g", prompt, prefix, "", step1)])
-    assert r1.tokens_processed == 6
-    for i, c in enumerate(step1):
-        assert r1.nll_sums[i] == pytest.approx(
-            full_nll(scorer, prompt + prefix, c.token_ids), rel=1e-4, abs=1e-4
-        )
-
-    # older entries of the group were dropped; release frees the rest
-    assert scorer.cached_tokens() == 2 * (len(prompt) + 4 + 3)
+    # step 1 continues from candidate 1: the context is cached, only its last token and the new
+    # candidates are run (the last token's output predicts the candidates' first tokens)
+    req1 = ScoreRequest("k1", "g", prompt, step0[1].token_ids, "", cands((41, 42, 43), (51, 52, 53)))
+    (r1,) = scorer.score_sync([req1])
+    assert r1.tokens_processed == 1 + 6
+    assert_full(scorer, req1, r1)
+    # the losing candidates are gone; the context is kept once (prompt, candidate 1, its last token)
+    assert scorer.cached_tokens() == len(prompt) + 4 + 1 + 6
     scorer.release_sync(["g"])
     assert scorer.cached_tokens() == 0
 
 
-def test_cache_miss_recomputes_prefix(scorer):
-    prompt = (1, 500, 600)
-    (r,) = scorer.score_sync([ScoreRequest("k", "other", prompt, (7, 8, 9), "", cands((10, 11)))])
-    assert r.tokens_processed == len(prompt) + 3 + 2
-    assert r.nll_sums[0] == pytest.approx(full_nll(scorer, prompt + (7, 8, 9), (10, 11)), rel=1e-4, abs=1e-4)
-    scorer.release_sync(["other"])
-
-
-def test_lru_budget_evicts_old_groups(tiny_model):
+def test_batching_across_trajectories_of_different_lengths_then_evictions(tiny_model):
+    """One forward scores trajectories of different context lengths, hits and misses together; with a
+    budget that cannot hold them all, evicted trajectories recompute, and every NLL still equals a
+    full recompute."""
     from gen_ssd_ray.engines.scorer_hf import HfScorer
 
-    s = HfScorer(spec(tiny_model, kv_cache_tokens=30))
-    for g in range(4):
-        s.score_sync([ScoreRequest(f"k{g}", f"g{g}", (1, 2, 3, 4, 5), (), "", cands((6, 7, 8, 9, 10)))])
-    assert s.cached_tokens() <= 30 and "g3" in s._groups and "g0" not in s._groups
+    s = HfScorer(spec(tiny_model, device="cpu"))
+    prompts = [tuple(range(100, 100 + n)) for n in (3, 17, 40, 9)]
+    step0 = [
+        ScoreRequest(f"a{i}", f"g{i}", p, (), "", cands((7, 8, 9), (5, 6))) for i, p in enumerate(prompts)
+    ]
+    out0 = s.score_sync(step0)
+    assert s.stats["forwards"] == 1  # all four in one forward
+    for req, r in zip(step0, out0, strict=True):
+        assert_full(s, req, r)
+    s.release_sync(["g2"])  # g2 misses next time
+    step1 = [
+        ScoreRequest(f"b{i}", f"g{i}", p, (5, 6) if i % 2 else (7, 8, 9), "", cands((1, 2), (3, 4, 5, 6)))
+        for i, p in enumerate(prompts)
+    ]
+    out1 = s.score_sync(step1)
+    assert s.stats["forwards"] == 2
+    for i, (req, r) in enumerate(zip(step1, out1, strict=True)):
+        assert_full(s, req, r)
+        assert r.tokens_processed == (len(req.student_prompt_ids) + len(req.prefix_ids) if i == 2 else 1) + 6
+
+    # A budget of about two trajectories: each call evicts others (the most recently scored first, never
+    # one being scored), the evicted ones recompute, and every NLL stays exact.
+    small = HfScorer(spec(tiny_model, device="cpu", kv_cache_gib=1.0))
+    small._need = lambda batch: sum(it.query for it in batch)  # new KV only: a budget in cached tokens
+    small.cache.budget_tokens = 90  # about two of the four trajectories
+    for step in range(3):
+        for i, p in enumerate(prompts):
+            prefix = (7, 8, 9) * step
+            req = ScoreRequest(f"c{step}{i}", f"g{i}", p, prefix, "", cands((7, 8, 9), (5, 6)))
+            (r,) = small.score_sync([req])
+            assert_full(small, req, r)
+            assert small.cached_tokens() <= small.cache.budget_tokens
+    assert small.cache.evicted_groups > 0
+
+
+def test_a_request_the_budget_cannot_hold_fails_alone(tiny_model):
+    from gen_ssd_ray.engines.scorer_hf import HfScorer
+
+    s = HfScorer(spec(tiny_model, device="cpu"))
+    ok = ScoreRequest("ok", "a", (1, 2, 3), (), "", cands((4, 5)))
+    big = ScoreRequest("big", "b", tuple(range(10, 600)), (), "", cands((4, 5)))
+    s.cache.budget_tokens = s._need([s._prepare(ok)]) + 10
+    out = s._score_all([ok, big], set())
+    assert out[0].nll_sums and isinstance(out[1], ValueError)
+    assert "student.kv_cache_gib" in str(out[1])
+
+
+def test_concurrent_calls_are_batched_and_equal_one_by_one(tiny_model):
+    """Many callers at once: fewer forwards than calls, and the same NLLs as scoring each alone."""
+    import asyncio
+
+    from gen_ssd_ray.engines.scorer_hf import HfScorer
+
+    reqs = [
+        ScoreRequest(f"k{i}", f"g{i}", tuple(range(50, 50 + 5 + 3 * i)), (), "", cands((7, 8), (9, 10, 11)))
+        for i in range(12)
+    ]
+    alone = HfScorer(spec(tiny_model, device="cpu"))
+    expected = [alone.score_sync([r])[0] for r in reqs]
+    s = HfScorer(spec(tiny_model, device="cpu"))
+
+    async def main():
+        return await asyncio.gather(*(s.score([r]) for r in reqs))
+
+    got = asyncio.run(main())
+    assert s.stats["forwards"] < len(reqs)
+    for (g,), e in zip(got, expected, strict=True):
+        assert g.nll_sums == pytest.approx(e.nll_sums, rel=1e-4, abs=1e-4)
+    s.shutdown()
 
 
 @pytest.mark.gpu
@@ -87,6 +153,7 @@ def test_cuda_scorer_matches_cpu(tiny_model):
     (cpu,) = HfScorer(spec(tiny_model, device="cpu")).score_sync([req])
     gpu = HfScorer(spec(tiny_model, device="cuda"))
     assert next(gpu.model.parameters()).dtype.is_floating_point and gpu.device == "cuda"
+    assert gpu.capacity()["kv_bytes"] > 0
     (g,) = gpu.score_sync([req])
     assert g.nll_sums == pytest.approx(cpu.nll_sums, rel=0.05)
 
@@ -104,21 +171,22 @@ def test_a_call_that_stops_waiting_never_overlaps_the_next_forward(tiny_model):
     inside, overlap = [0], [0]
     guard = threading.Lock()
 
-    def slow(requests):
+    def slow(requests, pending):
         with guard:
             inside[0] += 1
             overlap[0] = max(overlap[0], inside[0])
         time.sleep(0.2)
         with guard:
             inside[0] -= 1
-        return []
+        return [None] * len(requests)
 
-    s.score_sync = slow
+    s._score_all = slow
+    req = ScoreRequest("k", "g", (1, 2), (), "", cands((3,)))
 
     async def main():
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(s.score([]), 0.01)  # the caller gives up; the forward goes on
-        await s.score([])
+            await asyncio.wait_for(s.score([req]), 0.01)  # the caller gives up; the forward goes on
+        await s.score([req])
         await s.release(["g"])
 
     asyncio.run(main())

@@ -546,10 +546,8 @@ async def test_hang_with_a_duration_ends(model, tmp_path):
 # ---- scorer ---------------------------------------------------------------------------------------
 
 
-def scorer(
-    model: str, profile: str, *, kv_cache_tokens: int = 1_000_000, faults=(), restarted=False
-) -> SimScorer:
-    student = StudentConfig(model=model, backend="sim", kv_cache_tokens=kv_cache_tokens)
+def scorer(model: str, profile: str, *, faults=(), restarted=False, batch_tokens: int = 8192) -> SimScorer:
+    student = StudentConfig(model=model, backend="sim", batch_tokens=batch_tokens)
     spec = ScorerSpec(student, teacher_model=model, sim=sim(profile, faults))
     context = EngineContext(0, sim(profile, faults), restarted=restarted) if restarted else None
     return SimScorer(spec, context)
@@ -572,18 +570,21 @@ async def test_scorer_reuses_a_group_context_then_release_drops_it(model, tmp_pa
     first = cands(100)
     (r1,) = await s.score([score_req("g", (), first)])
     assert r1.tokens_processed == 10 + 15 and r1.num_tokens == (5, 5, 5) and r1.tokens_scored == 15
+    assert s.cache.tokens == 10 + 15  # the context once, each candidate's own tokens
     prefix = first[1].token_ids
     second = cands(200)
     (r2,) = await s.score([score_req("g", prefix, second)])
-    assert r2.tokens_processed == 15  # context cached: only the new candidates
+    assert r2.tokens_processed == 1 + 15  # context cached: its last token, then the new candidates
+    assert s.cache.tokens == 10 + 5 + 1 + 15  # the losing candidates are dropped
     prefix += second[0].token_ids
     (r3,) = await s.score([score_req("g", prefix, cands(300))])
-    assert r3.tokens_processed == 15
+    assert r3.tokens_processed == 16
     assert s.stats["hit_requests"] == 2 and s.stats["requests"] == s.progress() == 3
     await s.release(["g"])
+    assert s.cache.tokens == 0
     (r4,) = await s.score([score_req("g", prefix, cands(300))])
     assert r4.tokens_processed == 10 + 10 + 15  # prompt + prefix again, then the candidates
-    assert s.stats["tokens_processed"] == 25 + 15 + 15 + 35 and s.stats["tokens_scored"] == 60
+    assert s.stats["tokens_processed"] == 25 + 16 + 16 + 35 and s.stats["tokens_scored"] == 60
 
 
 @arun
@@ -593,36 +594,43 @@ async def test_scorer_misses_a_context_it_did_not_score(model, tmp_path):
     (other_group,) = await s.score([score_req("h", cands(100)[0].token_ids, cands(200))])
     assert other_group.tokens_processed == 10 + 5 + 15
     (not_a_candidate,) = await s.score([score_req("g", tokens(900, 5), cands(200))])
-    assert not_a_candidate.tokens_processed == 10 + 5 + 15
+    assert not_a_candidate.tokens_processed == 5 + 15  # only the prompt was cached
 
 
 @arun
-async def test_scorer_evicts_least_recently_used_groups(model, tmp_path):
-    # A group after its first call caches 3 x (10 + 5) = 45 tokens; after a hit, 3 x (15 + 5) = 60.
-    s = scorer(model, write_profile(tmp_path), kv_cache_tokens=100)
-    await s.score([score_req("a", (), cands(100))])
-    await s.score([score_req("b", (), cands(100))])  # 90 tokens cached
+async def test_scorer_evicts_the_most_recently_scored_trajectory_that_is_not_being_scored(model, tmp_path):
+    # Budget 100 tokens. A forward needs its padded past + query KV + the query KV kept.
+    s = scorer(model, write_profile(tmp_path, scorer={"memory_tokens": 100}))
+    await s.score([score_req("a", (), cands(100))])  # a caches 25
+    await s.score([score_req("b", (), cands(100))])  # b caches 25
     (a_hit,) = await s.score([score_req("a", cands(100)[0].token_ids, cands(200))])
-    assert a_hit.tokens_processed == 15  # 60 + 45 > 100: b, least recently used, goes
-    (b_miss,) = await s.score([score_req("b", cands(100)[0].token_ids, cands(200))])
-    assert b_miss.tokens_processed == 10 + 5 + 15  # b now 60: a goes
+    assert a_hit.tokens_processed == 16  # 50 cached + (14 + 16) + 16 = 96 fits: nothing evicted
+    (b_hit,) = await s.score([score_req("b", cands(100)[0].token_ids, cands(200))])
+    assert b_hit.tokens_processed == 16  # 56 + 46 > 100: a, scored last (waiting for its teacher), goes
+    assert s.stats["evicted_groups"] == 1 and "a" not in s.cache and "b" in s.cache
     (a_miss,) = await s.score([score_req("a", cands(100)[0].token_ids + cands(200)[0].token_ids, cands(300))])
-    assert a_miss.tokens_processed == 10 + 10 + 15
+    assert a_miss.tokens_processed == 20 + 15  # evicted: its context is run again
+    assert s.cache.tokens <= 100
 
 
 @arun
-async def test_scorer_out_of_memory(model, tmp_path):
-    # A first call's working set is 3 x 3 x (10 + 5) = 135 tokens; each group then keeps 45.
-    s = scorer(model, write_profile(tmp_path, scorer={"memory_tokens": 200}))
-    await s.score([score_req("a")])
-    await s.score([score_req("b")])  # 45 cached + 135 = 180 fits
-    with pytest.raises(SimOutOfMemory, match=r"90 cached \+ 135 working tokens > 200") as info:
-        await s.score([score_req("c")])  # 90 + 135 = 225 does not
-    assert isinstance(info.value, RuntimeError) and "kv_cache_tokens" in str(info.value)
-    assert s.stats["oom"] == 1 and s.stats["requests"] == 2
-    await s.release(["a"])
-    (ok,) = await s.score([score_req("c")])  # 45 + 135 fits again
+async def test_scorer_out_of_memory_when_only_trajectories_being_scored_are_left(model, tmp_path):
+    s = scorer(model, write_profile(tmp_path, scorer={"memory_tokens": 60}))
+    await s.score([score_req("a")])  # 25 cached; need 50
+    with pytest.raises(SimOutOfMemory, match=r"0 tokens cached .* \+ 100 for the forward > 60") as info:
+        await s.score([score_req("b"), score_req("c")])  # a is evicted; b and c together need 100
+    assert isinstance(info.value, RuntimeError) and "max_inflight_problems" in str(info.value)
+    assert s.stats["oom"] == 1 and s.stats["requests"] == 1 and s.stats["evicted_groups"] == 1
+    (ok,) = await s.score([score_req("c")])
     assert ok.tokens_processed == 25
+
+
+@arun
+async def test_scorer_batches_concurrent_calls_within_batch_tokens(model, tmp_path):
+    s = scorer(model, write_profile(tmp_path), batch_tokens=30)  # two calls of 15 candidate tokens
+    out = await asyncio.gather(*(s.score([score_req(f"g{i}")]) for i in range(6)))
+    assert [r.tokens_processed for (r,) in out] == [25] * 6
+    assert s.stats["forwards"] == 3 and s.stats["requests"] == 6
 
 
 @arun
@@ -668,13 +676,14 @@ async def test_hung_scorer_never_answers_and_makes_no_progress(model, tmp_path):
 
 @arun
 async def test_scorer_answers_again_when_a_hang_ends(model, tmp_path):
-    # 1000 simulated seconds: 100 ms of wall clock. The cancelled call must not keep the scorer's lock.
+    # 1000 simulated seconds: 100 ms of wall clock. The cancelled call must not block the scorer; its
+    # forward still ends after the hang and commits the cache (never left half-updated).
     s = scorer(model, write_profile(tmp_path), faults=[fault("hung", target="scorer", duration_s=1000.0)])
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(s.score([score_req("g")]), 0.005)
     assert s.progress() == 0
     (r,) = await asyncio.wait_for(s.score([score_req("g")]), 1.0)
-    assert r.tokens_processed == 25 and s.progress() == 1
+    assert r.tokens_processed == 16 and s.progress() == 2
 
 
 # ---- registry -----------------------------------------------------------------------------------
@@ -723,7 +732,11 @@ async def test_ping_of_a_scorer_goes_through_its_queue_and_leaves_no_cache(model
     student = StudentConfig(model=model, backend="sim")
     healthy = StudentScorer(ScorerSpec(student, teacher_model=model, sim=sim(prof)))
     await asyncio.wait_for(healthy.ping(), 1.0)
-    assert await healthy.progress() == 1 and healthy.tokens_scored == 0 and not healthy.backends[0].groups
+    assert (
+        await healthy.progress() == 1
+        and healthy.tokens_scored == 0
+        and not healthy.backends[0].cache.groups()
+    )
     hung_spec = ScorerSpec(student, teacher_model=model, sim=sim(prof, [fault("hung", target="scorer")]))
     hung = StudentScorer(hung_spec)
     with pytest.raises(asyncio.TimeoutError):

@@ -133,7 +133,13 @@ class StudentScorer(_Slots):
 
     async def ready(self) -> dict[str, Any]:
         await self.check_health()
-        return {"pid": os.getpid(), "backend": self.spec.student.backend, "node_id": _node_id()}
+        return {
+            "pid": os.getpid(),
+            "backend": self.spec.student.backend,
+            "node_id": _node_id(),
+            # what each scorer holds ({} from a backend that reports nothing: vllm)
+            "capacity": [b.capacity() if hasattr(b, "capacity") else {} for b in self.backends],
+        }
 
     async def score(self, requests, slot: int = 0):
         results = await self._run(self.backends[slot].score(requests))

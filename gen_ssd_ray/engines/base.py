@@ -116,6 +116,9 @@ class ScorerBackend(Protocol):
     async def check_health(self) -> None:
         """Raise if the scorer cannot serve requests."""
 
+    # Optional: `capacity() -> {"kv_tokens": ...}`, the KV tokens the scorer holds at once (cached
+    # beams and a forward's working set), for admission (gen_ssd_ray.generate.admission).
+
     def progress(self) -> int:
         """A counter that advances whenever the scorer finishes work (see TeacherBackend.progress)."""
 

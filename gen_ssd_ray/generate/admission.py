@@ -19,13 +19,24 @@ in the engine's `max_num_seqs` slots; more problems than SLOT_WAVES rounds of th
 
     slots = SLOT_WAVES * max_num_seqs / (trajectories * beam_width * num_candidates)
 
-Admission is min(kv, slots), at least 1 and at most `teacher.max_inflight_problems` (which
+The student scorers hold each live beam's context once plus its K candidates (the hf scorer,
+gen_ssd_ray.engines.scorer_hf), inside budgets they report (`capacity()`); a scorer over budget evicts
+trajectories and recomputes them. So over the whole job, with the scorers' KV summed (a forward's
+working set of about `2 x student.batch_tokens` reserved on each):
+
+    scorer = (KV_FRACTION * sum(scorer kv_tokens) - scorers * 2 * batch_tokens)
+             / (trajectories * beam_width * (prompt_tokens + max_new_tokens + K * chunk_tokens))
+             / teacher engines
+
+Admission is min(kv, slots, scorer), at least 1 and at most `teacher.max_inflight_problems` (which
 `teacher.admission=fixed` uses as is). `kv_tokens` and `max_num_seqs` are what the engine reports
 (`TeacherBackend.capacity()`: vLLM's allocated blocks). Bounding the queue inside an engine to a few
 chunk times keeps call deadlines what they are for: detecting hung engines, not flow control.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from gen_ssd_ray.generate.config import GenerateConfig, search_params
 
@@ -35,14 +46,31 @@ KV_FRACTION = 0.9
 SLOT_WAVES = 4
 
 
-def inflight_per_engine(cfg: GenerateConfig, kv_tokens: int, max_num_seqs: int, prompt_tokens: int) -> int:
+def inflight_per_engine(
+    cfg: GenerateConfig,
+    kv_tokens: int,
+    max_num_seqs: int,
+    prompt_tokens: int,
+    scorer_kv_tokens: Sequence[int] = (),
+) -> int:
+    """See the module docstring. `kv_tokens` 0 (a teacher backend that does not report its cache)
+    skips the teacher's KV bound; empty `scorer_kv_tokens` (scorers that report none) the scorers'."""
     q = cfg.search
     cap = cfg.teacher.max_inflight_problems
-    if cfg.teacher.admission == "fixed" or kv_tokens <= 0:  # (a backend that does not report its cache)
+    if cfg.teacher.admission == "fixed":
         return cap
-    room = KV_FRACTION * kv_tokens - max_num_seqs * q.chunk_tokens
-    per_problem = q.trajectories_per_problem * q.beam_width * (prompt_tokens + q.max_new_tokens)
     run = search_params(cfg)
-    seqs = q.trajectories_per_problem * run.beam_width * run.num_candidates
-    by_slots = SLOT_WAVES * max_num_seqs // seqs
-    return max(1, min(cap, int(room // per_problem), by_slots))
+    bounds = [cap]
+    if kv_tokens > 0:
+        room = KV_FRACTION * kv_tokens - max_num_seqs * q.chunk_tokens
+        bounds.append(
+            int(room // (q.trajectories_per_problem * q.beam_width * (prompt_tokens + q.max_new_tokens)))
+        )
+        seqs = q.trajectories_per_problem * run.beam_width * run.num_candidates
+        bounds.append(SLOT_WAVES * max_num_seqs // seqs)
+    if scorer_kv_tokens:
+        room = KV_FRACTION * sum(scorer_kv_tokens) - len(scorer_kv_tokens) * 2 * cfg.student.batch_tokens
+        beam = prompt_tokens + q.max_new_tokens + run.num_candidates * q.chunk_tokens
+        per_problem = q.trajectories_per_problem * run.beam_width * beam
+        bounds.append(int(room // per_problem) // cfg.teacher.num_engines)
+    return max(1, min(bounds))

@@ -43,17 +43,22 @@ class TeacherConfig(EngineConfig):
 
 @dataclass(frozen=True)
 class StudentConfig(ModelPoolConfig):
-    """The student scorers. backend: "hf" (transformers with per-beam KV-cache reuse) or "vllm" (vLLM
-    prompt_logprobs reading the prefix cache). dtype "auto": float32 on CPU, bfloat16 on GPU (hf);
-    gpu_memory_utilization, kv_cache_gib and enforce_eager apply to the vllm backend."""
+    """The student scorers. backend: "hf" (transformers: each beam's context KV kept once, calls of
+    many trajectories batched; gen_ssd_ray.engines.scorer_hf) or "vllm" (vLLM prompt_logprobs reading
+    the prefix cache). dtype "auto": float32 on CPU, bfloat16 on GPU (hf). The KV budget: on GPU
+    `gpu_memory_utilization` of the device (hf: what it leaves after the weights), on CPU
+    `kv_cache_gib`; enforce_eager applies to the vllm backend."""
 
     model: str = DEFAULT_STUDENT
     backend: str = "hf"
     num_cpus: float = 0.5
     dtype: str = "auto"
     num_scorers: int = 1
-    # hf backend: token budget of cached KV across live beams (LRU beyond it).
-    kv_cache_tokens: int = 200_000
+    # KV budget on CPU in GiB (hf: cached beams and a forward's working set; vllm: its KV cache).
+    kv_cache_gib: float = 4.0
+    # hf backend: tokens run per forward at most, over the score calls batched together (a call of
+    # more runs alone).
+    batch_tokens: int = 8192
     # CPU threads for the hf scorer (0 = torch default).
     num_threads: int = 1
 
@@ -151,7 +156,7 @@ class GenerateConfig:
         )
         s.validate_pool("student", SCORER_BACKENDS)
         require(s.num_scorers >= 1, "student.num_scorers", f"must be >= 1, got {s.num_scorers}")
-        require(s.kv_cache_tokens >= 0, "student.kv_cache_tokens", "must be >= 0")
+        require(s.batch_tokens >= 1, "student.batch_tokens", f"must be >= 1, got {s.batch_tokens}")
         self.prompt.validate()
         require(q.temperature >= 0, "search.temperature", f"must be >= 0, got {q.temperature}")
         require(0 < q.top_p <= 1, "search.top_p", f"must be in (0, 1], got {q.top_p}")

@@ -396,15 +396,18 @@ def admission(cfg: GenerateConfig, pools, sample) -> int:
 
     ready = ray.get([a.ready.remote() for a in actors_of(pools.teachers)])
     caps = [c for info in ready for c in info.get("capacity", [])]
+    scorers = ray.get([a.ready.remote() for a in actors_of(pools.scorers)])
+    scorer_kv = [c["kv_tokens"] for info in scorers for c in info.get("capacity", []) if c]
     prompt = len(ray.get(pools.managers[0].render_prompt_ids.remote(sample.question)))
     kv = min((c["kv_tokens"] for c in caps), default=0)
     seqs = min((c["max_num_seqs"] for c in caps), default=cfg.teacher.max_num_seqs)
-    n = inflight_per_engine(cfg, kv, seqs, prompt)
+    n = inflight_per_engine(cfg, kv, seqs, prompt, scorer_kv)
     log.info(
-        "admission: %d problems in flight per teacher engine (KV %d tokens, %d-token prompts, cap "
-        "teacher.max_inflight_problems=%d)",
+        "admission: %d problems in flight per teacher engine (teacher KV %d tokens, scorers' KV %d "
+        "tokens, %d-token prompts, cap teacher.max_inflight_problems=%d)",
         n,
         kv,
+        sum(scorer_kv),
         prompt,
         cfg.teacher.max_inflight_problems,
     )

@@ -1,15 +1,16 @@
-"""The `sim` scorer backend: models the `hf` scorer's time, cache and memory, not a model.
+"""The `sim` scorer backend: models the `hf` scorer's time, cache, batching and memory, not a model.
 
 What it models (constants from the profile's `scorer` section, gen_ssd_ray.sim.profile):
-- The hf scorer's per-trajectory KV cache: after a call, a group (trajectory) keeps each candidate's
-  full context (`K x (context + chunk)` tokens); the next call of that group hits when its context is
-  one of them, and then processes only the candidates' tokens; a miss re-processes the context once.
-  Groups beyond `student.kv_cache_tokens` are evicted least recently used; `release` drops a group.
-- Time: one call at a time (the hf scorer's lock), `call_base_s + per_token_s * tokens processed`
-  simulated seconds per request.
-- Memory: cached tokens plus a call's working set (old cache, expanded copy and new cache: about
-  3 x K x (context + chunk) tokens) must fit `memory_tokens`; otherwise the call fails with
-  SimOutOfMemory, as a GPU raises torch.OutOfMemoryError (the caller moves the work elsewhere).
+- The hf scorer's cache, with its own bookkeeping (gen_ssd_ray.engines.beam_cache): each beam's
+  context once plus its K candidates' own tokens; a call whose context the group holds runs its last
+  context token and the candidates, a miss runs the whole context first. The budget is the device's
+  `memory_tokens`; a forward makes room by evicting trajectories that are neither being scored nor
+  queued, the most recently scored first.
+- Batching: calls queue; one forward takes the queued calls up to `student.batch_tokens` candidate
+  tokens and costs `call_base_s + per_token_s * tokens processed` simulated seconds.
+- Memory: cached tokens plus a forward's KV working set (padded past, new KV) must fit
+  `memory_tokens`; when only protected trajectories are left and it still does not, the call fails
+  with SimOutOfMemory, as a GPU raises torch.OutOfMemoryError (the caller moves the work elsewhere).
 - Scores: each candidate's mean NLL per token is drawn from its token ids (deterministic), around
   `nll_mean` with spread `nll_spread`, so selection and `search.prune_ppl` behave as in real runs.
 - The fault schedule: dead (EngineDead), hung (never answers), slow.
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Sequence
 
 from gen_ssd_ray.common.config import SimConfig
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.base import EngineContext, EngineDead, ScorerSpec
+from gen_ssd_ray.engines.beam_cache import BeamCache, Node, forward_kv_tokens
 from gen_ssd_ray.sim.faults import EngineFaults
 from gen_ssd_ray.sim.profile import SimClock, load_profile
 
@@ -43,13 +45,24 @@ class SimScorer:
         self.clock = SimClock(sim.time_compression, sim.epoch)
         self.model_load = sim.model_load or context.restarted  # a restart reloads the model
         self.faults = EngineFaults(sim.faults, "scorer", context.index, self.clock, context.restarted)
-        self.kv_cache_tokens = spec.student.kv_cache_tokens
-        # group -> {hash of a candidate's full context: its length}
-        self.groups: OrderedDict[str, dict[int, int]] = OrderedDict()
-        self.cached = 0
-        self.lock = asyncio.Lock()
+        self.batch_tokens = spec.student.batch_tokens
+        self.cache = BeamCache(self.profile.memory_tokens)
+        self.generation = 0
+        self.queue: deque[tuple[Sequence[ScoreRequest], asyncio.Future]] = deque()
+        self.worker: asyncio.Task | None = None
         self.load_task: asyncio.Task | None = None
-        self.stats = {"requests": 0, "tokens_processed": 0, "tokens_scored": 0, "hit_requests": 0, "oom": 0}
+        self.stats = {
+            "requests": 0,
+            "forwards": 0,
+            "tokens_processed": 0,
+            "tokens_scored": 0,
+            "hit_requests": 0,
+            "evicted_groups": 0,
+            "oom": 0,
+        }
+
+    def capacity(self) -> dict[str, int]:
+        return {"kv_tokens": self.cache.budget_tokens}
 
     async def check_health(self) -> None:
         if self.faults.dead():
@@ -67,63 +80,93 @@ class SimScorer:
         return self.stats["requests"]
 
     async def release(self, groups: Sequence[str]) -> None:
-        for g in groups:
-            self._drop(g)
+        self.cache.release(groups)
 
     def shutdown(self) -> None:
-        self.groups.clear()
-        self.cached = 0
+        self.cache.release(self.cache.groups())
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         self.faults.start()
         await self._loaded()
-        async with self.lock:
-            out = []
-            for r in requests:
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append((requests, fut))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.get_running_loop().create_task(self._serve())
+        return await fut
+
+    async def _serve(self) -> None:
+        while self.queue:
+            calls, tokens = [self.queue.popleft()], 0
+            tokens = _tokens(calls[0][0])
+            while self.queue and tokens + _tokens(self.queue[0][0]) <= self.batch_tokens:
+                calls.append(self.queue.popleft())
+                tokens += _tokens(calls[-1][0])
+            calls = [c for c in calls if not c[1].done()]  # callers that gave up before it started
+            if not calls:
+                continue
+            try:
                 while self.faults.hung():
                     await self.clock.sleep(1.0)
                 if self.faults.dead():
                     raise EngineDead("simulated scorer died")
-                result, seconds = self._score_one(r)
-                await self.clock.work(seconds * self.faults.slow_factor())
-                out.append(result)
-            return out
+                results, processed = self._forward([r for c, _ in calls for r in c])
+                await self.clock.work(
+                    (self.profile.call_base_s + self.profile.per_token_s * processed)
+                    * self.faults.slow_factor()
+                )
+            except Exception as e:  # noqa: BLE001 - every caller of this forward gets it
+                for _, fut in calls:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            i = 0
+            for c, fut in calls:
+                if not fut.done():
+                    fut.set_result(results[i : i + len(c)])
+                i += len(c)
 
-    def _score_one(self, r: ScoreRequest) -> tuple[ScoreResult, float]:
+    def _forward(self, requests: list[ScoreRequest]) -> tuple[list[ScoreResult], int]:
+        """One batched forward's bookkeeping: hits, room, commits, results."""
         p = self.profile
-        context = r.student_prompt_ids + r.prefix_ids
-        key = hash(context)
-        entries = self.groups.get(r.group)
-        hit = entries is not None and entries.get(key) == len(context)
-        lens = [len(c.token_ids) for c in r.candidates]
-        working = 3 * sum(len(context) + n for n in lens)
-        if self.cached + working > p.memory_tokens:
+        self.generation += 1
+        protect = {r.group for r in requests} | {r.group for c, _ in self.queue for r in c}
+        contexts = [r.student_prompt_ids + r.prefix_ids for r in requests]
+        hits = [self.cache.lookup(r.group, ctx) for r, ctx in zip(requests, contexts, strict=True)]
+        lens = [[len(c.token_ids) for c in r.candidates] for r in requests]
+        queries = [len(ctx) - h.length + sum(n) for ctx, h, n in zip(contexts, hits, lens, strict=True)]
+        need = forward_kv_tokens([h.length for h in hits], queries)
+        fits = self.cache.make_room(need, protect)
+        self.stats["evicted_groups"] = self.cache.evicted_groups
+        if not fits:
             self.stats["oom"] += 1
             raise SimOutOfMemory(
-                f"simulated device out of memory: {self.cached} cached + {working} working tokens "
-                f"> {p.memory_tokens} (lower student.kv_cache_tokens or the problems in flight)"
+                f"simulated device out of memory: {self.cache.tokens} tokens cached by trajectories being "
+                f"scored or queued + {need} for the forward > {p.memory_tokens} (fewer problems in flight "
+                "per scorer: lower teacher.max_inflight_problems or add scorers)"
             )
-        processed = sum(lens) + (0 if hit else len(context))
-        self._drop(r.group)
-        self.groups[r.group] = {
-            hash(context + c.token_ids): len(context) + n for c, n in zip(r.candidates, lens, strict=True)
-        }
-        self.cached += sum(self.groups[r.group].values())
-        while self.cached > self.kv_cache_tokens and len(self.groups) > 1:
-            self._drop(next(iter(self.groups)))
-        sums = []
-        for c, n in zip(r.candidates, lens, strict=True):
-            u = random.Random(hash(c.token_ids)).random()
-            sums.append(n * max(0.01, p.nll_mean + p.nll_spread * (2 * u - 1)))
-        self.stats["requests"] += 1
-        self.stats["hit_requests"] += hit
-        self.stats["tokens_processed"] += processed
-        self.stats["tokens_scored"] += sum(lens)
-        return ScoreResult(
-            r.key, tuple(sums), tuple(lens), processed
-        ), p.call_base_s + p.per_token_s * processed
+        out = []
+        for r, ctx, hit, n, q in zip(requests, contexts, hits, lens, queries, strict=True):
+            base = Node(ctx, hit.length, None, self.generation, hit.node)
+            suffixes = [
+                Node(ctx + c.token_ids, len(ctx), None, self.generation, base)
+                for c in r.candidates
+                if c.token_ids
+            ]
+            self.cache.commit(r.group, [base, *suffixes])
+            sums = []
+            for c, k in zip(r.candidates, n, strict=True):
+                u = random.Random(hash(c.token_ids)).random()
+                sums.append(k * max(0.01, p.nll_mean + p.nll_spread * (2 * u - 1)))
+            self.stats["hit_requests"] += hit.length > 0
+            out.append(ScoreResult(r.key, tuple(sums), tuple(n), q))
+        for g in {r.group for r in requests}:
+            self.cache.drop_older(g, self.generation)
+        self.stats["forwards"] += 1
+        self.stats["requests"] += len(requests)
+        self.stats["tokens_processed"] += sum(queries)
+        self.stats["tokens_scored"] += sum(sum(n) for n in lens)
+        return out, sum(queries)
 
-    def _drop(self, group: str) -> None:
-        entries = self.groups.pop(group, None)
-        if entries:
-            self.cached -= sum(entries.values())
+
+def _tokens(requests: Sequence[ScoreRequest]) -> int:
+    return sum(len(c.token_ids) for r in requests for c in r.candidates)

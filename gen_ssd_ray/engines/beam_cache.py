@@ -1,0 +1,150 @@
+"""Which student KV a scorer keeps per trajectory, and what it evicts: pure bookkeeping.
+
+A trajectory (`ScoreRequest.group`) scored at step t leaves, per live beam,
+- its accepted context (prompt + accepted response), its KV once, as a chain of nodes (each call adds
+  the part of the context it ran, on top of the node it continued), and
+- its K **suffixes**: each candidate's own tokens, KV only for those tokens, on top of the context.
+Step t+1 continues one suffix per beam (the selected candidate): its context is the old context + that
+suffix, found by `lookup`, and nothing is copied; once the call's nodes are committed, `drop_older` drops
+everything of the group from before the call that no new node continues (the losing suffixes). So a beam costs
+`context + K x chunk` tokens of KV between calls, never `K x context`.
+
+The budget is in tokens of KV (the scorer converts its bytes); `need` is what a call adds before it
+commits (new bases and suffixes, its working buffers). `make_room` evicts whole trajectories, never
+one in `protect` (being scored or waiting to be), and the **most recently scored first**: a trajectory
+just scored is waiting for its teacher's next chunk, the furthest from its next score call, while the
+least recently scored is about to come back (least-recently-used eviction under round-robin access
+evicts exactly what is needed next and hits 0%). A trajectory that was evicted misses: its next call
+recomputes its context (`lookup` returns no hit), correctly and at a cost.
+
+Payloads are opaque (the hf scorer's KV tensors; None in the simulated scorer). Not thread-safe: the
+scorer calls it from its one worker thread.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Node:
+    """KV of token positions `[start, len(ids))` of the sequence `ids`; a suffix's `parent` holds
+    `[0, start)`."""
+
+    ids: tuple[int, ...]
+    start: int
+    kv: Any
+    generation: int
+    parent: Node | None = None
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids) - self.start
+
+    def segments(self, length: int) -> list[tuple[Node, int]]:
+        """(node, tokens of that node to take) covering positions [0, length) of `ids`."""
+        if self.parent is None:
+            return [(self, length)]
+        if length <= self.start:
+            return self.parent.segments(length)
+        return [*self.parent.segments(self.start), (self, length - self.start)]
+
+
+@dataclass
+class _Group:
+    nodes: list[Node] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(n.tokens for n in self.nodes)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """The cached part of a context: `node.segments(length)`; `length` 0 is a miss."""
+
+    node: Node | None
+    length: int
+
+
+class BeamCache:
+    """See the module docstring."""
+
+    def __init__(self, budget_tokens: int):
+        self.budget_tokens = int(budget_tokens)
+        self._groups: OrderedDict[str, _Group] = OrderedDict()  # least recently scored first
+        self.tokens = 0
+        self.evicted_groups = 0
+
+    def __contains__(self, group: str) -> bool:
+        return group in self._groups
+
+    def groups(self) -> list[str]:
+        return list(self._groups)
+
+    def lookup(self, group: str, context: Sequence[int], keep_last: int = 1) -> Hit:
+        """The longest cached sequence of `group` that is a prefix of `context`, capped so that the
+        last `keep_last` tokens of the context are run again (their outputs are needed)."""
+        g = self._groups.get(group)
+        best: Node | None = None
+        if g is not None:
+            ctx = tuple(context)
+            for n in g.nodes:
+                k = len(n.ids)
+                if k <= len(ctx) and (best is None or k > len(best.ids)) and ctx[:k] == n.ids:
+                    best = n
+        if best is None:
+            return Hit(None, 0)
+        length = min(len(best.ids), len(context) - keep_last)
+        return Hit(best, length) if length > 0 else Hit(None, 0)
+
+    def commit(self, group: str, nodes: Iterable[Node]) -> None:
+        """Add a call's new nodes to `group`, now the most recently scored."""
+        g = self._groups.setdefault(group, _Group())
+        self._groups.move_to_end(group)
+        nodes = list(nodes)
+        g.nodes.extend(nodes)
+        self.tokens += sum(n.tokens for n in nodes)
+
+    def drop_older(self, group: str, generation: int) -> None:
+        """Drop the group's nodes from before `generation` that no newer node continues (the losing
+        candidates of the last call, contexts no beam continues)."""
+        g = self._groups.get(group)
+        if g is None:
+            return
+        keep = [n for n in g.nodes if n.generation >= generation]
+        ancestors: set[int] = set()
+        for n in keep:
+            while (n := n.parent) is not None:
+                ancestors.add(id(n))
+        keep += [n for n in g.nodes if n.generation < generation and id(n) in ancestors]
+        self.tokens += sum(n.tokens for n in keep) - g.tokens
+        g.nodes = keep
+
+    def release(self, groups: Iterable[str]) -> None:
+        for name in groups:
+            g = self._groups.pop(name, None)
+            if g is not None:
+                self.tokens -= g.tokens
+
+    def make_room(self, need: int, protect: set[str] = frozenset()) -> bool:
+        """Evict trajectories not in `protect`, most recently scored first, until `need` more tokens
+        fit the budget. False if they cannot (only protected trajectories are left)."""
+        for name in reversed(list(self._groups)):
+            if self.tokens + need <= self.budget_tokens:
+                break
+            if name not in protect:
+                self.release([name])
+                self.evicted_groups += 1
+        return self.tokens + need <= self.budget_tokens
+
+
+def forward_kv_tokens(pasts: Sequence[int], queries: Sequence[int]) -> int:
+    """KV tokens a batched forward holds besides the cache: its right-padded past (every row as long
+    as the longest cached prefix of the batch) with the query KV appended, and the new KV kept."""
+    if not pasts:
+        return 0
+    return len(pasts) * (max(pasts) + max(queries)) + sum(queries)

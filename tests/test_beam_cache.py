@@ -1,0 +1,56 @@
+"""The scorer's per-trajectory KV bookkeeping: the context once, candidates' own tokens, and eviction
+of the trajectories furthest from their next call."""
+
+from __future__ import annotations
+
+from gen_ssd_ray.engines.beam_cache import BeamCache, Node, forward_kv_tokens
+
+
+def step(cache: BeamCache, group: str, gen: int, context: tuple, cands: list[tuple]) -> int:
+    """One score call's bookkeeping, as the scorers do it; returns the tokens it runs."""
+    hit = cache.lookup(group, context)
+    base = Node(context, hit.length, None, gen, hit.node)
+    cache.commit(group, [base, *(Node(context + c, len(context), None, gen, base) for c in cands)])
+    cache.drop_older(group, gen)
+    return len(context) - hit.length + sum(len(c) for c in cands)
+
+
+def test_context_once_candidates_once_losers_dropped():
+    c = BeamCache(10_000)
+    prompt = tuple(range(100))
+    assert step(c, "g", 1, prompt, [(1, 2), (3, 4), (5, 6)]) == 100 + 6
+    assert c.tokens == 100 + 6
+    ctx = prompt + (3, 4)
+    hit = c.lookup("g", ctx)
+    assert hit.length == len(ctx) - 1  # the last context token is run again
+    assert [n for _, n in hit.node.segments(hit.length)] == [100, 1]
+    assert step(c, "g", 2, ctx, [(7,), (8,), (9,)]) == 1 + 3
+    # prompt + the selected candidate (kept as the chain) + its last token run again + 3 new candidates
+    assert c.tokens == 100 + 2 + 1 + 3
+    c.release(["g"])
+    assert c.tokens == 0 and "g" not in c
+
+
+def test_lookup_takes_the_longest_cached_prefix_only_within_the_group():
+    c = BeamCache(10_000)
+    step(c, "g", 1, (1, 2, 3, 4), [(5, 6)])
+    assert c.lookup("g", (1, 2, 3, 4, 5, 6, 7)).length == 6
+    assert c.lookup("g", (1, 2, 3, 4, 9)).length == 4
+    assert c.lookup("g", (1, 2, 9)).length == 0
+    assert c.lookup("h", (1, 2, 3, 4, 5, 6, 7)).length == 0
+
+
+def test_make_room_evicts_most_recently_scored_first_never_protected():
+    c = BeamCache(100)
+    for i, g in enumerate("abcd"):
+        step(c, g, i + 1, tuple(range(10 * i, 10 * i + 15)), [(1,) * 5])  # 20 tokens each
+    assert c.tokens == 80
+    # d was scored last (it now waits for its teacher): it goes first; c is being scored: kept
+    assert c.make_room(40, protect={"c"}) and c.groups() == ["a", "b", "c"]
+    assert c.make_room(75, protect={"c"}) and c.groups() == ["c"]
+    assert not c.make_room(90, protect={"c"}) and c.groups() == ["c"] and c.evicted_groups == 3
+
+
+def test_forward_kv_tokens_pads_the_past_to_the_longest_row():
+    assert forward_kv_tokens([], []) == 0
+    assert forward_kv_tokens([10, 30], [5, 7]) == 2 * (30 + 7) + 12
