@@ -40,15 +40,17 @@ def test_lookup_takes_the_longest_cached_prefix_only_within_the_group():
     assert c.lookup("h", (1, 2, 3, 4, 5, 6, 7)).length == 0
 
 
-def test_make_room_evicts_most_recently_scored_first_never_protected():
+def test_make_room_evicts_most_recently_scored_first_protected_last_kept_never():
     c = BeamCache(100)
     for i, g in enumerate("abcd"):
         step(c, g, i + 1, tuple(range(10 * i, 10 * i + 15)), [(1,) * 5])  # 20 tokens each
     assert c.tokens == 80
-    # d was scored last (it now waits for its teacher): it goes first; c is being scored: kept
+    # d was scored last (it now waits for its teacher): it goes first; c is queued: kept while others go
     assert c.make_room(40, protect={"c"}) and c.groups() == ["a", "b", "c"]
-    assert c.make_room(75, protect={"c"}) and c.groups() == ["c"]
-    assert not c.make_room(90, protect={"c"}) and c.groups() == ["c"] and c.evicted_groups == 3
+    assert c.make_room(60, protect={"c", "a"}, keep={"a"}) and c.groups() == ["a", "c"]
+    # a queued trajectory goes when nothing else is left (it recomputes); the forward's own never does
+    assert c.make_room(80, protect={"c", "a"}, keep={"a"}) and c.groups() == ["a"]
+    assert not c.make_room(90, keep={"a"}) and c.groups() == ["a"] and c.evicted_groups == 3
 
 
 def test_forward_kv_tokens_pads_the_past_to_the_longest_row():

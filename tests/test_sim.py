@@ -614,15 +614,16 @@ async def test_scorer_evicts_the_most_recently_scored_trajectory_that_is_not_bei
 
 
 @arun
-async def test_scorer_out_of_memory_when_only_trajectories_being_scored_are_left(model, tmp_path):
+async def test_scorer_splits_a_batch_that_does_not_fit_and_fails_only_a_request_too_big(model, tmp_path):
     s = scorer(model, write_profile(tmp_path, scorer={"memory_tokens": 60}))
-    await s.score([score_req("a")])  # 25 cached; need 50
-    with pytest.raises(SimOutOfMemory, match=r"0 tokens cached .* \+ 100 for the forward > 60") as info:
-        await s.score([score_req("b"), score_req("c")])  # a is evicted; b and c together need 100
-    assert isinstance(info.value, RuntimeError) and "max_inflight_problems" in str(info.value)
-    assert s.stats["oom"] == 1 and s.stats["requests"] == 1 and s.stats["evicted_groups"] == 1
-    (ok,) = await s.score([score_req("c")])
-    assert ok.tokens_processed == 25
+    await s.score([score_req("a")])  # 25 cached; its forward needed 50
+    both = await s.score([score_req("b"), score_req("c")])  # together 100: split, each evicts the other
+    assert [r.tokens_processed for r in both] == [25, 25] and s.stats["oom"] == 0
+    assert s.stats["evicted_groups"] == 2 and s.cache.tokens <= 60
+    big = ScoreRequest("big", "big", tokens(5000, 40), (), "", cands(100))  # 2 x (40 + 15) > 60
+    calls = await asyncio.gather(s.score([big]), s.score([score_req("d")]), return_exceptions=True)
+    assert isinstance(calls[0], SimOutOfMemory) and "search.max_new_tokens" in str(calls[0])
+    assert calls[1][0].tokens_processed == 25 and s.stats["oom"] == 1
 
 
 @arun
@@ -742,3 +743,44 @@ async def test_ping_of_a_scorer_goes_through_its_queue_and_leaves_no_cache(model
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(hung.ping(), 0.05)
     assert await hung.progress() == 0
+
+
+def test_scorer_under_load_processes_each_token_about_once_until_its_memory_is_short(model, tmp_path):
+    """Many live trajectories at spread-out progress (gen_ssd_ray.sim.scorer_load): with room for all,
+    about one token processed per token scored and nothing evicted; with room for half, trajectories
+    are evicted and recomputed, never an out-of-memory."""
+    from gen_ssd_ray.sim.scorer_load import ScorerLoad, drive
+
+    load = ScorerLoad(
+        live=32,
+        context_tokens=1024,
+        chunk_tokens=64,
+        num_candidates=4,
+        prompt_tokens=50,
+        rounds=32,
+        warmup_rounds=16,
+    )
+    roomy = asyncio.run(
+        drive(
+            scorer(
+                model, write_profile(tmp_path, "roomy", scorer={"memory_tokens": 10**6}), batch_tokens=1024
+            ),
+            load,
+        )
+    )
+    # (each call runs its last context token again, each new trajectory its prompt once: ~1.016)
+    assert roomy["tokens_processed_per_scored"] < 1.03 and roomy["evicted_groups"] == 0
+    assert roomy["calls"] == 32 * 32 and roomy["failed_calls"] == 0
+    # about 27k tokens live: half of it. Each round then recomputes about the deficit (~14k tokens of
+    # context for 8k scored: ~2.7, the bound for any policy), where evicting the least recently
+    # scored would miss every call (1 + context / (K x chunk): ~3.2).
+    short = asyncio.run(
+        drive(
+            scorer(
+                model, write_profile(tmp_path, "short", scorer={"memory_tokens": 14_000}), batch_tokens=1024
+            ),
+            load,
+        )
+    )
+    assert short["evicted_groups"] > 0 and short["oom"] == 0 and short["failed_calls"] == 0
+    assert short["tokens_processed_per_scored"] > 1.2 and short["peak_cached_tokens"] <= 14_000

@@ -10,8 +10,9 @@ everything of the group from before the call that no new node continues (the los
 `context + K x chunk` tokens of KV between calls, never `K x context`.
 
 The budget is in tokens of KV (the scorer converts its bytes); `need` is what a call adds before it
-commits (new bases and suffixes, its working buffers). `make_room` evicts whole trajectories, never
-one in `protect` (being scored or waiting to be), and the **most recently scored first**: a trajectory
+commits (new bases and suffixes, its working buffers). `make_room` evicts whole trajectories, those
+neither being scored nor queued first (then queued ones, never the forward's own), and the **most
+recently scored first**: a trajectory
 just scored is waiting for its teacher's next chunk, the furthest from its next score call, while the
 least recently scored is about to come back (least-recently-used eviction under round-robin access
 evicts exactly what is needed next and hits 0%). A trajectory that was evicted misses: its next call
@@ -130,15 +131,18 @@ class BeamCache:
             if g is not None:
                 self.tokens -= g.tokens
 
-    def make_room(self, need: int, protect: set[str] = frozenset()) -> bool:
-        """Evict trajectories not in `protect`, most recently scored first, until `need` more tokens
-        fit the budget. False if they cannot (only protected trajectories are left)."""
-        for name in reversed(list(self._groups)):
-            if self.tokens + need <= self.budget_tokens:
-                break
-            if name not in protect:
-                self.release([name])
-                self.evicted_groups += 1
+    def make_room(self, need: int, protect: set[str] = frozenset(), keep: set[str] = frozenset()) -> bool:
+        """Evict trajectories until `need` more tokens fit the budget: first those not in `protect`
+        (neither queued nor being scored), most recently scored first; then, if that is not enough,
+        protected ones too (they will recompute), but never one in `keep` (the forward's own). False
+        if even that cannot make room."""
+        for spare in (protect | keep, keep):
+            for name in reversed(list(self._groups)):
+                if self.tokens + need <= self.budget_tokens:
+                    return True
+                if name not in spare:
+                    self.release([name])
+                    self.evicted_groups += 1
         return self.tokens + need <= self.budget_tokens
 
 

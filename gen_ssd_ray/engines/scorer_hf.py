@@ -311,10 +311,10 @@ class HfScorer:
         return kv + math.ceil((scores + acts + logits + masks) / self.bytes_per_token)
 
     def _run_fitting(self, batch: list[tuple[int, _Item]], out: list, protect: set[str]) -> None:
-        """Make room for the forward (evicting unprotected trajectories); split it when even that is
-        not enough; a single request that cannot fit is a ValueError for it alone."""
+        """Make room for the forward (gen_ssd_ray.engines.beam_cache.make_room); split it when even that
+        is not enough; a single request that cannot fit is a ValueError for it alone."""
         items = [it for _, it in batch]
-        if self.cache.make_room(self._need(items), protect):
+        if self.cache.make_room(self._need(items), protect, {it.req.group for it in items}):
             for (i, _), res in zip(batch, self._forward_batch(items), strict=True):
                 out[i] = res
             return
@@ -327,8 +327,7 @@ class HfScorer:
         need_gib = self._need(items) * self.bytes_per_token / 2**30
         out[i] = ValueError(
             f"scoring this request needs {need_gib:.2f} GiB of student KV and working memory besides "
-            f"the {self.cache.tokens * self.bytes_per_token / 2**30:.2f} GiB held by trajectories being "
-            f"scored; the budget is {self.budget_bytes / 2**30:.2f} GiB (raise student.kv_cache_gib on "
+            f"its own cached context; the budget is {self.budget_bytes / 2**30:.2f} GiB (raise student.kv_cache_gib on "
             "CPU or student.gpu_memory_utilization on GPU, or lower search.max_new_tokens)"
         )
 

@@ -9,8 +9,9 @@ What it models (constants from the profile's `scorer` section, gen_ssd_ray.sim.p
 - Batching: calls queue; one forward takes the queued calls up to `student.batch_tokens` candidate
   tokens and costs `call_base_s + per_token_s * tokens processed` simulated seconds.
 - Memory: cached tokens plus a forward's KV working set (padded past, new KV) must fit
-  `memory_tokens`; when only protected trajectories are left and it still does not, the call fails
-  with SimOutOfMemory, as a GPU raises torch.OutOfMemoryError (the caller moves the work elsewhere).
+  `memory_tokens`: other trajectories are evicted (queued ones last, the forward's own never), then
+  the batch is split; a request whose own context and forward cannot fit fails with SimOutOfMemory,
+  as a GPU raises torch.OutOfMemoryError.
 - Scores: each candidate's mean NLL per token is drawn from its token ids (deterministic), around
   `nll_mean` with spread `nll_spread`, so selection and `search.prune_ppl` behave as in real runs.
 - The fault schedule: dead (EngineDead), hung (never answers), slow.
@@ -121,31 +122,45 @@ class SimScorer:
                 continue
             i = 0
             for c, fut in calls:
-                if not fut.done():
-                    fut.set_result(results[i : i + len(c)])
+                mine = results[i : i + len(c)]
                 i += len(c)
+                bad = next((r for r in mine if isinstance(r, Exception)), None)
+                if not fut.done():
+                    fut.set_exception(bad) if bad is not None else fut.set_result(mine)
 
-    def _forward(self, requests: list[ScoreRequest]) -> tuple[list[ScoreResult], int]:
-        """One batched forward's bookkeeping: hits, room, commits, results."""
-        p = self.profile
+    def _forward(self, requests: list[ScoreRequest]) -> tuple[list, int]:
+        """One batched forward's bookkeeping, as the hf scorer does it: make room, split the batch when
+        even that is not enough (a request that cannot fit alone gets SimOutOfMemory), commit.
+        Returns per-request results (or the error) and the tokens processed."""
         self.generation += 1
-        protect = {r.group for r in requests} | {r.group for c, _ in self.queue for r in c}
-        contexts = [r.student_prompt_ids + r.prefix_ids for r in requests]
-        hits = [self.cache.lookup(r.group, ctx) for r, ctx in zip(requests, contexts, strict=True)]
-        lens = [[len(c.token_ids) for c in r.candidates] for r in requests]
+        queued = {r.group for c, _ in self.queue for r in c}
+        out: list = [None] * len(requests)
+        processed = self._fit(list(enumerate(requests)), queued | {r.group for r in requests}, out)
+        for g in {r.group for r in requests}:
+            self.cache.drop_older(g, self.generation)
+        self.stats["evicted_groups"] = self.cache.evicted_groups
+        self.stats["forwards"] += 1
+        return out, processed
+
+    def _fit(self, batch: list[tuple[int, ScoreRequest]], protect: set[str], out: list) -> int:
+        p = self.profile
+        contexts = [r.student_prompt_ids + r.prefix_ids for _, r in batch]
+        hits = [self.cache.lookup(r.group, ctx) for (_, r), ctx in zip(batch, contexts, strict=True)]
+        lens = [[len(c.token_ids) for c in r.candidates] for _, r in batch]
         queries = [len(ctx) - h.length + sum(n) for ctx, h, n in zip(contexts, hits, lens, strict=True)]
         need = forward_kv_tokens([h.length for h in hits], queries)
-        fits = self.cache.make_room(need, protect)
-        self.stats["evicted_groups"] = self.cache.evicted_groups
-        if not fits:
+        if not self.cache.make_room(need, protect, {r.group for _, r in batch}):
+            if len(batch) > 1:
+                half = len(batch) // 2
+                return self._fit(batch[:half], protect, out) + self._fit(batch[half:], protect, out)
             self.stats["oom"] += 1
-            raise SimOutOfMemory(
-                f"simulated device out of memory: {self.cache.tokens} tokens cached by trajectories being "
-                f"scored or queued + {need} for the forward > {p.memory_tokens} (fewer problems in flight "
-                "per scorer: lower teacher.max_inflight_problems or add scorers)"
+            out[batch[0][0]] = SimOutOfMemory(
+                f"simulated device out of memory: the request's cached context ({hits[0].length} "
+                f"tokens) + {need} for its forward > {p.memory_tokens} (shorter contexts: lower "
+                "search.max_new_tokens)"
             )
-        out = []
-        for r, ctx, hit, n, q in zip(requests, contexts, hits, lens, queries, strict=True):
+            return 0
+        for (i, r), ctx, hit, n, q in zip(batch, contexts, hits, lens, queries, strict=True):
             base = Node(ctx, hit.length, None, self.generation, hit.node)
             suffixes = [
                 Node(ctx + c.token_ids, len(ctx), None, self.generation, base)
@@ -158,14 +173,11 @@ class SimScorer:
                 u = random.Random(hash(c.token_ids)).random()
                 sums.append(k * max(0.01, p.nll_mean + p.nll_spread * (2 * u - 1)))
             self.stats["hit_requests"] += hit.length > 0
-            out.append(ScoreResult(r.key, tuple(sums), tuple(n), q))
-        for g in {r.group for r in requests}:
-            self.cache.drop_older(g, self.generation)
-        self.stats["forwards"] += 1
-        self.stats["requests"] += len(requests)
-        self.stats["tokens_processed"] += sum(queries)
-        self.stats["tokens_scored"] += sum(sum(n) for n in lens)
-        return out, sum(queries)
+            self.stats["requests"] += 1
+            self.stats["tokens_processed"] += q
+            self.stats["tokens_scored"] += sum(n)
+            out[i] = ScoreResult(r.key, tuple(sums), tuple(n), q)
+        return sum(queries)
 
 
 def _tokens(requests: Sequence[ScoreRequest]) -> int:
