@@ -8,6 +8,8 @@
 2. `batched`: the real hf scorer on this CPU (the job's student) with 64 live trajectories at the
    default's chunk, K and response length: scored tokens per second with each call run alone
    (`student.batch_tokens=1`) and batched (the configured `student.batch_tokens`).
+3. `routing`: the real job on the simulated cluster (gen_ssd_ray.sim) with 2 teacher engines and 4
+   scorers, more scorers than engines: score calls answered per scorer, and max over min.
 
     python -m scripts.bench_scorer [--config conf/default.yaml] key=value ...
 """
@@ -79,6 +81,30 @@ def batched(student_path: str, cfg, rounds: int = 6) -> dict:
     return out
 
 
+def routing(problems: int = 128) -> dict:
+    """Score calls per scorer in a simulated-cluster run with more scorers than teacher engines."""
+    import tempfile
+    from pathlib import Path
+
+    from gen_ssd_ray.sim.harness import SimCluster, run, sim_config, write_problems
+    from gen_ssd_ray.sim.scenarios import base_overrides
+
+    with tempfile.TemporaryDirectory(prefix="gen-ssd-routing-") as tmp, SimCluster(nodes=2) as cluster:
+        path = write_problems(Path(tmp) / "problems.jsonl", problems)
+        overrides = base_overrides(Path(tmp), "routing", cluster.address, path, short=True)
+        cfg = sim_config([*overrides, "teacher.num_engines=2", "student.num_scorers=4"])
+        r = run(cfg)
+    s = r.summary
+    return {
+        "teacher_engines": 2,
+        "scorers": 4,
+        "problems": problems,
+        "error": r.error,
+        "calls": s.get("scorer/calls"),
+        "calls_max_over_min": s.get("scorer/calls_max_over_min"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench_scorer")
     parser.add_argument("--config", default="conf/default.yaml")
@@ -91,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config, args.overrides, GenerateConfig)
     prepared = prepare(cfg)
-    print(json.dumps({"sim512": sim512(), "batched": batched(prepared.student_path, cfg)}, indent=2))
+    figures = {"sim512": sim512(), "routing": routing(), "batched": batched(prepared.student_path, cfg)}
+    print(json.dumps(figures, indent=2))
     return 0
 
 

@@ -56,3 +56,18 @@ def test_make_room_evicts_most_recently_scored_first_protected_last_kept_never()
 def test_forward_kv_tokens_pads_the_past_to_the_longest_row():
     assert forward_kv_tokens([], []) == 0
     assert forward_kv_tokens([10, 30], [5, 7]) == 2 * (30 + 7) + 12
+
+
+def test_a_first_call_starts_from_the_longest_prefix_shared_with_a_recent_first_context():
+    from gen_ssd_ray.engines.beam_cache import SHARED_MIN_TOKENS, common_prefix
+
+    c = BeamCache(10_000)
+    template = tuple(range(500, 540))
+    step(c, "a", 1, template + (1, 2), [(3,)])
+    hit = c.lookup("b", template + (7, 8, 9))
+    assert hit.shared and hit.length == 40 and hit.node.ids == template + (1, 2)
+    assert not c.lookup("b", template[: SHARED_MIN_TOKENS - 1] + (7, 8)).length  # too short to share
+    assert c.lookup("a", template + (7,)).length == 40  # its own first context, where the rest differs
+    c.release(["a"])
+    assert c.lookup("b", template + (7, 8, 9)).length == 0  # a released trajectory shares nothing
+    assert common_prefix((1, 2, 3), (1, 2, 4, 5)) == 2 and common_prefix((), (1,)) == 0

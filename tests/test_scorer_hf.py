@@ -74,7 +74,7 @@ def test_batching_across_trajectories_of_different_lengths_then_evictions(tiny_m
     from gen_ssd_ray.engines.scorer_hf import HfScorer
 
     s = HfScorer(spec(tiny_model, device="cpu"))
-    prompts = [tuple(range(100, 100 + n)) for n in (3, 17, 40, 9)]
+    prompts = [tuple(range(1000 * i, 1000 * i + n)) for i, n in enumerate((3, 17, 40, 9))]
     step0 = [
         ScoreRequest(f"a{i}", f"g{i}", p, (), "", cands((7, 8, 9), (5, 6))) for i, p in enumerate(prompts)
     ]
@@ -106,6 +106,25 @@ def test_batching_across_trajectories_of_different_lengths_then_evictions(tiny_m
             assert_full(small, req, r)
             assert small.cached_tokens() <= small.cache.budget_tokens
     assert small.cache.evicted_groups > 0
+
+
+def test_a_prompt_prefix_shared_with_another_trajectory_is_copied_not_run(tiny_model):
+    from gen_ssd_ray.engines.scorer_hf import HfScorer
+
+    s = HfScorer(spec(tiny_model, device="cpu"))
+    template = tuple(range(300, 330))  # a chat template / system prompt: 30 tokens
+    a = ScoreRequest("a", "a", template + (1, 2, 3), (), "", cands((7, 8), (9,)))
+    b = ScoreRequest("b", "b", template + (4, 5, 6, 7), (), "", cands((7, 8), (9,)))
+    (ra,) = s.score_sync([a])
+    (rb,) = s.score_sync([b])
+    assert ra.tokens_processed == 33 + 3 and rb.tokens_processed == 4 + 3
+    assert_full(s, a, ra)
+    assert_full(s, b, rb)
+    s.release_sync(["a"])  # b's copy of the prefix is its own
+    (rb2,) = s.score_sync([ScoreRequest("b2", "b", b.student_prompt_ids, (9,), "", cands((1, 2)))])
+    assert rb2.tokens_processed == 1 + 2
+    assert_full(s, ScoreRequest("b2", "b", b.student_prompt_ids, (9,), "", cands((1, 2))), rb2)
+    assert s.cached_tokens() == 34 + 1 + 1 + 2  # b's first context (with its candidate 9), then
 
 
 def test_a_request_the_budget_cannot_hold_fails_alone(tiny_model):

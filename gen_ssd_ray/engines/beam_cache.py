@@ -18,6 +18,10 @@ least recently scored is about to come back (least-recently-used eviction under 
 evicts exactly what is needed next and hits 0%). A trajectory that was evicted misses: its next call
 recomputes its context (`lookup` returns no hit), correctly and at a cost.
 
+A trajectory's first call also looks at the first contexts of recent other trajectories: the part
+they share (the chat template and system prompt, the whole prompt for several trajectories of one
+problem) is copied, not run again (`Hit.shared`).
+
 Payloads are opaque (the hf scorer's KV tensors; None in the simulated scorer). Not thread-safe: the
 scorer calls it from its one worker thread.
 """
@@ -65,10 +69,32 @@ class _Group:
 
 @dataclass(frozen=True)
 class Hit:
-    """The cached part of a context: `node.segments(length)`; `length` 0 is a miss."""
+    """The cached part of a context: `node.segments(length)`; `length` 0 is a miss. `shared`: the
+    node is another trajectory's (a common prompt prefix): the caller copies that part into the new
+    trajectory's own first node instead of linking to it."""
 
     node: Node | None
     length: int
+    shared: bool = False
+
+
+# A trajectory's first call may start from the context of a recent other trajectory's first call,
+# as far as they agree (the chat template, a system prompt, the same problem for several
+# trajectories), if that is at least SHARED_MIN_TOKENS; the last ROOTS first contexts are candidates.
+SHARED_MIN_TOKENS = 16
+ROOTS = 16
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 class BeamCache:
@@ -79,6 +105,7 @@ class BeamCache:
         self._groups: OrderedDict[str, _Group] = OrderedDict()  # least recently scored first
         self.tokens = 0
         self.evicted_groups = 0
+        self._roots: OrderedDict[int, tuple[str, Node]] = OrderedDict()  # first contexts, newest last
 
     def __contains__(self, group: str) -> bool:
         return group in self._groups
@@ -98,9 +125,18 @@ class BeamCache:
                 if k <= len(ctx) and (best is None or k > len(best.ids)) and ctx[:k] == n.ids:
                     best = n
         if best is None:
-            return Hit(None, 0)
+            return self._shared(tuple(context), keep_last)
         length = min(len(best.ids), len(context) - keep_last)
         return Hit(best, length) if length > 0 else Hit(None, 0)
+
+    def _shared(self, context: tuple[int, ...], keep_last: int) -> Hit:
+        best, length = None, 0
+        for _, node in reversed(self._roots.values()):
+            n = common_prefix(node.ids, context)
+            if n > length:
+                best, length = node, n
+        length = min(length, len(context) - keep_last)
+        return Hit(best, length, shared=True) if length >= SHARED_MIN_TOKENS else Hit(None, 0)
 
     def commit(self, group: str, nodes: Iterable[Node]) -> None:
         """Add a call's new nodes to `group`, now the most recently scored."""
@@ -109,6 +145,11 @@ class BeamCache:
         nodes = list(nodes)
         g.nodes.extend(nodes)
         self.tokens += sum(n.tokens for n in nodes)
+        for n in nodes:
+            if n.parent is None and n.start == 0:
+                self._roots[id(n)] = (group, n)
+                while len(self._roots) > ROOTS:
+                    self._roots.popitem(last=False)
 
     def drop_older(self, group: str, generation: int) -> None:
         """Drop the group's nodes from before `generation` that no newer node continues (the losing
@@ -123,6 +164,10 @@ class BeamCache:
                 ancestors.add(id(n))
         keep += [n for n in g.nodes if n.generation < generation and id(n) in ancestors]
         self.tokens += sum(n.tokens for n in keep) - g.tokens
+        kept = {id(n) for n in keep}
+        for n in g.nodes:
+            if id(n) not in kept:
+                self._roots.pop(id(n), None)
         g.nodes = keep
 
     def release(self, groups: Iterable[str]) -> None:
@@ -130,6 +175,8 @@ class BeamCache:
             g = self._groups.pop(name, None)
             if g is not None:
                 self.tokens -= g.tokens
+                for n in g.nodes:
+                    self._roots.pop(id(n), None)
 
     def make_room(self, need: int, protect: set[str] = frozenset(), keep: set[str] = frozenset()) -> bool:
         """Evict trajectories until `need` more tokens fit the budget: first those not in `protect`

@@ -263,6 +263,9 @@ class HfScorer:
                 items.append((i, self._prepare(r)))
             except ValueError as e:
                 out[i] = e
+        # Rows of one forward are padded to its longest query and past: similar rows go together (a
+        # miss, which runs its whole context, is not padded against a hit's few tokens).
+        items.sort(key=lambda x: (x[1].query, x[1].hit.length))
         batch: list[tuple[int, _Item]] = []
         for i, it in items:
             if batch and sum(b.query for _, b in batch) + it.query > self.batch_tokens:
@@ -370,7 +373,7 @@ class HfScorer:
             layouts.append(starts)
         mask = torch.zeros((rows, 1, q, past + q), dtype=self.dtype)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
-        cache = DynamicCache()
+        cache, kv = DynamicCache(), None
         if past:
             kv = torch.zeros(
                 (self.layers, 2, rows, self.kv_heads, past, self.head_dim), dtype=self.dtype, device=dev
@@ -381,7 +384,6 @@ class HfScorer:
             cache = DynamicCache(
                 ddp_cache_data=[(kv[layer, 0], kv[layer, 1]) for layer in range(self.layers)]
             )
-            del kv
         with torch.inference_mode():
             out = self.model.base_model(
                 input_ids=ids.to(dev),
@@ -402,7 +404,8 @@ class HfScorer:
         self.stats["forwards"] += 1
         results = []
         for b, it in enumerate(items):
-            self._commit(it, new[:, :, b], layouts[b])
+            shared = kv[:, :, b, :, : it.hit.length] if it.hit.shared else None
+            self._commit(it, new[:, :, b], layouts[b], shared)
             self.stats["cache_hit_tokens"] += it.hit.length
             results.append(
                 ScoreResult(
@@ -445,11 +448,16 @@ class HfScorer:
             sums[b][c] -= lp
         return sums
 
-    def _commit(self, it: _Item, new, starts: list[int]) -> None:
-        """Keep the context once (the part run, on top of the node it continued) and each
-        candidate's own KV; the group's older nodes go (gen_ssd_ray.engines.beam_cache)."""
+    def _commit(self, it: _Item, new, starts: list[int], shared=None) -> None:
+        """Keep the context once (the part run, on top of the node it continued; a prefix shared
+        with another trajectory copied in front of it) and each candidate's own KV; the group's older
+        nodes go (gen_ssd_ray.engines.beam_cache)."""
         nd = len(it.delta)
-        base = Node(it.context, it.hit.length, new[:, :, :, :nd].clone(), self._generation, it.hit.node)
+        if shared is not None:
+            kv = self.torch.cat([shared, new[:, :, :, :nd]], dim=3)
+            base = Node(it.context, 0, kv, self._generation)
+        else:
+            base = Node(it.context, it.hit.length, new[:, :, :, :nd].clone(), self._generation, it.hit.node)
         nodes = [base]
         for s, a in zip(it.seqs, starts, strict=True):
             if s:

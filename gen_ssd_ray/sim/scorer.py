@@ -161,7 +161,13 @@ class SimScorer:
             )
             return 0
         for (i, r), ctx, hit, n, q in zip(batch, contexts, hits, lens, queries, strict=True):
-            base = Node(ctx, hit.length, None, self.generation, hit.node)
+            # a prefix shared with another trajectory is copied into this one's first node
+            shared = hit.shared
+            base = (
+                Node(ctx, 0, None, self.generation)
+                if shared
+                else Node(ctx, hit.length, None, self.generation, hit.node)
+            )
             suffixes = [
                 Node(ctx + c.token_ids, len(ctx), None, self.generation, base)
                 for c in r.candidates
