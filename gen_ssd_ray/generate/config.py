@@ -47,15 +47,14 @@ class StudentConfig(ModelPoolConfig):
     many trajectories batched; gen_ssd_ray.engines.scorer_hf) or "vllm" (vLLM prompt_logprobs reading
     the prefix cache). dtype "auto": float32 on CPU, bfloat16 on GPU (hf). The KV budget: on GPU
     `gpu_memory_utilization` of the device (hf: what it leaves after the weights), on CPU
-    `kv_cache_gib`; enforce_eager applies to the vllm backend."""
+    `kv_cache_gib` (hf: cached beams and a forward's working set; vllm: its KV cache);
+    enforce_eager applies to the vllm backend."""
 
     model: str = DEFAULT_STUDENT
     backend: str = "hf"
     num_cpus: float = 0.5
     dtype: str = "auto"
     num_scorers: int = 1
-    # KV budget on CPU in GiB (hf: cached beams and a forward's working set; vllm: its KV cache).
-    kv_cache_gib: float = 4.0
     # hf backend: tokens run per forward at most, over the score calls batched together (a call of
     # more runs alone).
     batch_tokens: int = 8192
