@@ -153,6 +153,8 @@ class HfScorer:
         """Queue the call; the worker batches it with others and answers (see the module doc)."""
         fut: Future = Future()
         with self._cv:
+            if self._closed:
+                raise RuntimeError("the scorer was shut down")
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="hf-scorer", daemon=True)
                 self._worker.start()
@@ -164,6 +166,8 @@ class HfScorer:
         """Drop the trajectories' KV (after the forward in progress, if any)."""
         fut: Future = Future()
         with self._cv:
+            if self._closed:
+                return
             self._queue.append(_Call((), fut, frozenset(groups), release=True))
             self._cv.notify()
             if self._worker is None:
