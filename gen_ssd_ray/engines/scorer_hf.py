@@ -21,11 +21,12 @@ starts after it.
 
 Memory: the budget is bytes of KV, `student.kv_cache_gib` on CPU, and on CUDA what
 `student.gpu_memory_utilization` of the device leaves after the weights; it covers the cached beams
-and each forward's working set (its padded past, new KV, activations, attention scores, one logit
-slice). Trajectories are evicted only when a forward needs room, never one being scored or queued, and
-the most recently scored first (gen_ssd_ray.engines.beam_cache); an evicted trajectory's next call
-recomputes its context. `capacity()` reports the budget so that admission keeps the live beams inside
-it.
+and each forward's working set (its padded past, new KV, activations, attention mask, one logit
+slice; attention scores with eager attention). Trajectories are evicted only when a forward needs
+room: those neither being scored nor queued first, the most recently scored first, queued ones only
+then, the forward's own never (gen_ssd_ray.engines.beam_cache); a batch that still does not fit is
+split. An evicted trajectory's next call recomputes its context. `capacity()` reports the budget so
+that admission keeps the live beams inside it.
 
 Knows torch, transformers and the alignment of token ids; knows nothing about the search or Ray.
 """
@@ -305,12 +306,16 @@ class HfScorer:
 
     def _need(self, batch: list[_Item]) -> int:
         """Tokens of budget a forward of `batch` needs on top of what is cached: its padded past and
-        new KV, and (in KV-token units) activations, attention scores and one logit slice."""
+        new KV, and (in KV-token units) activations, its attention mask, attention scores (eager
+        attention only) and one logit slice."""
         rows = len(batch)
         past = max(it.hit.length for it in batch)
         query = max(it.query for it in batch)
         kv = forward_kv_tokens([it.hit.length for it in batch], [it.query for it in batch])
-        scores = rows * self.heads * query * (past + query) * 4  # one layer's fp32 scores
+        # one layer's attention scores, materialized only by the eager implementation (sdpa's fused
+        # kernels work in blocks)
+        eager = getattr(self.model.config, "_attn_implementation", "sdpa") == "eager"
+        scores = rows * self.heads * query * (past + query) * 4 if eager else 0
         acts = rows * query * self.hidden * 8 * self.elt
         targets = sum(len(x) - k for it in batch for x, k in zip(it.seqs, it.skip, strict=True))
         logits = min(LOGIT_SLICE, targets) * self.vocab * 8
