@@ -29,7 +29,7 @@ scorer calls it from its one worker thread.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,10 +120,12 @@ class BeamCache:
         best: Node | None = None
         if g is not None:
             ctx = tuple(context)
-            for n in g.nodes:
-                k = len(n.ids)
-                if k <= len(ctx) and (best is None or k > len(best.ids)) and ctx[:k] == n.ids:
+            # longest first: the first match is the answer, usually one of the last call's nodes (a
+            # group keeps its whole chain, and comparing every node would cost steps x context)
+            for n in sorted(g.nodes, key=lambda n: len(n.ids), reverse=True):
+                if len(n.ids) <= len(ctx) and ctx[: len(n.ids)] == n.ids:
                     best = n
+                    break
         if best is None:
             return self._shared(tuple(context), keep_last)
         length = min(len(best.ids), len(context) - keep_last)
@@ -191,6 +193,21 @@ class BeamCache:
                     self.release([name])
                     self.evicted_groups += 1
         return self.tokens + need <= self.budget_tokens
+
+
+def run_fitting(
+    batch: list, fits: Callable[[list], bool], run: Callable[[list], None], too_big: Callable[[Any], None]
+) -> None:
+    """Run `batch` when `fits(batch)` (which makes room for it); otherwise its halves the same way,
+    in order, down to single items; an item that cannot fit alone goes to `too_big`."""
+    if fits(batch):
+        run(batch)
+    elif len(batch) > 1:
+        half = len(batch) // 2
+        run_fitting(batch[:half], fits, run, too_big)
+        run_fitting(batch[half:], fits, run, too_big)
+    else:
+        too_big(batch[0])
 
 
 def forward_kv_tokens(pasts: Sequence[int], queries: Sequence[int]) -> int:

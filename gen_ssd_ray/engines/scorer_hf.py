@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.alignment import Aligner
 from gen_ssd_ray.engines.base import EngineContext, ScorerSpec
-from gen_ssd_ray.engines.beam_cache import BeamCache, Hit, Node, forward_kv_tokens
+from gen_ssd_ray.engines.beam_cache import BeamCache, Hit, Node, forward_kv_tokens, run_fitting
 
 # Positions whose log-probs are computed at once ([LOGIT_SLICE, vocab] floats at a time).
 LOGIT_SLICE = 256
@@ -152,29 +152,28 @@ class HfScorer:
     # ---- queue and worker ----------------------------------------------------------------------
     async def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         """Queue the call; the worker batches it with others and answers (see the module doc)."""
-        fut: Future = Future()
-        with self._cv:
-            if self._closed:
-                raise RuntimeError("the scorer was shut down")
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._serve, name="hf-scorer", daemon=True)
-                self._worker.start()
-            self._queue.append(_Call(requests, fut, frozenset(r.group for r in requests)))
-            self._cv.notify()
-        return await asyncio.wrap_future(fut)
+        call = _Call(requests, Future(), frozenset(r.group for r in requests))
+        if not self._enqueue(call):
+            raise RuntimeError("the scorer was shut down")
+        return await asyncio.wrap_future(call.future)
 
     async def release(self, groups: Sequence[str]) -> None:
         """Drop the trajectories' KV (after the forward in progress, if any)."""
-        fut: Future = Future()
+        call = _Call((), Future(), frozenset(groups), release=True)
+        if self._enqueue(call):  # (after shutdown there is nothing left to drop)
+            await asyncio.wrap_future(call.future)
+
+    def _enqueue(self, call: _Call) -> bool:
+        """Queue a call for the worker thread (started on first use); False after shutdown."""
         with self._cv:
             if self._closed:
-                return
-            self._queue.append(_Call((), fut, frozenset(groups), release=True))
-            self._cv.notify()
+                return False
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="hf-scorer", daemon=True)
                 self._worker.start()
-        await asyncio.wrap_future(fut)
+            self._queue.append(call)
+            self._cv.notify()
+        return True
 
     def release_sync(self, groups: Sequence[str]) -> None:
         self.cache.release(groups)
@@ -325,23 +324,25 @@ class HfScorer:
     def _run_fitting(self, batch: list[tuple[int, _Item]], out: list, protect: set[str]) -> None:
         """Make room for the forward (gen_ssd_ray.engines.beam_cache.make_room); split it when even that
         is not enough; a single request that cannot fit is a ValueError for it alone."""
-        items = [it for _, it in batch]
-        if self.cache.make_room(self._need(items), protect, {it.req.group for it in items}):
-            for (i, _), res in zip(batch, self._forward_batch(items), strict=True):
+
+        def fits(part: list[tuple[int, _Item]]) -> bool:
+            items = [it for _, it in part]
+            return self.cache.make_room(self._need(items), protect, {it.req.group for it in items})
+
+        def run(part: list[tuple[int, _Item]]) -> None:
+            for (i, _), res in zip(part, self._forward_batch([it for _, it in part]), strict=True):
                 out[i] = res
-            return
-        if len(batch) > 1:
-            half = len(batch) // 2
-            self._run_fitting(batch[:half], out, protect)
-            self._run_fitting(batch[half:], out, protect)
-            return
-        (i, it) = batch[0]
-        need_gib = self._need(items) * self.bytes_per_token / 2**30
-        out[i] = ValueError(
-            f"scoring this request needs {need_gib:.2f} GiB of student KV and working memory besides "
-            f"its own cached context; the budget is {self.budget_bytes / 2**30:.2f} GiB (raise student.kv_cache_gib on "
-            "CPU or student.gpu_memory_utilization on GPU, or lower search.max_new_tokens)"
-        )
+
+        def too_big(one: tuple[int, _Item]) -> None:
+            need_gib = self._need([one[1]]) * self.bytes_per_token / 2**30
+            out[one[0]] = ValueError(
+                f"scoring this request needs {need_gib:.2f} GiB of student KV and working memory "
+                f"besides its own cached context; the budget is {self.budget_bytes / 2**30:.2f} GiB "
+                "(raise student.kv_cache_gib on CPU or student.gpu_memory_utilization on GPU, or "
+                "lower search.max_new_tokens)"
+            )
+
+        run_fitting(batch, fits, run, too_big)
 
     def _gather(self, hit: Hit, length: int):
         """[layers, 2, kv_heads, length, head_dim] of the cached chain (views when it is one node)."""

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from gen_ssd_ray.common.config import SimConfig
 from gen_ssd_ray.core.types import ScoreRequest, ScoreResult
 from gen_ssd_ray.engines.base import EngineContext, EngineDead, ScorerSpec
-from gen_ssd_ray.engines.beam_cache import BeamCache, Node, forward_kv_tokens
+from gen_ssd_ray.engines.beam_cache import BeamCache, Node, forward_kv_tokens, run_fitting
 from gen_ssd_ray.sim.faults import EngineFaults
 from gen_ssd_ray.sim.profile import SimClock, load_profile
 
@@ -135,37 +135,47 @@ class SimScorer:
         self.generation += 1
         queued = {r.group for c, _ in self.queue for r in c}
         out: list = [None] * len(requests)
-        processed = self._fit(list(enumerate(requests)), queued | {r.group for r in requests}, out)
+        protect = queued | {r.group for r in requests}
+        items = []  # (index, request, context, hit, candidate lengths, tokens run)
+        for i, r in enumerate(requests):
+            ctx = r.student_prompt_ids + r.prefix_ids
+            hit = self.cache.lookup(r.group, ctx)
+            lens = [len(c.token_ids) for c in r.candidates]
+            items.append((i, r, ctx, hit, lens, len(ctx) - hit.length + sum(lens)))
+        processed = [0]
+
+        def need(part) -> int:
+            return forward_kv_tokens([it[3].length for it in part], [it[5] for it in part])
+
+        def fits(part) -> bool:
+            return self.cache.make_room(need(part), protect, {it[1].group for it in part})
+
+        def run(part) -> None:
+            processed[0] += self._commit(part, out)
+
+        def too_big(it) -> None:
+            self.stats["oom"] += 1
+            out[it[0]] = SimOutOfMemory(
+                f"simulated device out of memory: the request's cached context ({it[3].length} "
+                f"tokens) + {need([it])} for its forward > {self.profile.memory_tokens} (shorter "
+                "contexts: lower search.max_new_tokens)"
+            )
+
+        run_fitting(items, fits, run, too_big)
         for g in {r.group for r in requests}:
             self.cache.drop_older(g, self.generation)
         self.stats["evicted_groups"] = self.cache.evicted_groups
         self.stats["forwards"] += 1
-        return out, processed
+        return out, processed[0]
 
-    def _fit(self, batch: list[tuple[int, ScoreRequest]], protect: set[str], out: list) -> int:
+    def _commit(self, part: list[tuple], out: list) -> int:
+        """A forward that fits: its nodes, its results; returns the tokens it processed."""
         p = self.profile
-        contexts = [r.student_prompt_ids + r.prefix_ids for _, r in batch]
-        hits = [self.cache.lookup(r.group, ctx) for (_, r), ctx in zip(batch, contexts, strict=True)]
-        lens = [[len(c.token_ids) for c in r.candidates] for _, r in batch]
-        queries = [len(ctx) - h.length + sum(n) for ctx, h, n in zip(contexts, hits, lens, strict=True)]
-        need = forward_kv_tokens([h.length for h in hits], queries)
-        if not self.cache.make_room(need, protect, {r.group for _, r in batch}):
-            if len(batch) > 1:
-                half = len(batch) // 2
-                return self._fit(batch[:half], protect, out) + self._fit(batch[half:], protect, out)
-            self.stats["oom"] += 1
-            out[batch[0][0]] = SimOutOfMemory(
-                f"simulated device out of memory: the request's cached context ({hits[0].length} "
-                f"tokens) + {need} for its forward > {p.memory_tokens} (shorter contexts: lower "
-                "search.max_new_tokens)"
-            )
-            return 0
-        for (i, r), ctx, hit, n, q in zip(batch, contexts, hits, lens, queries, strict=True):
+        for i, r, ctx, hit, n, q in part:
             # a prefix shared with another trajectory is copied into this one's first node
-            shared = hit.shared
             base = (
                 Node(ctx, 0, None, self.generation)
-                if shared
+                if hit.shared
                 else Node(ctx, hit.length, None, self.generation, hit.node)
             )
             suffixes = [
@@ -183,7 +193,7 @@ class SimScorer:
             self.stats["tokens_processed"] += q
             self.stats["tokens_scored"] += sum(n)
             out[i] = ScoreResult(r.key, tuple(sums), tuple(n), q)
-        return sum(queries)
+        return sum(it[5] for it in part)
 
 
 def _tokens(requests: Sequence[ScoreRequest]) -> int:
