@@ -158,10 +158,11 @@ def test_bad_rows_become_error_problems(tmp_path):
     assert ps["bad-0"] == Problem("bad-0", "ok 1", "1")
     assert ps["bad-9"] == Problem("bad-9", "ok 2", "9")
     assert "malformed JSON" in ps["bad-1"].error and ps["bad-1"].question is None
-    assert ps["bad-2"].error == "missing question field 'question'"
-    assert ps["bad-3"].error == "empty question"
-    assert ps["bad-4"].error == "missing answer field 'answer'" and ps["bad-4"].question == "no answer"
-    assert ps["bad-5"].error.startswith("unparseable gold answer")
+    assert ps["bad-2"].error == "bad question in data.question_field='question': missing (null or absent)"
+    assert ps["bad-3"].error == "bad question in data.question_field='question': empty text"
+    assert ps["bad-4"].error == "bad gold answer in data.answer_field='answer': missing (null or absent)"
+    assert ps["bad-4"].question == "no answer"
+    assert ps["bad-5"].error.startswith("bad gold answer in data.answer_field='answer': no final answer")
     assert "not an object" in ps["bad-6"].error
     assert "not text" in ps["bad-8"].error
     assert sum(p.ok for p in ps.values()) == 2
@@ -172,7 +173,7 @@ def test_bad_rows_in_json_array(tmp_path):
     path.write_text(json.dumps([{"question": "q", "answer": "1"}, "oops", {"question": "q2"}]))
     ps = load_problems(cfg(path))
     assert [p.ok for p in ps] == [True, False, False]
-    assert ps[2].error == "missing answer field 'answer'"
+    assert ps[2].error == "bad gold answer in data.answer_field='answer': missing (null or absent)"
 
 
 def test_duplicate_ids_later_ones_are_errors(tmp_path):
@@ -186,10 +187,10 @@ def test_duplicate_ids_later_ones_are_errors(tmp_path):
     ps = load_problems(cfg(path, id_field="id"))
     assert [p.ok for p in ps] == [True, True, False, False]
     assert ps[0].problem_id == "x"
-    assert "duplicate problem_id 'x'" in ps[2].error
-    assert ps[3].error == "missing id field 'id'"
+    assert "duplicate id in data.id_field='id': 'x' (first at row 0)" == ps[2].error
+    assert ps[3].error == "bad id in data.id_field='id': missing (null or absent)"
     assert len({p.problem_id for p in ps}) == 4  # ids stay unique: fallbacks for the bad ones
-    assert [p.problem_id for p in ps[2:]] == ["d-2", "d-3"]
+    assert [p.problem_id for p in ps[2:]] == ["!d-2", "!d-3"]  # in the reserved `!` namespace
     # judged over the whole source: the duplicate is an error even when the first is sliced away
     assert load_problems(cfg(path, id_field="id", offset=2, limit=1)) == [ps[2]]
 

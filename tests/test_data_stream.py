@@ -22,34 +22,40 @@ def cfg(path, **kw) -> DataConfig:
 
 
 def rows_for(stem: str) -> list[dict]:
-    """Ten rows with every kind of id trouble, and explicit ids that collide with `<stem>-<index>`."""
+    """Ten rows with every kind of id trouble, and explicit ids that spell the positional ids `<stem>-<index>`
+    (they are real ids: fallbacks live in the reserved `!` namespace, so nothing can take them)."""
     return [
         {"question": "q0", "answer": "#### 1", "id": "x"},
         {"question": "q1", "answer": "#### 2", "id": "y"},
         {"question": "q2", "answer": "#### 3", "id": "x"},  # duplicate of row 0
         {"question": "q3", "answer": "#### 4", "id": None},  # missing id
         {"question": "", "answer": "#### 5", "id": "z"},  # empty question
-        {"question": "q5", "answer": None, "id": f"{stem}-3"},  # taken by row 3's fallback
-        {"question": "q6", "answer": "#### 7", "id": f"{stem}-7"},  # row 7's fallback, taken first
-        {"question": "q7", "answer": "#### 8", "id": "x"},  # duplicate; its fallback is taken too
+        {"question": "q5", "answer": None, "id": f"{stem}-3"},  # spells row 3's positional id
+        {"question": "q6", "answer": "#### 7", "id": f"{stem}-7"},  # spells row 7's positional id
+        {"question": "q7", "answer": "#### 8", "id": "x"},  # duplicate of row 0
         {"question": "q8", "answer": "a long solution\nwith no final answer", "id": "w"},
         {"question": "q9", "answer": "#### 10", "id": "10"},
     ]
 
 
-UNPARSEABLE = "unparseable gold answer in 'answer': 'a long solution\\nwith no final answer'"
+UNPARSEABLE = (
+    "bad gold answer in data.answer_field='answer': no final answer found (no '#### N' line, no \\boxed{}, "
+    "and not a one-line value of at most 64 characters): 'a long solution\\nwith no final answer'"
+)
+EMPTY_QUESTION = "bad question in data.question_field='question': empty text"
+NO_ANSWER = "bad gold answer in data.answer_field='answer': missing (null or absent)"
 
 
 def expected(stem: str, id_field: str | None) -> list[Problem]:
-    dup_x = "duplicate problem_id 'x' (first at row 0)"
+    dup_x = "duplicate id in data.id_field='id': 'x' (first at row 0)"
     if id_field is None:
         return [
             Problem(f"{stem}-0", "q0", "1"),
             Problem(f"{stem}-1", "q1", "2"),
             Problem(f"{stem}-2", "q2", "3"),
             Problem(f"{stem}-3", "q3", "4"),
-            Problem(f"{stem}-4", "", "5", "empty question"),
-            Problem(f"{stem}-5", "q5", None, "missing answer field 'answer'"),
+            Problem(f"{stem}-4", "", "5", EMPTY_QUESTION),
+            Problem(f"{stem}-5", "q5", None, NO_ANSWER),
             Problem(f"{stem}-6", "q6", "7"),
             Problem(f"{stem}-7", "q7", "8"),
             Problem(f"{stem}-8", "q8", None, UNPARSEABLE),
@@ -58,12 +64,12 @@ def expected(stem: str, id_field: str | None) -> list[Problem]:
     return [
         Problem("x", "q0", "1"),
         Problem("y", "q1", "2"),
-        Problem(f"{stem}-2", "q2", "3", dup_x),
-        Problem(f"{stem}-3", "q3", "4", "missing id field 'id'"),
-        Problem("z", "", "5", "empty question"),
-        Problem(f"{stem}-5", "q5", None, f"duplicate problem_id '{stem}-3' (first at row 3)"),
+        Problem(f"!{stem}-2", "q2", "3", dup_x),
+        Problem(f"!{stem}-3", "q3", "4", "bad id in data.id_field='id': missing (null or absent)"),
+        Problem("z", "", "5", EMPTY_QUESTION),
+        Problem(f"{stem}-3", "q5", None, NO_ANSWER),  # a real id, even if it spells a positional one
         Problem(f"{stem}-7", "q6", "7"),
-        Problem(f"{stem}-7-dup1", "q7", "8", dup_x),
+        Problem(f"!{stem}-7", "q7", "8", dup_x),
         Problem("w", "q8", None, UNPARSEABLE),
         Problem("10", "q9", "10"),
     ]
@@ -201,7 +207,7 @@ def test_open_scans_on_until_a_field_shows_up(tmp_path):
     rows = [{"question": "q", "answer": "1"}] * 3 + [{"question": "q", "answer": "1", "uid": "u"}]
     path = write_jsonl(tmp_path / "late.jsonl", rows)
     ps = list(open_problems(cfg(path, id_field="uid")))
-    assert [p.error for p in ps] == ["missing id field 'uid'"] * 3 + [None]
+    assert [p.error for p in ps] == ["bad id in data.id_field='uid': missing (null or absent)"] * 3 + [None]
     with pytest.raises(DataError, match=r"data.id_field='nope'.*\['question', 'answer', 'uid'\]"):
         open_problems(cfg(path, id_field="nope"))
 

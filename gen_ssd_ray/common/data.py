@@ -52,8 +52,10 @@ becomes a prompt in `gen_ssd_ray.common.prompts` (`chat_messages`, `render_promp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import numbers
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -63,7 +65,7 @@ from typing import Any
 
 from gen_ssd_ray.common.config import DataConfig
 from gen_ssd_ray.common.errors import InputError
-from gen_ssd_ray.core.answers import extract_gold_answer
+from gen_ssd_ray.core.answers import canonical_number, parse_gold_answer, shorten, unencodable
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +91,47 @@ _BATCH_ROWS = 4096
 # Block size of the JSONL line count.
 _SCAN_BYTES = 16 << 20
 _NOTHING = object()  # a sentinel: an iterable's first row, when there is none
+# The first element of what `content_hash` hashes: change it (and say so) if the encoding ever changes.
+CONTENT_HASH_VERSION = "gen-ssd-problem/1"
+# Ids that start with this are reserved for the fallback ids of rows without a usable id (module docstring).
+FALLBACK_PREFIX = "!"
 
 
 @dataclass(frozen=True)
 class Problem:
+    """One problem as loaded. `question` and `gold_answer` are None where the row had no usable value
+    (then `error` says why); every string in it is valid Unicode, so any row built from it can be written.
+    """
+
     problem_id: str
     question: str | None
     gold_answer: str | None
     # Why the row is unusable (None: fine). Such problems become error rows; the job goes on.
     error: str | None = None
+    # Hex sha256 of the problem's content (`content_hash`): computed from the three fields above when
+    # not given, so a resume can tell an edited problem from the one it committed.
+    content_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.content_hash:
+            object.__setattr__(
+                self, "content_hash", content_hash(self.problem_id, self.question, self.gold_answer)
+            )
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def content_hash(problem_id: str, question: str | None, gold_answer: str | None) -> str:
+    """Hex sha256 of `CONTENT_HASH_VERSION`, the canonical id, the question and the gold answer (as
+    loaded: the extracted gold, not the solution text around it), encoded as a compact ASCII JSON array
+    (`json.dumps([...], ensure_ascii=True, separators=(",", ":"))`). A JSON array has no separator
+    ambiguity, None stays distinct from "", and ASCII escapes make any str encodable."""
+    encoding = json.dumps(
+        [CONTENT_HASH_VERSION, problem_id, question, gold_answer], ensure_ascii=True, separators=(",", ":")
+    )
+    return hashlib.sha256(encoding.encode("ascii")).hexdigest()
 
 
 class DataError(InputError):
@@ -517,10 +547,48 @@ def _parquet_rows(shard: _Shard, base: int, start: int) -> Iterator[_Row]:
         return
     with pq.ParquetFile(shard.file) as pf:
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=picked, columns=shard.columns):
-            values = batch.to_pylist()
+            try:
+                values = batch.to_pylist()
+            except UnicodeDecodeError:  # a string cell that is not UTF-8: only its row is bad
+                values = _decode_cell_by_cell(batch)
             for i in range(max(0, start - pos), len(values)):
                 yield _Row(pos + i, values[i])
             pos += len(values)
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """A Parquet string cell whose bytes are not UTF-8 (writers other than pyarrow can make these)."""
+
+    raw: bytes
+
+    @property
+    def reason(self) -> str:
+        return f"not valid UTF-8 text in the file: {shorten(self.raw)}"
+
+
+def _decode_cell_by_cell(batch: Any) -> list[dict[str, Any]]:
+    """`batch.to_pylist()` where some string cells are not UTF-8: those cells become `_Undecodable`."""
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {}
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            columns[name] = column.to_pylist()
+            continue
+        except UnicodeDecodeError:
+            pass
+        cells: list[Any] = []
+        for i in range(len(column)):
+            try:
+                cells.append(column[i].as_py())
+            except UnicodeDecodeError:
+                raw = column.slice(i, 1).cast(
+                    pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+                )
+                cells.append(_Undecodable(raw[0].as_py()))
+        columns[name] = cells
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
 
 
 # -- Hugging Face
@@ -591,10 +659,50 @@ def _check_fields(cfg: DataConfig, source: _Source) -> None:
             )
 
 
+def canonical_id(value: object) -> tuple[str | None, str | None]:
+    """`(id, None)` for a usable `data.id_field` value, else `(None, what is wrong)`.
+
+    The canonical id of a str is the str itself, verbatim (no stripping, no parsing: "1.0" stays "1.0");
+    of a number it is the canonical number string (`gen_ssd_ray.core.answers.canonical_number`): an
+    integer, or an integral float or Decimal, in plain decimal (1, 1.0, Decimal("1.00") and "1" are all
+    "1"), any other finite float its shortest repr ("2.5"). Junk: None, empty or blank text, text UTF-8
+    cannot encode, text starting with `FALLBACK_PREFIX` (reserved), bool, NaN, infinities, bytes, lists,
+    dicts and any other type.
+    """
+    if value is None:
+        return None, "missing (null or absent)"
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None, f"a boolean ({value}), not an id"
+    if isinstance(value, numbers.Number):
+        number = canonical_number(value)
+        if number is None:
+            return None, parse_gold_answer(value)[1] or "not a finite real number"
+        return number, None
+    if isinstance(value, (bytes, bytearray)):
+        return None, "bytes, not text"
+    if not isinstance(value, str):
+        return None, f"a {type(value).__name__}, not text or a number: {shorten(value)}"
+    if not value.strip():
+        return None, f"empty text: {shorten(value)}"
+    if (bad := unencodable(value)) is not None:
+        return None, bad
+    if value.startswith(FALLBACK_PREFIX):
+        return None, (
+            f"{shorten(value)} starts with {FALLBACK_PREFIX!r}, which is reserved for the ids the loader gives "
+            "rows without a usable id; rename it"
+        )
+    return value, None
+
+
 class _Ids:
-    """Unique ids, assigned in source order (so they do not depend on offset/limit): the `id_field` value,
-    or `<stem>-<index>` with an error for a row whose id is missing or a duplicate (the first one wins).
-    Remembers every id assigned when there is an id field; without one, ids cannot repeat."""
+    """Unique ids, assigned in source order (so they do not depend on offset/limit).
+
+    Without an id field: `<stem>-<index>`. With one: the canonical `id_field` value; a row whose id is
+    junk or a duplicate (the first one wins) gets `FALLBACK_PREFIX + <stem>-<index>` and an error. No real
+    id starts with `FALLBACK_PREFIX` (`canonical_id` refuses them) and the index is unique per row, so a
+    fallback can neither collide with a real id nor with another fallback, in any order of the rows.
+    Remembers every real id seen (to judge duplicates); fallbacks need no memory.
+    """
 
     def __init__(self, id_field: str | None, stem: str) -> None:
         self.id_field = id_field
@@ -602,47 +710,56 @@ class _Ids:
         self.first_row: dict[str, int] = {}
 
     def assign(self, row: _Row) -> tuple[str, str | None]:
-        fallback = f"{self.stem}-{row.index}"
         if self.id_field is None:
-            return fallback, None
-        pid, error = fallback, None
-        if isinstance(row.value, dict):
-            value = row.value.get(self.id_field)
-            if value is None or str(value).strip() == "":
-                error = f"missing id field {self.id_field!r}"
-            else:
-                pid = str(value)
+            return f"{self.stem}-{row.index}", None
+        fallback = f"{FALLBACK_PREFIX}{self.stem}-{row.index}"
+        if not isinstance(row.value, dict):
+            return fallback, None  # the row itself is bad; its error says so
+        value = row.value.get(self.id_field)
+        pid, why = (None, value.reason) if isinstance(value, _Undecodable) else canonical_id(value)
+        key = f"data.id_field={self.id_field!r}"
+        if pid is None:
+            return fallback, f"bad id in {key}: {why}"
         if pid in self.first_row:
-            error = f"duplicate problem_id {pid!r} (first at row {self.first_row[pid]})"
-            pid = fallback
-            n = 1
-            while pid in self.first_row:  # the fallback itself is taken by an explicit id
-                pid, n = f"{fallback}-dup{n}", n + 1
+            return fallback, f"duplicate id in {key}: {shorten(pid)} (first at row {self.first_row[pid]})"
         self.first_row[pid] = row.index
-        return pid, error
+        return pid, None
 
 
 def _to_problem(cfg: DataConfig, row: _Row, pid: str, id_error: str | None) -> Problem:
+    """The row's `Problem`: the first of the id's, the question's and the gold answer's errors, if any;
+    a value with an error is not carried (None), so every string in the problem is writable."""
     if row.error is not None:
-        return Problem(pid, None, None, row.error)
+        return Problem(pid, None, None, shorten_error(row.error))
     if not isinstance(row.value, dict):
         return Problem(pid, None, None, f"row is not an object (got {type(row.value).__name__})")
-    q_raw = row.value.get(cfg.question_field)
-    a_raw = row.value.get(cfg.answer_field)
-    question = q_raw if isinstance(q_raw, str) else None
-    gold = extract_gold_answer(a_raw)
-    if id_error is not None:
-        error: str | None = id_error
-    elif q_raw is None:
-        error = f"missing question field {cfg.question_field!r}"
-    elif not isinstance(q_raw, str):
-        error = f"question field {cfg.question_field!r} is not text (got {type(q_raw).__name__})"
-    elif not q_raw.strip():
-        error = "empty question"
-    elif a_raw is None:
-        error = f"missing answer field {cfg.answer_field!r}"
-    elif gold is None:
-        error = f"unparseable gold answer in {cfg.answer_field!r}: {str(a_raw)[:80]!r}"
-    else:
-        error = None
+    question, q_error = _question(row.value.get(cfg.question_field))
+    answer = row.value.get(cfg.answer_field)
+    gold, a_error = (None, answer.reason) if isinstance(answer, _Undecodable) else parse_gold_answer(answer)
+    errors = [
+        id_error,
+        q_error and f"bad question in data.question_field={cfg.question_field!r}: {q_error}",
+        a_error and f"bad gold answer in data.answer_field={cfg.answer_field!r}: {a_error}",
+    ]
+    error = next((e for e in errors if e), None)
     return Problem(pid, question, gold, error)
+
+
+def _question(value: object) -> tuple[str | None, str | None]:
+    """`(question, None)`, or `(question or None, what is wrong)`: an empty question is kept as loaded."""
+    if value is None:
+        return None, "missing (null or absent)"
+    if isinstance(value, _Undecodable):
+        return None, value.reason
+    if not isinstance(value, str):
+        return None, f"not text (got {type(value).__name__})"
+    if (bad := unencodable(value)) is not None:
+        return None, bad
+    if not value.strip():
+        return value, "empty text"
+    return value, None
+
+
+def shorten_error(message: str) -> str:
+    """A row error made writable: characters UTF-8 cannot encode are escaped."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
