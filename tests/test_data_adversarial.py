@@ -10,6 +10,7 @@ import hashlib
 import io
 import itertools
 import json
+import os
 import sys
 import types
 from decimal import Decimal
@@ -22,6 +23,11 @@ from gen_ssd_ray.common.config import DataConfig
 from gen_ssd_ray.common.data import Problem, load_problems
 from gen_ssd_ray.core.answers import extract_gold_answer
 from gen_ssd_ray.generate.rows import rows_to_table
+
+try:
+    import datasets as hf_datasets  # the real library, before any test replaces it in sys.modules
+except ImportError:  # pragma: no cover
+    hf_datasets = None
 
 SURROGATE = "\ud800"  # json.loads accepts "\\ud800"; UTF-8 cannot encode it
 
@@ -50,7 +56,7 @@ def assert_writable(problems: list[Problem]) -> None:
 
 # ---- sources ---------------------------------------------------------------------------------------
 
-FORMATS = ["jsonl", "json", "parquet", "hf"]
+FORMATS = ["jsonl", "json", "parquet", "hf", "hf-arrow"]
 
 
 def representable(fmt: str, values: list) -> bool:
@@ -70,6 +76,10 @@ def representable(fmt: str, values: list) -> bool:
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
             return False
         return True
+    if fmt == "hf-arrow":  # a real `datasets.Dataset` (Arrow): what pyarrow can hold, except Decimal
+        if any(isinstance(v, Decimal) for v in values):
+            return False
+        return representable("parquet", values)
     return True  # hf: any Python rows (an iterable dataset)
 
 
@@ -84,6 +94,13 @@ def write_rows(fmt: str, rows: list[dict], tmp_path, monkeypatch, name: str = "s
     elif fmt == "parquet":
         path = tmp_path / f"{name}.parquet"
         pq.write_table(pa.Table.from_pylist(rows), path)
+    elif fmt == "hf-arrow":
+        if hf_datasets is None:
+            pytest.skip("datasets is not installed")
+        monkeypatch.setitem(sys.modules, "datasets", hf_datasets)  # the real one while it builds
+        ds = hf_datasets.Dataset.from_list(rows)
+        monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda n, split: ds))
+        return f"org/{name}"
     else:
 
         class FakeDataset(list):
@@ -164,14 +181,14 @@ FINE_ANSWERS = [
 @pytest.mark.parametrize("fmt, label, value, reason", cases_in_formats(JUNK_ANSWERS))
 def test_junk_gold_answer_is_an_error_row_naming_the_field(fmt, label, value, reason, tmp_path, monkeypatch):
     rows = [{"q": "fine?", "sol": "#### 1"}, {"q": "junk?", "sol": value}]
-    if fmt == "parquet":
+    if fmt in ("parquet", "hf-arrow"):
         rows = rows[1:]  # one column type per file
     path = write_rows(fmt, rows, tmp_path, monkeypatch)
     ps = load_problems(cfg(path, split="train", question_field="q", answer_field="sol"))
     bad = ps[-1]
     assert not bad.ok and bad.gold_answer is None, (label, bad)
     assert "data.answer_field='sol'" in bad.error and reason in bad.error, bad.error
-    if fmt != "parquet":
+    if fmt not in ("parquet", "hf-arrow"):
         assert ps[0].ok and ps[0].gold_answer == "1"  # the job goes on
     assert_writable(ps)
 
@@ -212,7 +229,7 @@ JUNK_IDS = [
 @pytest.mark.parametrize("fmt, label, value, reason", cases_in_formats(JUNK_IDS))
 def test_junk_id_is_an_error_row_naming_the_field(fmt, label, value, reason, tmp_path, monkeypatch):
     rows = [{"question": "q0", "answer": "1", "uid": "a"}, {"question": "q1", "answer": "2", "uid": value}]
-    if fmt == "parquet":
+    if fmt in ("parquet", "hf-arrow"):
         rows = rows[1:]
     path = write_rows(fmt, rows, tmp_path, monkeypatch)
     ps = load_problems(cfg(path, split="train", id_field="uid"))
@@ -220,7 +237,7 @@ def test_junk_id_is_an_error_row_naming_the_field(fmt, label, value, reason, tmp
     assert not bad.ok, (label, bad)
     assert "data.id_field='uid'" in bad.error and reason in bad.error, bad.error
     assert bad.problem_id.startswith("!"), bad.problem_id  # a fallback id (reserved namespace)
-    if fmt != "parquet":
+    if fmt not in ("parquet", "hf-arrow"):
         assert ps[0].ok and ps[0].problem_id == "a"
     assert_writable(ps)
 
@@ -329,6 +346,18 @@ def test_unencodable_strings_become_writable_error_rows(fmt, label, bad, key, tm
     assert_writable(ps)
 
 
+def test_a_non_utf8_file_name_gives_writable_ids(tmp_path):
+    """A file name that is not UTF-8 (Linux allows any bytes) reaches Python with surrogate escapes; the
+    generated ids carry its stem, escaped."""
+    name = os.fsencode(tmp_path) + b"/caf\xe9.jsonl"
+    with open(name, "wb") as f:
+        f.write(b'{"question": "q", "answer": "1"}\n')
+    ps = load_problems(cfg(os.fsdecode(name)))
+    assert [p.problem_id for p in ps] == ["caf\\udce9-0"] and ps[0].ok
+    assert_writable(ps)
+    assert load_problems(cfg(os.fsdecode(name), id_field="question"))[0].problem_id == "q"
+
+
 def invalid_utf8_parquet(path, column: str) -> None:
     """A Parquet file whose `column` holds bytes that are not UTF-8 (other writers produce these)."""
     good = pa.array(["q0", "q1", "q2"])
@@ -412,7 +441,7 @@ def test_content_hash_changes_with_id_question_or_gold_only():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_content_hash_is_the_same_in_every_format(fmt, tmp_path, monkeypatch):
     rows = [{"question": "What is 2+3?", "answer": "so\n#### 5", "id": 7.0}]
-    if fmt != "parquet":
+    if fmt not in ("parquet", "hf-arrow"):
         rows[0]["id"] = 7
     path = write_rows(fmt, rows, tmp_path, monkeypatch)
     (p,) = load_problems(cfg(path, split="train", id_field="id"))
@@ -422,4 +451,6 @@ def test_content_hash_is_the_same_in_every_format(fmt, tmp_path, monkeypatch):
 def test_content_hash_of_embedded_data_is_stable():
     (p,) = load_problems(DataConfig(path="embedded:gsm8k/test", limit=1))
     assert p.content_hash == Problem(p.problem_id, p.question, p.gold_answer).content_hash
-    assert p.content_hash == "1a91336d45f5a0cb0097aebb5300a4717922f8dee7d79bae7d2ab4d6d652c090"  # the encoding never changes silently: outputs record it
+    assert (
+        p.content_hash == "1a91336d45f5a0cb0097aebb5300a4717922f8dee7d79bae7d2ab4d6d652c090"
+    )  # the encoding never changes silently: outputs record it

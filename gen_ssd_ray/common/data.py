@@ -13,12 +13,35 @@
 - anything else is taken as a Hugging Face dataset name: `datasets.load_dataset(path, split=data.split)`
   (imported lazily; without `datasets` or without network the error says so).
 
-Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slice. The id is the
-`data.id_field` value (stringified) or `"<stem>-<row index>"`, where the row index is the row's
-position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted) and
-the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the embedded sets,
-"<name>-<split>" for a Hugging Face dataset). Ids therefore do not depend on offset or limit, and they
-are unique in what the stream yields.
+Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slice.
+
+Ids. Without `data.id_field` the id is generated: `"<stem>-<row index>"`, where the row index is the
+row's position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted)
+and the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the
+embedded sets, "<name>-<split>" for a Hugging Face dataset; characters UTF-8 cannot encode, as in a
+non-UTF-8 file name, are backslash-escaped). A generated id is positional: an in-place edit of a row
+keeps its id (and changes its `content_hash`); inserting or deleting rows shifts the ids after them, so
+give the data an id field if it will be edited that way. With `data.id_field` the id is the field's
+*canonical* value (`canonical_id`): a string verbatim; a number in one canonical spelling, integers (and
+integral floats and Decimals) in plain decimal, so an id column exported as 1.0, 1 or "1" gives "1"
+every time, other finite floats as their shortest repr ("2.5"). None, empty or blank text, bool, NaN,
+infinities, bytes, lists, dicts, text UTF-8 cannot encode and text starting with "!" are not ids: such a
+row is an error row. Duplicates are judged on canonical ids in source order over the whole source (also
+the rows before `data.offset`); the first one wins. A row without a usable id (junk, missing, a
+duplicate, or a row that is no object) gets the fallback `"!<stem>-<row index>"`. No real id can start
+with "!" (`FALLBACK_PREFIX`: such ids are refused) and no two rows share an index, so a fallback cannot
+collide with a real id or another fallback, whatever the order of the rows: by construction, not by
+luck. Ids therefore do not depend on offset or limit, and they are unique in what the stream yields.
+
+Content. `Problem.content_hash` is the hex sha256 of the compact ASCII JSON array
+`["gen-ssd-problem/1", id, question, gold answer]` (`content_hash`): the gold answer as extracted, so an
+edit of a solution's text that leaves its final answer alone does not change it. Gold answers are
+extracted by `gen_ssd_ray.core.answers.parse_gold_answer`: text (`#### N`, the last `\\boxed{}`, or a
+short one-line value) or a finite number in canonical spelling (7.0 gives "7"); junk (a bare `####`,
+an empty box, NaN, bool, lists, dicts, bytes, ...) is an error row naming `data.answer_field`. Every
+string a `Problem` carries can be encoded as UTF-8, so any row built from it can be written: a question,
+answer or id that cannot (a lone surrogate from a JSON "\\ud800", a Parquet cell that is not UTF-8)
+makes the row an error row, the value is dropped, and the message quotes it escaped.
 
 Memory: the stream holds one batch of rows plus, when `data.id_field` is set, every id seen so far (to
 judge duplicates); without an id field it holds no ids at all (`<stem>-<index>` cannot repeat) and does not
@@ -32,11 +55,10 @@ for JSONL, a byte scan that counts non-blank lines without parsing them.
 
 Two kinds of failure:
 
-- a bad *row* (malformed JSON line, not an object, missing or empty question, missing answer, a gold
-  answer that cannot be extracted, a missing id, a duplicate id) becomes a `Problem` with `error` set
-  and the job writes it as an error row; duplicates are judged in source order over the whole source
-  (also the rows before `data.offset`), the first one wins and the later ones get a fallback id so ids
-  stay unique;
+- a bad *row* (malformed JSON line, not an object, a missing, empty or non-text question, a missing or
+  junk gold answer, a missing, junk or duplicate id, text that UTF-8 cannot encode) becomes a `Problem`
+  with `error` set (`"bad <what> in data.<key>='<field>': <what is wrong>"`, the first of the id's, the
+  question's and the answer's) and the job writes it as an error row;
 - a bad *source* (missing/unreadable file, unknown format, a dataset that cannot be loaded, a field
   that no row has, no rows at all) raises `DataError`, naming the config key and what to set.
 
@@ -706,7 +728,7 @@ class _Ids:
 
     def __init__(self, id_field: str | None, stem: str) -> None:
         self.id_field = id_field
-        self.stem = stem
+        self.stem = _writable(stem)
         self.first_row: dict[str, int] = {}
 
     def assign(self, row: _Row) -> tuple[str, str | None]:
@@ -730,7 +752,7 @@ def _to_problem(cfg: DataConfig, row: _Row, pid: str, id_error: str | None) -> P
     """The row's `Problem`: the first of the id's, the question's and the gold answer's errors, if any;
     a value with an error is not carried (None), so every string in the problem is writable."""
     if row.error is not None:
-        return Problem(pid, None, None, shorten_error(row.error))
+        return Problem(pid, None, None, _writable(row.error))
     if not isinstance(row.value, dict):
         return Problem(pid, None, None, f"row is not an object (got {type(row.value).__name__})")
     question, q_error = _question(row.value.get(cfg.question_field))
@@ -760,6 +782,6 @@ def _question(value: object) -> tuple[str | None, str | None]:
     return value, None
 
 
-def shorten_error(message: str) -> str:
-    """A row error made writable: characters UTF-8 cannot encode are escaped."""
+def _writable(message: str) -> str:
+    """`message` (or a stem) made writable: characters UTF-8 cannot encode are backslash-escaped."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
