@@ -6,6 +6,7 @@ Each case is one member of a class: a bad value becomes an error row naming the 
 on), a fine value is normalized to one canonical string whatever the format's type for it.
 """
 
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -415,7 +416,7 @@ def test_content_hash_is_sha256_of_the_canonical_encoding():
 
 def test_content_hash_changes_with_id_question_or_gold_only():
     base = Problem("a", "q", "1")
-    assert base.content_hash == Problem("a", "q", "1", content_hash="").content_hash
+    assert dataclasses.replace(base, question="q2").content_hash == Problem("a", "q2", "1").content_hash
     assert (
         len(
             {

@@ -212,7 +212,9 @@ class DataConfig:
     split: str = "test"
     question_field: str = "question"
     answer_field: str = "answer"
-    # Field holding a stable problem id (null: "<file stem>-<row index>").
+    # Field holding a stable problem id (null: "<file stem>-<row index>"). Text is taken verbatim, a number
+    # in one canonical spelling (1, 1.0 and "1" are all "1"); ids starting with "!" are reserved for rows
+    # without a usable id (gen_ssd_ray.common.data, "Ids").
     id_field: str | None = None
     # Number of problems (null: all) after skipping `offset`.
     limit: int | None = 16

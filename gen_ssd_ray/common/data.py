@@ -79,7 +79,7 @@ import json
 import logging
 import numbers
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import islice
 from pathlib import Path
@@ -130,15 +130,15 @@ class Problem:
     gold_answer: str | None
     # Why the row is unusable (None: fine). Such problems become error rows; the job goes on.
     error: str | None = None
-    # Hex sha256 of the problem's content (`content_hash`): computed from the three fields above when
-    # not given, so a resume can tell an edited problem from the one it committed.
-    content_hash: str = ""
+    # Hex sha256 of the problem's content (`content_hash`), computed from the three fields above (not an
+    # argument, so it can never disagree with them, also after `dataclasses.replace`): a resume can tell
+    # an edited problem from the one it committed.
+    content_hash: str = field(init=False)
 
     def __post_init__(self) -> None:
-        if not self.content_hash:
-            object.__setattr__(
-                self, "content_hash", content_hash(self.problem_id, self.question, self.gold_answer)
-            )
+        object.__setattr__(
+            self, "content_hash", content_hash(self.problem_id, self.question, self.gold_answer)
+        )
 
     @property
     def ok(self) -> bool:
