@@ -22,7 +22,9 @@ import pytest
 
 from gen_ssd_ray.common.config import DataConfig
 from gen_ssd_ray.common.data import Problem, load_problems
+from gen_ssd_ray.common.prompts import RenderedPrompt
 from gen_ssd_ray.core.answers import extract_gold_answer
+from gen_ssd_ray.evaluate.rows import PREDICTION_SCHEMA, sample_rows
 from gen_ssd_ray.generate.rows import rows_to_table
 
 try:
@@ -39,8 +41,8 @@ def cfg(path, **kw) -> DataConfig:
 
 
 def assert_writable(problems: list[Problem]) -> None:
-    """The rows a job writes for these problems (error rows included) go through the real output schema
-    and the Parquet writer."""
+    """The rows the generation and the evaluation job write for these problems (error rows included) go
+    through their real output schemas and the Parquet writer."""
     rows = [
         {
             "problem_id": p.problem_id,
@@ -53,6 +55,14 @@ def assert_writable(problems: list[Problem]) -> None:
         for p in problems
     ]
     pq.write_table(rows_to_table(rows), io.BytesIO())
+    predictions = [
+        row
+        for p in problems
+        for row in sample_rows(
+            p, RenderedPrompt(error=p.error or "not generated"), None, n=1, model="m", seed=0
+        )
+    ]
+    pq.write_table(pa.Table.from_pylist(predictions, schema=PREDICTION_SCHEMA), io.BytesIO())
 
 
 # ---- sources ---------------------------------------------------------------------------------------
@@ -264,6 +274,17 @@ def test_id_types_across_exports_give_one_canonical_id(canonical, spellings, tmp
             )
             (p,) = load_problems(cfg(path, split="train", id_field="id"))
             assert p.ok and p.problem_id == canonical, (fmt, value, p)
+
+
+def test_parquet_folder_whose_shards_type_the_id_column_differently(tmp_path):
+    """Shards exported at different times: float ids in one, int ids in another, strings in a third."""
+    (tmp_path / "dir").mkdir()
+    for name, ids in (("a", [1.0, 2.0]), ("b", [3, 2]), ("c", ["4", "1"])):
+        table = pa.table({"question": [f"q{i}" for i in ids], "answer": ["1"] * 2, "id": ids})
+        pq.write_table(table, tmp_path / "dir" / f"{name}.parquet")
+    ps = load_problems(cfg(tmp_path / "dir", id_field="id"))
+    assert [p.problem_id for p in ps] == ["1", "2", "3", "!dir-3", "4", "!dir-5"]
+    assert [p.ok for p in ps] == [True, True, True, False, True, False]
 
 
 def test_ids_of_different_types_are_duplicates(tmp_path):

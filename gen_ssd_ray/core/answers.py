@@ -79,7 +79,7 @@ def parse_gold_answer(value: object) -> tuple[str | None, str | None]:
     if isinstance(value, (bytes, bytearray)):
         return None, "bytes, not text"
     if not isinstance(value, str):
-        return None, f"a {type(value).__name__}, not text or a number"
+        return None, f"a {type(value).__name__}, not text or a number: {shorten(value)}"
     if (bad := unencodable(value)) is not None:
         return None, bad
     return _gold_from_text(value)
