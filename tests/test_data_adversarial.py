@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gen_ssd_ray.common.config import DataConfig
-from gen_ssd_ray.common.data import Problem, load_problems
+from gen_ssd_ray.common.data import DataError, Problem, load_problems
 from gen_ssd_ray.common.prompts import RenderedPrompt
 from gen_ssd_ray.core.answers import extract_gold_answer
 from gen_ssd_ray.evaluate.rows import PREDICTION_SCHEMA, sample_rows
@@ -421,6 +421,28 @@ def test_error_messages_never_embed_a_bad_string_raw(tmp_path):
         if p.error:
             p.error.encode("utf-8")
     assert_writable(ps)
+
+
+def test_json_nested_too_deeply_is_a_bad_row_or_a_clear_error(tmp_path):
+    """json's parser recurses: a line nested thousands deep is one error row (JSONL), or a DataError
+    naming data.path (a .json document, parsed whole); never a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep.jsonl"
+    path.write_text(f'{{"question": "q", "answer": "1"}}\n{{"question": "q", "answer": {deep}}}\n')
+    ps = load_problems(cfg(path))
+    assert [p.ok for p in ps] == [True, False] and "nested too deeply" in ps[1].error
+    (tmp_path / "deep.json").write_text(f'[{{"question": "q", "answer": {deep}}}]')
+    with pytest.raises(DataError, match=r"data.path=.*deep.json.*nested too deeply"):
+        load_problems(cfg(tmp_path / "deep.json"))
+
+
+def test_a_deeply_nested_python_value_is_described_not_crashed_on(tmp_path, monkeypatch):
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    path = write_rows("hf", [{"question": "q", "answer": nested, "id": nested}], tmp_path, monkeypatch)
+    (p,) = load_problems(cfg(path, split="train", id_field="id"))
+    assert not p.ok and "data.id_field='id'" in p.error and "nested too deeply" in p.error
 
 
 # ---- item 4: content hash --------------------------------------------------------------------------
