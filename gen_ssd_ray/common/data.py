@@ -419,6 +419,8 @@ def _decode_line(index: int, line: bytes) -> tuple[Any, str | None]:
         return json.loads(line), None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"malformed JSON on line {index + 1}: {e}"
+    except RecursionError:  # `[[[[...]]]]` thousands deep: json's parser recurses
+        return None, f"malformed JSON on line {index + 1}: nested too deeply to parse"
 
 
 def _jsonl_lines(file: Path, data: bytes | None) -> Callable[[], Iterator[tuple[int, bytes]]]:
@@ -485,6 +487,11 @@ def _read_json(file: Path, wanted: list[str]) -> _Source:
         if e.msg == "Extra data":  # several JSON values: it is JSON lines under a .json name
             return _read_jsonl(file, file.stem, wanted, data=raw)
         raise DataError(f"data.path={str(file)!r}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise DataError(
+            f"data.path={str(file)!r}: JSON nested too deeply to parse; export it as JSONL (one row per "
+            "line: a bad line is one error row) or Parquet"
+        ) from None
     if isinstance(doc, dict):
         for key in ("data", "rows"):
             if isinstance(doc.get(key), list):

@@ -128,7 +128,10 @@ def unencodable(text: str) -> str | None:
 def shorten(value: object, limit: int = 80) -> str:
     """`value` for a message: its repr cut to `limit` characters, every character that UTF-8 cannot
     encode escaped (so a message quoting bad data can itself be written)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a structure nested deeper than repr goes
+        text = f"<a {type(value).__name__} nested too deeply to show>"
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
