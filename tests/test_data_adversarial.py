@@ -380,14 +380,18 @@ def test_a_non_utf8_file_name_gives_writable_ids(tmp_path):
     assert load_problems(cfg(os.fsdecode(name), id_field="question"))[0].problem_id == "q"
 
 
-def invalid_utf8_parquet(path, column: str) -> None:
-    """A Parquet file whose `column` holds bytes that are not UTF-8 (other writers produce these)."""
+def invalid_utf8_table(column: str) -> pa.Table:
+    """A table whose `column` holds bytes that are not UTF-8 in row 1 (other writers produce these)."""
     good = pa.array(["q0", "q1", "q2"])
     offsets = pa.py_buffer(b"".join(n.to_bytes(4, "little") for n in (0, 2, 5, 7)))
     bad = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"q0q\xff\xfeq2")])
     columns = {"question": good, "answer": pa.array(["1", "2", "3"]), "id": pa.array(["a", "b", "c"])}
     columns[column] = bad
-    pq.write_table(pa.table(columns), path)
+    return pa.table(columns)
+
+
+def invalid_utf8_parquet(path, column: str) -> None:
+    pq.write_table(invalid_utf8_table(column), path)
 
 
 @pytest.mark.parametrize(
@@ -399,6 +403,17 @@ def test_parquet_invalid_utf8_is_one_error_row_not_a_failed_job(column, key, tmp
     ps = load_problems(cfg(tmp_path / "u.parquet", id_field="id"))
     assert [p.ok for p in ps] == [True, False, True]
     assert key in ps[1].error and "UTF-8" in ps[1].error, ps[1].error
+    assert_writable(ps)
+
+
+@pytest.mark.skipif(hf_datasets is None, reason="datasets is not installed")
+@pytest.mark.parametrize("column", ["question", "answer", "id"])
+def test_hf_dataset_invalid_utf8_is_one_error_row(column, monkeypatch):
+    ds = hf_datasets.Dataset(invalid_utf8_table(column))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda n, split: ds))
+    ps = load_problems(cfg("org/u", split="train", id_field="id"))
+    assert [p.ok for p in ps] == [True, False, True]
+    assert f"data.{column}_field" in ps[1].error and "UTF-8" in ps[1].error, ps[1].error
     assert_writable(ps)
 
 

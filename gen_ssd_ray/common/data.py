@@ -576,10 +576,7 @@ def _parquet_rows(shard: _Shard, base: int, start: int) -> Iterator[_Row]:
         return
     with pq.ParquetFile(shard.file) as pf:
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=picked, columns=shard.columns):
-            try:
-                values = batch.to_pylist()
-            except UnicodeDecodeError:  # a string cell that is not UTF-8: only its row is bad
-                values = _decode_cell_by_cell(batch)
+            values = _arrow_rows(batch)
             for i in range(max(0, start - pos), len(values)):
                 yield _Row(pos + i, values[i])
             pos += len(values)
@@ -594,6 +591,14 @@ class _Undecodable:
     @property
     def reason(self) -> str:
         return f"not valid UTF-8 text in the file: {shorten(self.raw)}"
+
+
+def _arrow_rows(batch: Any) -> list[dict[str, Any]]:
+    """An Arrow record batch or table as row dicts; a string cell that is not UTF-8 spoils only its row."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        return _decode_cell_by_cell(batch)
 
 
 def _decode_cell_by_cell(batch: Any) -> list[dict[str, Any]]:
@@ -649,8 +654,15 @@ def _read_hf(name: str, split: str, wanted: list[str]) -> _Source:
             if start >= n_rows:
                 return
             view = ds.select_columns(columns).select(range(start, n_rows))  # views, no copy
+            if hasattr(view, "with_format"):  # Arrow batches: a cell that is not UTF-8 spoils only its row
+                view = view.with_format("arrow")
             pos = start
             for batch in view.iter(batch_size=_BATCH_ROWS):  # `columns` has the question field at least
+                if not isinstance(batch, dict):  # an Arrow table
+                    for value in _arrow_rows(batch):
+                        yield _Row(pos, value)
+                        pos += 1
+                    continue
                 for values in zip(*(batch[c] for c in columns), strict=True):
                     yield _Row(pos, dict(zip(columns, values, strict=True)))
                     pos += 1
