@@ -9,17 +9,47 @@ evaluation.
 - `render_example(tokenizer, prompt, question, response)`: fine-tuning's (prompt ids, response ids),
   whose prompt ids are `render_prompt`'s;
 - `load_chat_tokenizer(path, key, trust_remote_code)`: a tokenizer that has a chat template, or an
-  `InputError` naming the config key.
+  `InputError` naming the config key;
+- `check_chat_model(...)`: everything about a model's tokenizer and template that would fail every row
+  (no tokenizer, no template, a template that rejects the prompt config or drops the question, control
+  strings in the prompt config, a prompt budget no question fits), as one `InputError` before any actor
+  starts.
+
+Data is text, never control. The question and the response are data: a control string in them (the
+template's own turn markers such as ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, or any other
+added token of the tokenizer, special or not) is tokenized as the plain text it is, never as the control
+token. How: the template is rendered as usual and tokenized as usual; the added tokens that tokenization
+found inside the question's (or response's) span of the text (located by rendering a placeholder in its
+place) are the injected ones. Without any, the ids are exactly the usual ones. With some, the text is cut
+only at the template's own added tokens and the pieces between them are encoded without the added
+vocabulary (`tokenizers` normalizer + pre-tokenizer + model): that is how the tokenizer encodes those
+pieces anyway, checked on every such call by first reproducing the usual ids the same way. A tokenizer
+where that check fails, or a slow tokenizer (no offsets) given a control string in the data, gives an
+error (`RenderedPrompt.error`, `PromptError` for `render_example`), never wrong tokens. The prompt config
+(`prompt.system`, `prompt.instruction`) is the operator's, not data: `check_chat_model` refuses control
+strings in it (a mistake: the template writes the turn markers itself).
 
 Knows tokenizers and chat templates; nothing about engines, Ray or the jobs.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.common.errors import InputError
+
+# Rendered in place of the question (or response) to find where the template writes it.
+_PLACEHOLDER = "GenSsdPlaceholder7q3"
+
+Span = tuple[int, int]
+
+
+class PromptError(ValueError):
+    """A row whose text cannot be rendered as text with this tokenizer (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +79,22 @@ def chat_messages(prompt: PromptConfig, question: str) -> list[dict[str, str]]:
 def render_prompt(tokenizer, prompt: PromptConfig, question: str) -> RenderedPrompt:
     """The question in the tokenizer's chat template with the generation prompt: text and ids.
 
-    The ids are the text tokenized without special tokens (the template already wrote them), so the
-    ids are exactly what a model sees when given the text.
+    The ids are the text tokenized without adding special tokens (the template already wrote them),
+    so they are exactly what a model sees when given the text, except that control strings inside the
+    question stay plain text (see the module docstring). `error` is set, and the ids are empty, if the
+    question holds a control string this tokenizer cannot encode as text.
     """
-    text = tokenizer.apply_chat_template(
-        chat_messages(prompt, question), tokenize=False, add_generation_prompt=True
-    )
-    return RenderedPrompt(text, tuple(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+    def render(q: str) -> str:
+        return tokenizer.apply_chat_template(
+            chat_messages(prompt, q), tokenize=False, add_generation_prompt=True
+        )
+
+    text = render(question)
+    ids, error = _encode_data(tokenizer, text, question, lambda: _spans(render, question, text))
+    if error is not None:
+        return RenderedPrompt(text, (), f"question: {error}")
+    return RenderedPrompt(text, tuple(ids))
 
 
 def render_example(
@@ -66,17 +105,34 @@ def render_example(
     The prompt ids are `render_prompt`'s. The response part is what the template writes after the
     generation prompt for the assistant turn (text plus end-of-turn marker). Templates that do not
     extend the prompt verbatim (some rewrite earlier turns) fall back to the response text followed by
-    the EOS token.
+    the EOS token. Control strings in the question or the response stay plain text; raises PromptError
+    if this tokenizer cannot encode them as text.
     """
     rendered = render_prompt(tokenizer, prompt, question)
+    if rendered.error is not None:
+        raise PromptError(rendered.error)
     assert rendered.text is not None
-    full_text = tokenizer.apply_chat_template(
-        [*chat_messages(prompt, question), {"role": "assistant", "content": response}], tokenize=False
-    )
+    messages = chat_messages(prompt, question)
+
+    def render(r: str) -> str:
+        return tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": r}], tokenize=False)
+
+    full_text = render(response)
+    start = len(rendered.text)
     if full_text.startswith(rendered.text):
-        response_ids = tokenizer(full_text[len(rendered.text) :], add_special_tokens=False)["input_ids"]
+
+        def spans() -> list[Span] | None:
+            found = _spans(render, response, full_text)
+            if found is None or any(a < start for a, _ in found):
+                return None
+            return [(a - start, b - start) for a, b in found]
+
+        response_ids, error = _encode_data(tokenizer, full_text[start:], response, spans)
     else:
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response_ids, error = _encode_data(tokenizer, response, response, lambda: [(0, len(response))])
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    if error is not None:
+        raise PromptError(f"response: {error}")
     return list(rendered.token_ids), response_ids
 
 
@@ -95,3 +151,193 @@ def load_chat_tokenizer(path: str, key: str, trust_remote_code: bool = False):
             "model's own template; use a chat/instruct model folder or add a chat_template.jinja to it"
         )
     return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks that would fail every row
+
+
+def check_chat_model(
+    path: str,
+    key: str,
+    prompt: PromptConfig,
+    trust_remote_code: bool = False,
+    max_prompt_tokens: int | None = None,
+    budget: str = "the prompt budget",
+    example: bool = False,
+    tokenizer: Any = None,
+):
+    """The model's chat tokenizer, after checking everything that would make every row fail.
+
+    Raises InputError (one line: `key` or the prompt key, and the fix) if the tokenizer cannot be loaded
+    or has no chat template; if the template fails on the prompt config (for example a template that
+    rejects a system message) or writes no user message; if `prompt.system` or `prompt.instruction`
+    holds one of the tokenizer's control strings; if an empty question's prompt already has more than
+    `max_prompt_tokens` tokens (`budget` names the keys that set that number and is quoted in the
+    message); with `example`, if the template cannot render an assistant turn (fine-tuning). Pass
+    `tokenizer` to check an already loaded one (`path` is then only named in messages).
+    """
+    tok = tokenizer if tokenizer is not None else load_chat_tokenizer(path, key, trust_remote_code)
+    controls = sorted(c for c in _added_tokens(tok).values() if c)
+    for field, value in (("prompt.system", prompt.system), ("prompt.instruction", prompt.instruction)):
+        bad = [c for c in controls if value and c in value]
+        if bad:
+            raise InputError(
+                f"{field}: holds the control string {bad[0]!r} of the tokenizer of {path}; remove it (the "
+                "chat template writes the turn markers itself, and questions are always rendered as text)"
+            )
+    try:
+        rendered = render_prompt(tok, prompt, "")
+        text = tok.apply_chat_template(
+            chat_messages(prompt, _PLACEHOLDER), tokenize=False, add_generation_prompt=True
+        )
+        if example:
+            render_example(tok, prompt, "", "")
+    except Exception as e:  # jinja2 TemplateError, the template's raise_exception, ...
+        culprit = "prompt.system" if prompt.system else key
+        raise InputError(
+            f"{culprit}: the chat template of {path} fails on this prompt config ({type(e).__name__}: "
+            f"{e}); {'unset prompt.system or ' if prompt.system else ''}use a model whose template renders "
+            "a user turn" + (" and an assistant turn" if example else "")
+        ) from None
+    if _PLACEHOLDER not in text:
+        raise InputError(
+            f"{key}: the chat template of {path} does not write the user message into the prompt, so "
+            "every question would be lost; use a model whose template renders the user turn"
+        )
+    n = len(rendered.token_ids)
+    if max_prompt_tokens is not None and n > max_prompt_tokens:
+        raise InputError(
+            f"{key}: the chat template of {path} with this prompt config takes {n} tokens for an empty "
+            f"question, more than the {max_prompt_tokens} left for the prompt by {budget}, so every problem "
+            "would be too long; raise the context length or lower the new-token budget"
+        )
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data as text: tokenization that never turns data into control tokens
+
+
+def _added_tokens(tokenizer) -> dict[int, str]:
+    """Id -> content of every added token (special or not); {} for tokenizers that have none."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {int(i): str(t) for i, t in decoder.items()}
+
+
+def _spans(render: Callable[[str], str], value: str, text: str) -> list[Span] | None:
+    """Where `value` lies in `text` == render(value): [] if nowhere, None if it cannot be told.
+
+    Found by rendering a placeholder in its place: text == value.join(parts). A template that transforms
+    the value (e.g. trims it) still locates a single occurrence by the text around it.
+    """
+    ph = _PLACEHOLDER
+    while ph in value:
+        ph += "q"
+    parts = render(ph).split(ph)
+    if len(parts) == 1:
+        return []
+    if value.join(parts) == text:
+        spans, pos = [], 0
+        for part in parts[:-1]:
+            pos += len(part)
+            spans.append((pos, pos + len(value)))
+            pos += len(value)
+        return spans
+    head, tail = parts[0], parts[-1]
+    if (
+        len(parts) == 2
+        and len(text) >= len(head) + len(tail)
+        and text.startswith(head)
+        and text.endswith(tail)
+    ):
+        return [(len(head), len(text) - len(tail))]
+    return None
+
+
+def _encode_data(
+    tokenizer, text: str, value: str, spans: Callable[[], list[Span] | None]
+) -> tuple[list[int], str | None]:
+    """(ids, None) of `text` where the data `value` (at `spans()`) yields no added token; ([], why) if
+    this tokenizer cannot encode it so."""
+    added = _added_tokens(tokenizer)
+    if not added:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:  # slow tokenizer: no offsets
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        hits = [c for c in added.values() if c and c in value]
+        if hits:
+            return (
+                [],
+                f"holds the control string {hits[0]!r}, which this (slow) tokenizer cannot encode as text",
+            )
+        return ids, None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    # The added tokens the text matched; an unknown-token id stands for unknown text, not a match.
+    unk = getattr(tokenizer, "unk_token_id", None)
+    markers = [
+        (k, (s, e))
+        for k, (i, (s, e)) in enumerate(zip(ids, enc["offset_mapping"], strict=True))
+        if i in added and (i != unk or added[i] in text[s:e])
+    ]
+    if not markers:
+        return ids, None
+    where = spans()
+    if where is None:  # the template transforms the value beyond recognition: refuse control strings
+        hits = [c for c in added.values() if c and c in value]
+        if hits:
+            return [], f"holds the control string {hits[0]!r}, and the chat template rewrites it"
+        return ids, None
+
+    def core(k: int, off: Span) -> Span:  # the token's own characters (without stripped whitespace)
+        content, (s, e) = added[ids[k]], off
+        j = text.find(content, s, e)
+        return (j, j + len(content)) if j >= 0 else (s, e)
+
+    def inside(k: int, off: Span) -> bool:
+        a, b = core(k, off)
+        return any(a < e and s < b for s, e in where)
+
+    injected = [m for m in markers if inside(*m)]
+    if not injected:
+        return ids, None
+    plain = _plain_encoder(tokenizer)
+
+    def cut_at(cuts: list[tuple[int, Span]]) -> list[int]:
+        out, pos = [], 0
+        for k, (s, e) in cuts:
+            if s > pos:
+                out += plain.encode(text[pos:s], add_special_tokens=False).ids
+            out.append(ids[k])
+            pos = max(pos, e)
+        if pos < len(text):
+            out += plain.encode(text[pos:], add_special_tokens=False).ids
+        return out
+
+    template = [m for m in markers if m not in injected]
+    safe = cut_at(template)
+    if cut_at(markers) != ids or sum(i in added and i != unk for i in safe) != len(template):
+        what = added[ids[injected[0][0]]]
+        return [], f"holds the control string {what!r}, which this tokenizer cannot encode as text"
+    return safe, None
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_encoder(tokenizer):
+    """The tokenizer's `tokenizers` pipeline (normalizer, pre-tokenizer, model) without its added
+    vocabulary: text in, never an added token out (cached per tokenizer)."""
+    plain = _PLAIN.get(tokenizer)
+    if plain is None:
+        from tokenizers import Tokenizer
+
+        backend = tokenizer.backend_tokenizer
+        plain = Tokenizer(backend.model)
+        if backend.normalizer is not None:
+            plain.normalizer = backend.normalizer
+        if backend.pre_tokenizer is not None:
+            plain.pre_tokenizer = backend.pre_tokenizer
+        _PLAIN[tokenizer] = plain
+    return plain
