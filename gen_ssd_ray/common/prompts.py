@@ -10,6 +10,8 @@ evaluation.
   whose prompt ids are `render_prompt`'s;
 - `load_chat_tokenizer(path, key, trust_remote_code)`: a tokenizer that has a chat template, or an
   `InputError` naming the config key;
+- `encode_text(tokenizer, text)`: ids and character offsets of text that is data through and through
+  (for example a generated response re-tokenized for another vocabulary), matching no control token;
 - `check_chat_model(...)`: everything about a model's tokenizer and template that would fail every row
   (no tokenizer, no template, a template that rejects the prompt config or drops the question, control
   strings in the prompt config, a prompt budget no question fits), as one `InputError` before any actor
@@ -34,6 +36,7 @@ Knows tokenizers and chat templates; nothing about engines, Ray or the jobs.
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +156,17 @@ def load_chat_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     return tok
 
 
+def encode_text(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, character offsets) of `text` as plain text: what
+    ``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)`` gives, except that no
+    added token (control string) is matched; identical for text that holds none. Needs a fast
+    tokenizer for text that holds one (a slow one encodes it as it always has)."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not _added_tokens(tokenizer):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    return _plain_encode(tokenizer, text)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checks that would fail every row
 
@@ -220,9 +234,10 @@ def check_chat_model(
 
 
 def _added_tokens(tokenizer) -> dict[int, str]:
-    """Id -> content of every added token (special or not); {} for tokenizers that have none."""
+    """Id -> content of every added token (special or not) but whitespace runs (some tokenizers add
+    those to compress indentation: text, not control); {} for tokenizers that have none."""
     decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    return {int(i): str(t) for i, t in decoder.items()}
+    return {int(i): str(t) for i, t in decoder.items() if str(t).strip()}
 
 
 def _spans(render: Callable[[str], str], value: str, text: str) -> list[Span] | None:
@@ -302,22 +317,26 @@ def _encode_data(
     injected = [m for m in markers if inside(*m)]
     if not injected:
         return ids, None
-    plain = _plain_encoder(tokenizer)
 
     def cut_at(cuts: list[tuple[int, Span]]) -> list[int]:
         out, pos = [], 0
         for k, (s, e) in cuts:
             if s > pos:
-                out += plain.encode(text[pos:s], add_special_tokens=False).ids
+                out += _plain_encode(tokenizer, text[pos:s], pos == 0)[0]
             out.append(ids[k])
             pos = max(pos, e)
         if pos < len(text):
-            out += plain.encode(text[pos:], add_special_tokens=False).ids
+            out += _plain_encode(tokenizer, text[pos:], pos == 0)[0]
         return out
 
+    def controls(seq: list[int]) -> int:
+        return sum(i in added and i != unk for i in seq)
+
+    # Faithful (cutting at every match reproduces the usual ids) and clean (the pieces between the
+    # template's own tokens encode to no control token), or refused.
     template = [m for m in markers if m not in injected]
     safe = cut_at(template)
-    if cut_at(markers) != ids or sum(i in added and i != unk for i in safe) != len(template):
+    if cut_at(markers) != ids or controls(safe) != controls([ids[k] for k, _ in template]):
         what = added[ids[injected[0][0]]]
         return [], f"holds the control string {what!r}, which this tokenizer cannot encode as text"
     return safe, None
@@ -326,18 +345,43 @@ def _encode_data(
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plain_encoder(tokenizer):
-    """The tokenizer's `tokenizers` pipeline (normalizer, pre-tokenizer, model) without its added
-    vocabulary: text in, never an added token out (cached per tokenizer)."""
+def _plain_encode(tokenizer, text: str, first: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, offsets) of `text` through the tokenizer's `tokenizers` pipeline (normalizer,
+    pre-tokenizer, model) without its added vocabulary but whitespace runs (see `_added_tokens`): never
+    a control token. `first=False` encodes a piece that follows an added token, as the tokenizer does
+    inside a text (a Metaspace pre-tokenizer with prepend_scheme "first" prepends its space marker only
+    at the start of the text). The pipeline is built once per tokenizer."""
     plain = _PLAIN.get(tokenizer)
     if plain is None:
         from tokenizers import Tokenizer
 
-        backend = tokenizer.backend_tokenizer
-        plain = Tokenizer(backend.model)
-        if backend.normalizer is not None:
-            plain.normalizer = backend.normalizer
-        if backend.pre_tokenizer is not None:
-            plain.pre_tokenizer = backend.pre_tokenizer
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        kept = [t for t in spec.get("added_tokens", []) if not t["content"].strip()]
+        spec.update(added_tokens=kept, post_processor=None, truncation=None, padding=None)
+        head = Tokenizer.from_str(json.dumps(spec))
+        spec["pre_tokenizer"], changed = _never_prepend(spec.get("pre_tokenizer"))
+        rest = Tokenizer.from_str(json.dumps(spec)) if changed else head
+        # A kept added token outside the model's vocabulary gets the next free id: give back its own.
+        remap = {head.token_to_id(t["content"]): t["id"] for t in kept}
+        plain = (head, rest, {k: v for k, v in remap.items() if k != v})
         _PLAIN[tokenizer] = plain
-    return plain
+    head, rest, remap = plain
+    enc = (head if first else rest).encode(text, add_special_tokens=False)
+    ids = [remap.get(i, i) for i in enc.ids] if remap else list(enc.ids)
+    return ids, [tuple(o) for o in enc.offsets]
+
+
+def _never_prepend(node: Any) -> tuple[Any, bool]:
+    """A pre-tokenizer spec (JSON) with every Metaspace prepend_scheme "first" set to "never"."""
+    if isinstance(node, list):
+        pairs = [_never_prepend(n) for n in node]
+        return [n for n, _ in pairs], any(c for _, c in pairs)
+    if not isinstance(node, dict):
+        return node, False
+    out, changed = {}, False
+    for k, v in node.items():
+        out[k], c = _never_prepend(v)
+        changed |= c
+    if out.get("type") == "Metaspace" and out.get("prepend_scheme") == "first":
+        out["prepend_scheme"], changed = "never", True
+    return out, changed
