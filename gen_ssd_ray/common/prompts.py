@@ -147,7 +147,7 @@ def load_chat_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad folder
-        raise InputError(f"{key}: cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from None
+        raise InputError(f"{key}: cannot load a tokenizer from {path} ({_one_line(e)})") from None
     if not getattr(tok, "chat_template", None):
         raise InputError(
             f"{key}: the tokenizer of {path} has no chat template, and prompts are rendered with the "
@@ -201,18 +201,15 @@ def check_chat_model(
                 "chat template writes the turn markers itself, and questions are always rendered as text)"
             )
     try:
-        rendered = render_prompt(tok, prompt, "")
-        text = tok.apply_chat_template(
-            chat_messages(prompt, _PLACEHOLDER), tokenize=False, add_generation_prompt=True
-        )
-        if example:
-            render_example(tok, prompt, "", "")
+        rendered, text = _render_checked(tok, prompt, example)
     except Exception as e:  # jinja2 TemplateError, the template's raise_exception, ...
-        culprit = "prompt.system" if prompt.system else key
+        if prompt.system and _renders(tok, PromptConfig(instruction=prompt.instruction), example):
+            where, fix = "prompt.system", "unset prompt.system (this template takes no system message)"
+        else:
+            turns = "a user and an assistant turn" if example else "a user turn"
+            where, fix = key, f"use a model whose chat template renders {turns}"
         raise InputError(
-            f"{culprit}: the chat template of {path} fails on this prompt config ({type(e).__name__}: "
-            f"{e}); {'unset prompt.system or ' if prompt.system else ''}use a model whose template renders "
-            "a user turn" + (" and an assistant turn" if example else "")
+            f"{where}: the chat template of {path} fails on this prompt config ({_one_line(e)}); {fix}"
         ) from None
     if _PLACEHOLDER not in text:
         raise InputError(
@@ -229,8 +226,33 @@ def check_chat_model(
     return tok
 
 
+def _render_checked(tok, prompt: PromptConfig, example: bool) -> tuple[RenderedPrompt, str]:
+    """(the empty question's prompt, the text with a placeholder question); raises what the template
+    raises."""
+    rendered = render_prompt(tok, prompt, "")
+    text = tok.apply_chat_template(
+        chat_messages(prompt, _PLACEHOLDER), tokenize=False, add_generation_prompt=True
+    )
+    if example:
+        render_example(tok, prompt, "", "")
+    return rendered, text
+
+
+def _renders(tok, prompt: PromptConfig, example: bool) -> bool:
+    try:
+        _render_checked(tok, prompt, example)
+    except Exception:
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data as text: tokenization that never turns data into control tokens
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _added_tokens(tokenizer) -> dict[int, str]:
