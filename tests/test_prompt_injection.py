@@ -172,6 +172,31 @@ def test_control_strings_in_a_question_stay_text(tokenizers, name, prompt):
     assert refused < len(_cases(tok))
 
 
+def _boundary_cases(tok) -> list[tuple[PromptConfig, str]]:
+    """A control string completed across the edge of the question by the instruction around it: the
+    question holds its end, its start, or its middle."""
+    cases = []
+    for c in _controls(tok):
+        k = len(c) // 2
+        cases += [
+            (PromptConfig(instruction="A " + c[:k] + "{question}"), c[k:] + " tail"),
+            (PromptConfig(instruction="{question}" + c[k:] + " B"), "head " + c[:k]),
+            (PromptConfig(instruction="A " + c[:1] + "{question}" + c[-1:] + " B"), c[1:-1]),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("name", ["teacher", "student", "lab", "think", "mistral", "flags"])
+def test_control_strings_across_the_question_boundary_stay_text(tokenizers, name):
+    tok = tokenizers[name]
+    for prompt, question in _boundary_cases(tok):
+        expected = _control_counts(name, tok, render_prompt(tok, prompt, "x").token_ids)
+        r = render_prompt(tok, prompt, question)
+        assert r.error is None and _control_counts(name, tok, r.token_ids) == expected, (prompt, question)
+        if name in BYTE_LEVEL:
+            assert tok.decode(r.token_ids) == r.text
+
+
 @pytest.mark.parametrize("name", ["teacher", "student", "lab", "think", "mistral", "flags"])
 def test_control_strings_in_a_finetuning_example_stay_text(tokenizers, name):
     tok, prompt = tokenizers[name], PROMPTS[0]
@@ -263,3 +288,4 @@ def test_cases_counted(tokenizers):
     """The adversarial inputs above (each checked as a question, a response and both)."""
     n = {name: len(_cases(tok)) for name, tok in tokenizers.items()}
     assert n["teacher"] == 17 * len(PLACEMENTS) and n["think"] == 20 * len(PLACEMENTS)
+    assert len(_boundary_cases(tokenizers["teacher"])) == 17 * 3

@@ -37,6 +37,7 @@ Knows tokenizers and chat templates; nothing about engines, Ray or the jobs.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,6 +310,8 @@ def _encode_data(
                 f"holds the control string {hits[0]!r}, which this (slow) tokenizer cannot encode as text",
             )
         return ids, None
+    if not _may_match(tokenizer, value):  # the usual ids: no added token can overlap the data
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     # The added tokens the text matched; an unknown-token id stands for unknown text, not a match.
@@ -362,6 +365,53 @@ def _encode_data(
         what = added[ids[injected[0][0]]]
         return [], f"holds the control string {what!r}, which this tokenizer cannot encode as text"
     return safe, None
+
+
+@dataclass(frozen=True)
+class _Controls:
+    """A fast tokenizer's control strings, prepared for `_may_match`."""
+
+    contents: tuple[str, ...]
+    pattern: re.Pattern
+    prefixes: frozenset[str]  # proper prefixes of the control strings
+    suffixes: frozenset[str]  # proper suffixes
+    longest: int
+    normalized: bool  # some control matches after normalization: only offsets can tell
+
+
+_CONTROLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _may_match(tokenizer, value: str) -> bool:
+    """Whether an added token of the tokenizer could match text overlapping `value`, wherever `value`
+    stands: it holds a control string, or starts with the end of one, or ends with the start of one,
+    or lies inside one (or a control matches after normalization). False: the usual tokenization of
+    any text around `value` matches nothing in it (the fast path of `_encode_data`)."""
+    c = _CONTROLS.get(tokenizer)
+    if c is None:
+        added = _added_tokens(tokenizer)
+        contents = tuple(sorted(set(added.values()), key=len, reverse=True))
+        decoder = tokenizer.added_tokens_decoder
+        normalized = tokenizer.backend_tokenizer.normalizer is not None and any(
+            getattr(decoder[i], "normalized", False) for i in added
+        )
+        c = _Controls(
+            contents,
+            re.compile("|".join(map(re.escape, contents))),
+            frozenset(t[:k] for t in contents for k in range(1, len(t))),
+            frozenset(t[k:] for t in contents for k in range(1, len(t))),
+            len(contents[0]),
+            normalized,
+        )
+        _CONTROLS[tokenizer] = c
+    if not value:
+        return False
+    if c.normalized or c.pattern.search(value):
+        return True
+    edge = min(len(value), c.longest - 1)
+    if any(value[-k:] in c.prefixes or value[:k] in c.suffixes for k in range(1, edge + 1)):
+        return True
+    return len(value) < c.longest and any(value in t for t in c.contents)
 
 
 _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
