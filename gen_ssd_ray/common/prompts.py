@@ -20,14 +20,16 @@ evaluation.
 Data is text, never control. The question and the response are data: a control string in them (the
 template's own turn markers such as ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, or any other
 added token of the tokenizer, special or not) is tokenized as the plain text it is, never as the control
-token. How: the template is rendered as usual and tokenized as usual; the added tokens that tokenization
-found inside the question's (or response's) span of the text (located by rendering a placeholder in its
-place) are the injected ones. Without any, the ids are exactly the usual ones. With some, the text is cut
-only at the template's own added tokens and the pieces between them are encoded without the added
-vocabulary (`tokenizers` normalizer + pre-tokenizer + model): that is how the tokenizer encodes those
-pieces anyway, checked on every such call by first reproducing the usual ids the same way. A tokenizer
-where that check fails, or a slow tokenizer (no offsets) given a control string in the data, gives an
-error (`RenderedPrompt.error`, `PromptError` for `render_example`), never wrong tokens. The prompt config
+token. How: the template is rendered and tokenized as usual. If no control string can touch the data
+(none in it, none begun at its end or ended at its start, none around it) those are the ids, exactly the
+usual ones (the common case: one render, one tokenization). Otherwise the added tokens that tokenization
+matched inside the data's span of the text (located by rendering a placeholder in its place) are the
+injected ones; the text is cut only at the template's own added tokens, and the pieces between them are
+encoded without the added vocabulary (`tokenizers` normalizer + pre-tokenizer + model): that is how the
+tokenizer encodes those pieces anyway, checked on every such call by first reproducing the usual ids the
+same way. A tokenizer where that check fails, or a slow tokenizer (no offsets) given a control string in
+the data, gives an error (`RenderedPrompt.error`, `PromptError` for `render_example`), never wrong
+tokens. Whitespace-run added tokens (indentation compressors) are text, not control. The prompt config
 (`prompt.system`, `prompt.instruction`) is the operator's, not data: `check_chat_model` refuses control
 strings in it (a mistake: the template writes the turn markers itself).
 
@@ -270,7 +272,7 @@ def _spans(render: Callable[[str], str], value: str, text: str) -> list[Span] | 
     the value (e.g. trims it) still locates a single occurrence by the text around it.
     """
     ph = _PLACEHOLDER
-    while ph in value:
+    while ph in text:  # (the text holds the value, and whatever else the data put there)
         ph += "q"
     parts = render(ph).split(ph)
     if len(parts) == 1:
