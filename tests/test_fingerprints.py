@@ -73,3 +73,12 @@ def test_fingerprint_unchanged(name):
 
 def test_every_fingerprint_is_pinned():
     assert sorted(all_fingerprints()) == sorted(PINNED)
+
+
+def test_model_revision_pinned(tmp_path):
+    """A model's revision is part of every fingerprint: pinned like them (recorded when tokenizer, chat
+    template, generation config and remote-code files joined it, by content)."""
+    from gen_ssd_ray.common.models import model_revision
+    from tests.test_model_identity import FILES, _folder
+
+    assert model_revision(str(_folder(tmp_path, FILES))) == "420601c216db6284"

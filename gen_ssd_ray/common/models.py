@@ -144,21 +144,67 @@ def materialize(dest: Path, recipe: dict[str, Any], build: Callable[[Path], None
 # Names
 
 
+# Files of a model folder whose bytes change what the jobs produce besides the weights: the tokenizer, the
+# chat template (in tokenizer_config.json, chat_template.jinja/.json or additional_chat_templates/), the
+# generation config (vLLM takes stop tokens from it) and remote code (trust_remote_code).
+REVISION_FILES = (
+    "config.json",
+    ".complete",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "preprocessor_config.json",
+)
+REVISION_GLOBS = ("additional_chat_templates/*", "*.py", "*.tiktoken")
+
+
 def model_revision(path: str) -> str:
-    """A cheap identity of a local model folder: its config.json, the names and sizes of its weight
+    """A cheap identity of a model: the content of its config, tokenizer, chat template, generation
+    config and remote-code files (`REVISION_FILES`, `REVISION_GLOBS`), the names and sizes of its weight
     files, and its `.complete` marker if it has one (written by the fine-tuning job and the embedded
     model builders; it holds the run's fingerprint, so a retrained model of the same shape is a new
-    revision). A hub id without a local folder is identified by its name."""
+    revision). Content, not timestamps: rewriting a file unchanged keeps the revision; editing the chat
+    template changes it. A hub id is identified by the same files of its snapshot in the offline
+    Hugging Face cache, or by its name if it has none there."""
     folder = Path(path)
     if not folder.is_dir():
-        return path
+        folder = _cached_snapshot(path)
+        if folder is None:
+            return path
     h = hashlib.sha256()
-    for name in ("config.json", ".complete"):
-        if (folder / name).is_file():
-            h.update((folder / name).read_bytes())
+    named = {folder / name for name in REVISION_FILES}
+    for pattern in REVISION_GLOBS:
+        named.update(folder.glob(pattern))
+    for f in sorted(named, key=lambda p: p.relative_to(folder).as_posix()):
+        if f.is_file():
+            rel = f.relative_to(folder).as_posix()
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            h.update(f"{rel}:{digest}\n".encode())
     for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The snapshot folder of hub id `name` in the offline Hugging Face cache, if it is there."""
+    if not _HUB_ID.fullmatch(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid repo id after all
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
 
 
 def resolve_model(name: str) -> str:
