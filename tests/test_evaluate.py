@@ -61,7 +61,7 @@ def test_sample_rows_map_finish_reasons_and_extract_answers_only_when_completed(
         (sample("so #### 7", "stop", 4), sample("... 12", "length", 16), sample("x", "abort", 1))
     )
     rows = sample_rows(problem("a"), PROMPT, gen, n=3, model="m", seed=11)
-    assert [r["status"] for r in rows] == ["completed", "truncated", "error"]
+    assert [r["status"] for r in rows] == ["completed", "truncated", "failed"]
     assert [r["final_answer"] for r in rows] == ["7", None, None]
     assert [r["num_response_tokens"] for r in rows] == [4, 16, 1]
     assert [r["sample_index"] for r in rows] == [0, 1, 2]
@@ -114,7 +114,7 @@ def test_summary_with_n_samples_unverified_and_errors():
     s = summarize(rows)
     assert s["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)  # the error problem is not a zero
     assert (s["problems"], s["problems_scored"], s["problems_error"], s["samples"]) == (4, 3, 1, 8)
-    assert s["samples_by_status"] == {"completed": 5, "truncated": 1, "error": 2}
+    assert s["samples_by_status"] == {"completed": 5, "truncated": 1, "failed": 0, "error": 2}
     assert (s["correct"], s["incorrect"], s["unverified"]) == (3, 1, 2)
     assert s["generated_tokens"] == 4 + 6 + 2 + 2 + 16 + 2
     assert s["mean_response_tokens"] == pytest.approx(32 / 6, abs=0.01)
@@ -361,7 +361,7 @@ def test_evaluate_command_end_to_end_then_skipped(tmp_path, tiny_model):
 
     # the summary agrees with the predictions
     assert summary["samples_by_status"] == {
-        s: int((df.status == s).sum()) for s in ("completed", "truncated", "error")
+        s: int((df.status == s).sum()) for s in ("completed", "truncated", "failed", "error")
     }
     assert (
         summary["problems"],
