@@ -19,7 +19,9 @@ Contract:
   (re-running the same command, with or without force, continues). `check_partial` is the same check,
   read-only, for `prepare`. A piece that cannot be read (not expected: pieces are whole by
   construction) is moved aside as ``.corrupt-<name>`` and its problems are evaluated again.
-- `rows(order)` reads every committed row back (one row per problem x sample, the first piece's rows
+- Problem ids are stored as `rows.encodable` makes them (a lone surrogate escaped), and `done_ids`
+  holds them so: callers compare `encodable(problem_id)`.
+- `rows()` reads every committed row back (one row per problem x sample, the first piece's rows
   for a problem committed twice); `remove()` deletes the folder once predictions.parquet and
   summary.json are written.
 
@@ -40,7 +42,7 @@ import pyarrow.parquet as pq
 
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.fsio import TMP_PREFIX, atomic_writer, fsync_dir
-from gen_ssd_ray.evaluate.rows import PREDICTION_SCHEMA, rows_table
+from gen_ssd_ray.evaluate.rows import PREDICTION_SCHEMA, encodable, rows_table
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -140,7 +142,7 @@ class PartialPredictions:
         no rows). Raises ValueError for a problem already committed."""
         if not rows:
             return None
-        ids = list(dict.fromkeys(r["problem_id"] for r in rows))
+        ids = list(dict.fromkeys(encodable(r["problem_id"]) for r in rows))  # as stored
         again = self.done_ids.intersection(ids)
         if again:
             raise ValueError(f"problems already committed in {self.folder}: {sorted(again)[:3]}")

@@ -80,7 +80,9 @@ PREDICTION_SCHEMA: pa.Schema = pa.schema(
 
 def problem_seed(base: int, problem_id: str) -> int:
     """The request seed of a problem: results do not depend on batching, engine count or order."""
-    h = hashlib.blake2b(f"{base}/{problem_id}".encode(), digest_size=4).digest()
+    # surrogatepass: an id that is not valid UTF-8 (a lone surrogate) still has a seed, the same as
+    # plain .encode() gives for every valid id
+    h = hashlib.blake2b(f"{base}/{problem_id}".encode("utf-8", "surrogatepass"), digest_size=4).digest()
     return int.from_bytes(h, "big") & 0x7FFFFFFF
 
 

@@ -60,7 +60,7 @@ from gen_ssd_ray.evaluate.partial import (
     check_partial,
     refused,
 )
-from gen_ssd_ray.evaluate.rows import problem_seed, sample_rows, summarize, write_predictions
+from gen_ssd_ray.evaluate.rows import encodable, problem_seed, sample_rows, summarize, write_predictions
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -225,7 +225,7 @@ def evaluate(
     rows = _all_rows(p, partial)
     summary = {
         **summarize(rows),
-        "resumed_problems": len(partial.resumed_ids & {q.problem_id for q in p.problems}),
+        "resumed_problems": len(partial.resumed_ids & {encodable(q.problem_id) for q in p.problems}),
         "verifier": counters,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "generation_s": round(generation_s, 1),
@@ -243,7 +243,7 @@ GenerateFn = Any  # (batches, prompts, seeds, stop) -> Iterator[(batch, generati
 
 def _all_rows(p: Prepared, partial: PartialPredictions) -> list[dict[str, Any]]:
     """Every committed row in input order (problem, then sample); JobFailed if a problem is missing."""
-    order = {q.problem_id: i for i, q in enumerate(p.problems)}
+    order = {encodable(q.problem_id): i for i, q in enumerate(p.problems)}  # ids as stored
     rows = [r for r in partial.rows() if r["problem_id"] in order]
     rows.sort(key=lambda r: (order[r["problem_id"]], r["sample_index"]))
     missing = len(order) - len({r["problem_id"] for r in rows})
@@ -293,7 +293,7 @@ def _generate_rows(
     error_rows: list[dict[str, Any]] = []
     todo = []
     for i, (problem, prompt) in enumerate(zip(p.problems, p.prompts, strict=True)):
-        if problem.problem_id in done:
+        if encodable(problem.problem_id) in done:  # ids as stored (rows.encodable)
             continue
         if prompt.error is not None:  # bad row or too long: an error row, no engine needed
             error_rows += sample_rows(problem, prompt, None, n=n, model=name, seed=seeds[i])
