@@ -504,8 +504,9 @@ class FakeEngines:
     """generate_fn for `evaluate`: answers gold for even problems, gold+1 for odd ones; records what it
     was asked; after `interrupt_after` batches sends this process a real SIGINT (or raises `fail`)."""
 
-    def __init__(self, problems, interrupt_after=None, fail=None, finish="stop"):
+    def __init__(self, problems, interrupt_after=None, fail=None, finish="stop", delay_s=0.0):
         self.problems, self.interrupt_after, self.fail, self.finish = problems, interrupt_after, fail, finish
+        self.delay_s = delay_s
         self.asked: list[int] = []
 
     def __call__(self, todo_batches, prompts, seeds, stop):
@@ -520,6 +521,7 @@ class FakeEngines:
                 os.kill(os.getpid(), signal.SIGINT)  # stop_on_signals turns it into `stop`
                 time.sleep(0.1)
                 continue
+            time.sleep(self.delay_s)
             self.asked += batch
             gens = []
             for i in batch:
@@ -653,3 +655,92 @@ def test_prepare_refuses_a_broken_math_verify_before_anything_starts(fake_setup,
     assert last.startswith("error: ") and "pip install 'math-verify[antlr4_13_2]" in last
     assert "Started a local Ray instance" not in r.stdout + r.stderr
     assert not (tmp_path / "out").exists()
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from tests.test_evaluate import FakeEngines, cfg_with, eval_problems, fake_prepared
+from gen_ssd_ray.evaluate.run import evaluate
+
+cfg = cfg_with(f"output.dir={sys.argv[1]}", "model.max_num_seqs=2", "runtime.progress=false")
+problems = eval_problems(10)
+evaluate(cfg, fake_prepared(cfg, problems), generate_fn=FakeEngines(problems, delay_s=float(sys.argv[2])))
+"""
+
+
+def test_killed_evaluation_resumes_from_its_committed_pieces(eval_cfg):
+    """SIGKILL mid-run (no handler, no cleanup): the pieces committed before the kill are kept."""
+    import signal
+
+    from gen_ssd_ray.evaluate.partial import PARTIAL_DIR
+
+    out = Path(eval_cfg.output.dir)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out), "0.4"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / PARTIAL_DIR).glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    pieces = list((out / PARTIAL_DIR).glob("part-*.parquet"))
+    assert 2 <= len(pieces) < 5 and not (out / SUMMARY_NAME).exists()
+    problems = eval_problems(10)
+    engines = FakeEngines(problems)
+    summary = evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=engines)
+    done_before = 2 * len(pieces)
+    assert engines.asked == list(range(done_before, 10))
+    assert summary["samples"] == 10 and summary["resumed_problems"] == done_before
+    assert summary["correct"] == 5 and summary["accuracy"] == 0.5
+    df = __import__("pandas").read_parquet(out / PREDICTIONS_NAME)
+    assert list(df.problem_id) == [q.problem_id for q in problems]
+
+
+BASE_ROW = dict(
+    problem_id="a",
+    sample_index=0,
+    question="q",
+    gold_answer="1",
+    prompt="p",
+    response="r",
+    final_answer="1",
+    correct=True,
+    status="completed",
+    error=None,
+    num_response_tokens=3,
+    model="m",
+    seed=1,
+)
+# Values of the wrong type or a null where the schema needs a value: whatever produced them, the
+# writer turns that row into an error row and writes the others.
+WRONG_VALUES = [
+    {"problem_id": None},
+    {"problem_id": 5},
+    {"status": None},
+    {"status": "weird"},
+    {"sample_index": None},
+    {"sample_index": 1.5},
+    {"sample_index": True},
+    {"question": ["x"]},
+    {"gold_answer": float("nan")},
+    {"gold_answer": {"a": 1}},
+    {"num_response_tokens": "3"},
+    {"correct": "yes"},
+    {"correct": float("nan")},
+    {"seed": 2**70},
+]
+
+
+@pytest.mark.parametrize("wrong", WRONG_VALUES, ids=lambda w: "-".join(f"{k}={v!r}" for k, v in w.items()))
+def test_writer_turns_rows_of_the_wrong_type_into_error_rows(tmp_path, wrong):
+    import pyarrow.parquet as pq
+
+    write_predictions(
+        tmp_path / PREDICTIONS_NAME, [BASE_ROW, {**BASE_ROW, **wrong}, {**BASE_ROW, "problem_id": "c"}]
+    )
+    got = pq.read_table(tmp_path / PREDICTIONS_NAME).to_pylist()
+    assert got[0] == BASE_ROW and got[2] == {**BASE_ROW, "problem_id": "c"}
+    assert got[1]["status"] == "error" and got[1]["correct"] is None
+    assert got[1]["error"].startswith("the row could not be written as it was")

@@ -188,12 +188,73 @@ def encodable(value: Any) -> Any:
 
 
 def rows_table(rows: Sequence[dict[str, Any]], metadata: dict[str, str] | None = None) -> pa.Table:
-    """The rows as a table of exactly `PREDICTION_SCHEMA` (strings made encodable: `encodable`)."""
+    """The rows as a table of exactly `PREDICTION_SCHEMA`; never raises on a row's values.
+
+    Strings are made encodable (`encodable`). A row that still does not convert (a value of the wrong
+    type: a list for a question, a float for a sample index, ...) is written as an error row instead
+    (`_as_error_row`: its text fields as strings, the reason in `error`), so one bad row never loses
+    the others.
+    """
     names = PREDICTION_SCHEMA.names
-    table = pa.Table.from_pylist(
-        [{k: encodable(r.get(k)) for k in names} for r in rows], schema=PREDICTION_SCHEMA
-    )
+    clean = [{k: encodable(r.get(k)) for k in names} for r in rows]
+    clean = [r if (why := _type_problem(r)) is None else _as_error_row(r, why) for r in clean]
+    try:
+        table = pa.Table.from_pylist(clean, schema=PREDICTION_SCHEMA)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        table = pa.Table.from_pylist([_convertible(r) for r in clean], schema=PREDICTION_SCHEMA)
     return table.replace_schema_metadata(metadata) if metadata else table
+
+
+def _type_problem(row: dict[str, Any]) -> str | None:
+    """Why `row` does not fit `PREDICTION_SCHEMA` (a null where a value is needed, a value of the wrong
+    type: Arrow would refuse it, or silently truncate a float to an integer), or None."""
+    for f in PREDICTION_SCHEMA:
+        v = row.get(f.name)
+        if v is None:
+            if not f.nullable:
+                return f"{f.name} is null"
+            continue
+        if pa.types.is_string(f.type):
+            ok = isinstance(v, str)
+        elif pa.types.is_integer(f.type):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:  # correct
+            ok = isinstance(v, bool)
+        if not ok:
+            return f"{f.name} is a {type(v).__name__}: {v!r:.60}"
+    if row.get("status") not in STATUSES:
+        return f"status {row.get('status')!r:.60} is not one of {STATUSES}"
+    return None
+
+
+def _convertible(row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pa.Table.from_pylist([row], schema=PREDICTION_SCHEMA)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+        return _as_error_row(row, f"{type(e).__name__}: {e}")
+    return row
+
+
+def _as_error_row(row: dict[str, Any], why: str) -> dict[str, Any]:
+    """A row that the schema refused, as an error row: text as strings, numbers that are not whole
+    numbers as null (0 where the schema needs a value), `correct` null."""
+
+    def text(v: Any) -> str | None:
+        return None if v is None else encodable(v if isinstance(v, str) else repr(v))
+
+    def whole(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and -(2**31) <= v < 2**31 else None
+
+    return {
+        **{f.name: text(row.get(f.name)) for f in PREDICTION_SCHEMA if pa.types.is_string(f.type)},
+        "problem_id": text(row.get("problem_id")) or "(no problem_id)",
+        "sample_index": whole(row.get("sample_index")) or 0,
+        "num_response_tokens": whole(row.get("num_response_tokens")),
+        "seed": whole(row.get("seed")),
+        "correct": None,
+        "status": ERROR,
+        "error": encodable(f"the row could not be written as it was ({why})"[:1000]),
+    }
 
 
 def write_predictions(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -281,7 +281,7 @@ def _generate_rows(
     """
     from gen_ssd_ray.common.interrupts import stop_on_signals
     from gen_ssd_ray.common.progress import Progress
-    from gen_ssd_ray.common.verify import Verifier
+    from gen_ssd_ray.common.verify import PoolUnavailable, Verifier
     from gen_ssd_ray.engines.actors import actors_of, stop_actors
 
     assert p.prompts is not None
@@ -322,7 +322,14 @@ def _generate_rows(
                 rows = []
                 for i, g in zip(batch, generations, strict=True):
                     rows += sample_rows(p.problems[i], p.prompts[i], g, n=n, model=name, seed=seeds[i])
-                verifier.verify_rows(rows)
+                try:
+                    verifier.verify_rows(rows)
+                except PoolUnavailable as e:
+                    raise JobFailed(
+                        f"the answer checker (math-verify) stopped working: {e}; the "
+                        f"{len(partial.done_ids)} problems committed in {partial.folder} are kept, "
+                        "re-run the same command to continue"
+                    ) from e
                 partial.commit(rows)
                 batch_tokens = sum(r["num_response_tokens"] for r in rows)
                 tokens += batch_tokens
