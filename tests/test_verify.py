@@ -257,3 +257,12 @@ def test_worker_killed_while_idle_repeatedly():
             _kill_and_wait(_worker_pids(v))
         assert v.verify_many([("0", "0"), ("1", "0")]) == [True, False]
         assert v.counters()["pool_restarts"] == 3
+
+
+def test_real_comparison_error_is_null_not_false():
+    """A gold answer math-verify raises on when comparing (1/0: "Can't evaluate nan or zoo") was False."""
+    with pytest.raises(Exception, match="zoo"):
+        check_answer("1/0", "18")
+    with Verifier(workers=1, timeout_s=20.0) as v:
+        assert v.verify_many([("1/0", "18"), ("18", "18")]) == [None, True]
+        assert v.counters()["errors"] == 1

@@ -232,6 +232,14 @@ def evaluate(
         **_describe(cfg, p),
     }
     summary["tokens_per_s"] = round(tokens / generation_s, 1) if generation_s else None  # this run
+    unchecked = counters["errors"] + counters["timeouts"] + counters["lost"]
+    if unchecked:
+        log.warning(
+            "verifier: %d of %d answer checks failed (%s); those samples are unverified",
+            unchecked,
+            counters["checks"],
+            counters,
+        )
     write_predictions(out / PREDICTIONS_NAME, rows)
     atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
     partial.remove()
