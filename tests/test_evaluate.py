@@ -468,12 +468,15 @@ def test_problems_with_unencodable_or_unrenderable_text_become_error_rows():
         Problem("g", "fine question", "1\udfff"),
         Problem("t", "explode", "1"),
         problem("ok2"),
+        Problem("f", "q", 7.0),  # not text: whatever the loader let through
+        Problem("l", ["a", "list"], "1"),
     ]
     out = render_prompts(StrictTokenizer(), PromptConfig(), problems, max_model_len=400, max_new_tokens=16)
     assert out[0].error is None and out[4].error is None
     assert "question is not valid Unicode" in out[1].error
     assert "gold_answer is not valid Unicode" in out[2].error
     assert "could not be rendered" in out[3].error and "TypeError" in out[3].error
+    assert "gold_answer is a float" in out[5].error and "question is a list" in out[6].error
 
 
 def test_rendering_that_fails_for_every_problem_is_bad_input():
@@ -744,3 +747,46 @@ def test_writer_turns_rows_of_the_wrong_type_into_error_rows(tmp_path, wrong):
     assert got[0] == BASE_ROW and got[2] == {**BASE_ROW, "problem_id": "c"}
     assert got[1]["status"] == "error" and got[1]["correct"] is None
     assert got[1]["error"].startswith("the row could not be written as it was")
+
+
+@pytest.mark.parametrize("where", ["piece", "predictions"])
+def test_disk_full_is_one_line_keeps_committed_rows_and_resumes(eval_cfg, monkeypatch, where):
+    import contextlib
+    import errno
+
+    from gen_ssd_ray.common.errors import JobFailed
+    from gen_ssd_ray.evaluate import partial as partial_mod
+    from gen_ssd_ray.evaluate import rows as rows_mod
+
+    module = partial_mod if where == "piece" else rows_mod
+    real, calls = module.atomic_writer, []
+
+    @contextlib.contextmanager
+    def fills_up(path, **kw):  # a disk that fills up after two pieces / when the final file is written
+        calls.append(path)
+        if where == "predictions" or len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        with real(path, **kw) as fh:
+            yield fh
+
+    monkeypatch.setattr(module, "atomic_writer", fills_up)
+    problems = eval_problems(7)
+    out = Path(eval_cfg.output.dir)
+    with pytest.raises(JobFailed) as e:
+        evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=FakeEngines(problems))
+    msg = str(e.value)
+    assert "\n" not in msg and "the disk is full" in msg and "free space" in msg and "re-run" in msg
+    assert str(out / ("_partial" if where == "piece" else PREDICTIONS_NAME)) in msg
+    monkeypatch.undo()
+    engines = FakeEngines(problems)
+    summary = evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=engines)
+    assert engines.asked == ([4, 5, 6] if where == "piece" else [])
+    assert summary["samples"] == 7 and summary["resumed_problems"] == (4 if where == "piece" else 7)
+
+
+def test_a_file_in_place_of_the_partial_folder_is_bad_input(tmp_path):
+    from gen_ssd_ray.common.errors import InputError
+
+    (tmp_path / "_partial").write_text("")
+    with pytest.raises(InputError, match="_partial is not a folder"):
+        check_existing(tmp_path, "abc", force=False)

@@ -81,8 +81,14 @@ def _fingerprint_of(piece: Path) -> str | None:
 def check_partial(folder: Path, fingerprint: str, force: bool) -> int:
     """How many pieces of this evaluation `folder` holds (0 when none); read-only.
 
-    Raises EvaluationExistsError when a piece was written with another fingerprint and not `force`.
+    Raises EvaluationExistsError when a piece was written with another fingerprint and not `force`,
+    InputError when `folder` exists but is not a folder.
     """
+    if folder.exists() and not folder.is_dir():
+        raise InputError(
+            f"{folder} is not a folder (output.dir holds a file named {PARTIAL_DIR}): remove it, or choose "
+            "another output.dir"
+        )
     count = 0
     for piece in _pieces(folder):
         try:

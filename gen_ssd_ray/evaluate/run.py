@@ -37,11 +37,13 @@ ray, vllm and transformers are imported inside functions; importing this module 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,14 +158,9 @@ def render_prompts(
         if p.error is not None or p.question is None:
             rendered.append(RenderedPrompt(error=p.error or "no question"))
             continue
-        bad = next((f for f in ("question", "gold_answer") if not _is_text(getattr(p, f))), None)
+        bad = next((why for f in ("question", "gold_answer") if (why := _not_text(f, getattr(p, f)))), None)
         if bad is not None:
-            rendered.append(
-                RenderedPrompt(
-                    error=f"the {bad} is not valid Unicode text (it holds a lone surrogate, e.g. an "
-                    '"\\ud800" escape in JSON): fix the data row'
-                )
-            )
+            rendered.append(RenderedPrompt(error=f"{bad}: fix the data row"))
             continue
         attempted += 1
         try:
@@ -187,14 +184,17 @@ def render_prompts(
     return rendered
 
 
-def _is_text(value: str | None) -> bool:
+def _not_text(field: str, value: object) -> str | None:
+    """Why `value` (a problem's question or gold answer) is not usable text, or None (None is fine)."""
     if value is None:
-        return True
+        return None
+    if not isinstance(value, str):
+        return f"the {field} is a {type(value).__name__} ({value!r:.40}), not text"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        return f'the {field} is not valid Unicode text (it holds a lone surrogate, e.g. an "\\ud800" escape in JSON)'
+    return None
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -219,8 +219,9 @@ def evaluate(
     assert p.prompts is not None
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_NAME).unlink(missing_ok=True)  # never leave an old summary beside new predictions
-    partial = PartialPredictions(out / PARTIAL_DIR, p.fingerprint, force=cfg.output.force)
+    with writing(out / PARTIAL_DIR):
+        (out / SUMMARY_NAME).unlink(missing_ok=True)  # never leave an old summary beside new predictions
+        partial = PartialPredictions(out / PARTIAL_DIR, p.fingerprint, force=cfg.output.force)
     generation_s, tokens, counters = _generate_rows(cfg, p, partial, generate_fn)
     rows = _all_rows(p, partial)
     summary = {
@@ -240,10 +241,32 @@ def evaluate(
             counters["checks"],
             counters,
         )
-    write_predictions(out / PREDICTIONS_NAME, rows)
-    atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
+    with writing(out / PREDICTIONS_NAME, partial):
+        write_predictions(out / PREDICTIONS_NAME, rows)
+    with writing(out / SUMMARY_NAME, partial):
+        atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
     partial.remove()
     return summary
+
+
+@contextlib.contextmanager
+def writing(path: Path, partial: PartialPredictions | None = None) -> Iterator[None]:
+    """An OSError writing `path` (disk full, permissions, quota) as JobFailed: one line naming the
+    file and the fix; what is committed is kept."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        kept = (
+            f"the {len(partial.done_ids)} problems committed in {partial.folder} are kept, "
+            if partial
+            else ""
+        )
+        raise JobFailed(
+            f"writing {path} failed ({reason(e)}){': the disk is full' if full else ''}; "
+            f"{'free space' if full else 'fix the folder (space, permissions)'} and re-run the same command "
+            f"({kept}it continues from there)"
+        ) from e
 
 
 GenerateFn = Any  # (batches, prompts, seeds, stop) -> Iterator[(batch, generations)]; see `evaluate`
@@ -307,7 +330,8 @@ def _generate_rows(
             error_rows += sample_rows(problem, prompt, None, n=n, model=name, seed=seeds[i])
         else:
             todo.append(i)
-    partial.commit(error_rows)
+    with writing(partial.folder, partial):
+        partial.commit(error_rows)
     generation_s, tokens = 0.0, 0
     counters = {"checks": 0, "errors": 0, "timeouts": 0, "lost": 0, "pool_restarts": 0}
     if not todo:
@@ -338,7 +362,8 @@ def _generate_rows(
                         f"{len(partial.done_ids)} problems committed in {partial.folder} are kept, "
                         "re-run the same command to continue"
                     ) from e
-                partial.commit(rows)
+                with writing(partial.folder, partial):
+                    partial.commit(rows)
                 batch_tokens = sum(r["num_response_tokens"] for r in rows)
                 tokens += batch_tokens
                 progress.update(len(batch), batch_tokens)
