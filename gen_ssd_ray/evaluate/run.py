@@ -43,7 +43,7 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ SUMMARY_NAME = "summary.json"
 # Batches in flight per engine: one generating, one queued behind it, so the engine does not idle
 # while the driver collects and verifies a finished batch.
 INFLIGHT_BATCHES_PER_ENGINE = 2
+# What stands in for the engines in `evaluate(..., generate_fn=)`:
+# (batches, prompts, seeds, stop) -> Iterator[(batch, generations)].
+GenerateFn = Callable[..., Iterator[tuple[list[int], list[Any]]]]
 
 
 @dataclass
@@ -269,9 +272,6 @@ def writing(path: Path, partial: PartialPredictions | None = None) -> Iterator[N
         ) from e
 
 
-GenerateFn = Any  # (batches, prompts, seeds, stop) -> Iterator[(batch, generations)]; see `evaluate`
-
-
 def _all_rows(p: Prepared, partial: PartialPredictions) -> list[dict[str, Any]]:
     """Every committed row in input order (problem, then sample); JobFailed if a problem is missing."""
     order = {encodable(q.problem_id): i for i, q in enumerate(p.problems)}  # ids as stored
@@ -340,17 +340,18 @@ def _generate_rows(
     engines: list = []
     progress = None
     try:
-        if generate_fn is None:
+        run_batches = generate_fn
+        if run_batches is None:
             init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
             engines = start_engines(cfg, p.model_path)
 
-            def generate_fn(todo_batches, prompts, seeds, stop):
+            def run_batches(todo_batches, prompts, seeds, stop):
                 return generate_batches(cfg, engines, todo_batches, p, seeds, stop)
 
         t0 = time.perf_counter()  # rates exclude engine start-up
         progress = Progress("evaluate", len(p.problems), len(p.problems) - len(todo), cfg.runtime.progress)
         with stop_on_signals() as stop:
-            for batch, generations in generate_fn(batches(todo, cfg), p.prompts, seeds, stop):
+            for batch, generations in run_batches(batches(todo, cfg), p.prompts, seeds, stop):
                 rows = []
                 for i, g in zip(batch, generations, strict=True):
                     rows += sample_rows(p.problems[i], p.prompts[i], g, n=n, model=name, seed=seeds[i])
