@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python -m jobs.evaluate model.model=/models/student model.num_gpus=1
 
 Every key and its default: gen_ssd_ray/evaluate/config.py. Exit codes: 0 done (or already evaluated:
-skipped), 2 bad config / model / input / output folder (nothing started), 1 engines failed (nothing
-written: re-run), 130 interrupted (nothing written).
+skipped), 2 bad config / model / input / output folder, or an answer checker (math-verify) that cannot
+run (nothing started), 1 engines failed, 130 interrupted. Rows are committed as batches finish
+(output.dir/_partial): after 1 or 130, re-running the same command resumes where it stopped.
 """
 
 from __future__ import annotations

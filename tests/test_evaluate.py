@@ -61,7 +61,7 @@ def test_sample_rows_map_finish_reasons_and_extract_answers_only_when_completed(
         (sample("so #### 7", "stop", 4), sample("... 12", "length", 16), sample("x", "abort", 1))
     )
     rows = sample_rows(problem("a"), PROMPT, gen, n=3, model="m", seed=11)
-    assert [r["status"] for r in rows] == ["completed", "truncated", "error"]
+    assert [r["status"] for r in rows] == ["completed", "truncated", "failed"]
     assert [r["final_answer"] for r in rows] == ["7", None, None]
     assert [r["num_response_tokens"] for r in rows] == [4, 16, 1]
     assert [r["sample_index"] for r in rows] == [0, 1, 2]
@@ -114,7 +114,7 @@ def test_summary_with_n_samples_unverified_and_errors():
     s = summarize(rows)
     assert s["accuracy"] == pytest.approx((1 + 0.5 + 0) / 3)  # the error problem is not a zero
     assert (s["problems"], s["problems_scored"], s["problems_error"], s["samples"]) == (4, 3, 1, 8)
-    assert s["samples_by_status"] == {"completed": 5, "truncated": 1, "error": 2}
+    assert s["samples_by_status"] == {"completed": 5, "truncated": 1, "failed": 0, "error": 2}
     assert (s["correct"], s["incorrect"], s["unverified"]) == (3, 1, 2)
     assert s["generated_tokens"] == 4 + 6 + 2 + 2 + 16 + 2
     assert s["mean_response_tokens"] == pytest.approx(32 / 6, abs=0.01)
@@ -361,7 +361,7 @@ def test_evaluate_command_end_to_end_then_skipped(tmp_path, tiny_model):
 
     # the summary agrees with the predictions
     assert summary["samples_by_status"] == {
-        s: int((df.status == s).sum()) for s in ("completed", "truncated", "error")
+        s: int((df.status == s).sum()) for s in ("completed", "truncated", "failed", "error")
     }
     assert (
         summary["problems"],
@@ -393,3 +393,400 @@ def test_evaluate_command_end_to_end_then_skipped(tmp_path, tiny_model):
     r3 = run_evaluate([*args, "sampling.seed=1"], timeout=120)
     assert r3.returncode == 2 and "output.force=true" in r3.stderr
     assert format_summary(summary).count("\n") > 5
+
+
+# ---- hardening (issue 11) -------------------------------------------------------------------------
+
+# Every finish reason that is not a normal end (vLLM: "stop", "length"), as any backend may report it.
+ABNORMAL_ENDS = ["abort", None, "error", "cancelled", "", "STOP", "timeout"]
+
+
+@pytest.mark.parametrize("finish", ABNORMAL_ENDS)
+def test_abnormal_finish_reasons_are_failures_in_the_denominator(finish):
+    gen = Generation((sample("so #### 7", "stop", 4), sample("#### 7", finish, 3)))
+    rows = sample_rows(problem("a"), PROMPT, gen, n=2, model="m", seed=0)
+    assert [r["status"] for r in rows] == ["completed", "failed"]
+    assert repr(finish) in rows[1]["error"] and rows[1]["final_answer"] is None
+    rows[0]["correct"] = True
+    s = summarize(rows)
+    assert s["accuracy"] == 0.5 and s["failed"] == 1 and s["problems_scored"] == 1
+    assert s["samples_by_status"]["failed"] == 1 and s["samples_by_status"]["error"] == 0
+
+
+@pytest.mark.parametrize("returned", [0, 1])
+def test_samples_the_engine_did_not_return_are_failures(returned):
+    gen = Generation(tuple(sample("#### 7") for _ in range(returned)))
+    rows = sample_rows(problem("a"), PROMPT, gen, n=3, model="m", seed=0)
+    assert [r["sample_index"] for r in rows] == [0, 1, 2]
+    assert [r["status"] for r in rows] == ["completed"] * returned + ["failed"] * (3 - returned)
+    assert all(f"returned {returned} of sampling.n=3" in r["error"] for r in rows[returned:])
+    for r in rows[:returned]:
+        r["correct"] = True
+    assert summarize(rows)["accuracy"] == pytest.approx(returned / 3)
+    too_many = sample_rows(problem("b"), PROMPT, Generation((sample("#### 7"),) * 3), n=2, model="m", seed=0)
+    assert len(too_many) == 2
+
+
+# Strings the Parquet writer cannot encode: lone surrogates as JSON "\ud800" / "\udfff" escapes give,
+# alone, paired in the wrong order, or next to ordinary text.
+UNENCODABLE = ["\ud800", "q\udfff?", "\udc00\ud800", "ok \ud83d text", "id-\ud800"]
+
+
+@pytest.mark.parametrize("bad", UNENCODABLE)
+def test_writer_never_crashes_on_unencodable_text(tmp_path, bad):
+    import pyarrow.parquet as pq
+
+    rows = sample_rows(
+        Problem(bad, bad, bad), RenderedPrompt(bad, (1,)), Generation((sample(bad),)), n=1, model=bad, seed=0
+    )
+    rows[0]["error"] = bad
+    rows += sample_rows(problem("fine"), PROMPT, Generation((sample("#### 7"),)), n=1, model="m", seed=0)
+    write_predictions(tmp_path / PREDICTIONS_NAME, rows)
+    got = pq.read_table(tmp_path / PREDICTIONS_NAME).to_pylist()
+    escaped = bad.encode("utf-8", "backslashreplace").decode()
+    for key in ("problem_id", "question", "gold_answer", "prompt", "response", "error", "model"):
+        assert got[0][key] == escaped and "\\u" in got[0][key]
+    assert got[1]["problem_id"] == "fine" and got[1]["response"] == "#### 7"  # other rows untouched
+
+
+class StrictTokenizer(WordTokenizer):
+    """Like the Rust tokenizers: text that is not valid UTF-8 raises; "explode" raises too."""
+
+    def __call__(self, text, add_special_tokens):
+        text.encode("utf-8")
+        if "explode" in text:
+            raise TypeError(
+                "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+            )
+        return super().__call__(text, add_special_tokens)
+
+
+def test_problems_with_unencodable_or_unrenderable_text_become_error_rows():
+    problems = [
+        problem("ok"),
+        Problem("q", "what is \ud800?", "1"),
+        Problem("g", "fine question", "1\udfff"),
+        Problem("t", "explode", "1"),
+        problem("ok2"),
+        Problem("f", "q", 7.0),  # not text: whatever the loader let through
+        Problem("l", ["a", "list"], "1"),
+    ]
+    out = render_prompts(StrictTokenizer(), PromptConfig(), problems, max_model_len=400, max_new_tokens=16)
+    assert out[0].error is None and out[4].error is None
+    assert "question is not valid Unicode" in out[1].error
+    assert "gold_answer is not valid Unicode" in out[2].error
+    assert "could not be rendered" in out[3].error and "TypeError" in out[3].error
+    assert "gold_answer is a float" in out[5].error and "question is a list" in out[6].error
+
+
+def test_rendering_that_fails_for_every_problem_is_bad_input():
+    from gen_ssd_ray.common.errors import InputError
+
+    problems = [Problem("a", "explode", "1"), Problem("b", "explode again", "2"), problem("c", error="bad")]
+    with pytest.raises(InputError, match="model.model='m'.*every problem"):
+        render_prompts(StrictTokenizer(), PromptConfig(), problems, 400, 16, "model.model='m'")
+
+
+# ---- a whole evaluation in-process: fake engines, real verifier, real files --------------------------
+
+
+def fake_prepared(cfg, problems, prompts=None):
+    from gen_ssd_ray.evaluate.config import evaluation_fingerprint
+    from gen_ssd_ray.evaluate.run import Prepared
+
+    prompts = prompts or [
+        RenderedPrompt(error=q.error) if q.error else RenderedPrompt(f"<{q.question}>", (1, 2, 3))
+        for q in problems
+    ]
+    return Prepared(
+        "/models/fake", "rev0", problems, evaluation_fingerprint(cfg, "rev0", problems), None, prompts
+    )
+
+
+class FakeEngines:
+    """generate_fn for `evaluate`: answers gold for even problems, gold+1 for odd ones; records what it
+    was asked; after `interrupt_after` batches sends this process a real SIGINT (or raises `fail`)."""
+
+    def __init__(self, problems, interrupt_after=None, fail=None, finish="stop", delay_s=0.0):
+        self.problems, self.interrupt_after, self.fail, self.finish = problems, interrupt_after, fail, finish
+        self.delay_s = delay_s
+        self.asked: list[int] = []
+
+    def __call__(self, todo_batches, prompts, seeds, stop):
+        import signal
+
+        for k, batch in enumerate(todo_batches):
+            if stop.is_set():
+                return
+            if k == self.interrupt_after:
+                if self.fail is not None:
+                    raise self.fail
+                os.kill(os.getpid(), signal.SIGINT)  # stop_on_signals turns it into `stop`
+                time.sleep(0.1)
+                continue
+            time.sleep(self.delay_s)
+            self.asked += batch
+            gens = []
+            for i in batch:
+                gold = int(self.problems[i].gold_answer)
+                gens.append(Generation((sample(f"so #### {gold + i % 2}", self.finish, 3),)))
+            yield batch, gens
+
+
+def eval_problems(count):
+    return [Problem(f"p{i}", f"question {i}", str(10 + i)) for i in range(count)]
+
+
+@pytest.fixture
+def eval_cfg(tmp_path):
+    return cfg_with(f"output.dir={tmp_path / 'eval'}", "model.max_num_seqs=2", "runtime.progress=false")
+
+
+def test_interrupted_evaluation_keeps_committed_rows_and_resumes(eval_cfg, tmp_path):
+    from gen_ssd_ray.common.errors import JobInterrupted
+    from gen_ssd_ray.evaluate.partial import PARTIAL_DIR
+
+    problems = [*eval_problems(7), problem("bad", error="missing answer field")]
+    out = Path(eval_cfg.output.dir)
+    first = FakeEngines(problems, interrupt_after=2)
+    with pytest.raises(JobInterrupted, match="5 of 8 problems are committed"):
+        evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=first)
+    assert first.asked == [0, 1, 2, 3]
+    assert not (out / SUMMARY_NAME).exists() and not (out / PREDICTIONS_NAME).exists()
+    assert len(list((out / PARTIAL_DIR).glob("part-*.parquet"))) == 3  # the error row, then two batches
+    # an earlier hard kill's leftover is cleaned up, not read
+    (out / PARTIAL_DIR / ".tmp-part-00009.parquet.123").write_bytes(b"torn")
+
+    second = FakeEngines(problems)
+    summary = evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=second)
+    assert second.asked == [4, 5, 6]  # only what was not committed
+    df = __import__("pandas").read_parquet(out / PREDICTIONS_NAME)
+    assert list(df.problem_id) == [q.problem_id for q in problems] and df.sample_index.eq(0).all()
+    assert summary["samples"] == 8 and summary["problems"] == 8 and summary["problems_error"] == 1
+    assert summary["correct"] == 4 and summary["incorrect"] == 3  # p0 p2 p4 p6 right
+    assert summary["resumed_problems"] == 5 and summary["accuracy"] == pytest.approx(4 / 7)
+    assert summary["verifier"]["checks"] == 3 and summary["verifier"]["errors"] == 0
+    assert not (out / PARTIAL_DIR).exists()
+    assert "Verifier (math-verify): 3 checks" in format_summary(summary)
+    # and now the folder is finished: the same evaluation is skipped
+    assert check_existing(out, summary["fingerprint"], force=False)["samples"] == 8
+
+
+def test_failed_evaluation_keeps_committed_rows_and_another_fingerprint_is_refused(eval_cfg):
+    from gen_ssd_ray.common.errors import JobFailed
+    from gen_ssd_ray.evaluate.partial import PARTIAL_DIR
+
+    problems = eval_problems(6)
+    out = Path(eval_cfg.output.dir)
+    with pytest.raises(JobFailed, match="engines died"):
+        evaluate(
+            eval_cfg,
+            fake_prepared(eval_cfg, problems),
+            generate_fn=FakeEngines(problems, 1, JobFailed("engines died")),
+        )
+    fp = fake_prepared(eval_cfg, problems).fingerprint
+    assert check_existing(out, fp, force=False) is None  # same evaluation: resumed
+    other = fake_prepared(eval_cfg, eval_problems(5)).fingerprint
+    with pytest.raises(EvaluationExistsError, match="unfinished evaluation.*output.force=true"):
+        check_existing(out, other, force=False)
+    # force: the other evaluation's pieces are discarded, everything is evaluated
+    forced = cfg_with(
+        f"output.dir={out}", "model.max_num_seqs=2", "runtime.progress=false", "output.force=true"
+    )
+    engines = FakeEngines(eval_problems(5))
+    summary = evaluate(forced, fake_prepared(forced, eval_problems(5)), generate_fn=engines)
+    assert engines.asked == [0, 1, 2, 3, 4] and summary["samples"] == 5 and summary["resumed_problems"] == 0
+    assert not (out / PARTIAL_DIR).exists()
+
+
+def test_forced_rerun_interrupted_then_resumed_without_force(eval_cfg):
+    from gen_ssd_ray.common.errors import JobInterrupted
+
+    out = Path(eval_cfg.output.dir)
+    evaluate(eval_cfg, fake_prepared(eval_cfg, eval_problems(3)), generate_fn=FakeEngines(eval_problems(3)))
+    problems = eval_problems(4)
+    forced = cfg_with(
+        f"output.dir={out}", "model.max_num_seqs=2", "runtime.progress=false", "output.force=true"
+    )
+    with pytest.raises(JobInterrupted):
+        evaluate(
+            forced, fake_prepared(forced, problems), generate_fn=FakeEngines(problems, interrupt_after=1)
+        )
+    # the old summary went when the forced run started: the new evaluation resumes, not refused
+    assert not (out / SUMMARY_NAME).exists()
+    plain = fake_prepared(eval_cfg, problems)
+    assert check_existing(out, plain.fingerprint, force=False) is None
+    engines = FakeEngines(problems)
+    assert evaluate(eval_cfg, plain, generate_fn=engines)["samples"] == 4 and engines.asked == [2, 3]
+
+
+def test_evaluation_with_aborted_samples_and_unencodable_problem(eval_cfg):
+    problems = [*eval_problems(3), Problem("s\ud800", "what is \ud800?", "1")]
+    cfg = eval_cfg
+    prompts = render_prompts(StrictTokenizer(), PromptConfig(), problems, 400, 16)
+    summary = evaluate(
+        cfg, fake_prepared(cfg, problems, prompts), generate_fn=FakeEngines(problems, finish="abort")
+    )
+    df = __import__("pandas").read_parquet(Path(cfg.output.dir) / PREDICTIONS_NAME)
+    assert list(df.status) == ["failed", "failed", "failed", "error"]
+    assert df.problem_id.iloc[3] == "s\\ud800"
+    assert summary["failed"] == 3 and summary["problems_scored"] == 3 and summary["accuracy"] == 0.0
+
+
+def test_prepare_refuses_a_broken_math_verify_before_anything_starts(fake_setup, monkeypatch):
+    from gen_ssd_ray.common.verify import VerifierUnavailable
+
+    tmp_path, args = fake_setup
+    fake = tmp_path / "site"
+    (fake / "math_verify").mkdir(parents=True)
+    (fake / "math_verify" / "__init__.py").write_text("raise ImportError(\"No module named 'antlr4'\")\n")
+    monkeypatch.syspath_prepend(str(fake))
+    with pytest.raises(VerifierUnavailable, match="math-verify"):
+        prepare(cfg_with(*args))
+    # the command: exit 2, one line naming the package and the fix, nothing started
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"}
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "pip install 'math-verify[antlr4_13_2]" in last
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+KILLED_RUN = """
+import sys, time
+from pathlib import Path
+from tests.test_evaluate import FakeEngines, cfg_with, eval_problems, fake_prepared
+from gen_ssd_ray.evaluate.run import evaluate
+
+cfg = cfg_with(f"output.dir={sys.argv[1]}", "model.max_num_seqs=2", "runtime.progress=false")
+problems = eval_problems(10)
+evaluate(cfg, fake_prepared(cfg, problems), generate_fn=FakeEngines(problems, delay_s=float(sys.argv[2])))
+"""
+
+
+def test_killed_evaluation_resumes_from_its_committed_pieces(eval_cfg):
+    """SIGKILL mid-run (no handler, no cleanup): the pieces committed before the kill are kept."""
+    import signal
+
+    from gen_ssd_ray.evaluate.partial import PARTIAL_DIR
+
+    out = Path(eval_cfg.output.dir)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(out), "0.4"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / PARTIAL_DIR).glob("part-*.parquet"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    pieces = list((out / PARTIAL_DIR).glob("part-*.parquet"))
+    assert 2 <= len(pieces) < 5 and not (out / SUMMARY_NAME).exists()
+    problems = eval_problems(10)
+    engines = FakeEngines(problems)
+    summary = evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=engines)
+    done_before = 2 * len(pieces)
+    assert engines.asked == list(range(done_before, 10))
+    assert summary["samples"] == 10 and summary["resumed_problems"] == done_before
+    assert summary["correct"] == 5 and summary["accuracy"] == 0.5
+    df = __import__("pandas").read_parquet(out / PREDICTIONS_NAME)
+    assert list(df.problem_id) == [q.problem_id for q in problems]
+
+
+BASE_ROW = dict(
+    problem_id="a",
+    sample_index=0,
+    question="q",
+    gold_answer="1",
+    prompt="p",
+    response="r",
+    final_answer="1",
+    correct=True,
+    status="completed",
+    error=None,
+    num_response_tokens=3,
+    model="m",
+    seed=1,
+)
+# Values of the wrong type or a null where the schema needs a value: whatever produced them, the
+# writer turns that row into an error row and writes the others.
+WRONG_VALUES = [
+    {"problem_id": None},
+    {"problem_id": 5},
+    {"status": None},
+    {"status": "weird"},
+    {"sample_index": None},
+    {"sample_index": 1.5},
+    {"sample_index": True},
+    {"question": ["x"]},
+    {"gold_answer": float("nan")},
+    {"gold_answer": {"a": 1}},
+    {"num_response_tokens": "3"},
+    {"correct": "yes"},
+    {"correct": float("nan")},
+    {"seed": 2**70},
+]
+
+
+@pytest.mark.parametrize("wrong", WRONG_VALUES, ids=lambda w: "-".join(f"{k}={v!r}" for k, v in w.items()))
+def test_writer_turns_rows_of_the_wrong_type_into_error_rows(tmp_path, wrong):
+    import pyarrow.parquet as pq
+
+    write_predictions(
+        tmp_path / PREDICTIONS_NAME, [BASE_ROW, {**BASE_ROW, **wrong}, {**BASE_ROW, "problem_id": "c"}]
+    )
+    got = pq.read_table(tmp_path / PREDICTIONS_NAME).to_pylist()
+    assert got[0] == BASE_ROW and got[2] == {**BASE_ROW, "problem_id": "c"}
+    assert got[1]["status"] == "error" and got[1]["correct"] is None
+    assert got[1]["error"].startswith("the row could not be written as it was")
+
+
+@pytest.mark.parametrize("where", ["piece", "predictions"])
+def test_disk_full_is_one_line_keeps_committed_rows_and_resumes(eval_cfg, monkeypatch, where):
+    import contextlib
+    import errno
+
+    from gen_ssd_ray.common.errors import JobFailed
+    from gen_ssd_ray.evaluate import partial as partial_mod
+    from gen_ssd_ray.evaluate import rows as rows_mod
+
+    module = partial_mod if where == "piece" else rows_mod
+    real, calls = module.atomic_writer, []
+
+    @contextlib.contextmanager
+    def fills_up(path, **kw):  # a disk that fills up after two pieces / when the final file is written
+        calls.append(path)
+        if where == "predictions" or len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        with real(path, **kw) as fh:
+            yield fh
+
+    monkeypatch.setattr(module, "atomic_writer", fills_up)
+    problems = eval_problems(7)
+    out = Path(eval_cfg.output.dir)
+    with pytest.raises(JobFailed) as e:
+        evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=FakeEngines(problems))
+    msg = str(e.value)
+    assert "\n" not in msg and "the disk is full" in msg and "free space" in msg and "re-run" in msg
+    assert str(out / ("_partial" if where == "piece" else PREDICTIONS_NAME)) in msg
+    monkeypatch.undo()
+    engines = FakeEngines(problems)
+    summary = evaluate(eval_cfg, fake_prepared(eval_cfg, problems), generate_fn=engines)
+    assert engines.asked == ([4, 5, 6] if where == "piece" else [])
+    assert summary["samples"] == 7 and summary["resumed_problems"] == (4 if where == "piece" else 7)
+
+
+def test_a_file_in_place_of_the_partial_folder_is_bad_input(tmp_path):
+    from gen_ssd_ray.common.errors import InputError
+
+    (tmp_path / "_partial").write_text("")
+    with pytest.raises(InputError, match="_partial is not a folder"):
+        check_existing(tmp_path, "abc", force=False)

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.verify import Verifier, check_answer
 
 
@@ -116,3 +117,153 @@ def test_rejects_fork_and_bad_args():
         Verifier(workers=0)
     with pytest.raises(ValueError):
         Verifier(timeout_s=0)
+
+
+# ---- hardening (issue 11): a verifier that cannot run fails loudly; errors are null and counted ----
+
+# Fake math_verify packages, put first on sys.path (spawned workers inherit the parent's sys.path), so
+# the workers import them instead of the real one. Each stands for one way the checker can be broken.
+_PARSE_OK = "def parse(s, parsing_timeout=5, raise_on_error=False, **kw):\n    return [s]\n"
+FAKE_MATH_VERIFY = {
+    # not installed / its LaTeX parser missing at import time
+    "import_fails": "raise ImportError(\"No module named 'antlr4'\")\n",
+    # installed without its LaTeX parser: parse swallows the ImportError and finds nothing
+    "parser_missing": (
+        "def parse(s, parsing_timeout=5, raise_on_error=False, **kw):\n"
+        "    if raise_on_error:\n"
+        "        raise ImportError('antlr4-python3-runtime is not installed')\n"
+        "    return []\n"
+        "def verify(*a, **kw):\n    return False\n"
+    ),
+    # parses nothing, silently
+    "parses_nothing": "def parse(*a, **kw):\n    return []\ndef verify(*a, **kw):\n    return True\n",
+    # every comparison raises inside math-verify (which, left alone, returns False)
+    "compare_raises": _PARSE_OK
+    + (
+        "def verify(g, t, timeout_seconds=5, raise_on_error=False, **kw):\n"
+        "    if raise_on_error:\n"
+        "        raise TypeError('cannot compare')\n"
+        "    return False\n"
+    ),
+    # answers, but wrongly: everything is equal
+    "always_equal": _PARSE_OK + "def verify(*a, **kw):\n    return True\n",
+    # answers, but wrongly: nothing is equal
+    "never_equal": _PARSE_OK + "def verify(*a, **kw):\n    return False\n",
+    # the API changed under us
+    "api_changed": "def parse(s):\n    return [s]\ndef verify(g, t):\n    return g == t\n",
+    # the worker process dies importing it (a crashing native extension)
+    "import_crashes": "import os\nos._exit(7)\n",
+    # hangs on every check
+    "hangs": "import time\n"
+    + _PARSE_OK.replace("return [s]", "time.sleep(600)")
+    + "def verify(*a, **kw):\n    return True\n",
+}
+
+
+def fake_math_verify(root, body: str) -> str:
+    pkg = root / "math_verify"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(body)
+    return str(root)
+
+
+@pytest.mark.parametrize("kind", sorted(FAKE_MATH_VERIFY))
+def test_preflight_refuses_a_broken_math_verify(tmp_path, monkeypatch, kind):
+    from gen_ssd_ray.common import verify as verify_mod
+    from gen_ssd_ray.common.errors import InputError
+
+    monkeypatch.syspath_prepend(fake_math_verify(tmp_path, FAKE_MATH_VERIFY[kind]))
+    t0 = time.monotonic()
+    with pytest.raises(InputError) as e:
+        verify_mod.check_verifier(timeout_s=1.0)
+    msg = str(e.value)
+    assert "\n" not in msg and "math-verify" in msg and "pip install 'math-verify[antlr4_13_2]" in msg
+    if kind == "hangs":
+        assert "runtime.verify_timeout_s" in msg
+    assert time.monotonic() - t0 < 30
+
+
+def test_preflight_passes_with_the_real_math_verify():
+    from gen_ssd_ray.common.verify import check_verifier
+
+    check_verifier(timeout_s=20.0)
+
+
+def test_errors_inside_comparison_are_null_and_counted(tmp_path, monkeypatch):
+    body = _PARSE_OK + (
+        "def verify(g, t, timeout_seconds=5, raise_on_error=False, **kw):\n"
+        "    if 'boom' in t:\n"
+        "        if raise_on_error:\n"
+        "            raise ValueError('sympy exploded')\n"
+        "        return False\n"
+        "    return g.strip() == t.strip()\n"
+    )
+    monkeypatch.syspath_prepend(fake_math_verify(tmp_path, body))
+    with Verifier(workers=1, timeout_s=20.0) as v:
+        out = v.verify_many([("1", "1"), ("1", "boom"), ("1", "2"), (None, "1"), ("2", "boom 2")])
+        assert out == [True, None, False, None, None]  # an error is unknown, never False
+        assert v.counters() == {"checks": 4, "errors": 2, "timeouts": 0, "lost": 0, "pool_restarts": 0}
+
+
+def test_counters_count_errors_timeouts_and_lost_workers():
+    # generous deadline: each fresh worker imports this test module before its first check
+    with Verifier(workers=1, timeout_s=6.0, worker_fn=slow_check) as v:
+        v.check([("0", "0", True), ("a", "0", False)])  # the preflight is not counted
+        assert v.counters() == {"checks": 0, "errors": 0, "timeouts": 0, "lost": 0, "pool_restarts": 0}
+        assert v.verify_many([("0", "raise"), ("x", "60"), ("x", "die"), ("0.1", "0.1")]) == [
+            None,
+            None,
+            None,
+            True,
+        ]
+        c = v.counters()
+        assert (c["checks"], c["errors"], c["timeouts"], c["lost"]) == (4, 1, 1, 1)
+        assert c["pool_restarts"] == 3  # the timeout, then the crash and its retry's crash
+        with pytest.raises(InputError, match="should give True"):
+            v.check([("x", "raise", True)])
+
+
+# ---- a worker that dies while the pool is idle -----------------------------------------------------
+
+
+def _worker_pids(v: Verifier) -> list[int]:
+    return list((v._pool._processes or {}).keys())
+
+
+def _kill_and_wait(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)  # the pool's manager thread notices and marks the pool broken
+
+
+@pytest.mark.parametrize("how", ["one", "all"])
+def test_worker_killed_while_idle_is_replaced_transparently(how):
+    with Verifier(workers=2, timeout_s=20.0) as v:
+        assert v.verify("18", "18.0") is True
+        pids = _worker_pids(v)
+        assert pids  # started on demand: one or two
+        _kill_and_wait(pids[:1] if how == "one" else pids)
+        assert v.verify("1,000", "1000") is True
+        assert v.verify_many([("18", "19"), ("0.5", "\\frac{1}{2}")]) == [False, True]
+        assert v.counters()["pool_restarts"] == 1 and v.counters()["lost"] == 0
+        assert not set(_worker_pids(v)) & set(pids)
+
+
+def test_worker_killed_while_idle_repeatedly():
+    with Verifier(workers=1, timeout_s=10.0, worker_fn=slow_check) as v:
+        for _ in range(3):
+            assert v.verify("0", "0") is True
+            _kill_and_wait(_worker_pids(v))
+        assert v.verify_many([("0", "0"), ("1", "0")]) == [True, False]
+        assert v.counters()["pool_restarts"] == 3
+
+
+def test_real_comparison_error_is_null_not_false():
+    """A gold answer math-verify raises on when comparing (1/0: "Can't evaluate nan or zoo") was False."""
+    with pytest.raises(Exception, match="zoo"):
+        check_answer("1/0", "18")
+    with Verifier(workers=1, timeout_s=20.0) as v:
+        assert v.verify_many([("1/0", "18"), ("18", "18")]) == [None, True]
+        assert v.counters()["errors"] == 1

@@ -9,43 +9,60 @@ does, and writes two files to `output.dir`:
 - `predictions.parquet`: one row per problem x sample (gen_ssd_ray.evaluate.rows: the typed row, its
   statuses and `PREDICTION_SCHEMA`).
 - `summary.json`, written last: accuracy (mean over non-error problems of the fraction of correct
-  samples), counts, mean response length, throughput, the model's revision, the data, the sampling
-  and a fingerprint of everything that changes the result.
+  samples; failed samples, whose generation did not end normally, count as not correct), counts,
+  the verifier's counters (errors, timeouts, pool restarts), mean response length, throughput, the
+  model's revision, the data, the sampling and a fingerprint of everything that changes the result.
 
-Both files are written atomically (temporary name, fsync, rename); a stale summary.json is removed
-before new predictions land, so a summary.json always describes the predictions.parquet beside it.
-A folder whose summary.json has the same fingerprint is not evaluated again (`evaluate` returns the
-stored summary with "skipped": true, starting nothing); a different fingerprint is refused unless
-`output.force=true`, which always re-evaluates and overwrites.
+While it runs, rows are committed in pieces as batches finish, in `output.dir/_partial`
+(gen_ssd_ray.evaluate.partial: atomic Parquet pieces carrying the fingerprint). A run that fails or is
+interrupted keeps them; re-running the same command resumes: problems already committed are not
+generated again, and the final files count every row. At the end predictions.parquet and
+summary.json are written from all the pieces (each atomically: temporary name, fsync, rename) and
+`_partial` is removed. A stale summary.json is removed before the run starts, so a summary.json always
+describes the predictions.parquet beside it. A folder whose summary.json has the same fingerprint is
+not evaluated again (`evaluate` returns the stored summary with "skipped": true, starting nothing); a
+different fingerprint (finished or in `_partial`) is refused unless `output.force=true`, which
+re-evaluates and overwrites (an unfinished run of the same fingerprint is still resumed).
 
 Bad input fails in `prepare`, before Ray or any actor starts: a missing model folder or tokenizer, a
-model without a chat template, an unusable data source, a refused output folder (all InputErrors).
-An engine that dies or misses `runtime.call_timeout_s` has its batch retried up to
-`runtime.max_attempts` times, then the run fails (`JobFailed`) without writing anything; SIGINT/SIGTERM
-stop it the same way (`JobInterrupted`).
+model without a chat template, an unusable data source, a refused output folder, an answer checker
+that cannot run (math-verify missing or broken: `gen_ssd_ray.common.verify.check_verifier`), all
+InputErrors. A problem that cannot be asked (bad data row, prompt too long or not renderable) is an
+error row; the run goes on. An engine that dies or misses `runtime.call_timeout_s` has its batch
+retried up to `runtime.max_attempts` times, then the run fails (`JobFailed`), keeping the committed
+pieces; SIGINT/SIGTERM stop it the same way (`JobInterrupted`).
 
 ray, vllm and transformers are imported inside functions; importing this module is cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.data import Problem
-from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted
+from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, reason
 from gen_ssd_ray.common.fsio import atomic_write_json
 from gen_ssd_ray.common.models import model_revision
 from gen_ssd_ray.common.prompts import RenderedPrompt, load_chat_tokenizer, render_prompt
 from gen_ssd_ray.evaluate.config import EvaluateConfig, evaluation_fingerprint
-from gen_ssd_ray.evaluate.rows import problem_seed, sample_rows, summarize, write_predictions
+from gen_ssd_ray.evaluate.partial import (
+    PARTIAL_DIR,
+    EvaluationExistsError,  # noqa: F401 - raised by prepare; callers import it from here
+    PartialPredictions,
+    check_partial,
+    refused,
+)
+from gen_ssd_ray.evaluate.rows import encodable, problem_seed, sample_rows, summarize, write_predictions
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -54,10 +71,9 @@ SUMMARY_NAME = "summary.json"
 # Batches in flight per engine: one generating, one queued behind it, so the engine does not idle
 # while the driver collects and verifies a finished batch.
 INFLIGHT_BATCHES_PER_ENGINE = 2
-
-
-class EvaluationExistsError(InputError):
-    """The output folder holds an evaluation with another fingerprint (refused without output.force)."""
+# What stands in for the engines in `evaluate(..., generate_fn=)`:
+# (batches, prompts, seeds, stop) -> Iterator[(batch, generations)].
+GenerateFn = Callable[..., Iterator[tuple[list[int], list[Any]]]]
 
 
 @dataclass
@@ -75,11 +91,12 @@ class Prepared:
 def prepare(cfg: EvaluateConfig) -> Prepared:
     """Resolve the model, load the problems, check the output folder, render the prompts.
 
-    Raises ModelNotFoundError, DataError, EvaluationExistsError or InputError with a message naming
-    the config key and the fix.
+    Raises ModelNotFoundError, DataError, EvaluationExistsError, VerifierUnavailable or InputError
+    with a message naming the config key and the fix.
     """
     from gen_ssd_ray.common.data import load_problems
     from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.common.verify import check_verifier
 
     model_path = resolve_model(cfg.model.model)
     revision = model_revision(model_path)
@@ -88,10 +105,11 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     existing = check_existing(Path(cfg.output.dir), fp, cfg.output.force)
     prepared = Prepared(model_path, revision, problems, fp, existing)
     if existing is None:
+        check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs, before anything starts
         key = f"model.model={cfg.model.model!r}"
         tokenizer = load_chat_tokenizer(model_path, key, cfg.model.trust_remote_code)
         prepared.prompts = render_prompts(
-            tokenizer, cfg.prompt, problems, cfg.model.max_model_len, cfg.sampling.max_new_tokens
+            tokenizer, cfg.prompt, problems, cfg.model.max_model_len, cfg.sampling.max_new_tokens, key
         )
     return prepared
 
@@ -99,10 +117,12 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
 def check_existing(out_dir: Path, fingerprint: str, force: bool) -> dict[str, Any] | None:
     """The stored summary if `out_dir` already holds this exact evaluation (skip it), else None (run).
 
-    Raises EvaluationExistsError if it holds a different one and `force` is not set.
+    Raises EvaluationExistsError if it holds a different one (finished, or unfinished in `_partial`)
+    and `force` is not set.
     """
     summary_path = out_dir / SUMMARY_NAME
     if force or not summary_path.is_file():
+        check_partial(out_dir / PARTIAL_DIR, fingerprint, force)
         return None
     try:
         stored = json.loads(summary_path.read_text())
@@ -110,31 +130,48 @@ def check_existing(out_dir: Path, fingerprint: str, force: bool) -> dict[str, An
     except (OSError, ValueError):
         stored, old = None, "(unreadable summary.json)"
     if old != fingerprint:
-        raise EvaluationExistsError(
-            f"output.dir={str(out_dir)!r} holds an evaluation with fingerprint {old} (another model, data, "
-            f"prompt or sampling; this one is {fingerprint}): set output.force=true to overwrite it, "
-            "or choose another output.dir"
-        )
+        raise refused(out_dir, old, fingerprint)
     if not (out_dir / PREDICTIONS_NAME).is_file():
         log.warning("%s: summary.json without %s; evaluating again", out_dir, PREDICTIONS_NAME)
+        check_partial(out_dir / PARTIAL_DIR, fingerprint, force)
         return None
     return stored
 
 
 def render_prompts(
-    tokenizer, prompt, problems: Sequence[Problem], max_model_len: int, max_new_tokens: int
+    tokenizer,
+    prompt,
+    problems: Sequence[Problem],
+    max_model_len: int,
+    max_new_tokens: int,
+    model_key: str = "model.model",
 ) -> list[RenderedPrompt]:
     """One `RenderedPrompt` per problem (gen_ssd_ray.common.prompts.render_prompt).
 
-    A bad problem row keeps its own error; a prompt with no room for `max_new_tokens` within
-    `max_model_len` gets an error naming both keys.
+    A bad problem row keeps its own error; so does a question or gold answer that is not valid Unicode
+    text (a lone surrogate such as "\\ud800" from JSON) and a question the tokenizer or the chat
+    template raises on; a prompt with no room for `max_new_tokens` within `max_model_len` gets an error
+    naming both keys. If rendering raises for every problem it is the model's tokenizer, not the data:
+    InputError naming `model_key`.
     """
     rendered = []
+    raised: list[str] = []
+    attempted = 0
     for p in problems:
         if p.error is not None or p.question is None:
             rendered.append(RenderedPrompt(error=p.error or "no question"))
             continue
-        r = render_prompt(tokenizer, prompt, p.question)
+        bad = next((why for f in ("question", "gold_answer") if (why := _not_text(f, getattr(p, f)))), None)
+        if bad is not None:
+            rendered.append(RenderedPrompt(error=f"{bad}: fix the data row"))
+            continue
+        attempted += 1
+        try:
+            r = render_prompt(tokenizer, prompt, p.question)
+        except Exception as e:  # noqa: BLE001 - this row's text; all rows failing is checked below
+            raised.append(reason(e))
+            rendered.append(RenderedPrompt(error=f"the prompt could not be rendered: {reason(e)}"))
+            continue
         if len(r.token_ids) + max_new_tokens > max_model_len:
             r = dataclasses.replace(
                 r,
@@ -142,17 +179,40 @@ def render_prompts(
                 f"exceeds model.max_model_len={max_model_len} (raise it or lower sampling.max_new_tokens)",
             )
         rendered.append(r)
+    if raised and len(raised) == attempted:
+        raise InputError(
+            f"{model_key}: rendering the prompt failed for every problem ({raised[0]}); check the "
+            "model's tokenizer and chat template (prompt.* keys for the prompt text)"
+        )
     return rendered
+
+
+def _not_text(field: str, value: object) -> str | None:
+    """Why `value` (a problem's question or gold answer) is not usable text, or None (None is fine)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"the {field} is a {type(value).__name__} ({value!r:.40}), not text"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f'the {field} is not valid Unicode text (it holds a lone surrogate, e.g. an "\\ud800" escape in JSON)'
+    return None
 
 
 # ---- the run ----------------------------------------------------------------------------------------
 
 
-def evaluate(cfg: EvaluateConfig, prepared: Prepared | None = None) -> dict[str, Any]:
+def evaluate(
+    cfg: EvaluateConfig, prepared: Prepared | None = None, *, generate_fn: GenerateFn | None = None
+) -> dict[str, Any]:
     """Evaluate `cfg.model` on `cfg.data`; write predictions.parquet and summary.json; return the summary.
 
-    Raises the `prepare` errors (bad input), JobFailed (engines failed), and JobInterrupted on SIGINT or
-    SIGTERM (engines are shut down and nothing is written).
+    Raises the `prepare` errors (bad input), JobFailed (engines failed) and JobInterrupted on SIGINT or
+    SIGTERM (engines are shut down); both keep the committed pieces, and re-running resumes.
+    `generate_fn` stands in for the engines (tests run the whole job in-process with a fake):
+    `generate_fn(batches, prompts, seeds, stop)` yields `(batch, generations)` as batches finish and
+    stops yielding once `stop` is set.
     """
     started = time.perf_counter()
     p = prepared or prepare(cfg)
@@ -160,20 +220,69 @@ def evaluate(cfg: EvaluateConfig, prepared: Prepared | None = None) -> dict[str,
         log.info("%s already holds this evaluation (fingerprint %s): skipped", cfg.output.dir, p.fingerprint)
         return {**p.existing, "skipped": True}
     assert p.prompts is not None
-    rows, generation_s = _generate_rows(cfg, p)
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with writing(out / PARTIAL_DIR):
+        (out / SUMMARY_NAME).unlink(missing_ok=True)  # never leave an old summary beside new predictions
+        partial = PartialPredictions(out / PARTIAL_DIR, p.fingerprint, force=cfg.output.force)
+    generation_s, tokens, counters = _generate_rows(cfg, p, partial, generate_fn)
+    rows = _all_rows(p, partial)
     summary = {
         **summarize(rows),
+        "resumed_problems": len(partial.resumed_ids & {encodable(q.problem_id) for q in p.problems}),
+        "verifier": counters,
         "elapsed_s": round(time.perf_counter() - started, 1),
         "generation_s": round(generation_s, 1),
         **_describe(cfg, p),
     }
-    summary["tokens_per_s"] = round(summary["generated_tokens"] / generation_s, 1) if generation_s else None
-    out = Path(cfg.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / SUMMARY_NAME).unlink(missing_ok=True)  # never leave an old summary beside new predictions
-    write_predictions(out / PREDICTIONS_NAME, rows)
-    atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
+    summary["tokens_per_s"] = round(tokens / generation_s, 1) if generation_s else None  # this run
+    unchecked = counters["errors"] + counters["timeouts"] + counters["lost"]
+    if unchecked:
+        log.warning(
+            "verifier: %d of %d answer checks failed (%s); those samples are unverified",
+            unchecked,
+            counters["checks"],
+            counters,
+        )
+    with writing(out / PREDICTIONS_NAME, partial):
+        write_predictions(out / PREDICTIONS_NAME, rows)
+    with writing(out / SUMMARY_NAME, partial):
+        atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
+    partial.remove()
     return summary
+
+
+@contextlib.contextmanager
+def writing(path: Path, partial: PartialPredictions | None = None) -> Iterator[None]:
+    """An OSError writing `path` (disk full, permissions, quota) as JobFailed: one line naming the
+    file and the fix; what is committed is kept."""
+    try:
+        yield
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        kept = (
+            f"the {len(partial.done_ids)} problems committed in {partial.folder} are kept, "
+            if partial
+            else ""
+        )
+        raise JobFailed(
+            f"writing {path} failed ({reason(e)}){': the disk is full' if full else ''}; "
+            f"{'free space' if full else 'fix the folder (space, permissions)'} and re-run the same command "
+            f"({kept}it continues from there)"
+        ) from e
+
+
+def _all_rows(p: Prepared, partial: PartialPredictions) -> list[dict[str, Any]]:
+    """Every committed row in input order (problem, then sample); JobFailed if a problem is missing."""
+    order = {encodable(q.problem_id): i for i, q in enumerate(p.problems)}  # ids as stored
+    rows = [r for r in partial.rows() if r["problem_id"] in order]
+    rows.sort(key=lambda r: (order[r["problem_id"]], r["sample_index"]))
+    missing = len(order) - len({r["problem_id"] for r in rows})
+    if missing:
+        raise JobFailed(
+            f"{missing} problems have no committed rows in {partial.folder}; re-run the same command"
+        )
+    return rows
 
 
 def _describe(cfg: EvaluateConfig, p: Prepared) -> dict[str, Any]:
@@ -193,51 +302,86 @@ def _describe(cfg: EvaluateConfig, p: Prepared) -> dict[str, Any]:
     }
 
 
-def _generate_rows(cfg: EvaluateConfig, p: Prepared) -> tuple[list[dict[str, Any]], float]:
-    """Rows for every problem in input order, and the seconds spent generating (engine start excluded)."""
+def _generate_rows(
+    cfg: EvaluateConfig, p: Prepared, partial: PartialPredictions, generate_fn: GenerateFn | None
+) -> tuple[float, int, dict[str, int]]:
+    """Generate, verify and commit the rows of every problem `partial` does not hold yet.
+
+    Returns the seconds spent generating (engine start excluded), the tokens generated and the
+    verifier's counters, all of this run.
+    """
     from gen_ssd_ray.common.interrupts import stop_on_signals
     from gen_ssd_ray.common.progress import Progress
-    from gen_ssd_ray.common.verify import Verifier
+    from gen_ssd_ray.common.verify import PoolUnavailable, Verifier
     from gen_ssd_ray.engines.actors import actors_of, stop_actors
 
     assert p.prompts is not None
     n, name = cfg.sampling.n, cfg.model.model
     seeds = [problem_seed(cfg.sampling.seed, q.problem_id) for q in p.problems]
-    rows: dict[int, list[dict[str, Any]]] = {}
+    done = partial.done_ids
+    if done:
+        log.info("%s: %d problems already committed by an earlier run; resuming", partial.folder, len(done))
+    error_rows: list[dict[str, Any]] = []
     todo = []
     for i, (problem, prompt) in enumerate(zip(p.problems, p.prompts, strict=True)):
+        if encodable(problem.problem_id) in done:  # ids as stored (rows.encodable)
+            continue
         if prompt.error is not None:  # bad row or too long: an error row, no engine needed
-            rows[i] = sample_rows(problem, prompt, None, n=n, model=name, seed=seeds[i])
+            error_rows += sample_rows(problem, prompt, None, n=n, model=name, seed=seeds[i])
         else:
             todo.append(i)
-    generation_s = 0.0
-    if todo:
-        init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
-        verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
-        engines: list = []
-        progress = None
-        try:
+    with writing(partial.folder, partial):
+        partial.commit(error_rows)
+    generation_s, tokens = 0.0, 0
+    counters = {"checks": 0, "errors": 0, "timeouts": 0, "lost": 0, "pool_restarts": 0}
+    if not todo:
+        return generation_s, tokens, counters
+    verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
+    engines: list = []
+    progress = None
+    try:
+        run_batches = generate_fn
+        if run_batches is None:
+            init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
             engines = start_engines(cfg, p.model_path)
-            t0 = time.perf_counter()  # rates exclude engine start-up
-            progress = Progress(
-                "evaluate", len(p.problems), len(p.problems) - len(todo), cfg.runtime.progress
+
+            def run_batches(todo_batches, prompts, seeds, stop):
+                return generate_batches(cfg, engines, todo_batches, p, seeds, stop)
+
+        t0 = time.perf_counter()  # rates exclude engine start-up
+        progress = Progress("evaluate", len(p.problems), len(p.problems) - len(todo), cfg.runtime.progress)
+        with stop_on_signals() as stop:
+            for batch, generations in run_batches(batches(todo, cfg), p.prompts, seeds, stop):
+                rows = []
+                for i, g in zip(batch, generations, strict=True):
+                    rows += sample_rows(p.problems[i], p.prompts[i], g, n=n, model=name, seed=seeds[i])
+                try:
+                    verifier.verify_rows(rows)
+                except PoolUnavailable as e:
+                    raise JobFailed(
+                        f"the answer checker (math-verify) stopped working: {e}; the "
+                        f"{len(partial.done_ids)} problems committed in {partial.folder} are kept, "
+                        "re-run the same command to continue"
+                    ) from e
+                with writing(partial.folder, partial):
+                    partial.commit(rows)
+                batch_tokens = sum(r["num_response_tokens"] for r in rows)
+                tokens += batch_tokens
+                progress.update(len(batch), batch_tokens)
+        generation_s = time.perf_counter() - t0
+        counters = verifier.counters()
+        if stop.is_set():
+            raise JobInterrupted(
+                f"evaluation interrupted: {len(partial.done_ids)} of {len(p.problems)} problems are committed "
+                f"in {partial.folder}"
             )
-            with stop_on_signals() as stop:
-                for batch, generations in generate_batches(cfg, engines, batches(todo, cfg), p, seeds, stop):
-                    for i, g in zip(batch, generations, strict=True):
-                        rows[i] = sample_rows(p.problems[i], p.prompts[i], g, n=n, model=name, seed=seeds[i])
-                        verifier.verify_rows(rows[i])
-                    progress.update(len(batch), sum(r["num_response_tokens"] for i in batch for r in rows[i]))
-            if stop.is_set():
-                raise JobInterrupted("evaluation interrupted: engines stopped, nothing written")
-            generation_s = time.perf_counter() - t0
-        finally:
-            if progress is not None:
-                progress.close()
-            verifier.close()
-            if engines:
-                stop_actors(actors_of(engines))
-    return [r for i in range(len(p.problems)) for r in rows[i]], generation_s
+    finally:
+        if progress is not None:
+            progress.close()
+        verifier.close()
+        if engines:
+            stop_actors(actors_of(engines))
+    return generation_s, tokens, counters
 
 
 def start_engines(cfg: EvaluateConfig, model_path: str) -> list:
@@ -309,8 +453,9 @@ def generate_batches(cfg: EvaluateConfig, engines: list, todo: list[list[int]], 
     for out in dispatcher.run(todo):
         if not out.ok:
             raise JobFailed(
-                f"a batch of {len(out.item)} problems failed {out.attempts} times (last: {out.error}); nothing "
-                "was written, re-run the same command (raise runtime.call_timeout_s if engines are slow)"
+                f"a batch of {len(out.item)} problems failed {out.attempts} times (last: {out.error}); the "
+                "finished problems are committed, re-run the same command to continue (raise "
+                "runtime.call_timeout_s if engines are slow)"
             )
         yield out.item, out.result
 
@@ -333,10 +478,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"Problems: {summary['problems']} ({summary['problems_scored']} scored, {summary['problems_error']} "
         f"errors: see the `error` column); samples: {summary['samples']}",
         "Samples: " + ", ".join(f"{k} {v}" for k, v in st.items()) + "  (completed = ended with EOS; "
-        "truncated = hit sampling.max_new_tokens)",
+        "truncated = hit sampling.max_new_tokens; failed = generation did not end normally, e.g. aborted: "
+        "counted as not correct; error = not asked, see the `error` column)",
         f"Accuracy: {summary['accuracy']} (mean over scored problems of the fraction of correct samples); "
         f"correct {summary['correct']}, incorrect {summary['incorrect']}, unverified {summary['unverified']} "
         "(not completed, no answer, or unparseable)",
+        _verifier_line(summary),
         f"Mean response length {summary['mean_response_tokens']} tokens; {summary['generated_tokens']} tokens "
         f"generated at {summary['tokens_per_s']} tok/s; elapsed {summary['elapsed_s']} s.",
     ]
@@ -346,3 +493,15 @@ def format_summary(summary: dict[str, Any]) -> str:
             "Set output.force=true to evaluate again."
         )
     return "\n".join(lines)
+
+
+def _verifier_line(summary: dict[str, Any]) -> str:
+    v = summary.get("verifier") or {}
+    line = (
+        f"Verifier (math-verify): {v.get('checks', 0)} checks, {v.get('errors', 0)} errors, "
+        f"{v.get('timeouts', 0)} timeouts, {v.get('lost', 0)} lost, {v.get('pool_restarts', 0)} pool restarts "
+        "(errors, timeouts and lost checks are unverified)"
+    )
+    if summary.get("resumed_problems"):
+        line += f"; {summary['resumed_problems']} problems resumed from an earlier run (counted, not checked again)"
+    return line
