@@ -53,7 +53,7 @@ from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, reason
 from gen_ssd_ray.common.fsio import atomic_write_json
 from gen_ssd_ray.common.models import model_revision
-from gen_ssd_ray.common.prompts import RenderedPrompt, load_chat_tokenizer, render_prompt
+from gen_ssd_ray.common.prompts import RenderedPrompt, check_chat_model, render_prompt
 from gen_ssd_ray.evaluate.config import EvaluateConfig, evaluation_fingerprint
 from gen_ssd_ray.evaluate.partial import (
     PARTIAL_DIR,
@@ -107,7 +107,15 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     if existing is None:
         check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs, before anything starts
         key = f"model.model={cfg.model.model!r}"
-        tokenizer = load_chat_tokenizer(model_path, key, cfg.model.trust_remote_code)
+        m, new = cfg.model, cfg.sampling.max_new_tokens
+        tokenizer = check_chat_model(
+            model_path,
+            key,
+            cfg.prompt,
+            m.trust_remote_code,
+            max_prompt_tokens=m.max_model_len - new,
+            budget=f"model.max_model_len={m.max_model_len} - sampling.max_new_tokens={new}",
+        )
         prepared.prompts = render_prompts(
             tokenizer, cfg.prompt, problems, cfg.model.max_model_len, cfg.sampling.max_new_tokens, key
         )
