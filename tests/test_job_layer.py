@@ -142,6 +142,106 @@ def test_run_job_exit_codes(job, argv, code, capsys):
         assert json.loads(out.splitlines()[-1])["x"] in (7, 8)
 
 
+def _disk(err: int = 28, file: str | None = "/out/part-00003.parquet") -> OSError:
+    return OSError(err, os.strerror(err), file) if file else OSError(err, os.strerror(err))
+
+
+def _wrapped(inner: BaseException, outer: BaseException, *, hide: bool = False) -> BaseException:
+    """`outer` raised while handling `inner` (`raise outer from inner`, or `from None` with hide)."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            if hide:
+                raise outer from None
+            raise outer from inner
+    except BaseException as e:
+        return e
+
+
+class RayTaskErrorLike(RuntimeError):
+    """What a Ray worker's failure looks like to the driver: the cause only as text (or as `.cause`)."""
+
+    def __init__(self, text: str, cause: BaseException | None = None):
+        super().__init__(text)
+        self.cause = cause
+
+
+def _locked():
+    from pathlib import Path
+
+    from gen_ssd_ray.common.joblock import FolderLockedError
+
+    return FolderLockedError(
+        "job folder /o is in use by job x (lock file /o/_lock): use another output.dir",
+        Path("/o/_lock"),
+        None,
+    )
+
+
+# A full disk or quota anywhere in a job (prepare or run, bare or wrapped): exit 1, one line naming the
+# file if known and "free space". A folder another job holds: exit 2, one line.
+DISK_AND_LOCK_CASES = {
+    "enospc-in-prepare": ("prepare", lambda: _disk(), 1, "/out/part-00003.parquet"),
+    "edquot-in-prepare": ("prepare", lambda: _disk(122, "/out/_manifest.log"), 1, "/out/_manifest.log"),
+    "enospc-in-run": ("run", lambda: _disk(), 1, "/out/part-00003.parquet"),
+    "edquot-in-run-no-file": ("run", lambda: _disk(122, None), 1, "Disk quota exceeded"),
+    "enospc-behind-jobfailed": (
+        "run",
+        lambda: _wrapped(_disk(), JobFailed("stage x: failed", {"x": 7, "prepared": None})),
+        1,
+        "part-00003",
+    ),
+    "enospc-behind-input-error-from-none": (
+        "run",
+        lambda: _wrapped(_disk(), InputError("stage y: bad"), hide=True),
+        1,
+        "part-00003",
+    ),
+    "enospc-as-ray-cause": ("run", lambda: RayTaskErrorLike("worker died", _disk()), 1, "part-00003"),
+    "enospc-only-as-text": (
+        "run",
+        lambda: RayTaskErrorLike(
+            "ray::Trainer.fit()\nOSError: [Errno 28] No space left on device: '/ck/step-4/model.pt'"
+        ),
+        1,
+        "/ck/step-4/model.pt",
+    ),
+    "pyarrow-style-text": (
+        "run",
+        lambda: OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
+        1,
+        "No space left",
+    ),
+    "enospc-in-exception-group": (
+        "run",
+        lambda: ExceptionGroup("workers", [ValueError("x"), _disk()]),
+        1,
+        "part-00003",
+    ),
+    "locked-in-prepare": ("prepare", _locked, 2, "is in use by job x"),
+    "locked-in-run": ("run", _locked, 2, "is in use by job x"),
+    "locked-behind-runtime-error": (
+        "run",
+        lambda: _wrapped(_locked(), RuntimeError("stage z")),
+        2,
+        "is in use by job x",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DISK_AND_LOCK_CASES), ids=list(DISK_AND_LOCK_CASES))
+def test_full_disk_and_locked_folder_end_in_one_line(case, capsys):
+    where, make, code, needle = DISK_AND_LOCK_CASES[case]
+    job = tiny_job(prepare=raise_(make())) if where == "prepare" else tiny_job(run=raise_(make()))
+    assert run_job(job, "A tiny job.", []) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and needle in err, err
+    if code == 1:
+        assert "disk full" in err and "free space" in err
+
+
 def test_unexpected_errors_are_not_disguised():
     with pytest.raises(ZeroDivisionError):
         run_job(tiny_job(run=raise_(ZeroDivisionError())), "A tiny job.", [])
