@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -311,6 +312,7 @@ def wait_ready(actors: Sequence, startup_timeout_s: float, what: str, poll_s: fl
     from gen_ssd_ray.common.interrupts import check_stop
 
     deadline = time.monotonic() + startup_timeout_s
+    logging.getLogger(__name__).info("waiting for %s to start (up to %g s)", what, startup_timeout_s)
     try:
         pending = [a.ready.remote() for a in actors]
         while pending:
