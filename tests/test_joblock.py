@@ -118,6 +118,27 @@ def test_bounded_wait_times_out_naming_the_lock_file_and_holder(tmp_path):
     assert str(path) in msg and "after 0.5 s" in msg and "job materialize m" in msg and "stop it" in msg
 
 
+@pytest.mark.parametrize("stop_flag", [False, True], ids=["raising-handler", "stop-flag"])
+def test_a_signal_ends_a_lock_wait(tmp_path, stop_flag):
+    from gen_ssd_ray.common.errors import JobInterrupted
+    from gen_ssd_ray.common.interrupts import raise_on_signals, stop_on_signals
+
+    path = tmp_path / ".m.lock"
+    with FolderLock(path, "a").acquire():
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        t0 = time.monotonic()
+        with raise_on_signals():
+            if stop_flag:
+                with stop_on_signals(), pytest.raises(JobInterrupted, match="lock"):
+                    with hold_lock(path, "b", wait_s=30):
+                        pass
+            else:
+                with pytest.raises(KeyboardInterrupt):
+                    with hold_lock(path, "b", wait_s=30):
+                        pass
+        assert time.monotonic() - t0 < 5
+
+
 def test_bounded_wait_gets_the_lock_when_it_is_freed(tmp_path):
     path = tmp_path / ".m.lock"
     lock = FolderLock(path, "a").acquire()

@@ -7,8 +7,8 @@ What this module knows:
   exclude each other): a second job on the folder is refused at once with `FolderLockedError` (an
   `InputError`: exit 2, nothing started), whose one-line message names the folder, the holder and the fix.
 - `hold_lock(path, ...)`: the same lock on any file, waiting at most `wait_s` seconds (polling, so a
-  signal still interrupts the wait); past it, `LockTimeoutError` names the lock file, the holder and the
-  fix. Used by `gen_ssd_ray.common.models.materialize` (the model-cache build lock).
+  signal ends the wait: KeyboardInterrupt, or JobInterrupted under `stop_on_signals()`); past it,
+  `LockTimeoutError` names the lock file, the holder and the fix. Used by `gen_ssd_ray.common.models.materialize` (the model-cache build lock).
 - The holder writes one JSON line into the lock file (job, pid, host, start time) and clears it when it
   lets go; a refused caller reads it to say who holds the lock. The content is information only: the
   kernel's ``flock`` is the lock, released when the holder's descriptor closes, so a holder that died
@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.interrupts import check_stop
 
 # The lock file inside a job folder; generation's ShardWriter uses the same name (generate/output.py).
 LOCK_NAME = "_lock"
@@ -156,6 +157,7 @@ class FolderLock:
                     self.path,
                     holder,
                 )
+            check_stop(f"lock {self.path}")  # a signal under stop_on_signals() ends the wait too
             time.sleep(_POLL_S)  # a signal handler that raises interrupts this wait
         return self
 
