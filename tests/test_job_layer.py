@@ -262,6 +262,82 @@ def test_signals_set_the_stop_flag_in_a_work_loop_and_raise_elsewhere(sig):
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+# A job whose `prepare` or `run` takes long; it says when it got there.
+SLOW_JOB = """
+import sys, time
+from dataclasses import dataclass
+from gen_ssd_ray.common.cli import Job, run_job
+
+@dataclass(frozen=True)
+class Cfg:
+    PRESET = "conf/none.yaml"
+    def validate(self): pass
+
+def slow(phase):
+    def f(*_):
+        if phase == sys.argv[1]:
+            print("in " + phase, flush=True)
+            time.sleep(60)
+        return {}
+    return f
+
+sys.exit(run_job(Job("slow", Cfg, slow("prepare"), slow("run"), str), "slow", []))
+"""
+
+
+@pytest.mark.parametrize("phase", ["prepare", "run"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "ray-job-stop"])
+def test_a_signal_in_any_phase_exits_130(phase, sig):
+    """Before, a signal during `prepare` (reading a large data set, building a model) gave a
+    KeyboardInterrupt traceback (exit 1) or, for SIGTERM, a kill by signal (exit -15)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen(
+        [sys.executable, "-c", SLOW_JOB, phase],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == f"in {phase}"
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        code = p.wait(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = p.stderr.read() if p.stderr else ""
+    assert code == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_sigterm_while_ray_starts_is_an_interrupt(monkeypatch):
+    """ray.init installs a SIGTERM handler that calls sys.exit(15) while it runs; a SIGTERM landing then
+    is the job's interrupt (exit 130), not exit 15."""
+    import sys
+    import types
+
+    from gen_ssd_ray.common import cluster
+
+    def init(**_):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with raise_on_signals():
+        with pytest.raises(KeyboardInterrupt):
+            cluster.init_ray(None, 1)
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+
+
 # ---- engines ---------------------------------------------------------------------------------------
 
 

@@ -79,12 +79,13 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides, schema_cls=job.schema)
-        prepared = job.prepare(cfg)
-    except (ValueError, OSError) as e:
-        return _fail(job, e)
-    try:
+        # Signals raise from the start: `prepare` can be long (a large data set, building a model).
         with raise_on_signals():
+            try:
+                cfg = load_config(args.config, args.overrides, schema_cls=job.schema)
+                prepared = job.prepare(cfg)
+            except (ValueError, OSError) as e:
+                return _fail(job, e)
             summary = job.run(cfg, prepared)
     except (JobInterrupted, KeyboardInterrupt) as e:
         _print_summary(job, getattr(e, "summary", None))

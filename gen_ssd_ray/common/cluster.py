@@ -45,7 +45,8 @@ def init_ray(address: str | None, local_num_cpus: int | None, dashboard: bool = 
     placement-group cleaner polls (without it, a warning a second).
 
     `ray.init` installs its own SIGTERM handler (`sys.exit`); a handler the job had installed before
-    (gen_ssd_ray.common.interrupts) is put back, so SIGTERM keeps meaning what the job's policy says."""
+    (gen_ssd_ray.common.interrupts) is put back, so SIGTERM keeps meaning what the job's policy says,
+    and a SIGTERM that lands while `ray.init` runs raises KeyboardInterrupt (exit 130), not exit 15."""
     import ray
 
     if ray.is_initialized():
@@ -54,6 +55,12 @@ def init_ray(address: str | None, local_num_cpus: int | None, dashboard: bool = 
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
         _init(ray, address or os.environ.get("RAY_ADDRESS"), local_num_cpus, dashboard)
+    except SystemExit as e:
+        # Ray's own handler, live while ray.init runs, turns SIGTERM into sys.exit(15): under the
+        # job's policy that SIGTERM is an interrupt like any other (exit 130).
+        if e.code == signal.SIGTERM and previous not in (None, signal.SIG_DFL):
+            raise KeyboardInterrupt("SIGTERM while Ray was starting") from None
+        raise
     finally:
         if previous not in (None, signal.SIG_DFL):
             signal.signal(signal.SIGTERM, previous)
