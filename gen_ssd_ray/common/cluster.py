@@ -133,14 +133,14 @@ def unsatisfiable(demands: Sequence[Demand], nodes: Sequence[Mapping[str, float]
             best = max((n.get(res, 0.0) for n in nodes), default=0.0)
             if amount > best + _EPS:
                 return (
-                    f"each of the {d.what} asks for {_fmt(res, amount)} but the largest node has "
+                    f"one actor of the {d.what} asks for {_fmt(res, amount)} but the largest node has "
                     f"{_fmt(res, best)} ({where}): lower {d.keys}, or use a cluster with such nodes"
                 )
             room = sum(math.floor(n.get(res, 0.0) / amount + _EPS) for n in nodes)
             if d.count > room:
                 return (
-                    f"{d.count} {d.what} ask for {_fmt(res, amount)} each, but only {room} fit on the "
-                    f"cluster's nodes ({where}): lower {d.keys}, or add nodes"
+                    f"the {d.what} need {d.count} actors of {_fmt(res, amount)} each, but only {room} fit "
+                    f"on the cluster's nodes ({where}): lower {d.keys}, or add nodes"
                 )
     totals: dict[str, float] = {}
     for d in demands:
@@ -150,7 +150,7 @@ def unsatisfiable(demands: Sequence[Demand], nodes: Sequence[Mapping[str, float]
         have = sum(n.get(res, 0.0) for n in nodes)
         if total > have + _EPS:
             parts = ", ".join(
-                f"{d.count} {d.what} x {_fmt(res, d.per_actor[res])}"
+                f"{d.what}: {d.count} x {_fmt(res, d.per_actor[res])}"
                 for d in demands
                 if d.per_actor.get(res, 0) > 0 and d.count > 0
             )

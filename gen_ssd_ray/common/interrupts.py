@@ -7,15 +7,17 @@ finished, exit 130 so that re-running the same command continues.
   never raises, so a shard commit is never cut in half. Generation holds it from `ray.init` to the
   last commit (engine start-up, the dispatch loop, the final flush); evaluation around its dispatch
   loop. The loop stops admitting work and the job raises `JobInterrupted`.
-- Everywhere else (engine start-up, Ray Train's `fit`, between pipeline stages) the job runs under
-  `raise_on_signals()`: both signals raise KeyboardInterrupt where the job is, and the job's entry
-  point (gen_ssd_ray.common.cli.run_job) turns it into exit 130.
+- Everywhere else (config loading and `prepare`, engine start-up outside generation, Ray Train's
+  `fit`, between pipeline stages) the job runs under `raise_on_signals()`, which the entry point
+  (gen_ssd_ray.common.cli.run_job) holds from the start: both signals raise KeyboardInterrupt where
+  the job is, and the entry point turns it into exit 130.
 
 Every long wait is interruptible in both modes: a wait in the main thread polls (a raising handler
 runs between polls), and a wait that runs under `stop_on_signals()` (engine start-up inside
-generation) calls `check_stop(what)` between polls, which raises `JobInterrupted` once a signal set
-the flag (`stop_requested()` reads it). So Ctrl-C and `ray job stop` (SIGTERM, or RAY_JOB_STOP_SIGNAL, to
-the entrypoint and every process below it, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, default 3 s) end any phase with exit 130.
+generation, a lock wait) calls `check_stop(what)` between polls, which raises `JobInterrupted` once a
+signal set the flag (`stop_requested()` reads it). So Ctrl-C and `ray job stop` end any phase with
+exit 130. (`ray job stop` sends SIGTERM, or RAY_JOB_STOP_SIGNAL, to the entrypoint and every process
+below it, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S, default 3 s.)
 
 Handlers are only installed in the main thread (elsewhere these are no-ops) and the previous handlers
 are restored on exit; `ray.init` sets its own SIGTERM handler, so `gen_ssd_ray.common.cluster.init_ray`

@@ -235,12 +235,20 @@ def pool_demands(cfg: EngineConfig, slots: int, what: str, section: str | None) 
     from gen_ssd_ray.common.cluster import actor_demand
 
     prefix = f"{section}." if section else "the engine section's "
-    keys = f"{prefix}num_engines / {prefix}num_cpus / {prefix}num_gpus"
+    keys = f"{prefix}num_engines / {prefix}num_cpus / {prefix}num_gpus" + (
+        " / sim.engines_per_actor" if slots > 1 else ""
+    )
     sizes: dict[int, int] = {}
     for _, n in pool_actors(cfg.num_engines, slots):
         sizes[n] = sizes.get(n, 0) + 1
     return [
-        actor_demand(what, count, keys, num_cpus=cfg.num_cpus * n, num_gpus=cfg.num_gpus * n)
+        actor_demand(
+            what if n == 1 else f"{what} ({n} per actor)",
+            count,
+            keys,
+            num_cpus=cfg.num_cpus * n,
+            num_gpus=cfg.num_gpus * n,
+        )
         for n, count in sizes.items()
     ]
 

@@ -88,9 +88,17 @@ def demands(cfg: GenerateConfig, managers: bool = True) -> list:
     sizes: dict[int, int] = {}
     for _, n in pool_actors(s.num_scorers, s_slots):
         sizes[n] = sizes.get(n, 0) + 1
-    keys = "student.num_scorers / student.num_cpus / student.num_gpus"
+    keys = "student.num_scorers / student.num_cpus / student.num_gpus" + (
+        " / sim.engines_per_actor" if s_slots > 1 else ""
+    )
     out += [
-        actor_demand("scorers", count, keys, num_cpus=s.num_cpus * n, num_gpus=s.num_gpus * n)
+        actor_demand(
+            "scorers" if n == 1 else f"scorers ({n} per actor)",
+            count,
+            keys,
+            num_cpus=s.num_cpus * n,
+            num_gpus=s.num_gpus * n,
+        )
         for n, count in sizes.items()
     ]
     if managers:
