@@ -69,6 +69,20 @@ def test_second_job_on_a_folder_is_refused_naming_folder_holder_and_fix(tmp_path
         pass
 
 
+def test_a_lock_taken_in_prepare_is_released_by_run(tmp_path):
+    from gen_ssd_ray.common.joblock import lock_job_folder
+
+    folder = tmp_path / "new" / "run"  # created
+    lock = lock_job_folder(folder, "evaluate")
+    assert lock.held and read_holder(folder / LOCK_NAME)["job"] == "evaluate"
+    with pytest.raises(FolderLockedError, match="another output.dir"):
+        lock_job_folder(folder, "evaluate")
+    lock.release()
+    lock.release()  # idempotent
+    assert not lock.held
+    lock_job_folder(folder, "evaluate").release()
+
+
 def test_another_process_holds_the_folder_until_it_dies(tmp_path):
     folder = tmp_path / "run"
     p = start_holder(folder)

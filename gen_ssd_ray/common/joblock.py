@@ -1,7 +1,8 @@
 """One writer per job folder, and every lock wait bounded.
 
 What this module knows:
-- `hold_job_folder(folder, job)`: the lock every job takes on the folder it writes (generation's output
+- `hold_job_folder(folder, job)` (a context manager) / `lock_job_folder(folder, job)` (a held
+  `FolderLock` to release later): the lock every job takes on the folder it writes (generation's output
   folder, a fine-tune's, an evaluation's, the pipeline's). It is an exclusive, non-blocking ``flock`` on
   ``<folder>/_lock`` (the same file and the same semantics as generation's `ShardWriter`, so the two
   exclude each other): a second job on the folder is refused at once with `FolderLockedError` (an
@@ -177,17 +178,24 @@ class FolderLock:
         self.release()
 
 
-@contextlib.contextmanager
-def hold_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> Iterator[Path]:
-    """Hold `<folder>/_lock` for the block (the folder is created if missing); yields the folder.
+def lock_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> FolderLock:
+    """Take `<folder>/_lock` (the folder is created if missing) and return the held FolderLock; the
+    caller releases it (`release()`, or `with`), e.g. a job's `prepare` keeps it in what it returns and
+    its `run` releases it at the end (as generation's ShardWriter does).
 
     Refuses at once with FolderLockedError if another job (or generation's ShardWriter) holds it; the
     message names the folder, the holder and the fix (wait for that job, stop it, or change `key`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fix = f"wait for that job to finish (or stop it), or give this job another {key}"
-    with FolderLock(folder / LOCK_NAME, job).acquire(0.0, what=f"job folder {folder}", fix=fix):
-        yield folder
+    return FolderLock(folder / LOCK_NAME, job).acquire(0.0, what=f"job folder {folder}", fix=fix)
+
+
+@contextlib.contextmanager
+def hold_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> Iterator[Path]:
+    """`lock_job_folder` for the block; yields the folder."""
+    with lock_job_folder(folder, job, key=key):
+        yield Path(folder)
 
 
 @contextlib.contextmanager
