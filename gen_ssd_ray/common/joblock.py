@@ -9,11 +9,15 @@ What this module knows:
   `InputError`: exit 2, nothing started), whose one-line message names the folder, the holder and the fix.
 - `hold_lock(path, ...)`: the same lock on any file, waiting at most `wait_s` seconds (polling, so a
   signal ends the wait: KeyboardInterrupt, or JobInterrupted under `stop_on_signals()`); past it,
-  `LockTimeoutError` names the lock file, the holder and the fix. Used by `gen_ssd_ray.common.models.materialize` (the model-cache build lock).
+  `LockTimeoutError` names the lock file, the holder and the fix. Used by
+  `gen_ssd_ray.common.models.materialize` (the model-cache build lock).
 - The holder writes one JSON line into the lock file (job, pid, host, start time) and clears it when it
   lets go; a refused caller reads it to say who holds the lock. The content is information only: the
   kernel's ``flock`` is the lock, released when the holder's descriptor closes, so a holder that died
   (even by SIGKILL) never leaves a stale lock, and a leftover line is simply overwritten.
+
+Each FolderLock opens its own descriptor, so within one process a second lock on the same file is
+refused (or waits) exactly as in another process: the lock is not re-entrant.
 
 What it does not know: it does not serialize threads sharing one `FolderLock` object, and ``flock`` is
 only as reliable as the filesystem (local disks and NFSv4 honour it across hosts; some FUSE/object-store
