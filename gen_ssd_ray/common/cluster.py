@@ -12,10 +12,11 @@ be met.
 - An autoscaling cluster may add nodes, so there the check is skipped (the wait is the autoscaler's).
   `cluster_autoscales()` decides: GEN_SSD_AUTOSCALING=1 / 0 forces the answer; a private local Ray is
   fixed; otherwise the cluster autoscales if Ray's autoscaler v2 is enabled (GCS key
-  `__autoscaler_v2_enabled`, set by `ray up` and KubeRay autoscaler v2), or if the v1 autoscaler's status
-  (`__autoscaling_status`, what `ray status` shows) names node types of an autoscaling config (a cluster
-  started by hand with `ray start` only has the read-only provider's `node_<id>` types). Unknown (no
-  status yet, an error): treated as autoscaling, so nothing is refused wrongly.
+  `__autoscaler_v2_enabled`, set by `ray up` and KubeRay autoscaler v2), or if the v1 autoscaler's
+  status (`__autoscaling_status`, what `ray status` shows) names node types of an autoscaling config.
+  A head started with `ray start` or `ray.init` reports no autoscaler there, or only the read-only
+  provider's `node_<id>` types (checked on Ray 2.60's local head): fixed. Unknown (no status yet, an
+  error): treated as autoscaling, so nothing is refused on a guess.
 """
 
 from __future__ import annotations
