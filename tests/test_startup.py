@@ -262,6 +262,23 @@ def test_a_private_local_ray_is_fixed(monkeypatch):
     assert cluster.cluster_autoscales() is False
 
 
+@pytest.mark.parametrize(
+    "v2, status, autoscales",
+    [
+        (True, None, True),  # autoscaler v2 enabled (ray up, KubeRay v2)
+        (False, None, True),  # no status yet: never refuse on a guess
+        (False, b"not json", True),
+        (False, b'{"load_metrics_report": {}}', False),  # a head started by ray start / ray.init
+        (False, b'{"autoscaler_report": {"active_nodes": {"node_ab12": 1}}}', False),  # read-only provider
+        (False, b'{"autoscaler_report": {"active_nodes": {"headgroup": 1, "gpu": 2}}}', True),  # KubeRay v1
+        (False, b'{"autoscaler_report": {"active_nodes": {}, "pending_launches": {"gpu_worker": 1}}}', True),
+    ],
+    ids=["v2", "no-status", "junk-status", "plain-head", "readonly", "kuberay-v1", "launching"],
+)
+def test_autoscaling_detection(v2, status, autoscales):
+    assert cluster.autoscales_from(v2, status) is autoscales
+
+
 def test_generation_refuses_before_creating_any_actor(fake_ray, monkeypatch):
     """Teacher engines, scorers and beam managers are checked together, before any actor exists."""
     from gen_ssd_ray.common.config import load_config

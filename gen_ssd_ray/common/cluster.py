@@ -176,18 +176,27 @@ def cluster_autoscales() -> bool:
         from ray.autoscaler.v2.utils import is_autoscaler_v2
         from ray.experimental.internal_kv import _internal_kv_get
 
-        if is_autoscaler_v2(fetch_from_server=True):
-            return True
-        raw = _internal_kv_get("__autoscaling_status")
-        if not raw:
-            return True  # no status (yet): do not refuse on a guess
-        report = json.loads(raw).get("autoscaler_report") or {}
-        types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
-        types |= set(report.get("pending_launches") or {})
-        return any(not str(t).startswith("node_") for t in types)
+        v2 = is_autoscaler_v2(fetch_from_server=True)
+        return autoscales_from(v2, None if v2 else _internal_kv_get("__autoscaling_status"))
     except Exception as e:  # pragma: no cover - depends on the Ray version and cluster
         log.info("could not tell whether the cluster autoscales (%s); assuming it does", e)
         return True
+
+
+def autoscales_from(autoscaler_v2: bool, status: bytes | str | None) -> bool:
+    """The decision of `cluster_autoscales` from what Ray reports: autoscaler v2 enabled, and the v1
+    monitor's status JSON (None: not written yet)."""
+    if autoscaler_v2:
+        return True
+    if not status:
+        return True  # no status (yet): do not refuse on a guess
+    try:
+        report = json.loads(status).get("autoscaler_report") or {}
+    except (ValueError, AttributeError):
+        return True
+    types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
+    types |= set(report.get("pending_launches") or {})
+    return any(not str(t).startswith("node_") for t in types)
 
 
 def alive_nodes() -> list[dict[str, float]]:
