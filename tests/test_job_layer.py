@@ -142,6 +142,106 @@ def test_run_job_exit_codes(job, argv, code, capsys):
         assert json.loads(out.splitlines()[-1])["x"] in (7, 8)
 
 
+def _disk(err: int = 28, file: str | None = "/out/part-00003.parquet") -> OSError:
+    return OSError(err, os.strerror(err), file) if file else OSError(err, os.strerror(err))
+
+
+def _wrapped(inner: BaseException, outer: BaseException, *, hide: bool = False) -> BaseException:
+    """`outer` raised while handling `inner` (`raise outer from inner`, or `from None` with hide)."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            if hide:
+                raise outer from None
+            raise outer from inner
+    except BaseException as e:
+        return e
+
+
+class RayTaskErrorLike(RuntimeError):
+    """What a Ray worker's failure looks like to the driver: the cause only as text (or as `.cause`)."""
+
+    def __init__(self, text: str, cause: BaseException | None = None):
+        super().__init__(text)
+        self.cause = cause
+
+
+def _locked():
+    from pathlib import Path
+
+    from gen_ssd_ray.common.joblock import FolderLockedError
+
+    return FolderLockedError(
+        "job folder /o is in use by job x (lock file /o/_lock): use another output.dir",
+        Path("/o/_lock"),
+        None,
+    )
+
+
+# A full disk or quota anywhere in a job (prepare or run, bare or wrapped): exit 1, one line naming the
+# file if known and "free space". A folder another job holds: exit 2, one line.
+DISK_AND_LOCK_CASES = {
+    "enospc-in-prepare": ("prepare", lambda: _disk(), 1, "/out/part-00003.parquet"),
+    "edquot-in-prepare": ("prepare", lambda: _disk(122, "/out/_manifest.log"), 1, "/out/_manifest.log"),
+    "enospc-in-run": ("run", lambda: _disk(), 1, "/out/part-00003.parquet"),
+    "edquot-in-run-no-file": ("run", lambda: _disk(122, None), 1, "Disk quota exceeded"),
+    "enospc-behind-jobfailed": (
+        "run",
+        lambda: _wrapped(_disk(), JobFailed("stage x: failed", {"x": 7, "prepared": None})),
+        1,
+        "part-00003",
+    ),
+    "enospc-behind-input-error-from-none": (
+        "run",
+        lambda: _wrapped(_disk(), InputError("stage y: bad"), hide=True),
+        1,
+        "part-00003",
+    ),
+    "enospc-as-ray-cause": ("run", lambda: RayTaskErrorLike("worker died", _disk()), 1, "part-00003"),
+    "enospc-only-as-text": (
+        "run",
+        lambda: RayTaskErrorLike(
+            "ray::Trainer.fit()\nOSError: [Errno 28] No space left on device: '/ck/step-4/model.pt'"
+        ),
+        1,
+        "/ck/step-4/model.pt",
+    ),
+    "pyarrow-style-text": (
+        "run",
+        lambda: OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),
+        1,
+        "No space left",
+    ),
+    "enospc-in-exception-group": (
+        "run",
+        lambda: ExceptionGroup("workers", [ValueError("x"), _disk()]),
+        1,
+        "part-00003",
+    ),
+    "locked-in-prepare": ("prepare", _locked, 2, "is in use by job x"),
+    "locked-in-run": ("run", _locked, 2, "is in use by job x"),
+    "locked-behind-runtime-error": (
+        "run",
+        lambda: _wrapped(_locked(), RuntimeError("stage z")),
+        2,
+        "is in use by job x",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DISK_AND_LOCK_CASES), ids=list(DISK_AND_LOCK_CASES))
+def test_full_disk_and_locked_folder_end_in_one_line(case, capsys):
+    where, make, code, needle = DISK_AND_LOCK_CASES[case]
+    job = tiny_job(prepare=raise_(make())) if where == "prepare" else tiny_job(run=raise_(make()))
+    assert run_job(job, "A tiny job.", []) == code
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and needle in err, err
+    if code == 1:
+        assert "disk full" in err and "free space" in err
+
+
 def test_unexpected_errors_are_not_disguised():
     with pytest.raises(ZeroDivisionError):
         run_job(tiny_job(run=raise_(ZeroDivisionError())), "A tiny job.", [])
@@ -160,6 +260,82 @@ def test_signals_set_the_stop_flag_in_a_work_loop_and_raise_elsewhere(sig):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), sig)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# A job whose `prepare` or `run` takes long; it says when it got there.
+SLOW_JOB = """
+import sys, time
+from dataclasses import dataclass
+from gen_ssd_ray.common.cli import Job, run_job
+
+@dataclass(frozen=True)
+class Cfg:
+    PRESET = "conf/none.yaml"
+    def validate(self): pass
+
+def slow(phase):
+    def f(*_):
+        if phase == sys.argv[1]:
+            print("in " + phase, flush=True)
+            time.sleep(60)
+        return {}
+    return f
+
+sys.exit(run_job(Job("slow", Cfg, slow("prepare"), slow("run"), str), "slow", []))
+"""
+
+
+@pytest.mark.parametrize("phase", ["prepare", "run"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "ray-job-stop"])
+def test_a_signal_in_any_phase_exits_130(phase, sig):
+    """Before, a signal during `prepare` (reading a large data set, building a model) gave a
+    KeyboardInterrupt traceback (exit 1) or, for SIGTERM, a kill by signal (exit -15)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen(
+        [sys.executable, "-c", SLOW_JOB, phase],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == f"in {phase}"
+        t0 = time.monotonic()
+        p.send_signal(sig)
+        code = p.wait(timeout=30)
+        assert time.monotonic() - t0 < 10
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = p.stderr.read() if p.stderr else ""
+    assert code == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+
+
+def test_sigterm_while_ray_starts_is_an_interrupt(monkeypatch):
+    """ray.init installs a SIGTERM handler that calls sys.exit(15) while it runs; a SIGTERM landing then
+    is the job's interrupt (exit 130), not exit 15."""
+    import sys
+    import types
+
+    from gen_ssd_ray.common import cluster
+
+    def init(**_):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init does
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=init)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with raise_on_signals():
+        with pytest.raises(KeyboardInterrupt):
+            cluster.init_ray(None, 1)
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
 
 
 # ---- engines ---------------------------------------------------------------------------------------

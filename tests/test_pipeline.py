@@ -150,3 +150,32 @@ def test_pipeline_end_to_end_resume_and_report(tmp_path):
     for m in methods:
         assert again[f"generate/{m}"]["status"] == "skipped"
         assert again[f"generate/{m}"]["summary"]["problems_done_this_run"] == 0
+
+
+@pytest.mark.parametrize("where", ["state-file", "generation-stage", "stage-input"])
+def test_pipeline_full_disk_ends_in_one_line(tmp_path, capsys, monkeypatch, where):
+    """A full disk in any stage of the pipeline: exit 1 and one line naming the file and "free space"
+    (before: exit 2 "bad input", or a JobFailed line without the file)."""
+    import errno
+
+    from gen_ssd_ray.pipeline import run as pipeline_run
+    from jobs.pipeline import main
+
+    out = tmp_path / "pipe"
+    file = str(out / "generate" / "gen_ssd" / "part-00001.parquet")
+
+    def full(self):
+        disk = OSError(errno.ENOSPC, "No space left on device", file)
+        if where == "state-file":
+            raise disk
+        if where == "generation-stage":
+            with pipeline_run._stage("generate/gen_ssd", any_error_fails=True):
+                raise disk
+        with pipeline_run._stage_input("eval/teacher", out / "eval" / "teacher"):
+            raise disk
+
+    monkeypatch.setattr(pipeline_run.Pipeline, "run", full)
+    assert main([f"output_dir={out}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: disk full"), err
+    assert file in err and "free space" in err

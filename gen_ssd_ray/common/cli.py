@@ -7,12 +7,15 @@ the documented exit codes:
 
     0    done (or nothing left to do)
     2    bad config, model, data or output folder: nothing started (`InputError`, any ValueError or
-         OSError from loading or `prepare`)
-    1    the job failed (`JobFailed`): what finished is kept; re-run the same command to continue
+         OSError from loading or `prepare`); a job folder held by another job
+         (`FolderLockedError`, wherever it is raised)
+    1    the job failed (`JobFailed`): what finished is kept; re-run the same command to continue.
+         Also a full disk or quota (ENOSPC / EDQUOT, at any phase, however wrapped): one line naming
+         the file if known and "free space", never a traceback
     130  interrupted by SIGINT/SIGTERM (`JobInterrupted`): what finished is kept; re-run to continue
 
 A failure or interrupt that carries the job's summary prints it first, so the log always ends with
-what was done.
+what was done. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from gen_ssd_ray.common.errors import (
     InputError,
     JobFailed,
     JobInterrupted,
+    chain,
+    disk_full,
+    disk_full_message,
 )
 
 
@@ -73,18 +79,14 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides, schema_cls=job.schema)
-        prepared = job.prepare(cfg)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
+        # Signals raise from the start: `prepare` can be long (a large data set, building a model).
         with raise_on_signals():
+            try:
+                cfg = load_config(args.config, args.overrides, schema_cls=job.schema)
+                prepared = job.prepare(cfg)
+            except (ValueError, OSError) as e:
+                return _fail(job, e)
             summary = job.run(cfg, prepared)
-    except JobFailed as e:
-        _print_summary(job, e.summary)
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
     except (JobInterrupted, KeyboardInterrupt) as e:
         _print_summary(job, getattr(e, "summary", None))
         print(
@@ -92,8 +94,32 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    except job.bad_input as e:  # found by a later stage of a multi-stage job, before it started
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except Exception as e:
+        if isinstance(e, (JobFailed, *job.bad_input)) or disk_full(e) or _locked(e):
+            return _fail(job, e)
+        raise
     _print_summary(job, summary)
     return EXIT_OK
+
+
+def _locked(e: BaseException) -> BaseException | None:
+    """The FolderLockedError behind `e`, if any (raised by a stage, or wrapped by one)."""
+    from gen_ssd_ray.common.joblock import FolderLockedError
+
+    return next((x for x in chain(e) if isinstance(x, FolderLockedError)), None)
+
+
+def _fail(job: Job, e: BaseException) -> int:
+    """Print the one line for a failure and return its exit code: a full disk 1, a locked folder 2,
+    JobFailed 1 (after its summary), bad input 2."""
+    _print_summary(job, getattr(e, "summary", None))
+    full = disk_full(e)
+    if full is not None:
+        print(f"error: {disk_full_message(*full)}", file=sys.stderr)
+        return EXIT_FAILED
+    locked = _locked(e)
+    if locked is not None:
+        print(f"error: {locked}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_FAILED if isinstance(e, JobFailed) else EXIT_BAD_INPUT

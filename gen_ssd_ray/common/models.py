@@ -19,7 +19,6 @@ Importing this module is cheap: torch, transformers and huggingface_hub are impo
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -75,15 +74,20 @@ def _is_complete(dest: Path, recipe: dict[str, Any]) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive ``flock`` on `path` (created if missing); blocks until it is free."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _file_lock(path: Path, dest: Path, wait_s: float | None = None) -> Iterator[None]:
+    """Exclusive ``flock`` on `path` (created if missing), waiting at most `wait_s` seconds (None: the
+    default bound of gen_ssd_ray.common.joblock, GEN_SSD_LOCK_WAIT_S overrides it); past it,
+    LockTimeoutError names the lock file, its holder and the fix."""
+    from gen_ssd_ray.common.joblock import hold_lock
+
+    fix = (
+        f"wait for that process to finish building {dest}, or stop it if it hangs (the lock is freed "
+        "when it exits) and re-run; GEN_SSD_LOCK_WAIT_S=<seconds> waits longer"
+    )
+    with hold_lock(
+        path, f"materialize {dest.name}", wait_s=wait_s, what=f"the build lock of {dest}", fix=fix
+    ):
+        yield
 
 
 def _finish_tree(folder: Path) -> None:
@@ -99,19 +103,23 @@ def _finish_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def materialize(dest: Path, recipe: dict[str, Any], build: Callable[[Path], None]) -> Path:
+def materialize(
+    dest: Path, recipe: dict[str, Any], build: Callable[[Path], None], *, wait_s: float | None = None
+) -> Path:
     """Create folder `dest` with ``build(tmp_folder)`` unless it is already complete for `recipe`.
 
     The folder is built in a hidden temporary sibling, the marker holding `recipe` is written last, and the
     whole folder is renamed into place, so `dest` is either absent, outdated or complete, never partial.
     A lock file next to it serializes concurrent builders (threads or processes); the second one finds the
-    folder complete and returns at once.
+    folder complete and returns at once. The wait for that lock is bounded by `wait_s` seconds (None:
+    gen_ssd_ray.common.joblock's default, 600 s or GEN_SSD_LOCK_WAIT_S): a builder that hangs makes the
+    others fail with LockTimeoutError (an InputError) naming the lock file and its holder, not wait forever.
     """
     if _is_complete(dest, recipe):
         return dest
     parent = dest.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(parent / f".{dest.name}.lock"):
+    with _file_lock(parent / f".{dest.name}.lock", dest, wait_s):
         if _is_complete(dest, recipe):
             return dest
         # Leftovers of builders of this folder that died while holding this lock ("~" never occurs in

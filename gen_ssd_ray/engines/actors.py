@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gen_ssd_ray.common.config import EngineConfig, SimConfig
-from gen_ssd_ray.common.errors import JobFailed, reason
+from gen_ssd_ray.common.errors import JobFailed, JobInterrupted, reason
 from gen_ssd_ray.core.types import Candidate, ExpandRequest, ScoreRequest
 from gen_ssd_ray.engines.base import EngineContext, EngineDead, ScorerSpec
 
@@ -228,6 +229,30 @@ def pool_actors(num_engines: int, slots: int) -> list[tuple[int, int]]:
     return [(first, min(slots, num_engines - first)) for first in range(0, num_engines, slots)]
 
 
+def pool_demands(cfg: EngineConfig, slots: int, what: str, section: str | None) -> list:
+    """What a pool of `cfg.num_engines` engines, `slots` per actor, asks of the cluster
+    (gen_ssd_ray.common.cluster.Demand per actor size); `section` names the config keys."""
+    from gen_ssd_ray.common.cluster import actor_demand
+
+    prefix = f"{section}." if section else "the engine section's "
+    keys = f"{prefix}num_engines / {prefix}num_cpus / {prefix}num_gpus" + (
+        " / sim.engines_per_actor" if slots > 1 else ""
+    )
+    sizes: dict[int, int] = {}
+    for _, n in pool_actors(cfg.num_engines, slots):
+        sizes[n] = sizes.get(n, 0) + 1
+    return [
+        actor_demand(
+            what if n == 1 else f"{what} ({n} per actor)",
+            count,
+            keys,
+            num_cpus=cfg.num_cpus * n,
+            num_gpus=cfg.num_gpus * n,
+        )
+        for n, count in sizes.items()
+    ]
+
+
 def create_engine_pool(
     cfg: EngineConfig,
     model_path: str,
@@ -236,6 +261,7 @@ def create_engine_pool(
     sim: SimConfig | None = None,
     max_restarts: int = -1,
     scheduling_strategy: str = "SPREAD",
+    section: str | None = None,
 ) -> list[EngineRef]:
     """The `cfg.num_engines` engines of a pool serving `model_path`, as EngineRefs (`max_concurrency`
     calls per engine).
@@ -244,8 +270,14 @@ def create_engine_pool(
     actor asks for the section's resources times its engines. Actors are spread over nodes (one
     node's loss costs its share; `scheduling_strategy="DEFAULT"` packs them instead), restart up to `max_restarts` times (-1: always; a restarted engine
     reloads its model) and never retry tasks (the caller retries elsewhere).
+
+    Raises ResourcesError (gen_ssd_ray.common.cluster.check_fits) before creating anything if the pool
+    can never be placed on a fixed cluster; `section` (teacher, model) names the keys to change.
     """
+    from gen_ssd_ray.common.cluster import check_fits
+
     slots = sim.engines_per_actor if sim is not None else 1
+    check_fits(pool_demands(cfg, slots, "engines", section))
     layout = pool_actors(cfg.num_engines, slots)
     actors = [
         create_actors(
@@ -273,20 +305,35 @@ def actors_of(refs: Sequence[EngineRef]) -> list:
     return list(seen)
 
 
-def wait_ready(actors: Sequence, startup_timeout_s: float, what: str) -> None:
+def wait_ready(actors: Sequence, startup_timeout_s: float, what: str, poll_s: float = 0.5) -> None:
     """Wait until every actor answers `ready` (actors of several pools start in parallel).
 
-    Raises JobFailed (after killing them) if one fails to start or misses `startup_timeout_s`; an
-    interrupt kills them too and is re-raised, so no half-started engines are left behind.
+    Raises JobFailed (after killing them) if one fails to start or misses `startup_timeout_s`. The
+    wait polls every `poll_s` seconds, so a signal ends it at once: KeyboardInterrupt under a raising
+    handler, JobInterrupted under `stop_on_signals()` (gen_ssd_ray.common.interrupts.check_stop);
+    either way the actors are killed and the interrupt re-raised, so no half-started engines are left.
     """
+    import time
+
     import ray
 
+    from gen_ssd_ray.common.interrupts import check_stop
+
+    deadline = time.monotonic() + startup_timeout_s
+    logging.getLogger(__name__).info("waiting for %s to start (up to %g s)", what, startup_timeout_s)
     try:
-        ray.get([a.ready.remote() for a in actors], timeout=startup_timeout_s)
+        pending = [a.ready.remote() for a in actors]
+        while pending:
+            check_stop(what)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ray.exceptions.GetTimeoutError(f"not ready after {startup_timeout_s:g} s")
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(poll_s, left))
+            ray.get(done)  # raises the error of an actor that failed to start
     except BaseException as e:
         for a in actors:
             ray.kill(a)
-        if not isinstance(e, Exception):
+        if not isinstance(e, Exception) or isinstance(e, JobInterrupted):
             raise
         raise JobFailed(
             f"{what} did not start ({reason(e)}); see the actor log above "

@@ -14,6 +14,7 @@ from gen_ssd_ray.engines.actors import (
     create_engine_pool,
     engine_env,
     pool_actors,
+    pool_demands,
     stop_actors,
     wait_ready,
 )
@@ -34,9 +35,12 @@ class Pools:
 def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Pools:
     """Start teacher, scorer and beam-manager actors with resources from the config; wait until ready.
 
-    Raises JobFailed if an engine does not start within runtime.startup_timeout_s."""
+    Raises ResourcesError (exit 2) before starting anything if the engines, scorers and managers can
+    never be placed together on a fixed cluster (`check_resources`), JobFailed if an engine does not
+    start within runtime.startup_timeout_s."""
     t, s, r, q = cfg.teacher, cfg.student, cfg.effective().runtime, cfg.search
     sim = cfg.sim if "sim" in (t.backend, s.backend) else None
+    check_resources(cfg)
     concurrency = max(64, 2 * t.max_inflight_problems * q.beam_width * q.trajectories_per_problem)
     teachers = create_engine_pool(
         t,
@@ -45,6 +49,7 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         sim=sim if t.backend == "sim" else None,
         max_restarts=r.max_actor_restarts,
         scheduling_strategy=r.scheduling_strategy,
+        section="teacher",
     )
     spec = ScorerSpec(dataclasses.replace(s, model=student_path), teacher_path, t.max_model_len, sim=sim)
     slots = sim.engines_per_actor if s.backend == "sim" and sim is not None else 1
@@ -69,6 +74,52 @@ def build_pools(cfg: GenerateConfig, teacher_path: str, student_path: str) -> Po
         f"the teacher engines ({teacher_path}) or scorers ({student_path})",
     )
     return Pools(teachers, scorers, build_managers(cfg, teacher_path, student_path, teachers, scorers))
+
+
+def demands(cfg: GenerateConfig, managers: bool = True) -> list:
+    """What the job's actors ask of the cluster, all together (gen_ssd_ray.common.cluster.Demand)."""
+    from gen_ssd_ray.common.cluster import actor_demand
+
+    t, s, r = cfg.teacher, cfg.student, cfg.effective().runtime
+    sim = cfg.sim if "sim" in (t.backend, s.backend) else None
+    t_slots = sim.engines_per_actor if t.backend == "sim" and sim is not None else 1
+    s_slots = sim.engines_per_actor if s.backend == "sim" and sim is not None else 1
+    out = pool_demands(t, t_slots, "teacher engines", "teacher")
+    sizes: dict[int, int] = {}
+    for _, n in pool_actors(s.num_scorers, s_slots):
+        sizes[n] = sizes.get(n, 0) + 1
+    keys = "student.num_scorers / student.num_cpus / student.num_gpus" + (
+        " / sim.engines_per_actor" if s_slots > 1 else ""
+    )
+    out += [
+        actor_demand(
+            "scorers" if n == 1 else f"scorers ({n} per actor)",
+            count,
+            keys,
+            num_cpus=s.num_cpus * n,
+            num_gpus=s.num_gpus * n,
+        )
+        for n, count in sizes.items()
+    ]
+    if managers:
+        out.append(
+            actor_demand(
+                "beam managers",
+                r.num_beam_managers,
+                "runtime.num_beam_managers / runtime.manager_num_cpus / runtime.manager_memory_gib",
+                num_cpus=r.manager_num_cpus,
+                memory=int(r.manager_memory_gib * 2**30),
+            )
+        )
+    return out
+
+
+def check_resources(cfg: GenerateConfig) -> None:
+    """ResourcesError (exit 2, in seconds) if the job's engines, scorers and beam managers can never be
+    placed together on this fixed cluster (gen_ssd_ray.common.cluster.check_fits)."""
+    from gen_ssd_ray.common.cluster import check_fits
+
+    check_fits(demands(cfg))
 
 
 def build_managers(

@@ -14,7 +14,9 @@ Stages, in order, each one a call into the project's own jobs on one Ray (local 
                  every distilled student (`evaluate`);
 6. `report`      Markdown and PNG plots from the run's own files (`gen_ssd_ray.pipeline.report`).
 
-Every stage writes to its own folder under `output_dir` and is resumable on its own (generation skips
+One pipeline at a time per `output_dir`: the run holds `<output_dir>/_lock`
+(gen_ssd_ray.common.joblock) and a second one is refused with exit 2; each stage's job locks its own
+folder below it the same way. Every stage writes to its own folder under `output_dir` and is resumable on its own (generation skips
 committed problems, fine-tuning resumes from its last checkpoint and skips a complete run, evaluation
 skips a folder with the same fingerprint), so re-running the same command skips finished stages and
 continues the interrupted one. The pipeline fills in what links the stages (model paths, data paths,
@@ -230,12 +232,19 @@ class Pipeline:
 
     # ---- the run -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Hold `<output_dir>/_lock` for the whole run (a second pipeline on the folder is refused
+        before anything starts: FolderLockedError, exit 2), then run the stages."""
+        from gen_ssd_ray.common.joblock import hold_job_folder
+
+        with hold_job_folder(self.out, "pipeline", key="output_dir"):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         from gen_ssd_ray.common.cluster import init_ray
         from gen_ssd_ray.generate.output import read_manifest
         from gen_ssd_ray.pipeline.report import write_report
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
         started = time.perf_counter()
 
