@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +29,34 @@ def tiny_student(tmp_path_factory) -> str:
     from gen_ssd_ray.common.embedded_models import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny_student", num_layers=1, seed=1))
+
+
+@pytest.fixture(scope="session")
+def chat_models(tmp_path_factory) -> dict[str, Path]:
+    """Tokenizer-only copies of the embedded teacher (config and tokenizer files, no weights): "good",
+    and "bare" without a chat template. For `prepare` checks that load no weights."""
+    from gen_ssd_ray.common.models import resolve_model
+
+    src, root = Path(resolve_model("embedded:teacher")), tmp_path_factory.mktemp("chat_models")
+    good, bare = root / "good", root / "no-template"
+    for dst in (good, bare):
+        dst.mkdir()
+        for f in src.iterdir():
+            if f.is_file() and not f.name.endswith(".safetensors"):
+                shutil.copyfile(f, dst / f.name)
+    (bare / "chat_template.jinja").unlink()
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    return {"good": good, "bare": bare}
+
+
+@pytest.fixture
+def one_problem(tmp_path) -> Path:
+    """A JSONL file with one problem."""
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "x\n#### 2"}) + "\n")
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

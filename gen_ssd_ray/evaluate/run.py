@@ -52,6 +52,7 @@ from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, reason
 from gen_ssd_ray.common.fsio import atomic_write_json
+from gen_ssd_ray.common.joblock import FolderLock, lock_job_folder
 from gen_ssd_ray.common.models import model_revision
 from gen_ssd_ray.common.prompts import RenderedPrompt, check_chat_model, render_prompt
 from gen_ssd_ray.evaluate.config import EvaluateConfig, evaluation_fingerprint
@@ -86,6 +87,8 @@ class Prepared:
     existing: dict[str, Any] | None = None
     # One per problem (None when skipped).
     prompts: list[RenderedPrompt] | None = None
+    # `output.dir`'s job-folder lock, taken by `prepare` and released when `evaluate` returns.
+    lock: FolderLock | None = None
 
 
 def prepare(cfg: EvaluateConfig) -> Prepared:
@@ -102,23 +105,31 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     revision = model_revision(model_path)
     problems = load_problems(cfg.data)
     fp = evaluation_fingerprint(cfg, revision, problems)
-    existing = check_existing(Path(cfg.output.dir), fp, cfg.output.force)
-    prepared = Prepared(model_path, revision, problems, fp, existing)
-    if existing is None:
-        check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs, before anything starts
-        key = f"model.model={cfg.model.model!r}"
-        m, new = cfg.model, cfg.sampling.max_new_tokens
-        tokenizer = check_chat_model(
-            model_path,
-            key,
-            cfg.prompt,
-            m.trust_remote_code,
-            max_prompt_tokens=m.max_model_len - new,
-            budget=f"model.max_model_len={m.max_model_len} - sampling.max_new_tokens={new}",
-        )
-        prepared.prompts = render_prompts(
-            tokenizer, cfg.prompt, problems, cfg.model.max_model_len, cfg.sampling.max_new_tokens, key
-        )
+    out = Path(cfg.output.dir)
+    prepared = Prepared(model_path, revision, problems, fp, check_existing(out, fp, cfg.output.force))
+    if prepared.existing is not None:
+        return prepared  # a finished identical evaluation: skipped, nothing is written
+    # Checks that would fail for every problem, before anything is written or started.
+    check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs
+    key = f"model.model={cfg.model.model!r}"
+    m, new = cfg.model, cfg.sampling.max_new_tokens
+    tokenizer = check_chat_model(
+        model_path,
+        key,
+        cfg.prompt,
+        m.trust_remote_code,
+        max_prompt_tokens=m.max_model_len - new,
+        budget=f"model.max_model_len={m.max_model_len} - sampling.max_new_tokens={new}",
+    )
+    prepared.prompts = render_prompts(tokenizer, cfg.prompt, problems, m.max_model_len, new, key)
+    # One evaluation per folder (exit 2 if another job holds it); `evaluate` releases it. What was
+    # read before it is read again under it (another job may have finished meanwhile).
+    prepared.lock = lock_job_folder(out, "evaluate")
+    try:
+        prepared.existing = check_existing(out, fp, cfg.output.force)
+    except BaseException:
+        prepared.lock.release()
+        raise
     return prepared
 
 
@@ -224,6 +235,16 @@ def evaluate(
     """
     started = time.perf_counter()
     p = prepared or prepare(cfg)
+    try:
+        return _evaluate_locked(cfg, p, started, generate_fn)
+    finally:
+        if p.lock is not None:
+            p.lock.release()
+
+
+def _evaluate_locked(
+    cfg: EvaluateConfig, p: Prepared, started: float, generate_fn: GenerateFn | None
+) -> dict[str, Any]:
     if p.existing is not None:
         log.info("%s already holds this evaluation (fingerprint %s): skipped", cfg.output.dir, p.fingerprint)
         return {**p.existing, "skipped": True}
@@ -403,6 +424,7 @@ def start_engines(cfg: EvaluateConfig, model_path: str) -> list:
     engines = create_engine_pool(
         m,
         model_path,
+        section="model",
         max_concurrency=4 * INFLIGHT_BATCHES_PER_ENGINE,
         max_restarts=cfg.runtime.max_actor_restarts,
         scheduling_strategy=cfg.runtime.scheduling_strategy,
