@@ -11,10 +11,19 @@
 
 Failures: an infrastructure failure (a dead actor, engines unavailable, a missed deadline) is retried
 up to `runtime.max_attempts`, then the problem is left uncommitted for a re-run (`JobFailed`, exit 1);
-a failure of the problem itself becomes error rows. SIGINT/SIGTERM stop admitting work, commit what
-finished and end in `JobInterrupted` (exit 130).
+a failure of the problem itself becomes error rows. Infrastructure failures are also counted per
+problem across attempts and runs (`_failures.json` in the output folder): a problem that reaches
+`runtime.max_problem_failures` is confirmed alone after the others and, if it fails there too,
+committed as an error row saying so (`solve_all`), so a problem that reliably kills its engine or
+manager cannot make every re-run exit 1. A beam manager down for good is replaced by a new actor once.
+A write that fails (a full disk) ends the job with `JobFailed` (exit 1) naming the folder; nothing
+committed is lost. SIGINT/SIGTERM stop admitting work, commit what finished and end in
+`JobInterrupted` (exit 130).
 
 Exactly-once: a problem is committed only as part of a whole shard; a re-run skips committed ids.
+Identity is content: each committed problem records its content hash; `prepare` refuses a resume over
+changed content (exit 2), or with `output.force=true` redoes exactly the changed problems
+(gen_ssd_ray.generate.content).
 """
 
 from __future__ import annotations
