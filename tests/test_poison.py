@@ -171,7 +171,7 @@ def test_failures_count_across_runs_until_the_limit(tmp_path):
     """Each run gives a problem one attempt (max_attempts=1, no retry window): runs 1 and 2 leave it
     for a re-run (exit 1), run 3 reaches the limit and commits it as an error row (exit 0)."""
     cfg = config(tmp_path, "runtime.max_attempts=1", "runtime.retry_window_s=0")
-    script = {"p1": ("die", 0.05)}  # the others finish before it kills the manager
+    script = {"p1": ("raise", ActorDiedError())}  # its manager dies with only it in flight
     ids = ["p0", "p1", "p2"]
     for attempt in (1, 2):
         out, stats, _ = run(cfg, script, ids)
@@ -203,7 +203,7 @@ def test_zero_never_gives_up(tmp_path):
     cfg = config(
         tmp_path, "runtime.max_problem_failures=0", "runtime.max_attempts=4", "runtime.retry_window_s=0"
     )
-    out, stats, _ = run(cfg, {"p1": ("die", 0.05)}, ["p0", "p1"])
+    out, stats, _ = run(cfg, {"p1": ("raise", ActorDiedError())}, ["p0", "p1"])
     assert "p1" not in out and "p0" in out and stats.failed == 1
 
 
