@@ -247,3 +247,22 @@ def test_managers_down_for_good_are_replaced_once_then_the_job_stops():
     clock.t += 101.0
     with pytest.raises(JobFailed, match="and so have their replacements"):
         m.pick()
+
+
+def test_an_outage_is_not_counted_against_the_problems_waiting_in_it(tmp_path):
+    """Every engine down for the manager's whole wait (PoolOutage) or a restarting manager: the
+    problem never ran, so nothing is counted and it is left for a re-run, never an error row."""
+    from ray.exceptions import ActorUnavailableError
+
+    from gen_ssd_ray.generate.manager import PoolOutage
+
+    cfg = config(
+        tmp_path, "runtime.max_attempts=4", "runtime.retry_window_s=0", "runtime.max_problem_failures=1"
+    )
+    script = {
+        "p1": ("raise", task_error(PoolOutage("expand: every engine of the pool is down"))),
+        "p2": ("raise", ActorUnavailableError("restarting", None)),
+    }
+    out, stats, _ = run(cfg, script, ["p0", "p1", "p2"])
+    assert set(out) == {"p0"} and stats.failed == 2
+    assert FailureLedger(tmp_path / "out", 1).problems == {}  # nothing counted (nothing written)

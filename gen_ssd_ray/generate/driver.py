@@ -364,7 +364,7 @@ def solve_all(
 
     `calls`, `capacity`, `ledger`, `ready` (wait until manager i answers) and `replace` (start a new
     manager i) default to the Ray versions; tests pass fakes."""
-    from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
     from gen_ssd_ray.common.dispatch import Dispatcher, ray_calls
     from gen_ssd_ray.generate.failures import FailureLedger
@@ -406,10 +406,12 @@ def solve_all(
         managers.finished(ref)
         calls.cancel(ref)
 
-    def count(problem, exc: BaseException | None, error: str) -> bool:
-        """Count an infrastructure failure against the problem; whether it reached the limit."""
-        if isinstance(exc, ActorUnavailableError):  # sent to a manager that was restarting: never ran
-            return False
+    def count(problem, exc: BaseException | None, error: str) -> bool | None:
+        """Count an infrastructure failure against the problem: whether it reached the limit; None
+        when the failure is not the problem's (it never ran: its manager was restarting, or no engine
+        of a pool came back within the manager's wait, an outage)."""
+        if _never_ran(exc):
+            return None
         ledger.record(problem.problem_id, error)
         return ledger.at_limit(problem.problem_id)
 
@@ -505,18 +507,30 @@ def solve_all(
 _QUARANTINED = "__quarantined__"  # an Outcome's error: the problem waits for its confirmation alone
 
 
+def _never_ran(exc: BaseException | None) -> bool:
+    """A failure that is not the problem's: its manager was restarting (ActorUnavailableError) or
+    every engine of a pool stayed down for the manager's whole wait (PoolOutage)."""
+    from ray.exceptions import ActorUnavailableError
+
+    from gen_ssd_ray.generate.manager import PoolOutage
+
+    return isinstance(exc, ActorUnavailableError | PoolOutage) or isinstance(
+        getattr(exc, "cause", None), PoolOutage
+    )
+
+
 def _confirm(
     cfg, quarantine, ledger, managers, pinned, dispatcher, count, ready, pools, fingerprint, stats, stop
 ):
     """Confirm problems at `runtime.max_problem_failures` alone (see `solve_all`): each group runs on
-    one manager, one attempt per problem; a group whose problems fail is halved, a problem that fails
-    alone is committed as an error row, the others as usual. Yields `(problem, rows)`."""
+    one manager once its engines are up, one attempt per problem; a group whose problems fail is
+    halved, a problem that fails alone is committed as an error row, the others as usual. A failure
+    that is not the problem's (an outage) is no verdict: the problem is tried again (3 times at most,
+    then left for a re-run). Yields `(problem, rows)`."""
     import math
 
-    from ray.exceptions import ActorUnavailableError
-
     if ready is None:
-        ready = partial(_wait_manager_ready, pools, cfg.effective().runtime.startup_timeout_s)
+        ready = partial(_wait_ready, pools, cfg.effective().runtime.startup_timeout_s)
     limit = cfg.runtime.max_problem_failures
     log.warning(
         "%d problems reached runtime.max_problem_failures=%d infrastructure failures; confirming them "
@@ -526,6 +540,7 @@ def _confirm(
     )
     groups = [list(quarantine)]
     quarantine.clear()
+    outages: dict[str, int] = {}
     while groups:
         group = groups.pop(0)
         if stop.is_set():
@@ -535,18 +550,18 @@ def _confirm(
         try:
             ready(m)
         except Exception as e:
-            log.error("beam manager %d is not available for the confirmation (%s)", m, e)
+            log.error("beam manager %d or its engines are not available for the confirmation (%s)", m, e)
             stats.failed += len(group) + sum(map(len, groups))
             return
         for q in group:
             pinned[q.problem_id] = m
         failed: list = []
-        unavailable: set = set()
+        no_verdict: list = []
+        missed: set = set()
 
-        def hook(problem, exc, error, unavailable=unavailable):
-            if isinstance(exc, ActorUnavailableError):
-                unavailable.add(problem.problem_id)
-            count(problem, exc, error)
+        def hook(problem, exc, error, missed=missed):
+            if count(problem, exc, error) is None:
+                missed.add(problem.problem_id)
             return None
 
         d = dispatcher(math.ceil(len(group) / cfg.teacher.num_engines), 1, 0.0, hook)
@@ -558,16 +573,21 @@ def _confirm(
             elif not out.transient:
                 ledger.forget(out.item.problem_id)
                 yield out.item, error_rows(cfg, out.item, out.error, fingerprint)
+            elif out.item.problem_id in missed:
+                no_verdict.append(out.item)
             else:
                 failed.append(out.item)
         if stop.is_set():
-            stats.failed += len(failed) + sum(map(len, groups))
+            stats.failed += len(failed) + len(no_verdict) + sum(map(len, groups))
             return
+        for q in no_verdict:
+            outages[q.problem_id] = outages.get(q.problem_id, 0) + 1
+        retry = [q for q in no_verdict if outages[q.problem_id] <= 3]
+        stats.failed += len(no_verdict) - len(retry)
+        if retry:
+            groups.append(retry)
         if len(group) == 1 and failed:
             q = failed[0]
-            if q.problem_id in unavailable:  # its manager was restarting: not a verdict
-                stats.failed += 1
-                continue
             n = ledger.count(q.problem_id)
             reason = (
                 f"infrastructure failed {n} times on this problem (runtime.max_problem_failures={limit}, "
@@ -577,17 +597,30 @@ def _confirm(
             log.error("problem %s committed as an error row: %s", q.problem_id, reason)
             ledger.forget(q.problem_id)
             yield q, error_rows(cfg, q, reason, fingerprint)
-        elif len(failed) == len(group):
+        elif failed and len(failed) == len(group):
             half = len(failed) // 2
             groups[:0] = [failed[:half], failed[half:]]
         elif failed:
             groups.insert(0, failed)
 
 
-def _wait_manager_ready(pools, timeout_s: float, m: int) -> None:
+def _wait_ready(pools, timeout_s: float, m: int) -> None:
+    """Until beam manager `m` and every engine actor answer (restarted ones have loaded their model)."""
     import ray
+    from ray.exceptions import ActorUnavailableError
 
-    ray.get(pools.managers[m].ready.remote(), timeout=timeout_s)
+    from gen_ssd_ray.engines.actors import actors_of
+
+    actors = [pools.managers[m], *actors_of(pools.teachers), *actors_of(pools.scorers)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get([a.ready.remote() for a in actors], timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorUnavailableError:  # restarting: ask again until it is back
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def _replace_manager(cfg: GenerateConfig, pools, teacher_path: str, student_path: str, m: int) -> None:
