@@ -542,16 +542,6 @@ class ShardWriter:
             s["num_problems"] - len(s.get("supersedes") or ()) for s in manifest["shards"]
         )
         self._num_rows = sum(s["num_rows"] for s in manifest["shards"])
-        self._hashes: dict[str, str | None] = {}  # the latest commit's hash (None: not recorded)
-        if any("content_hashes" in s for s in manifest["shards"]):
-            for s in manifest["shards"]:
-                self._hashes.update(
-                    zip(
-                        s["problem_ids"],
-                        s.get("content_hashes") or [None] * len(s["problem_ids"]),
-                        strict=True,
-                    )
-                )
         try:
             if changed:
                 self._compact()
@@ -595,8 +585,16 @@ class ShardWriter:
     @property
     def content_hashes(self) -> dict[str, str]:
         """Committed problem id -> the content hash recorded with its (latest) rows; problems committed
-        without one are absent ({} for folders written before hashes were recorded)."""
-        return {pid: h for pid, h in self._hashes.items() if h is not None and pid in self._committed}
+        without one are absent ({} for folders written before hashes were recorded). Built from the
+        manifest on each call (O(committed)): the job asks once, when it opens the folder."""
+        latest: dict[str, str | None] = {}
+        for s in self._manifest["shards"]:
+            hashes = s.get("content_hashes")
+            if hashes is not None:
+                latest.update(zip(s["problem_ids"], hashes, strict=True))
+            elif latest:
+                latest.update(dict.fromkeys(s["problem_ids"]))
+        return {pid: h for pid, h in latest.items() if h is not None and pid in self._committed}
 
     def redo(self, problem_ids: Iterable[str]) -> None:
         """Uncommit these problems: they are generated (added) again, and the shard that commits them
@@ -678,8 +676,6 @@ class ShardWriter:
         self._num_problems += len(ids) - len(supersedes)
         self._num_rows += table.num_rows
         self._committed.update(ids)
-        if hashes or self._hashes:
-            self._hashes.update((pid, hashes.get(pid)) for pid in ids)
         self._redo.difference_update(supersedes)
         self._pending.append(_log_line(entry))
         self._buffer.clear()
