@@ -345,3 +345,16 @@ def test_full_disk_names_the_folder_and_loses_nothing(tmp_path, monkeypatch, whe
     if where == "log-append":
         assert {"g", "h"} <= w2.committed_ids
     w2.close()
+
+
+def test_a_writer_that_refuses_a_damaged_folder_leaves_readers_the_same_clear_error(tmp_path):
+    out = tmp_path / "out"
+    committed_folder(out)
+    _damage_snapshot(out, _truncate)
+    with pytest.raises(output.FingerprintMismatchError):  # the shards' rows carry another fingerprint
+        writer(out, fingerprint="fp-other")
+    with pytest.raises(ManifestError):  # not an empty folder
+        read_manifest(out)
+    w = writer(out)
+    assert w.committed_ids == set("abcdef")
+    w.close()

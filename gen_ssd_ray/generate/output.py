@@ -59,8 +59,8 @@ Contract:
   forced redo, read through `read_output` / `live_shards`.
 - Damage: a snapshot or log that does not parse or lacks keys (a truncated or empty file, wrong types)
   is `ManifestError` (an InputError: exit 2) for readers, naming the file and the fix; a writer opening
-  the folder repairs it instead: it moves the damaged files aside (`<name>.corrupt-<time>`, ignored by
-  readers) and re-adopts every shard file as an orphan (each holds its rows, hence its problem ids,
+  the folder repairs it instead: it keeps a copy of the damaged files (`<name>.corrupt-<time>`, ignored
+  by readers), re-adopts every shard file as an orphan and writes a new snapshot over the damaged one (each holds its rows, hence its problem ids,
   fingerprint and, in its metadata, content hashes), so committed shards are never lost. A manifest of
   another version (`ManifestVersionError`) and a listed shard that is missing (without `force`) are not
   repaired: the message says what to do. A second writer is refused (`OutputLockedError`, exit 2).
@@ -79,6 +79,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -411,13 +412,15 @@ class ShardWriter:
             self._log_fd = None
 
     def _set_aside(self, error: ManifestError) -> None:
-        """Move a damaged snapshot and log aside (kept for inspection, ignored by readers)."""
+        """Keep a copy of a damaged snapshot and log (for inspection, ignored by readers). The damaged
+        files themselves stay until the rebuilt snapshot replaces them (`_compact`), so a writer that
+        refuses the folder later in `_open` leaves readers the same clear error, not an empty folder."""
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-        log.warning("%s: moving the manifest aside and re-adopting every shard file", error)
+        log.warning("%s: rebuilding the manifest from the shard files (a copy of it is kept)", error)
         for name in (MANIFEST_NAME, MANIFEST_LOG_NAME):
             path = self.out_dir / name
             if path.exists():
-                os.replace(path, self.out_dir / f"{name}.corrupt-{stamp}")
+                shutil.copyfile(path, self.out_dir / f"{name}.corrupt-{stamp}")
         fsync_dir(self.out_dir)
 
     def _open(self, config_yaml: str, force: bool) -> None:
