@@ -272,3 +272,31 @@ def test_bad_geometry_is_refused():
         dispatcher(Pool(), deadline_s=0)
     with pytest.raises(ValueError):
         dispatcher(Pool(), initial_backoff_s=2.0, max_backoff_s=1.0)
+
+
+def test_on_transient_sees_each_transient_failure_and_can_end_the_item_at_once():
+    """A poison item (it fails its worker every time) is ended by the caller's count, not retried for
+    the whole retry window; other items are unaffected, and failures of the item itself are not shown."""
+    seen = []
+
+    def on_transient(item, exc, error):
+        seen.append((item, type(exc).__name__ if exc else None, error))
+        n = sum(1 for s in seen if s[0] == item)
+        return f"failed {n} times" if n >= 3 else None
+
+    pool = Pool({"poison": [Transient("boom")] * 10, "bad": [ValueError("own fault")], "late": ["hang"]})
+    d = dispatcher(
+        pool,
+        max_attempts=10,
+        retry_window_s=600.0,
+        deadline_s=0.05,
+        is_transient=lambda e: isinstance(e, Transient),
+        on_transient=on_transient,
+    )
+    out = {o.item: o for o in d.run(["a", "poison", "bad", "late", "b"])}
+    assert out["poison"].error == "failed 3 times" and not out["poison"].transient
+    assert out["poison"].attempts == 3
+    assert out["a"].ok and out["b"].ok and out["late"].ok  # "late" hung once, then answered
+    assert not out["bad"].transient and "own fault" in out["bad"].error
+    assert ("late", None, "no answer within its deadline of 0.05 s") in seen  # deadlines are shown
+    assert all(item != "bad" for item, _, _ in seen)

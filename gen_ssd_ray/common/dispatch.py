@@ -19,6 +19,11 @@ least-loaded worker, and yields one `Outcome` per item as calls finish:
   autoscaler brings it back) items wait instead of draining into failures. Then, and for a final
   failure: `Outcome(item, error=..., transient=..., attempts=...)`; the caller decides what it means
   (an error row, a problem left for a re-run, a failed job).
+- `on_transient(item, exc, error)`, when given, sees every transient failure as it happens (`exc` is
+  the exception, None for a missed deadline; `error` its one-line reason) and may end the item at once
+  by returning a final reason: then `Outcome(item, error=<that reason>, transient=False)`, however
+  many attempts are left (e.g. a problem that failed its infrastructure too often across runs). None
+  lets the retry policy above decide.
 
 Setting `stop` ends the loop within `poll_s`; calls still in flight are abandoned (the caller owns the
 workers and shuts them down). The loop never spins: with nothing to do it blocks on its completion
@@ -174,6 +179,7 @@ class Dispatcher(Generic[T]):
         describe: Callable[[T], str] = str,
         stop: threading.Event | None = None,
         poll_s: float = 1.0,
+        on_transient: Callable[[T, BaseException | None, str], str | None] | None = None,
     ):
         if num_workers < 1 or capacity < 1 or max_attempts < 1:
             raise ValueError("num_workers, capacity and max_attempts must be >= 1")
@@ -187,6 +193,7 @@ class Dispatcher(Generic[T]):
         self.initial_backoff_s, self.max_backoff_s = initial_backoff_s, max_backoff_s
         self.rng = rng or random.Random()
         self.is_transient, self.describe, self.poll_s = is_transient, describe, poll_s
+        self.on_transient = on_transient
         self.stop = stop or threading.Event()
         self.stats = DispatchStats()
         self.load = [0] * num_workers
@@ -311,14 +318,19 @@ class Dispatcher(Generic[T]):
         self.stats.touched += 1
         entry = call.entry
         try:
+            exc: BaseException | None = None
             if overdue:
                 self.cancel(handle)
                 error, transient = f"no answer within its deadline of {self.deadline_s:g} s", True
             else:
                 try:
                     return Outcome(entry.item, self.get(handle), attempts=entry.attempts)
-                except Exception as exc:
-                    error, transient = reason(exc), self.is_transient(exc)
+                except Exception as e:
+                    exc, error, transient = e, reason(e), self.is_transient(e)
+            if transient and self.on_transient is not None:
+                final = self.on_transient(entry.item, exc, error)
+                if final is not None:
+                    return Outcome(entry.item, error=final, transient=False, attempts=entry.attempts)
             return self._failed(entry, error, transient)
         finally:
             now = time.perf_counter()

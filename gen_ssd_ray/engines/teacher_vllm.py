@@ -10,6 +10,14 @@ Engine choices that matter, and why:
   cache makes that cost only the new chunk.
 - `output_kind=FINAL_ONLY`: with n > 1 the last streamed output may otherwise hold only some children.
 - on CPU, chunked prefill is disabled (see `async_engine`).
+
+Finish reasons: only "stop" (EOS or a stop string) and "length" (`max_tokens` or the model length) end a
+chunk normally. Any other ("abort": the engine dropped the request, e.g. while shutting down or
+recovering; an unknown reason or none) means the samples are incomplete, so `expand` raises
+`GenerationAborted` for the whole call: the beam manager treats it as an engine failure (the step,
+whose search state did not advance, moves to another engine; when every engine fails it, the problem
+fails as an infrastructure failure, retried and counted against the problem by the driver). `generate`
+keeps the reason in each `Sample` ("abort" for none), and evaluation turns it into an error row.
 """
 
 from __future__ import annotations
@@ -22,6 +30,18 @@ from collections.abc import Sequence
 from gen_ssd_ray.common.config import EngineConfig
 from gen_ssd_ray.core.types import Candidate, ExpandRequest, ExpandResult
 from gen_ssd_ray.engines.base import EngineContext, EngineDead, Generation, Sample, to_generations
+
+NORMAL_FINISH_REASONS = ("stop", "length")
+
+
+class GenerationAborted(RuntimeError):
+    """vLLM ended a request with a finish reason other than stop/length (e.g. "abort"): its samples are
+    incomplete. Not a ValueError, so callers treat it as an engine failure, never as bad input."""
+
+
+def finish_reason(o) -> str:
+    """vLLM's finish reason of one completion output as a string ("abort" when it has none)."""
+    return "abort" if o.finish_reason is None else str(o.finish_reason)
 
 
 def shutdown_engine(engine) -> None:
@@ -136,10 +156,14 @@ class VllmTeacher:
 
     async def _expand_one(self, r: ExpandRequest) -> ExpandResult:
         out = await self._generate(r)
-        cands = tuple(
-            Candidate(tuple(o.token_ids), o.text, "stop" if o.finish_reason == "stop" else "length")
-            for o in sorted(out.outputs, key=lambda o: o.index)
-        )
+        outputs = sorted(out.outputs, key=lambda o: o.index)
+        bad = sorted({finish_reason(o) for o in outputs} - set(NORMAL_FINISH_REASONS))
+        if bad or len(outputs) != r.n:
+            raise GenerationAborted(
+                f"request {r.key}: vLLM ended it with finish_reason {', '.join(bad) or 'stop/length'} "
+                f"({len(outputs)} of {r.n} samples); its samples are incomplete"
+            )
+        cands = tuple(Candidate(tuple(o.token_ids), o.text, finish_reason(o)) for o in outputs)
         return ExpandResult(
             r.key,
             cands,
@@ -159,7 +183,7 @@ class VllmTeacher:
         return to_generations(
             outs,
             lambda out: tuple(
-                Sample(tuple(o.token_ids), o.text, str(o.finish_reason))
+                Sample(tuple(o.token_ids), o.text, finish_reason(o))
                 for o in sorted(out.outputs, key=lambda o: o.index)
             ),
         )

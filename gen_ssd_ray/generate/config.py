@@ -99,6 +99,14 @@ class RuntimeConfig(EngineJobRuntimeConfig):
     # Cooldown, probes and fallback order per pool (gen_ssd_ray.generate.health). false: a failed
     # engine gets the next call again at once (for comparison runs; see scripts/bench_fixes.py).
     pool_health: bool = True
+    # Infrastructure failures (a dead beam manager or engine, engines unavailable, a missed deadline) a
+    # problem may cause, counted across attempts and runs in the output folder's _failures.json, before
+    # it is committed as an error row saying so (a problem that reliably kills its engine or manager
+    # would otherwise never commit, and every re-run would exit 1). A failure counts against every
+    # problem in flight where it struck, so a problem at the limit is first retried alone on one beam
+    # manager, after the rest of the run, and blamed only if it fails there too. 0: never give up on a
+    # problem (re-runs retry it).
+    max_problem_failures: int = 5
 
 
 @dataclass(frozen=True)
@@ -184,6 +192,11 @@ class GenerateConfig:
         require(r.engine_cooldown_s > 0, "runtime.engine_cooldown_s", "must be > 0")
         require(r.retry_window_s >= 0, "runtime.retry_window_s", "must be >= 0")
         require(r.late_call_limit >= 1, "runtime.late_call_limit", f"must be >= 1, got {r.late_call_limit}")
+        require(
+            isinstance(r.max_problem_failures, int) and r.max_problem_failures >= 0,
+            "runtime.max_problem_failures",
+            f"must be an integer >= 0 (0: never give up on a problem), got {r.max_problem_failures!r}",
+        )
         self.sim.validate()
 
 

@@ -11,10 +11,19 @@
 
 Failures: an infrastructure failure (a dead actor, engines unavailable, a missed deadline) is retried
 up to `runtime.max_attempts`, then the problem is left uncommitted for a re-run (`JobFailed`, exit 1);
-a failure of the problem itself becomes error rows. SIGINT/SIGTERM stop admitting work, commit what
-finished and end in `JobInterrupted` (exit 130).
+a failure of the problem itself becomes error rows. Infrastructure failures are also counted per
+problem across attempts and runs (`_failures.json` in the output folder): a problem that reaches
+`runtime.max_problem_failures` is confirmed alone after the others and, if it fails there too,
+committed as an error row saying so (`solve_all`), so a problem that reliably kills its engine or
+manager cannot make every re-run exit 1. A beam manager down for good is replaced by a new actor once.
+A write that fails (a full disk) ends the job with `JobFailed` (exit 1) naming the folder; nothing
+committed is lost. SIGINT/SIGTERM stop admitting work, commit what finished and end in
+`JobInterrupted` (exit 130).
 
 Exactly-once: a problem is committed only as part of a whole shard; a re-run skips committed ids.
+Identity is content: each committed problem records its content hash; `prepare` refuses a resume over
+changed content (exit 2), or with `output.force=true` redoes exactly the changed problems
+(gen_ssd_ray.generate.content).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +42,8 @@ from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.config import to_yaml
 from gen_ssd_ray.common.errors import JobFailed, JobInterrupted
 from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint
+from gen_ssd_ray.generate.content import check_resume, content_hash
+from gen_ssd_ray.generate.output import OutputWriteError
 from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
 
 log = logging.getLogger("gen_ssd_ray")
@@ -119,8 +131,8 @@ class Prepared:
 def prepare(cfg: GenerateConfig) -> Prepared:
     """Everything that can fail on bad input, before any actor starts.
 
-    Raises ModelNotFoundError, DataError or FingerprintMismatchError (InputErrors) with a message
-    naming the config key and the fix.
+    Raises ModelNotFoundError, DataError, FingerprintMismatchError, ManifestError, OutputLockedError
+    or ContentChangedError (InputErrors) with a message naming the config key and the fix.
     """
     from gen_ssd_ray.common.data import open_problems
     from gen_ssd_ray.common.models import resolve_model
@@ -137,6 +149,11 @@ def prepare(cfg: GenerateConfig) -> Prepared:
         shard_size=cfg.output.shard_size,
         force=cfg.output.force,
     )
+    try:
+        check_resume(cfg, problems, writer)  # committed problems whose content changed since
+    except BaseException:
+        writer.close()
+        raise
     return Prepared(teacher_path, student_path, problems, writer, fp)
 
 
@@ -165,6 +182,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
     # From here to the end a signal only sets a flag, never raises: engine start-up finishes, the loop
     # stops admitting work, and the last shard is committed even if a second signal arrives.
+    write_error: OutputWriteError | None = None  # a full disk: the job fails (exit 1), nothing is lost
     with stop_on_signals() as stop:
         verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
         progress = None
@@ -174,10 +192,11 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
             stats.started = time.perf_counter()  # rates exclude engine start-up
             already = min(total or 0, len(p.writer.committed_ids))  # skipped ones are counted lazily
             progress = Progress("generate", total, already, cfg.runtime.progress)
-            for problem, rows in solve_all(cfg, pools, todo, p.fingerprint, stats, stop):
+            replace = partial(_replace_manager, cfg, pools, p.teacher_path, p.student_path)
+            for problem, rows in solve_all(cfg, pools, todo, p.fingerprint, stats, stop, replace=replace):
                 verifier.verify_rows(rows)
                 _select(cfg.method, rows)
-                if p.writer.add(problem.problem_id, rows):
+                if p.writer.add(problem.problem_id, rows, content_hash(problem)):
                     stats.shards_written += 1
                 stats.add(rows)
                 tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
@@ -187,18 +206,26 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 log.warning(
                     "interrupted: committed the finished problems; re-run the same command to continue"
                 )
+        except OutputWriteError as e:
+            write_error = e
         finally:
-            if pools is not None:
-                stats.score_calls = _score_calls(pools)
-            if p.writer.close():
-                stats.shards_written += 1
-            if progress is not None:
-                progress.close()
-            verifier.close()
-            if own_pools and pools is not None:
-                shutdown_pools(pools)
+            try:
+                if pools is not None:
+                    stats.score_calls = _score_calls(pools)
+                if p.writer.close():
+                    stats.shards_written += 1
+            except OutputWriteError as e:  # never hides an error already on its way out
+                write_error = write_error or e
+            finally:
+                if progress is not None:
+                    progress.close()
+                verifier.close()
+                if own_pools and pools is not None:
+                    shutdown_pools(pools)
     summary = stats.summary(cfg.output.dir)
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
+    if write_error is not None:
+        raise JobFailed(str(write_error), summary) from write_error
     return summary
 
 
@@ -246,10 +273,17 @@ class _Managers:
     down like an engine (gen_ssd_ray.generate.health): its problems are retried on the others, and
     after the cooldown it gets a problem again (a restarted one answers it; a dead one fails again
     and cools down twice as long). Failures while it cools down do not count. When every manager has
-    been down for `give_up_s` (a restart takes at most the start-up timeout), the job stops."""
+    been down for `give_up_s` (a restart takes at most the start-up timeout), each is replaced by a
+    new actor (`replace(i)`, once per run); when the replacements stay down as long too (or there is
+    no `replace`), the job stops."""
 
     def __init__(
-        self, count: int, cooldown_s: float, give_up_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        count: int,
+        cooldown_s: float,
+        give_up_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        replace: Callable[[int], None] | None = None,
     ):
         from gen_ssd_ray.generate.health import PoolHealth
 
@@ -258,14 +292,22 @@ class _Managers:
         self.give_up_s, self.clock = give_up_s, clock
         self.of: dict[Any, int] = {}
         self.all_down_since: float | None = None
+        self.replace, self.replaced = replace, 0
 
     def pick(self) -> int:
         h = self.health
         if self.all_down_since is not None and self.clock() - self.all_down_since > self.give_up_s:
-            raise JobFailed(
-                f"every beam manager has been down for {self.give_up_s:g} s; see the actor logs above, "
-                "then re-run the same command"
-            )
+            if self.replace is None or self.replaced:
+                raise JobFailed(
+                    f"every beam manager has been down for {self.give_up_s:g} s"
+                    + (" (and so have their replacements)" if self.replaced else "")
+                    + "; see the actor logs above, then re-run the same command"
+                )
+            for i in sorted(h.until):
+                self.replace(i)  # a new actor: calls in flight on the old one fail and are retried
+                h.ok(i)
+            self.replaced += 1
+            self.all_down_since = None
         h.due_probes()  # a manager's cooldown ended: its next problem is the probe
         usable = [i for i in range(len(self.load)) if i not in h.until or i in h.probing]
         if usable:
@@ -294,22 +336,52 @@ class _Managers:
 
 
 def solve_all(
-    cfg: GenerateConfig, pools, todo: list | Iterator, fingerprint: str, stats: RunStats, stop
+    cfg: GenerateConfig,
+    pools,
+    todo: list | Iterator,
+    fingerprint: str,
+    stats: RunStats,
+    stop,
+    *,
+    calls=None,
+    capacity: int | None = None,
+    ledger=None,
+    ready: Callable[[int], None] | None = None,
+    replace: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[Any, list[TrajectoryRow]]]:
     """Yield `(problem, rows)` as problems finish (error rows for problems that fail by themselves);
     problems whose infrastructure kept failing (runtime.max_attempts times, and for longer than
     runtime.call_timeout_s, retried with backoff meanwhile) are counted in `stats.failed` instead.
-    `todo` is read lazily, as engines have room."""
+    `todo` is read lazily, as engines have room.
+
+    Poison problems: every infrastructure failure of a problem is counted in the output folder's
+    `_failures.json` (gen_ssd_ray.generate.failures), across attempts and runs. A problem whose count
+    reaches `runtime.max_problem_failures` leaves the main loop (so it cannot kill managers or engines
+    that the others need) and, once the others are done, is confirmed alone (`_confirm`): problems at
+    the limit run together on one beam manager and the group is halved while it fails, so a problem
+    that fails alone is committed as an error row naming its count and last error, and bystanders
+    (failures count against every problem in flight where they struck) are committed normally.
+
+    `calls`, `capacity`, `ledger`, `ready` (wait until manager i answers) and `replace` (start a new
+    manager i) default to the Ray versions; tests pass fakes."""
     from ray.exceptions import RayActorError, RayTaskError
 
     from gen_ssd_ray.common.dispatch import Dispatcher, ray_calls
+    from gen_ssd_ray.generate.failures import FailureLedger
 
     r = cfg.effective().runtime  # deadlines in wall-clock seconds (simulated engines: compressed)
-    calls = ray_calls()
-    managers = _Managers(len(pools.managers), r.engine_cooldown_s, give_up_s=r.startup_timeout_s)
+    calls = calls or ray_calls()
+    ledger = ledger if ledger is not None else FailureLedger(cfg.output.dir, r.max_problem_failures)
+    managers = _Managers(
+        len(pools.managers), r.engine_cooldown_s, give_up_s=r.startup_timeout_s, replace=replace
+    )
+    quarantine: list = []  # problems at the limit: confirmed alone after the others
+    pinned: dict[Any, int] = {}  # problem id -> the manager its confirmation runs on
 
     def submit(problem, engine: int, attempt: int):
-        m = managers.pick()
+        m = pinned.get(problem.problem_id)
+        if m is None:
+            m = managers.pick()
         ref = pools.managers[m].solve.remote(problem, engine)
         managers.started(ref, m)
         return ref
@@ -334,49 +406,237 @@ def solve_all(
         managers.finished(ref)
         calls.cancel(ref)
 
+    def count(problem, exc: BaseException | None, error: str) -> bool | None:
+        """Count an infrastructure failure against the problem: whether it reached the limit; None
+        when the failure is not the problem's (it never ran: its manager was restarting, or no engine
+        of a pool came back within the manager's wait, an outage)."""
+        if _never_ran(exc):
+            return None
+        ledger.record(problem.problem_id, error)
+        return ledger.at_limit(problem.problem_id)
+
+    def on_transient(problem, exc, error):
+        if count(problem, exc, error):
+            quarantine.append(problem)
+            return _QUARANTINED
+        return None
+
+    def main_loop(items) -> Iterator:
+        for q in items:  # at the limit since an earlier run: straight to the confirmation
+            if ledger.at_limit(q.problem_id):
+                quarantine.append(q)
+            else:
+                yield q
+
     steps = -(-cfg.search.max_new_tokens // cfg.search.chunk_tokens)
-    todo = iter(todo)
-    first = next(todo, None)
-    if first is None:
-        return
-    capacity = admission(cfg, pools, first)
     compression = r.call_timeout_s / cfg.runtime.call_timeout_s
-    dispatcher = Dispatcher(
-        num_workers=cfg.teacher.num_engines,
-        capacity=capacity,
-        submit=submit,
-        watch=calls.watch,
-        get=get,
-        cancel=cancel,
-        # A liveness bound for a problem, not flow control: each of its calls may take its own deadline
-        # and a late-but-advancing grace (gen_ssd_ray.generate.manager).
-        deadline_s=r.call_timeout_s * 2 * (2 * steps + 2),
-        max_attempts=r.max_attempts,
-        # while engines are missing (a lost node the autoscaler replaces), problems wait this long
-        retry_window_s=r.retry_window_s,
-        initial_backoff_s=1.0 * compression,
-        max_backoff_s=60.0 * compression,
-        is_transient=is_transient,
-        describe=lambda q: f"problem {q.problem_id}",
-        stop=stop,
-    )
-    stats.dispatch = {"inflight_per_engine": capacity, "started_at": time.time()}
-    for out in dispatcher.run(itertools.chain([first], _noting_last(todo, stats.dispatch))):
-        if out.ok:
-            yield out.item, out.result
-        elif out.transient:
-            log.error(
-                "problem %s left for a re-run after %d attempts: %s",
-                out.item.problem_id,
-                out.attempts,
-                out.error,
+    deadline_s = r.call_timeout_s * 2 * (2 * steps + 2)
+
+    def dispatcher(capacity: int, max_attempts: int, retry_window_s: float, hook) -> Dispatcher:
+        return Dispatcher(
+            num_workers=cfg.teacher.num_engines,
+            capacity=capacity,
+            submit=submit,
+            watch=calls.watch,
+            get=get,
+            cancel=cancel,
+            # A liveness bound for a problem, not flow control: each of its calls may take its own
+            # deadline and a late-but-advancing grace (gen_ssd_ray.generate.manager).
+            deadline_s=deadline_s,
+            max_attempts=max_attempts,
+            # while engines are missing (a lost node the autoscaler replaces), problems wait this long
+            retry_window_s=retry_window_s,
+            initial_backoff_s=1.0 * compression,
+            max_backoff_s=60.0 * compression,
+            is_transient=is_transient,
+            describe=lambda q: f"problem {q.problem_id}",
+            stop=stop,
+            on_transient=hook,
+        )
+
+    todo = main_loop(iter(todo))
+    first = next(todo, None)
+    try:
+        if first is not None:
+            if capacity is None:
+                capacity = admission(cfg, pools, first)
+            d = dispatcher(capacity, r.max_attempts, r.retry_window_s, on_transient)
+            stats.dispatch = {"inflight_per_engine": capacity, "started_at": time.time()}
+            for out in d.run(itertools.chain([first], _noting_last(todo, stats.dispatch))):
+                if out.ok:
+                    ledger.forget(out.item.problem_id)
+                    yield out.item, out.result
+                elif out.error == _QUARANTINED:
+                    continue
+                elif out.transient:
+                    log.error(
+                        "problem %s left for a re-run after %d attempts: %s",
+                        out.item.problem_id,
+                        out.attempts,
+                        out.error,
+                    )
+                    stats.failed += 1
+                else:
+                    ledger.forget(out.item.problem_id)
+                    yield out.item, error_rows(cfg, out.item, out.error, fingerprint)
+                stats.dispatch.update(
+                    peak_in_flight=d.stats.peak_in_flight, retries=d.stats.retries, results=d.stats.results
+                )
+            stats.dispatch["ms_per_result_p99"] = round(d.stats.loop_s.quantile(0.99) * 1e3, 3)
+        if quarantine and not stop.is_set():
+            yield from _confirm(
+                cfg,
+                quarantine,
+                ledger,
+                managers,
+                pinned,
+                dispatcher,
+                count,
+                ready,
+                pools,
+                fingerprint,
+                stats,
+                stop,
             )
-            stats.failed += 1
-        else:
-            yield out.item, error_rows(cfg, out.item, out.error, fingerprint)
-        d = dispatcher.stats
-        stats.dispatch.update(peak_in_flight=d.peak_in_flight, retries=d.retries, results=d.results)
-    stats.dispatch["ms_per_result_p99"] = round(dispatcher.stats.loop_s.quantile(0.99) * 1e3, 3)
+        elif quarantine:
+            stats.failed += len(quarantine)
+    finally:
+        ledger.save()
+
+
+_QUARANTINED = "__quarantined__"  # an Outcome's error: the problem waits for its confirmation alone
+
+
+def _never_ran(exc: BaseException | None) -> bool:
+    """A failure that is not the problem's: its manager was restarting (ActorUnavailableError) or
+    every engine of a pool stayed down for the manager's whole wait (PoolOutage)."""
+    from ray.exceptions import ActorUnavailableError
+
+    from gen_ssd_ray.generate.manager import PoolOutage
+
+    return isinstance(exc, ActorUnavailableError | PoolOutage) or isinstance(
+        getattr(exc, "cause", None), PoolOutage
+    )
+
+
+def _confirm(
+    cfg, quarantine, ledger, managers, pinned, dispatcher, count, ready, pools, fingerprint, stats, stop
+):
+    """Confirm problems at `runtime.max_problem_failures` alone (see `solve_all`): each group runs on
+    one manager once its engines are up, one attempt per problem; a group whose problems fail is
+    halved, a problem that fails alone is committed as an error row, the others as usual. A failure
+    that is not the problem's (an outage) is no verdict: the problem is tried again (3 times at most,
+    then left for a re-run). Yields `(problem, rows)`."""
+    import math
+
+    if ready is None:
+        ready = partial(_wait_ready, pools, cfg.effective().runtime.startup_timeout_s)
+    limit = cfg.runtime.max_problem_failures
+    log.warning(
+        "%d problems reached runtime.max_problem_failures=%d infrastructure failures; confirming them "
+        "alone on one beam manager",
+        len(quarantine),
+        limit,
+    )
+    groups = [list(quarantine)]
+    quarantine.clear()
+    outages: dict[str, int] = {}
+    while groups:
+        group = groups.pop(0)
+        if stop.is_set():
+            stats.failed += len(group) + sum(map(len, groups))
+            return
+        m = managers.pick()
+        try:
+            ready(m)
+        except Exception as e:
+            log.error("beam manager %d or its engines are not available for the confirmation (%s)", m, e)
+            stats.failed += len(group) + sum(map(len, groups))
+            return
+        for q in group:
+            pinned[q.problem_id] = m
+        failed: list = []
+        no_verdict: list = []
+        missed: set = set()
+
+        def hook(problem, exc, error, missed=missed):
+            if count(problem, exc, error) is None:
+                missed.add(problem.problem_id)
+            return None
+
+        d = dispatcher(math.ceil(len(group) / cfg.teacher.num_engines), 1, 0.0, hook)
+        for out in d.run(group):
+            pinned.pop(out.item.problem_id, None)
+            if out.ok:
+                ledger.forget(out.item.problem_id)
+                yield out.item, out.result
+            elif not out.transient:
+                ledger.forget(out.item.problem_id)
+                yield out.item, error_rows(cfg, out.item, out.error, fingerprint)
+            elif out.item.problem_id in missed:
+                no_verdict.append(out.item)
+            else:
+                failed.append(out.item)
+        if stop.is_set():
+            stats.failed += len(failed) + len(no_verdict) + sum(map(len, groups))
+            return
+        for q in no_verdict:
+            outages[q.problem_id] = outages.get(q.problem_id, 0) + 1
+        retry = [q for q in no_verdict if outages[q.problem_id] <= 3]
+        stats.failed += len(no_verdict) - len(retry)
+        if retry:
+            groups.append(retry)
+        if len(group) == 1 and failed:
+            q = failed[0]
+            n = ledger.count(q.problem_id)
+            reason = (
+                f"infrastructure failed {n} times on this problem (runtime.max_problem_failures={limit}, "
+                f"counted across runs; it failed again alone on one beam manager); last: "
+                f"{ledger.last_error(q.problem_id)}"
+            )
+            log.error("problem %s committed as an error row: %s", q.problem_id, reason)
+            ledger.forget(q.problem_id)
+            yield q, error_rows(cfg, q, reason, fingerprint)
+        elif failed and len(failed) == len(group):
+            half = len(failed) // 2
+            groups[:0] = [failed[:half], failed[half:]]
+        elif failed:
+            groups.insert(0, failed)
+
+
+def _wait_ready(pools, timeout_s: float, m: int) -> None:
+    """Until beam manager `m` and every engine actor answer (restarted ones have loaded their model)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    from gen_ssd_ray.engines.actors import actors_of
+
+    actors = [pools.managers[m], *actors_of(pools.teachers), *actors_of(pools.scorers)]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get([a.ready.remote() for a in actors], timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except ActorUnavailableError:  # restarting: ask again until it is back
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def _replace_manager(cfg: GenerateConfig, pools, teacher_path: str, student_path: str, m: int) -> None:
+    """Start a new beam manager in place of manager `m` (the old actor is killed)."""
+    import ray
+
+    from gen_ssd_ray.common.config import derive
+    from gen_ssd_ray.generate.pools import build_managers
+
+    log.warning("replacing beam manager %d with a new actor", m)
+    try:
+        ray.kill(pools.managers[m])
+    except Exception:  # already gone
+        pass
+    one = derive(cfg, {"runtime.num_beam_managers": 1})
+    pools.managers[m] = build_managers(one, teacher_path, student_path, pools.teachers, pools.scorers)[0]
 
 
 def _noting_last(items: Iterator, note: dict) -> Iterator:

@@ -114,6 +114,11 @@ class EnginesUnavailable(RuntimeError):
     """Every engine of a pool failed or missed its deadline for one step."""
 
 
+class PoolOutage(EnginesUnavailable):
+    """No engine of a pool became usable within `pool_wait_s` (all restarting, a node lost): the step
+    never ran, so the driver does not count it against the problem (gen_ssd_ray.generate.failures)."""
+
+
 class EngineFailed(RuntimeError):
     """A call abandoned because another call found its engine failed (it moves to another engine)."""
 
@@ -222,7 +227,7 @@ class BeamManager:
                 return order
             left = deadline - loop.time()
             if left <= 0:
-                raise EnginesUnavailable(
+                raise PoolOutage(
                     f"{method}: every engine of the pool is down or cooling down {health.down} "
                     f"(waited {self.spec.pool_wait_s:g} s)"
                 )
@@ -481,4 +486,4 @@ def _max_positions(model_path: str, trust_remote_code: bool) -> int | None:
     return getattr(cfg.get_text_config(), "max_position_embeddings", None)
 
 
-__all__ = ["BeamManager", "EnginesUnavailable", "ManagerSpec", "Problem", "trajectory_seed"]
+__all__ = ["BeamManager", "EnginesUnavailable", "ManagerSpec", "PoolOutage", "Problem", "trajectory_seed"]

@@ -44,16 +44,42 @@ Contract:
   Fingerprints change only when a writer opens the folder, so they live in the snapshot, never the log.
 - `ShardWriter.manifest_bytes_written` counts the bytes a writer wrote to `_manifest.json` and
   `_manifest.log` (for benchmarks: scripts/bench_manifest.py).
+- Content: a problem may be added with its content hash (gen_ssd_ray.generate.content: sha256 of its
+  id, question and gold answer). The shard's manifest entry then holds `content_hashes`, parallel to
+  `problem_ids` (null where unknown), and the shard file holds the same in its Arrow schema metadata
+  (`SHARD_META_KEY`), so an orphan or a shard re-adopted after a lost manifest keeps them. Folders
+  written before hashes existed have no such key and read as before (`content_hashes` is then {}).
+- Redoing a problem (`ShardWriter.redo`, used by the job when a problem's content changed and
+  `output.force` is set): its id leaves `committed_ids`, and the shard that next commits it lists it
+  in `supersedes` (entry and shard metadata). **A problem's rows are those of the last shard, in commit
+  order, that lists it**: `read_output` (and `live_shards`, for readers that read shard files
+  themselves) drop its rows from earlier shards. The manifest's `num_problems` counts each problem
+  once (superseded entries are subtracted); `num_rows` counts every row of every listed shard.
+  Readers of the raw folder (pandas.read_parquet of the folder) see superseded rows too: after a
+  forced redo, read through `read_output` / `live_shards`.
+- Damage: a snapshot or log that does not parse or lacks keys (a truncated or empty file, wrong types)
+  is `ManifestError` (an InputError: exit 2) for readers, naming the file and the fix; a writer opening
+  the folder repairs it instead: it keeps a copy of the damaged files (`<name>.corrupt-<time>`, ignored
+  by readers), re-adopts every shard file as an orphan and writes a new snapshot over the damaged one (each holds its rows, hence its problem ids,
+  fingerprint and, in its metadata, content hashes), so committed shards are never lost. A manifest of
+  another version (`ManifestVersionError`) and a listed shard that is missing (without `force`) are not
+  repaired: the message says what to do. A second writer is refused (`OutputLockedError`, exit 2).
+- A write that fails (a full disk: ENOSPC, or any other OSError) raises `OutputWriteError`, an OSError
+  with the original errno whose message names the folder: the partial temporary file is removed,
+  nothing committed is lost (a shard renamed before its log record failed is an orphan the next
+  writer adopts), and the writer is closed for writing (`close` then only releases the folder).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -73,14 +99,37 @@ LOCK_NAME = "_lock"
 MANIFEST_VERSION = 1
 _SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
 _SHARD_KEYS = frozenset({"name", "problem_ids", "num_rows", "num_problems", "created"})
+# The Arrow schema metadata key of a shard's own record: {"content_hashes": {id: hash}, "supersedes": [id]}.
+SHARD_META_KEY = b"gen_ssd_ray.shard"
+_REPAIR = (
+    "re-run the generation job on this folder (the same command) to rebuild the manifest from the shard "
+    "files, or use another output.dir"
+)
 
 
 class FingerprintMismatchError(InputError):
     """The output folder holds data written with another config fingerprint."""
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(InputError):
     """Another ShardWriter (another process) has the output folder open."""
+
+
+class ManifestError(InputError):
+    """`_manifest.json` or `_manifest.log` cannot be read (truncated, empty, keys missing, wrong types),
+    or lists a shard that is missing. A writer repairs the first kind (see the module docstring)."""
+
+
+class ManifestVersionError(ManifestError):
+    """The manifest was written by another version of the format: not repaired."""
+
+
+class OutputWriteError(OSError):
+    """Writing to the output folder failed (e.g. ENOSPC); `errno` is the original one, the message
+    names the folder and what to do."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,14 +144,74 @@ def _shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _entry_problem(entry) -> str | None:
+    """Why `entry` is not a valid shard record (None: it is)."""
+    if not isinstance(entry, dict):
+        return f"a shard record must be an object, got {type(entry).__name__}"
+    missing = _SHARD_KEYS - entry.keys()
+    if missing:
+        return f"a shard record lacks the keys {sorted(missing)}"
+    ids = entry["problem_ids"]
+    if not (isinstance(entry["name"], str) and _SHARD_RE.match(entry["name"])):
+        return f"shard name {entry['name']!r} is not part-NNNNN.parquet"
+    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        return f"{entry['name']}: problem_ids must be a list of strings"
+    if not (_is_int(entry["num_rows"]) and entry["num_problems"] == len(ids)):
+        return f"{entry['name']}: num_rows / num_problems are not counts matching problem_ids"
+    hashes = entry.get("content_hashes")
+    if hashes is not None and not (
+        isinstance(hashes, list)
+        and len(hashes) == len(ids)
+        and all(h is None or isinstance(h, str) for h in hashes)
+    ):
+        return f"{entry['name']}: content_hashes must be a list parallel to problem_ids"
+    sup = entry.get("supersedes")
+    if sup is not None and not (isinstance(sup, list) and all(isinstance(i, str) for i in sup)):
+        return f"{entry['name']}: supersedes must be a list of problem ids"
+    return None
+
+
 def _read_snapshot(path: Path) -> dict | None:
+    """The snapshot, checked (None when there is none); ManifestError when it is damaged."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
-    manifest = json.loads(text)
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: unsupported manifest version {manifest.get('version')!r}")
+    except OSError as e:
+        raise ManifestError(f"{path} cannot be read ({e.strerror or e}); {_REPAIR}") from None
+    try:
+        manifest = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or empty file
+        what = "is empty" if not data.strip() else f"is not valid JSON ({str(e).splitlines()[0]})"
+        raise ManifestError(f"{path} {what}; {_REPAIR}") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path} is not a JSON object; {_REPAIR}")
+    version = manifest.get("version")
+    if version != MANIFEST_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool):
+            raise ManifestVersionError(
+                f"{path}: manifest version {version} is not this code's ({MANIFEST_VERSION}); open the folder "
+                "with the gen-ssd-ray version that wrote it, or use another output.dir"
+            )
+        raise ManifestError(f"{path}: no valid 'version' key; {_REPAIR}")
+    problem = None
+    missing = {"fingerprint", "fingerprint_history", "shards"} - manifest.keys()
+    if missing:
+        problem = f"lacks the keys {sorted(missing)}"
+    elif not (manifest["fingerprint"] is None or isinstance(manifest["fingerprint"], str)):
+        problem = "'fingerprint' must be a string or null"
+    elif not isinstance(manifest["fingerprint_history"], list):
+        problem = "'fingerprint_history' must be a list"
+    elif not isinstance(manifest["shards"], list):
+        problem = "'shards' must be a list"
+    else:
+        problem = next((p for p in map(_entry_problem, manifest["shards"]) if p), None)
+    if problem:
+        raise ManifestError(f"{path}: {problem}; {_REPAIR}")
     return manifest
 
 
@@ -129,16 +238,16 @@ def _read_log(path: Path) -> list[dict]:
     for i, line in enumerate(lines):
         try:
             entry = json.loads(line)["shard"]
-            if not (isinstance(entry, dict) and _SHARD_KEYS <= entry.keys()):
-                raise ValueError(f"a shard record needs the keys {sorted(_SHARD_KEYS)}")
+            if problem := _entry_problem(entry):
+                raise ValueError(problem)
         except (ValueError, KeyError, TypeError) as e:
             if i == len(lines) - 1 and not torn:
                 log.debug("%s: ignoring an unparsable last record (%s)", path, e)
                 break
-            raise ValueError(
+            raise ManifestError(
                 f"{path}: line {i + 1} is not a manifest record ({e}); the output folder was modified "
-                "outside the writer"
-            ) from e
+                f"outside the writer: {_REPAIR}"
+            ) from None
         entries.append(entry)
     return entries
 
@@ -155,7 +264,9 @@ def _merge(manifest: dict, entries: Iterable[dict]) -> None:
         names.add(entry["name"])
         manifest["shards"].append(entry)
         manifest["updated"] = entry["created"]
-    manifest["num_problems"] = sum(s["num_problems"] for s in manifest["shards"])
+    manifest["num_problems"] = sum(
+        s["num_problems"] - len(s.get("supersedes") or ()) for s in manifest["shards"]
+    )
     manifest["num_rows"] = sum(s["num_rows"] for s in manifest["shards"])
 
 
@@ -163,8 +274,9 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     """The folder's manifest (snapshot plus log), or None when it has no snapshot (a fresh folder).
 
     Keys: version, fingerprint, fingerprint_history, shards ([{name, problem_ids, num_rows,
-    num_problems, created}] in commit order), num_problems, num_rows, updated. Raises ValueError for an
-    unsupported version or a corrupt log line that is not the last one.
+    num_problems, created}, and optionally content_hashes and supersedes] in commit order), num_problems,
+    num_rows, updated. Raises ManifestError (a ValueError naming the file and the fix) for a damaged
+    snapshot, a corrupt log line that is not the last one, or another version.
     """
     out_dir = Path(out_dir)
     entries = _read_log(out_dir / MANIFEST_LOG_NAME)  # before the snapshot: see the module docstring
@@ -175,14 +287,46 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     return manifest
 
 
-def read_output(out_dir: str | Path) -> pa.Table:
-    """All rows of the shards the manifest lists (an empty table when there is no manifest)."""
+def live_shards(manifest: dict) -> list[tuple[str, set[str]]]:
+    """`(shard name, problem ids whose rows in it are superseded by a later shard)` in commit order:
+    a problem's rows are those of the last shard listing it (the set is empty unless problems were
+    redone, see the module docstring)."""
+    out: list[tuple[str, set[str]]] = []
+    later: set[str] = set()  # ids that a later shard commits again
+    for s in reversed(manifest["shards"]):
+        out.append((s["name"], later.intersection(s["problem_ids"]) if later else set()))
+        later.update(s.get("supersedes") or ())
+    return out[::-1]
+
+
+def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All live rows of the shards the manifest lists (an empty table when there is no manifest):
+    exactly one set of rows per committed problem (superseded rows are dropped)."""
+    import pyarrow.compute as pc
+
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest or not manifest["shards"]:
-        return empty_table()
-    tables = [pq.read_table(out_dir / s["name"], schema=OUTPUT_SCHEMA) for s in manifest["shards"]]
+        table = empty_table()
+        return table.select(columns) if columns else table
+    tables = []
+    for name, stale in live_shards(manifest):
+        table = pq.read_table(out_dir / name, schema=OUTPUT_SCHEMA)
+        if stale:
+            table = table.filter(pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale)))))
+        tables.append(table.select(columns) if columns else table)
     return pa.concat_tables(tables)
+
+
+def _shard_meta(path: Path) -> dict:
+    """A shard file's own record (content hashes, supersedes); {} for shards written without one."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        out = json.loads(meta[SHARD_META_KEY]) if SHARD_META_KEY in meta else {}
+        return out if isinstance(out, dict) else {}
+    except (OSError, ValueError, pa.ArrowException) as e:
+        log.warning("shard %s: unreadable shard metadata (%s); no content hashes recorded for it", path, e)
+        return {}
 
 
 def _shard_problem_ids(table: pa.Table) -> list[str]:
@@ -201,9 +345,11 @@ def _append(fd: int, data: bytes) -> int:
 class ShardWriter:
     """Buffers finished problems and commits them in shards of `shard_size` problems, exactly once.
 
-    Opening the folder: takes `_lock` (one writer per folder), checks the fingerprint, removes stale
-    `.tmp-*` files, adopts orphan shards, compacts the manifest when needed and writes `_config.yaml`.
-    See the module docstring. Use as a context manager or call `close()`; both flush what is buffered.
+    Opening the folder: takes `_lock` (one writer per folder), repairs a damaged manifest, checks the
+    fingerprint, removes stale `.tmp-*` files, adopts orphan shards, compacts the manifest when needed
+    and writes `_config.yaml`. See the module docstring. Use as a context manager or call `close()`;
+    both flush what is buffered. `force`: a different fingerprint is accepted, and a listed shard that
+    is missing is forgotten (its problems are generated again).
 
     `manifest_bytes_written`: bytes this writer has written to `_manifest.json` and `_manifest.log`.
     """
@@ -224,6 +370,9 @@ class ShardWriter:
         self.shard_size = shard_size
         self.manifest_bytes_written = 0
         self._buffer: list[tuple[str, pa.Table]] = []
+        self._buffer_hashes: dict[str, str] = {}
+        self._redo: set[str] = set()  # uncommitted by `redo`: their next commit supersedes old rows
+        self._failed = False  # a write failed: nothing more is written (see OutputWriteError)
         self._buffered_ids: set[str] = set()
         self._pending: list[bytes] = []  # log lines of renamed shards, not yet appended
         self._log_fd: int | None = None
@@ -247,8 +396,8 @@ class ShardWriter:
         except BlockingIOError:
             os.close(fd)
             raise OutputLockedError(
-                f"output folder {self.out_dir} is open in another writer (lock {self.out_dir / LOCK_NAME} "
-                "is held); wait for that job to finish or use another output.dir"
+                f"output folder {self.out_dir} is in use by another job (its lock file "
+                f"{self.out_dir / LOCK_NAME} is held): wait for that job to finish, or use another output.dir"
             ) from None
         return fd
 
@@ -262,10 +411,28 @@ class ShardWriter:
             os.close(self._log_fd)
             self._log_fd = None
 
+    def _set_aside(self, error: ManifestError) -> None:
+        """Keep a copy of a damaged snapshot and log (for inspection, ignored by readers). The damaged
+        files themselves stay until the rebuilt snapshot replaces them (`_compact`), so a writer that
+        refuses the folder later in `_open` leaves readers the same clear error, not an empty folder."""
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+        log.warning("%s: rebuilding the manifest from the shard files (a copy of it is kept)", error)
+        for name in (MANIFEST_NAME, MANIFEST_LOG_NAME):
+            path = self.out_dir / name
+            if path.exists():
+                shutil.copyfile(path, self.out_dir / f"{name}.corrupt-{stamp}")
+        fsync_dir(self.out_dir)
+
     def _open(self, config_yaml: str, force: bool) -> None:
         log_path = self.out_dir / MANIFEST_LOG_NAME
-        entries = _read_log(log_path)
-        manifest = _read_snapshot(self.out_dir / MANIFEST_NAME)
+        try:
+            entries = _read_log(log_path)
+            manifest = _read_snapshot(self.out_dir / MANIFEST_NAME)
+        except ManifestVersionError:
+            raise
+        except ManifestError as e:  # repaired: every shard file is re-adopted below, as an orphan
+            self._set_aside(e)
+            entries, manifest = [], None
         # Any log content (records, or only a torn tail) is compacted away before the first append.
         changed = manifest is None or (log_path.exists() and log_path.stat().st_size > 0)
         if manifest is None:
@@ -276,13 +443,23 @@ class ShardWriter:
                 "shards": [],
             }
         _merge(manifest, entries)
+        missing = [s for s in manifest["shards"] if not (self.out_dir / s["name"]).is_file()]
+        if missing and not force:
+            s = missing[0]
+            raise ManifestError(
+                f"{self.out_dir / s['name']} is listed in {self.out_dir / MANIFEST_NAME} but missing "
+                f"({len(missing)} listed shards are): restore it, or pass output.force=true to forget "
+                f"them and generate their {sum(m['num_problems'] for m in missing)} problems again"
+            )
+        if missing:
+            log.warning(
+                "forgetting %d missing shards (output.force=true): %s",
+                len(missing),
+                [m["name"] for m in missing[:5]],
+            )
+            manifest["shards"] = [s for s in manifest["shards"] if s not in missing]
+            changed = True
         listed = {s["name"] for s in manifest["shards"]}
-        for name in listed:
-            if not (self.out_dir / name).is_file():
-                raise FileNotFoundError(
-                    f"{self.out_dir / name} is listed in {self.out_dir / MANIFEST_NAME} (or "
-                    f"{MANIFEST_LOG_NAME}) but missing; the output folder was modified outside the writer"
-                )
 
         # Read-only scan of orphans first: nothing is changed in a folder we may refuse.
         orphans: list[tuple[str, pa.Table | None]] = []
@@ -341,7 +518,9 @@ class ShardWriter:
                 os.replace(path, self.out_dir / f".corrupt-{name}")
                 continue
             ids = _shard_problem_ids(table)
-            overlap = self._committed.intersection(ids)
+            meta = _shard_meta(path)
+            supersedes = [i for i in meta.get("supersedes") or () if i in ids]
+            overlap = self._committed.intersection(ids) - set(supersedes)
             if overlap:
                 log.warning(
                     "deleting orphan shard %s: %d of its problem ids are already committed (e.g. %s)",
@@ -352,7 +531,9 @@ class ShardWriter:
                 path.unlink()
                 continue
             log.info("adopting orphan shard %s (%d problems, %d rows)", path, len(ids), table.num_rows)
-            manifest["shards"].append(self._shard_entry(name, ids, table.num_rows))
+            hashes = meta.get("content_hashes") if isinstance(meta.get("content_hashes"), dict) else {}
+            supersedes = [i for i in supersedes if i in self._committed]
+            manifest["shards"].append(self._shard_entry(name, ids, table.num_rows, hashes, supersedes))
             self._committed.update(ids)
             changed = True
         if orphans:
@@ -360,14 +541,28 @@ class ShardWriter:
 
         # Running totals: nothing in flush may be O(committed problems).
         self._manifest = manifest
-        self._num_problems = sum(s["num_problems"] for s in manifest["shards"])
+        self._num_problems = sum(
+            s["num_problems"] - len(s.get("supersedes") or ()) for s in manifest["shards"]
+        )
         self._num_rows = sum(s["num_rows"] for s in manifest["shards"])
-        if changed:
-            self._compact()
-        self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._log_size = os.fstat(self._log_fd).st_size
-        fsync_dir(self.out_dir)  # the log's name, when it was just created
-        atomic_write_bytes(self.out_dir / CONFIG_NAME, config_yaml.encode())
+        try:
+            if changed:
+                self._compact()
+            self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._log_size = os.fstat(self._log_fd).st_size
+            fsync_dir(self.out_dir)  # the log's name, when it was just created
+            atomic_write_bytes(self.out_dir / CONFIG_NAME, config_yaml.encode())
+        except OSError as e:
+            raise self._write_error(e, "opening it (manifest, _config.yaml)") from e
+
+    def _write_error(self, e: OSError, doing: str) -> OutputWriteError:
+        self._failed = True
+        why = e.strerror or str(e)
+        return OutputWriteError(
+            e.errno,
+            f"output folder {self.out_dir}: {doing} failed: {why}. Nothing committed is lost (partial files "
+            "are removed); free disk space (or use another output.dir), then re-run the same command",
+        )
 
     def _compact(self) -> None:
         """Write the whole manifest as the snapshot, then drop the log (opening only, under the lock)."""
@@ -391,6 +586,28 @@ class ShardWriter:
         return set(self._committed)
 
     @property
+    def content_hashes(self) -> dict[str, str]:
+        """Committed problem id -> the content hash recorded with its (latest) rows; problems committed
+        without one are absent ({} for folders written before hashes were recorded). Built from the
+        manifest on each call (O(committed)): the job asks once, when it opens the folder."""
+        latest: dict[str, str | None] = {}
+        for s in self._manifest["shards"]:
+            hashes = s.get("content_hashes")
+            if hashes is not None:
+                latest.update(zip(s["problem_ids"], hashes, strict=True))
+            elif latest:
+                latest.update(dict.fromkeys(s["problem_ids"]))
+        return {pid: h for pid, h in latest.items() if h is not None and pid in self._committed}
+
+    def redo(self, problem_ids: Iterable[str]) -> None:
+        """Uncommit these problems: they are generated (added) again, and the shard that commits them
+        supersedes their rows in earlier shards (see the module docstring). Unknown ids are ignored."""
+        self._check_open()
+        ids = self._committed.intersection(problem_ids)
+        self._committed -= ids
+        self._redo |= ids
+
+    @property
     def num_buffered(self) -> int:
         """Problems added but not yet written."""
         return len(self._buffer)
@@ -399,12 +616,13 @@ class ShardWriter:
         """Whether `problem_id` is committed or buffered."""
         return problem_id in self._committed or problem_id in self._buffered_ids
 
-    def add(self, problem_id: str, rows: list[dict]) -> str | None:
+    def add(self, problem_id: str, rows: list[dict], content_hash: str | None = None) -> str | None:
         """Buffer one finished problem (all its trajectory rows); flush when `shard_size` are buffered.
 
-        Rows are validated now (`rows_to_table`); a row without `problem_id` gets this one. Returns the
-        name of the shard written, if any. Raises ValueError for an id already committed or buffered,
-        for no rows, or for rows of another problem.
+        Rows are validated now (`rows_to_table`); a row without `problem_id` gets this one.
+        `content_hash` is recorded with the problem (gen_ssd_ray.generate.content). Returns the name of
+        the shard written, if any. Raises ValueError for an id already committed or buffered, for no
+        rows, or for rows of another problem; OutputWriteError when the shard cannot be written.
         """
         self._check_open()
         if problem_id in self._committed:
@@ -424,6 +642,8 @@ class ShardWriter:
             raise ValueError(f"problem {problem_id!r}: {e}") from e
         self._buffer.append((problem_id, table))
         self._buffered_ids.add(problem_id)
+        if content_hash is not None:
+            self._buffer_hashes[problem_id] = content_hash
         if len(self._buffer) >= self.shard_size:
             return self.flush()
         return None
@@ -439,23 +659,36 @@ class ShardWriter:
             return None
         ids = [pid for pid, _ in self._buffer]
         table = pa.concat_tables([t for _, t in self._buffer])
+        hashes = {pid: self._buffer_hashes[pid] for pid in ids if pid in self._buffer_hashes}
+        supersedes = [pid for pid in ids if pid in self._redo]
+        meta = {k: v for k, v in (("content_hashes", hashes), ("supersedes", supersedes)) if v}
+        if meta:
+            table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta).encode()})
         name = _shard_name(self._next_index)
         # The folder is fsynced below, after the bookkeeping.
-        with atomic_writer(self.out_dir / name, sync_dir=False) as f:
-            pq.write_table(table, f, compression="zstd")
+        try:
+            with atomic_writer(self.out_dir / name, sync_dir=False) as f:  # removes its temp file on error
+                pq.write_table(table, f, compression="zstd")
+        except OSError as e:
+            raise self._write_error(e, f"writing shard {name} ({len(ids)} problems, not committed)") from e
         # The shard is complete and visible: it is committed from here on, even if what follows fails
         # (a crash now leaves an orphan that the next open adopts; a retry must not write it twice).
         self._next_index += 1
-        entry = self._shard_entry(name, ids, table.num_rows)
+        entry = self._shard_entry(name, ids, table.num_rows, hashes, supersedes)
         self._manifest["shards"].append(entry)
-        self._num_problems += len(ids)
+        self._num_problems += len(ids) - len(supersedes)
         self._num_rows += table.num_rows
         self._committed.update(ids)
+        self._redo.difference_update(supersedes)
         self._pending.append(_log_line(entry))
         self._buffer.clear()
         self._buffered_ids.clear()
-        fsync_dir(self.out_dir)  # the rename is durable before the record that lists it
-        self._append_pending()
+        self._buffer_hashes.clear()
+        try:
+            fsync_dir(self.out_dir)  # the rename is durable before the record that lists it
+            self._append_pending()
+        except OSError as e:  # the shard is renamed: the next writer adopts it as an orphan
+            raise self._write_error(e, f"recording shard {name} in {MANIFEST_LOG_NAME}") from e
         return name
 
     def close(self) -> str | None:
@@ -463,6 +696,13 @@ class ShardWriter:
         if self._closed:
             return None
         try:
+            if self._failed:  # the error was raised already; what is buffered is generated again
+                log.warning(
+                    "closing %s after a failed write: %d buffered problems not written",
+                    self.out_dir,
+                    len(self._buffer),
+                )
+                return None
             return self.flush()
         finally:
             self._closed = True
@@ -487,17 +727,32 @@ class ShardWriter:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"ShardWriter for {self.out_dir} is closed")
+        if self._failed:
+            raise OutputWriteError(
+                errno.EIO, f"output folder {self.out_dir}: an earlier write failed; re-run the same command"
+            )
 
     @staticmethod
-    def _shard_entry(name: str, ids: Iterable[str], num_rows: int) -> dict:
+    def _shard_entry(
+        name: str,
+        ids: Iterable[str],
+        num_rows: int,
+        hashes: dict[str, str] | None = None,
+        supersedes: list[str] | None = None,
+    ) -> dict:
         ids = list(ids)
-        return {
+        entry = {
             "name": name,
             "problem_ids": ids,
             "num_rows": num_rows,
             "num_problems": len(ids),
             "created": _now(),
         }
+        if hashes:
+            entry["content_hashes"] = [hashes.get(pid) for pid in ids]
+        if supersedes:
+            entry["supersedes"] = list(supersedes)
+        return entry
 
     def _append_pending(self) -> None:
         """Append the pending log lines, each with one write and an fsync, oldest first.

@@ -224,14 +224,15 @@ def stand_in_models(root: str | Path, max_len: int) -> tuple[str, str]:
 
 
 def output_ids(out_dir: str | Path) -> Counter:
-    """problem id -> number of committed shards holding it (exactly-once: every count is 1)."""
+    """problem id -> number of committed shards holding its live rows (exactly-once: every count is 1;
+    rows a later shard superseded, gen_ssd_ray.generate.output, do not count)."""
     import pyarrow.parquet as pq
 
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.output import live_shards, read_manifest
 
     manifest = read_manifest(out_dir) or {"shards": []}
     ids: Counter = Counter()
-    for s in manifest["shards"]:
-        table = pq.read_table(Path(out_dir) / s["name"], columns=["problem_id"])
-        ids.update(set(table.column("problem_id").to_pylist()))
+    for name, stale in live_shards(manifest):
+        table = pq.read_table(Path(out_dir) / name, columns=["problem_id"])
+        ids.update(set(table.column("problem_id").to_pylist()) - stale)
     return ids

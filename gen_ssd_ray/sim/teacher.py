@@ -21,6 +21,10 @@ What it models (constants from the profile, gen_ssd_ray.sim.profile):
   empty (no tokenizer is loaded). A prompt longer than `max_model_len - max_tokens` is a ValueError.
 - The fault schedule (gen_ssd_ray.sim.faults): a dead engine core raises EngineDead, a hung one stops
   stepping, a slow one steps `factor` times slower.
+- Poison problems (`POISON_ENV`, a comma-separated list of problem ids in the environment of the
+  engine actors): a request of such a problem (its key starts with "<problem id>/") kills the engine
+  core, failing every request on it (EngineDead; the actor then restarts), on every attempt and after
+  every restart: a problem that reliably kills its engine, for tests of the driver's poison handling.
 
 `stats` records what an engine did, including the wall-clock intervals it sat idle (no request
 running or waiting), which the harness sets against the time problems were waiting.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import time
 from collections import OrderedDict, deque
@@ -45,6 +50,7 @@ from gen_ssd_ray.sim.faults import EngineFaults
 from gen_ssd_ray.sim.profile import SimClock, load_profile
 
 MAX_MACRO_STEPS = 32
+POISON_ENV = "GEN_SSD_SIM_POISON"
 FIRST_TOKEN_ID = 100  # sampled ids start here (clear of special tokens)
 
 
@@ -103,6 +109,7 @@ class SimTeacher:
         self.clock = SimClock(sim.time_compression, sim.epoch)
         self.model_load = sim.model_load or context.restarted  # a restart reloads the model
         self.faults = EngineFaults(sim.faults, "teacher", context.index, self.clock, context.restarted)
+        self.poison = tuple(f"{p}/" for p in os.environ.get(POISON_ENV, "").split(",") if p)
         self.block = cfg.block_size or self.profile.block_size
         self.total_blocks = self.profile.kv_capacity_tokens // self.block
         self.eos, self.vocab = model_vocab(cfg.model)
@@ -165,6 +172,10 @@ class SimTeacher:
         self.faults.start()
         if self.faults.dead():
             raise EngineDead("simulated engine core died")
+        if self.poison and r.key.startswith(self.poison):
+            died = EngineDead(f"simulated engine core died on request {r.key} ({POISON_ENV})")
+            self._fail_all(died)
+            raise died
         self._ensure_loop()
         p = self.profile
         cands = [

@@ -1,0 +1,111 @@
+"""Per-problem infrastructure failures, counted across attempts and runs, kept next to the output.
+
+Contract:
+
+- `FailureLedger(out_dir, limit)` reads `<out_dir>/_failures.json` (`FAILURES_NAME`; its leading "_"
+  hides it from Parquet readers) and counts, per problem id, the infrastructure failures of its
+  attempts (a dead beam manager, engines unavailable, a missed deadline): `count` and `last_error`.
+  A failure is counted against every problem it hit, so a count alone does not tell a problem that
+  kills its manager from a bystander that was in flight on it: the job confirms a problem at the limit
+  alone before blaming it (gen_ssd_ray.generate.driver).
+- `record(problem_id, error)` adds one failure and returns the new count; `at_limit(id)` says whether
+  the count reached `limit` (`runtime.max_problem_failures`; 0: never). `forget(id)` drops a problem
+  once it is committed.
+- Saving: `save()` writes the whole file atomically (gen_ssd_ray.common.fsio) when something changed;
+  `maybe_save()` at most every `save_every_s` seconds (a node loss fails thousands of problems at
+  once: one write, not thousands), and always when a problem reaches the limit. A kill loses at most
+  the last `save_every_s` seconds of counts, never the file.
+- A file that cannot be read or parsed is moved aside (`_failures.json.corrupt-<time>`) with a
+  warning and counting starts again: the counts are advice for giving up, never data.
+
+Only the generation job's writer (which holds the folder's lock) uses it: no locking here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from gen_ssd_ray.common.fsio import atomic_write_json
+
+log = logging.getLogger("gen_ssd_ray")
+
+FAILURES_NAME = "_failures.json"
+FAILURES_VERSION = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class FailureLedger:
+    def __init__(self, out_dir: str | Path, limit: int, save_every_s: float = 5.0):
+        self.path = Path(out_dir) / FAILURES_NAME
+        self.limit, self.save_every_s = limit, save_every_s
+        self.problems: dict[str, dict] = self._load()
+        self._dirty, self._saved_at = False, time.monotonic()
+
+    def _load(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_bytes())
+            problems = data["problems"]
+            if data.get("version") != FAILURES_VERSION or not isinstance(problems, dict):
+                raise ValueError(f"not a version-{FAILURES_VERSION} failure ledger")
+            for pid, e in problems.items():
+                if not (isinstance(e, dict) and isinstance(e.get("count"), int)):
+                    raise ValueError(f"bad entry for problem {pid!r}")
+            return problems
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}")
+            log.warning("%s is unreadable (%s); moved to %s, failure counts start again", self.path, e, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError:
+                pass
+            return {}
+
+    def count(self, problem_id: str) -> int:
+        e = self.problems.get(problem_id)
+        return e["count"] if e else 0
+
+    def at_limit(self, problem_id: str) -> bool:
+        return self.limit > 0 and self.count(problem_id) >= self.limit
+
+    def last_error(self, problem_id: str) -> str:
+        e = self.problems.get(problem_id)
+        return (e or {}).get("last_error") or ""
+
+    def record(self, problem_id: str, error: str) -> int:
+        e = self.problems.setdefault(problem_id, {"count": 0})
+        e["count"] += 1
+        e["last_error"], e["updated"] = error, _now()
+        self._dirty = True
+        if self.at_limit(problem_id):
+            self.save()
+        else:
+            self.maybe_save()
+        return e["count"]
+
+    def forget(self, problem_id: str) -> None:
+        if self.problems.pop(problem_id, None) is not None:
+            self._dirty = True
+
+    def maybe_save(self) -> None:
+        if self._dirty and time.monotonic() - self._saved_at >= self.save_every_s:
+            self.save()
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            atomic_write_json(self.path, {"version": FAILURES_VERSION, "problems": self.problems})
+        except OSError as e:  # advice only: a full disk must not hide the job's own outcome
+            log.warning("cannot write %s (%s); failure counts of this run may be lost", self.path, e)
+            return
+        self._dirty, self._saved_at = False, time.monotonic()
