@@ -30,3 +30,19 @@ def test_evaluation_on_a_held_folder_is_refused(chat_models, one_problem, tmp_pa
         prepare(cfg)
     first.lock.release()
     prepare(cfg).lock.release()
+
+
+def test_generation_on_a_held_folder_is_refused(tmp_path):
+    from gen_ssd_ray.generate.driver import prepare
+    from gen_ssd_ray.sim.harness import sim_config, write_problems
+
+    out = tmp_path / "gen"
+    cfg = sim_config([f"data.path={write_problems(tmp_path / 'p.jsonl', 3)}", f"output.dir={out}"])
+    with hold_job_folder(out, "evaluate"):
+        with pytest.raises(FolderLockedError, match=r"in use by job evaluate .*_lock"):
+            prepare(cfg)
+        assert not (out / "_manifest.json").exists()
+    p = prepare(cfg)  # the writer holds it until closed
+    with pytest.raises(FolderLockedError, match="in use by job generate"):
+        prepare(cfg)
+    p.writer.close()

@@ -102,7 +102,7 @@ def test_job_folder_lock_and_generation_writer_exclude_each_other(tmp_path):
 
     folder = tmp_path / "gen"
     with ShardWriter(folder, fingerprint="f", config_yaml="x: 1\n", shard_size=1):
-        with pytest.raises(FolderLockedError, match="wrote no holder line"):
+        with pytest.raises(FolderLockedError, match="in use by job generate"):
             with hold_job_folder(folder, "pipeline"):
                 pass
     with hold_job_folder(folder, "pipeline"):

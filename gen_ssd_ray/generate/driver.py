@@ -74,6 +74,9 @@ class RunStats:
     costs: Counter = field(default_factory=Counter)  # COST_COLUMNS summed
     dispatch: dict = field(default_factory=dict)  # admission and the dispatcher's counters
     score_calls: list = field(default_factory=list)  # per scorer, calls answered (all managers)
+    # The answer checker's counters (checks, errors, timeouts, lost, pool_restarts): an error, timeout
+    # or lost check leaves that trajectory unverified (`correct` null), never wrong.
+    verifier: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, rows: list[TrajectoryRow]) -> None:
@@ -116,6 +119,7 @@ class RunStats:
             else None,
             "elapsed_s": round(elapsed, 1),
             "dispatch": self.dispatch,
+            "verifier": self.verifier,
         }
 
 
@@ -131,17 +135,20 @@ class Prepared:
 def prepare(cfg: GenerateConfig) -> Prepared:
     """Everything that can fail on bad input, before any actor starts.
 
-    Raises ModelNotFoundError, DataError, FingerprintMismatchError, ManifestError, OutputLockedError
-    or ContentChangedError (InputErrors) with a message naming the config key and the fix.
+    Raises ModelNotFoundError, DataError, VerifierUnavailable, FingerprintMismatchError, ManifestError,
+    OutputLockedError or ContentChangedError (InputErrors) with a message naming the config key and the fix.
     """
     from gen_ssd_ray.common.data import open_problems
     from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.common.verify import check_verifier
     from gen_ssd_ray.generate.output import ShardWriter
 
     teacher_path = resolve_model(cfg.teacher.model)
     student_path = resolve_model(cfg.student.model)
+    check_models(cfg, teacher_path, student_path)
     problems = open_problems(cfg.data)  # checked now, read lazily as engines have room
     fp = run_fingerprint(cfg, teacher_path, student_path)
+    check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs (else nothing could be selected)
     writer = ShardWriter(
         cfg.output.dir,
         fingerprint=fp,
@@ -157,13 +164,42 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     return Prepared(teacher_path, student_path, problems, writer, fp)
 
 
+def check_models(cfg: GenerateConfig, teacher_path: str, student_path: str) -> None:
+    """What would fail every problem, as one InputError: the teacher's and the student's tokenizer and
+    chat template with `cfg.prompt`, and room for a prompt in each context (gen_ssd_ray.common.prompts)."""
+    from gen_ssd_ray.common.prompts import check_chat_model
+    from gen_ssd_ray.generate.config import search_params
+    from gen_ssd_ray.generate.manager import _max_positions
+
+    new = search_params(cfg).max_new_tokens
+    t = cfg.teacher
+    check_chat_model(
+        teacher_path,
+        f"teacher.model={t.model!r}",
+        cfg.prompt,
+        t.trust_remote_code,
+        max_prompt_tokens=t.max_model_len - new,
+        budget=f"teacher.max_model_len={t.max_model_len} - search.max_new_tokens={new}",
+    )
+    s = cfg.student
+    positions = _max_positions(student_path, s.trust_remote_code)
+    check_chat_model(
+        student_path,
+        f"student.model={s.model!r}",
+        cfg.prompt,
+        s.trust_remote_code,
+        max_prompt_tokens=positions - new if positions else None,
+        budget=f"the student's max_position_embeddings={positions} - search.max_new_tokens={new}",
+    )
+
+
 def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=None) -> dict[str, Any]:
     """Run the job and return its summary (interrupted runs and problems left for a re-run are in it:
     `check_finished` turns them into the shared failure model). `pools` (from `build_pools`) lets a
     caller such as the pipeline or the benchmark reuse live actors."""
     from gen_ssd_ray.common.interrupts import stop_on_signals
     from gen_ssd_ray.common.progress import Progress
-    from gen_ssd_ray.common.verify import Verifier
+    from gen_ssd_ray.common.verify import PoolUnavailable, Verifier
     from gen_ssd_ray.generate.pools import build_pools, shutdown_pools
 
     p = prepared or prepare(cfg)
@@ -180,9 +216,11 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     todo = itertools.chain([first], todo)
 
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
-    # From here to the end a signal only sets a flag, never raises: engine start-up finishes, the loop
-    # stops admitting work, and the last shard is committed even if a second signal arrives.
+    # From here to the end a signal only sets a flag, never raises: engine start-up stops at once
+    # (wait_ready checks the flag), the loop stops admitting work, and the last shard is committed even
+    # if a second signal arrives.
     write_error: OutputWriteError | None = None  # a full disk: the job fails (exit 1), nothing is lost
+    verifier_error: PoolUnavailable | None = None  # math-verify workers die as they start: exit 1
     with stop_on_signals() as stop:
         verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
         progress = None
@@ -208,6 +246,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 )
         except OutputWriteError as e:
             write_error = e
+        except PoolUnavailable as e:
+            verifier_error = e
         finally:
             try:
                 if pools is not None:
@@ -219,6 +259,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
             finally:
                 if progress is not None:
                     progress.close()
+                stats.verifier = verifier.counters()
                 verifier.close()
                 if own_pools and pools is not None:
                     shutdown_pools(pools)
@@ -226,6 +267,12 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     if write_error is not None:
         raise JobFailed(str(write_error), summary) from write_error
+    if verifier_error is not None:
+        raise JobFailed(
+            f"the answer checker (math-verify) stopped working: {verifier_error}; committed problems are "
+            "kept, re-run the same command to continue",
+            summary,
+        ) from verifier_error
     return summary
 
 
@@ -741,6 +788,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"scored {summary['scorer/tokens_processed_per_scored']}. Elapsed {summary['elapsed_s']} s.",
         "Re-running the same command resumes: committed problems are skipped.",
     ]
+    v = summary.get("verifier") or {}
+    if unchecked := v.get("errors", 0) + v.get("timeouts", 0) + v.get("lost", 0):
+        lines.append(
+            f"Answer checks: {unchecked} of {v.get('checks', 0)} failed ({v.get('errors', 0)} errors, "
+            f"{v.get('timeouts', 0)} timeouts, {v.get('lost', 0)} lost); those trajectories are unverified."
+        )
     if summary.get("problems_failed_retry_later"):
         lines.append(
             f"{summary['problems_failed_retry_later']} problems were not committed because engines failed "

@@ -370,6 +370,8 @@ class BeamManager:
         teacher_prompt, student_prompt = self.prompts(problem.question)
         prompt_text, prompt_ids = teacher_prompt.text, teacher_prompt.token_ids
         student_ids = student_prompt.token_ids
+        if err := teacher_prompt.error or student_prompt.error:  # data the tokenizer cannot keep as text
+            return [self._row(problem, None, i, prompt_text, error=err) for i in range(n)]
         if err := self._too_long(len(prompt_ids), len(student_ids)):
             return [self._row(problem, None, i, prompt_text, error=err) for i in range(n)]
         searches = [

@@ -11,7 +11,8 @@ Contract:
                            and row counts, totals (rewritten only when a writer opens the folder)
       _manifest.log        shards committed since the snapshot, one JSON line each (appended per shard)
       _config.yaml         the configuration that produced the data
-      _lock                held (flock) by the one `ShardWriter` open on the folder
+      _lock                held (flock) by the one `ShardWriter` open on the folder (the job-folder lock
+                           of gen_ssd_ray.common.joblock, shared by every job)
       .tmp-*               a write in progress; removed when a writer opens the folder
 
   Readers that skip names starting with "." and "_" (pandas.read_parquet, pyarrow.dataset.dataset,
@@ -74,7 +75,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -88,6 +88,7 @@ import pyarrow.parquet as pq
 
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.fsio import TMP_PREFIX, atomic_write_bytes, atomic_writer, fsync_dir
+from gen_ssd_ray.common.joblock import FolderLock, FolderLockedError, lock_job_folder
 from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, empty_table, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_LOG_NAME = "_manifest.log"
 CONFIG_NAME = "_config.yaml"
-LOCK_NAME = "_lock"
 MANIFEST_VERSION = 1
 _SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
 _SHARD_KEYS = frozenset({"name", "problem_ids", "num_rows", "num_problems", "created"})
@@ -111,8 +111,9 @@ class FingerprintMismatchError(InputError):
     """The output folder holds data written with another config fingerprint."""
 
 
-class OutputLockedError(InputError):
-    """Another ShardWriter (another process) has the output folder open."""
+class OutputLockedError(FolderLockedError):
+    """Another job (a ShardWriter in another process, or any job holding the folder's lock) has the output
+    folder open."""
 
 
 class ManifestError(InputError):
@@ -379,7 +380,7 @@ class ShardWriter:
         self._log_size = 0  # end of the last complete line this writer appended
         self._closed = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = self._acquire_lock()
+        self._lock: FolderLock | None = self._acquire_lock()
         try:
             self._open(config_yaml, force)
         except BaseException:
@@ -389,22 +390,16 @@ class ShardWriter:
 
     # -- opening ------------------------------------------------------------------------------------
 
-    def _acquire_lock(self) -> int:
-        fd = os.open(self.out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    def _acquire_lock(self) -> FolderLock:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputLockedError(
-                f"output folder {self.out_dir} is in use by another job (its lock file "
-                f"{self.out_dir / LOCK_NAME} is held): wait for that job to finish, or use another output.dir"
-            ) from None
-        return fd
+            return lock_job_folder(self.out_dir, "generate")
+        except FolderLockedError as e:
+            raise OutputLockedError(str(e), e.path, e.holder) from None
 
     def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _close_log(self) -> None:
         if self._log_fd is not None:
