@@ -19,6 +19,9 @@ class FakeVerifier:
     def verify_rows(self, rows):
         pass
 
+    def counters(self):
+        return {"checks": 0, "errors": 0, "timeouts": 0, "lost": 0, "pool_restarts": 0}
+
     def close(self):
         self.closed = True
 
@@ -45,6 +48,7 @@ def test_disk_full_mid_run_exits_1_with_one_line_and_loses_nothing(
     monkeypatch.setattr(driver, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(driver, "solve_all", fake_solve_all)
     monkeypatch.setattr(verify, "Verifier", FakeVerifier)
+    monkeypatch.setattr(verify, "check_verifier", lambda *a, **k: None)  # the preflight: test_verify.py
     import gen_ssd_ray.generate.pools as pools_mod
 
     shut = []

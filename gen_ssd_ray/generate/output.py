@@ -557,6 +557,7 @@ class ShardWriter:
             e.errno,
             f"output folder {self.out_dir}: {doing} failed: {why}. Nothing committed is lost (partial files "
             "are removed); free disk space (or use another output.dir), then re-run the same command",
+            str(self.out_dir),  # the filename: a full disk's one line (common/errors.py) names it
         )
 
     def _compact(self) -> None:
