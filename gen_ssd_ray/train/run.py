@@ -152,10 +152,15 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if not cfg.output.force:
             raise TrainOutputExistsError(
                 f"output.dir={str(out)!r} holds a fine-tuning run with another config or data "
-                f"(fingerprint {state.get('fingerprint')} != {fp}): use another output.dir, or set "
-                "output.force=true to start over there"
+                f"(fingerprint {state.get('fingerprint')} != {fp}){_world_size_hint(cfg, out)}: use "
+                "another output.dir, or set output.force=true to start over there"
             )
-    elif state is not None:
+    else:
+        # A folder this run resumes in: nothing under checkpoints/ may be a guess (exit 2 here, before
+        # Ray starts), and the checkpoint it resumes from must be this run's and the job's own.
+        ck.check_folder(out)
+        ck.resume_tag(out, fp, cfg.runtime.num_workers)
+    if state is not None and state.get("fingerprint") == fp:
         summary = ck.read_json(out / ck.SUMMARY)
         if summary is not None and summary.get("fingerprint") == fp and ck.model_complete(out):
             complete = summary
@@ -165,6 +170,24 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         dt = getattr(mconfig, "dtype", None) or getattr(mconfig, "torch_dtype", None)
         save_dtype = str(dt).removeprefix("torch.") if dt is not None else "float32"
     return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete)
+
+
+def _world_size_hint(cfg: FinetuneConfig, out: Path) -> str:
+    """'; its checkpoints were written by N workers ...' when only the world size differs."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((out / ck.CONFIG).read_text()) or {}
+        workers = int(old["runtime"]["num_workers"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    if workers == cfg.runtime.num_workers or not ck.complete_tags(out):
+        return ""
+    return (
+        f"; its checkpoints were written by runtime.num_workers={workers} (this run: "
+        f"{cfg.runtime.num_workers}), and a ZeRO checkpoint is partitioned per worker: re-run with "
+        f"runtime.num_workers={workers} to resume it"
+    )
 
 
 def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
@@ -183,9 +206,14 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
     atomic_write_json(out / ck.STATE, {"fingerprint": p.fingerprint})
     (out / ck.SUMMARY).unlink(missing_ok=True)
-    removed = ck.remove_partial_checkpoints(out)
-    if removed:
-        log.warning("removed checkpoints cut short by a crash: %s", removed)
+    partial = ck.incomplete_tags(out)
+    if partial:
+        log.warning(
+            "ignoring incomplete checkpoint folders in %s (a save cut short): %s; training overwrites "
+            "them when it reaches their step",
+            out / ck.CHECKPOINTS,
+            partial,
+        )
 
 
 def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
@@ -237,7 +265,7 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
         raise JobInterrupted(f"training interrupted; {_resume_hint(out)}") from e
     except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
         last = ck.latest_tag(out)
-        if ck.model_complete(out) and last is not None and ck.step_of(last) >= planned_steps(cfg, p):
+        if ck.model_complete(out) and last is not None and (ck.step_of(last) or 0) >= planned_steps(cfg, p):
             # Every step ran and the model was exported; a worker then died on its way out (a 2-rank
             # ZeRO-3 run has been seen to abort at exit).
             log.warning("training finished and the model was exported, but a worker failed at exit: %s", e)
@@ -262,7 +290,7 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
         log.info("%s is complete for this config: skipping training", out)
         return {**p.complete, "skipped": True}
     _start_fresh(cfg, p, out)
-    resumed = ck.latest_tag(out)
+    resumed = ck.resume_tag(out, p.fingerprint, cfg.runtime.num_workers)
     if resumed is not None:
         log.info("resuming from %s", out / ck.CHECKPOINTS / resumed)
     started = time.perf_counter()

@@ -12,8 +12,8 @@ already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
 3. Train: at every step each rank runs its `grad_accum_steps` micro-batches. The loss is the sum of
    token NLLs divided by the number of response tokens in the *global* batch (all ranks and
    micro-batches; one all-reduce per step), so every token weighs the same whatever the packing.
-4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; `latest` moves only after every
-   rank finished writing it.
+4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; every rank fsyncs it, then rank 0
+   writes its completion marker and moves `latest` (see `gen_ssd_ray.train.checkpoint`).
 5. Export: the full weights (gathered from the ZeRO-3 partitions if needed) as a Hugging Face folder
    with the tokenizer and chat template, renamed into place by rank 0.
 
@@ -180,13 +180,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Resume.
     step = 0
-    tag = ck.latest_tag(out)
+    # The newest complete checkpoint, checked to be this run's (fingerprint, world size) and the job's
+    # own (owner) before DeepSpeed unpickles it (the driver ran the same checks; a restarted worker
+    # group may find a newer checkpoint).
+    tag = ck.resume_tag(out, config["fingerprint"], world)
     if tag is not None:
-        # (A different worker count changes the run's fingerprint: the driver refuses it before this.)
         load_path, client = engine.load_checkpoint(str(out / ck.CHECKPOINTS), tag=tag)
         if load_path is None:
             raise RuntimeError(
-                f"checkpoint {out / ck.CHECKPOINTS / tag} could not be loaded; see the log above"
+                f"checkpoint {out / ck.CHECKPOINTS / tag} could not be loaded (see the log above): move "
+                "that folder out of checkpoints/ to resume from the one before it"
             )
         step = int((client or {}).get("step", ck.step_of(tag)))
         if rank == 0:
@@ -259,8 +262,10 @@ def _save(engine, out: Path, step: int, world: int, fingerprint: str, keep_last:
     tag = ck.tag_for(step)
     client = {"step": step, "world_size": world, "fingerprint": fingerprint}
     engine.save_checkpoint(str(out / ck.CHECKPOINTS), tag=tag, client_state=client, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk before `latest` moves
+    ck.sync_tree(out / ck.CHECKPOINTS / tag)  # this rank's files (and the others', cheaply) are durable
+    dist.barrier()  # every rank's shards are on disk before the marker is written and `latest` moves
     if rank == 0:
+        ck.write_marker(out, tag, world, fingerprint)
         ck.mark_latest(out, tag, keep_last)
     dist.barrier()
 
