@@ -226,3 +226,15 @@ def test_bad_key_exits_2_before_anything_starts(capsys):
     assert "optim.nope" in err and "conf/finetune.yaml" in err
     assert main(["deepspeed.offload_param=true"]) == 2
     assert "deepspeed.offload_param" in capsys.readouterr().err
+
+
+def test_unsafe_filter_exits_2_at_config_load(tmp_path, capsys):
+    """A filter outside the safe language is refused when the config loads, before anything runs."""
+    from jobs.finetune import main
+
+    target = tmp_path / "pwned"
+    attack = f"@Path({str(target)!r}).write_text('x') > 0"
+    assert main([f'data.filters=["{attack}"]', f"output.dir={tmp_path / 'ft'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.filters[0]" in err and "not allowed" in err
+    assert not target.exists() and not (tmp_path / "ft").exists()

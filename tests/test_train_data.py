@@ -194,3 +194,22 @@ def test_cpu_bf16_detection_reads_the_flags():
     assert cpu_has_native_bf16("flags\t\t: fpu avx512f avx512_bf16\n")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
     assert cpu_has_native_bf16("Processor\t: AArch64\n")  # no flags line: nothing claimed
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "@Path({target!r}).write_text('x') > 0",
+        "status.map(lambda s: open({target!r}, 'w').write('x')) == 1",
+        "__import__('pathlib').Path({target!r}).write_text('x') > 0",
+    ],
+)
+def test_filter_attacks_never_run(tmp_path, attack):
+    """A filter that would write a file (pandas `query` ran it, in this module's scope) is refused, and
+    the file is not written."""
+    target = str(tmp_path / "pwned")
+    expr = attack.format(target=target)
+    cfg = TrainDataConfig(path=_jsonl(tmp_path / "g.jsonl", _rows(3, status="completed")), filters=[expr])
+    with pytest.raises(D.TrainDataError, match=r"data.filters\[0\].*not allowed"):
+        D.apply_filters(D.read_rows(cfg), cfg)
+    assert not (tmp_path / "pwned").exists()

@@ -4,7 +4,8 @@ What this module knows:
 - Reading `data.path`: a generation job's output folder (only the shards its manifest lists, never a
   half-written one; the rows must share one config fingerprint), a Parquet file or folder, a JSONL or
   JSON file, or an embedded data set (`embedded:gsm8k/train`).
-- Filtering (`data.filters`, pandas query expressions applied in order, each one's effect counted) and
+- Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
+  applied in order, each one's effect counted) and
   the error that names how many rows were read and which filter removed them when nothing is left.
 - Tokenization in the student's own chat template (`gen_ssd_ray.common.prompts.render_example`, the
   renderer generation and evaluation use too), with the loss on the response tokens only: the prompt
@@ -36,6 +37,7 @@ import numpy as np
 
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.filters import Filter, FilterError, parse_all
 from gen_ssd_ray.common.prompts import render_example
 from gen_ssd_ray.train.config import TrainDataConfig
 
@@ -175,22 +177,29 @@ def apply_filters(df, cfg: TrainDataConfig):
     before = len(df)
     df = df[valid]
     steps.append(FilterStep(f"non-empty {cfg.question_field} and {cfg.response_field}", before, len(df)))
-    for i, expr in enumerate(cfg.filters):
+    for f in parse_filters(cfg):
         before = len(df)
         try:
-            df = df.query(expr, engine="python")
-        except Exception as e:  # pandas raises UndefinedVariableError, SyntaxError, TypeError...
+            df = df[f.mask(df)]
+        except FilterError as e:
             raise TrainDataError(
-                f"data.filters[{i}]={expr!r} cannot be applied to {cfg.path!r}: {type(e).__name__}: {e} "
-                f"(columns: {sorted(map(str, df.columns))}); for a plain question/solution file set "
-                "data.filters=[]"
+                f"{e} in {cfg.path!r}; for a plain question/solution file set data.filters=[]"
             ) from None
-        steps.append(FilterStep(expr, before, len(df)))
+        steps.append(FilterStep(f.expr, before, len(df)))
     if cfg.limit is not None:
         df = df.iloc[: cfg.limit]
     if len(df) == 0:
         raise EmptyTrainingSetError(empty_message(cfg.path, read, steps))
     return df, steps
+
+
+def parse_filters(cfg: TrainDataConfig) -> list[Filter]:
+    """`cfg.filters` checked against the filter language (gen_ssd_ray.common.filters); raises
+    TrainDataError naming `data.filters[i]` and what is not allowed."""
+    try:
+        return parse_all(cfg.filters, "data.filters")
+    except FilterError as e:
+        raise TrainDataError(str(e)) from None
 
 
 def _nonempty(value: Any) -> bool:
