@@ -213,3 +213,34 @@ def test_filter_attacks_never_run(tmp_path, attack):
     with pytest.raises(D.TrainDataError, match=r"data.filters\[0\].*not allowed"):
         D.apply_filters(D.read_rows(cfg), cfg)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_generation_folder_reads_only_the_needed_columns(tmp_path):
+    """The nested `chunks`, token ids and prompts are never loaded: only the question, the response, the
+    columns the filters use, the fingerprint and the ids (at 1M rows, every column took ~31 GB)."""
+    from gen_ssd_ray.generate.output import ShardWriter
+
+    out = tmp_path / "gen"
+    base = {"status": "completed", "correct": True, "trajectory_index": 0, "config_fingerprint": "aaa"}
+    chunk = {
+        "candidates": [{"text": "x", "num_tokens": 1, "finish_reason": "length", "ppl": 1.0}],
+        "chosen": 0,
+    }
+    with ShardWriter(out, fingerprint="aaa", config_yaml="x: 1\n", shard_size=2) as w:
+        for i, r in enumerate(_rows(3)):
+            row = {**base, **r, "problem_id": f"p{i}", "prompt": "p", "chunks": [chunk], "selected": i != 1}
+            w.add(f"p{i}", [{**row, "response_token_ids": [1, 2, 3], "student_ppl": 1.5}])
+    for filters, extra in (
+        [["selected == True"], {"selected"}],
+        [[], set()],
+        [["len(prompt) > 0"], {"prompt"}],
+    ):
+        cfg = TrainDataConfig(path=str(out), filters=filters)
+        df = D.read_rows(cfg)
+        ids = {"problem_id", "trajectory_index", "config_fingerprint"}
+        assert set(df.columns) == {"question", "response"} | ids | extra
+        assert "chunks" in df.attrs["source_columns"]
+    # A filter over a column the source lacks names the source's columns.
+    cfg = TrainDataConfig(path=str(out), filters=["style != 'x'"])
+    with pytest.raises(D.TrainDataError, match=r"data.filters\[0\].*no column 'style'.*'chunks'"):
+        D.apply_filters(D.read_rows(cfg), cfg)

@@ -3,7 +3,9 @@
 What this module knows:
 - Reading `data.path`: a generation job's output folder (only the shards its manifest lists, never a
   half-written one; the rows must share one config fingerprint), a Parquet file or folder, a JSONL or
-  JSON file, or an embedded data set (`embedded:gsm8k/train`).
+  JSON file, or an embedded data set (`embedded:gsm8k/train`). Only `needed_columns` are read (Parquet:
+  column projection, one file at a time), never the nested `chunks` or token ids: preparing 1M
+  generation rows stays within a few GB (scripts/bench_train_prep.py).
 - Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
   applied in order, each one's effect counted) and
   the error that names how many rows were read and which filter removed them when nothing is left.
@@ -57,8 +59,29 @@ class EmptyTrainingSetError(TrainDataError):
 # ---- reading -------------------------------------------------------------------------------------
 
 
+def needed_columns(cfg: TrainDataConfig) -> list[str]:
+    """The only columns the job reads: the question and response fields, the columns `data.filters`
+    reference, `config_fingerprint` (the one-generation-config check) and the row ids (`problem_id`,
+    `trajectory_index`). Everything else (the nested `chunks`, token ids, prompts) is never loaded."""
+    wanted = [
+        cfg.question_field,
+        cfg.response_field,
+        *sorted(columns_of(cfg)),
+        "config_fingerprint",
+        "problem_id",
+        "trajectory_index",
+    ]
+    return list(dict.fromkeys(wanted))
+
+
+def columns_of(cfg: TrainDataConfig) -> set[str]:
+    return set().union(*(f.columns for f in parse_filters(cfg)))
+
+
 def read_rows(cfg: TrainDataConfig):
-    """The rows of `cfg.path` as a pandas DataFrame. Raises TrainDataError on an unusable source."""
+    """The rows of `cfg.path` as a pandas DataFrame holding only `needed_columns(cfg)` (those the
+    source has); `df.attrs["source_columns"]` lists every column of the source, for messages. Raises
+    TrainDataError on an unusable source."""
     import pandas as pd
 
     path = cfg.path
@@ -75,19 +98,23 @@ def read_rows(cfg: TrainDataConfig):
     p = Path(path).expanduser()
     if not p.exists():
         raise TrainDataError(f"data.path={cfg.path!r}: no such file or folder")
+    wanted = needed_columns(cfg)
     try:
         if p.is_dir():
-            df = _read_folder(p)
+            df, source_columns = _read_folder(p, wanted)
         elif p.suffix == ".parquet":
-            df = pd.read_parquet(p)
+            df, source_columns = _read_parquet([p], wanted)
         elif p.suffix in (".jsonl", ".ndjson"):
             df = pd.read_json(p, lines=True, dtype=False)
+            source_columns = list(df.columns)
         elif p.suffix == ".json":
             text = p.read_text()
             try:
                 df = pd.DataFrame(json.loads(text))
             except ValueError:
                 df = pd.read_json(p, lines=True, dtype=False)
+            del text
+            source_columns = list(df.columns)
         else:
             raise TrainDataError(
                 f"data.path={cfg.path!r}: unknown format {p.suffix!r}; use a generation output folder, "
@@ -97,16 +124,14 @@ def read_rows(cfg: TrainDataConfig):
         raise
     except (OSError, ValueError) as e:
         raise TrainDataError(f"data.path={cfg.path!r} cannot be read: {e}") from None
+    df = df[[c for c in wanted if c in df.columns]]
+    df.attrs["source_columns"] = sorted(map(str, source_columns))
     _check_fingerprint(df, cfg)
     return df
 
 
-def _read_folder(folder: Path):
+def _read_folder(folder: Path, wanted: list[str]):
     """A generation output folder (manifest-listed shards) or a plain folder of Parquet files."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from gen_ssd_ray.generate.output import read_manifest
 
     manifest = read_manifest(folder)
@@ -119,9 +144,24 @@ def _read_folder(folder: Path):
             f"data.path={str(folder)!r} holds no committed shards or Parquet files"
             + (" (its manifest lists none: did the generation job commit anything?)" if manifest else "")
         )
-    if manifest is None:
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return _read_parquet(files, wanted)
+
+
+def _read_parquet(files: list[Path], wanted: list[str]):
+    """(DataFrame of the `wanted` columns each file has, every column name seen), one file at a time so
+    that only one file's Arrow buffers exist next to the DataFrame being built."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames, seen = [], {}
+    for f in files:
+        names = pq.read_schema(f).names
+        seen.update(dict.fromkeys(names))
+        table = pq.read_table(f, columns=[c for c in wanted if c in names])
+        frames.append(table.to_pandas(self_destruct=True, split_blocks=True))
+        del table
+    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    return df, list(seen)
 
 
 def _check_fingerprint(df, cfg: TrainDataConfig) -> None:
@@ -165,20 +205,25 @@ def apply_filters(df, cfg: TrainDataConfig):
     """
     steps: list[FilterStep] = []
     read = len(df)
+    source_columns = df.attrs.get("source_columns") or sorted(map(str, df.columns))
     for key, col in (
         ("data.question_field", cfg.question_field),
         ("data.response_field", cfg.response_field),
     ):
         if col not in df.columns:
-            raise TrainDataError(
-                f"{key}={col!r}: no such column in {cfg.path!r} (columns: {sorted(map(str, df.columns))})"
-            )
+            raise TrainDataError(f"{key}={col!r}: no such column in {cfg.path!r} (columns: {source_columns})")
     valid = df[cfg.question_field].map(_nonempty) & df[cfg.response_field].map(_nonempty)
     before = len(df)
     df = df[valid]
     steps.append(FilterStep(f"non-empty {cfg.question_field} and {cfg.response_field}", before, len(df)))
     for f in parse_filters(cfg):
         before = len(df)
+        missing = sorted(f.columns - set(map(str, df.columns)))
+        if missing:
+            raise TrainDataError(
+                f"{f.key}={f.expr!r}: no column {missing[0]!r} in {cfg.path!r} (columns: {source_columns}); "
+                "for a plain question/solution file set data.filters=[]"
+            )
         try:
             df = df[f.mask(df)]
         except FilterError as e:
