@@ -14,8 +14,8 @@
    true / 30% false / 10% null; selected 25%.
 2. Measurement, in a fresh subprocess each (so that nothing of the generation step is counted): the
    stage's peak RSS from `resource.getrusage(RUSAGE_SELF).ru_maxrss`, its time, and the rows kept.
-   Stages: `read` = `read_rows` + `apply_filters` (the default `data.filters`) + `data_signature`,
-   exactly what `prepare` does to the data before tokenizing; `prepare` = the whole
+   Stages: `read` = `read_filtered` (needed columns, the default `data.filters` applied one file at
+   a time) + `data_signature`, exactly what `prepare` does to the data before tokenizing; `prepare` = the whole
    `gen_ssd_ray.train.run.prepare` with the embedded student (model checks, reading, filters,
    chat-template tokenization of every kept row, fingerprint). `--tokenize N` adds, after `read`, the
    chat-template tokenization of the first N kept rows (time per row and the bytes of the token arrays,
@@ -222,11 +222,12 @@ def measure(folder: Path, stage: str, legacy: bool, tokenize_rows: int) -> dict:
 
             files = [folder / s["name"] for s in read_manifest(folder)["shards"]]
             df = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
-        else:
-            df = D.read_rows(cfg.data)
-        result["rows_read"] = len(df)
-        result["columns_read"] = list(map(str, df.columns))
-        df, _ = D.apply_filters(df, cfg.data)
+            result["rows_read"] = len(df)
+            result["columns_read"] = list(map(str, df.columns))
+            df, _ = D.apply_filters(df, cfg.data)
+        else:  # what prepare() does: needed columns only, filtered one file at a time
+            df, _, result["rows_read"] = D.read_filtered(cfg.data)
+            result["columns_read"] = list(map(str, df.columns))
         D.data_signature(df, cfg.data)
         result["kept"] = len(df)
         result["read_filter_s"] = round(time.perf_counter() - t0, 1)

@@ -244,3 +244,23 @@ def test_generation_folder_reads_only_the_needed_columns(tmp_path):
     cfg = TrainDataConfig(path=str(out), filters=["style != 'x'"])
     with pytest.raises(D.TrainDataError, match=r"data.filters\[0\].*no column 'style'.*'chunks'"):
         D.apply_filters(D.read_rows(cfg), cfg)
+
+
+def test_read_filtered_one_file_at_a_time_equals_read_then_filter(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rows = _rows(30, status=lambda i: "completed" if i % 3 else "pruned", correct=lambda i: i % 2 == 0)
+    for k in range(3):
+        pq.write_table(pa.Table.from_pylist(rows[10 * k : 10 * (k + 1)]), folder / f"part-{k}.parquet")
+    for limit in (None, 7):
+        cfg = TrainDataConfig(path=str(folder), limit=limit)
+        want_df, want_steps = D.apply_filters(D.read_rows(cfg), cfg)
+        df, steps, read = D.read_filtered(cfg)
+        assert read == 30 and steps == want_steps
+        assert df["question"].tolist() == want_df["question"].tolist()
+    cfg = TrainDataConfig(path=str(folder), filters=["status == 'nope'"])
+    with pytest.raises(D.EmptyTrainingSetError, match="read 30 rows"):
+        D.read_filtered(cfg)

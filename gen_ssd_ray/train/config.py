@@ -131,6 +131,9 @@ class TrainRuntimeConfig(RayConfig):
     # Ray Train restarts of the whole worker group after a worker failure; each restart resumes from
     # the last checkpoint (useful on preemptible nodes).
     max_failures: int = 0
+    # Optimizer steps whose loss is NaN/inf are skipped (their update is never applied); one more than
+    # this many fails the run before export, the last good checkpoint kept (0: the first one fails it).
+    max_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -139,6 +142,11 @@ class TrainRuntimeConfig(RayConfig):
         require(self.gpus_per_worker >= 0, "runtime.gpus_per_worker", "must be >= 0")
         require(self.torch_threads >= 0, "runtime.torch_threads", "must be >= 0")
         require(self.max_failures >= 0, "runtime.max_failures", "must be >= 0")
+        require(
+            self.max_nonfinite_steps >= 0,
+            "runtime.max_nonfinite_steps",
+            f"must be >= 0, got {self.max_nonfinite_steps}",
+        )
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,7 @@ class FinetuneConfig:
 
 # What changes the trained weights (gen_ssd_ray.common.fingerprint). Left out: output.* (placement,
 # checkpoint cadence, force) and runtime.* except num_workers (Ray address, per-worker resources,
-# threads, restarts).
+# threads, restarts, the non-finite step budget: a fault policy, like restarts).
 DATA_KEYS = ("model", "data", "prompt", "optim", "deepspeed", "runtime.num_workers")
 
 

@@ -84,6 +84,41 @@ def read_rows(cfg: TrainDataConfig):
     TrainDataError on an unusable source."""
     import pandas as pd
 
+    frames = list(iter_frames(cfg))
+    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    df.attrs["source_columns"] = frames[0].attrs["source_columns"]
+    _check_fingerprint(_fingerprints(df), cfg)
+    return df
+
+
+def read_filtered(cfg: TrainDataConfig):
+    """`apply_filters(read_rows(cfg), cfg)` one Parquet file at a time: the rows a filter drops are never
+    held all together, so memory follows the rows kept, not the rows read. Returns (DataFrame,
+    FilterSteps, rows read); raises like `read_rows` and `apply_filters`."""
+    import pandas as pd
+
+    kept, steps, read, found = [], None, 0, set()
+    for frame in iter_frames(cfg):
+        read += len(frame)
+        found |= _fingerprints(frame)
+        _check_fingerprint(found, cfg)
+        frame, part = apply_filters(frame, cfg, final=False)
+        kept.append(frame)
+        steps = (
+            part
+            if steps is None
+            else [
+                FilterStep(a.expr, a.before + b.before, a.after + b.after)
+                for a, b in zip(steps, part, strict=True)
+            ]
+        )
+        del frame
+    df = kept[0] if len(kept) == 1 else pd.concat(kept, ignore_index=True)
+    del kept
+    return _finish(df, cfg, read, steps or []) + (read,)
+
+
+def _resolve(cfg: TrainDataConfig) -> Path:
     path = cfg.path
     if path.startswith("embedded:"):
         from gen_ssd_ray.common.data import DataError, embedded_path, lab_sft_path
@@ -98,15 +133,31 @@ def read_rows(cfg: TrainDataConfig):
     p = Path(path).expanduser()
     if not p.exists():
         raise TrainDataError(f"data.path={cfg.path!r}: no such file or folder")
+    return p
+
+
+def iter_frames(cfg: TrainDataConfig):
+    """The rows of `cfg.path` as DataFrames of `needed_columns(cfg)`: one per Parquet file (a folder's
+    files one at a time, so only one file's Arrow buffers are alive), or one for a JSON/JSONL file.
+    Each frame's `attrs["source_columns"]` lists the source's columns."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    p = _resolve(cfg)
     wanted = needed_columns(cfg)
     try:
-        if p.is_dir():
-            df, source_columns = _read_folder(p, wanted)
-        elif p.suffix == ".parquet":
-            df, source_columns = _read_parquet([p], wanted)
-        elif p.suffix in (".jsonl", ".ndjson"):
+        if p.is_dir() or p.suffix == ".parquet":
+            files = _folder_files(p) if p.is_dir() else [p]
+            for f in files:
+                names = pq.read_schema(f).names
+                table = pq.read_table(f, columns=[c for c in wanted if c in names])
+                df = table.to_pandas(self_destruct=True, split_blocks=True)
+                del table
+                df.attrs["source_columns"] = sorted(map(str, names))
+                yield df
+            return
+        if p.suffix in (".jsonl", ".ndjson"):
             df = pd.read_json(p, lines=True, dtype=False)
-            source_columns = list(df.columns)
         elif p.suffix == ".json":
             text = p.read_text()
             try:
@@ -114,7 +165,6 @@ def read_rows(cfg: TrainDataConfig):
             except ValueError:
                 df = pd.read_json(p, lines=True, dtype=False)
             del text
-            source_columns = list(df.columns)
         else:
             raise TrainDataError(
                 f"data.path={cfg.path!r}: unknown format {p.suffix!r}; use a generation output folder, "
@@ -124,14 +174,14 @@ def read_rows(cfg: TrainDataConfig):
         raise
     except (OSError, ValueError) as e:
         raise TrainDataError(f"data.path={cfg.path!r} cannot be read: {e}") from None
+    source_columns = sorted(map(str, df.columns))
     df = df[[c for c in wanted if c in df.columns]]
-    df.attrs["source_columns"] = sorted(map(str, source_columns))
-    _check_fingerprint(df, cfg)
-    return df
+    df.attrs["source_columns"] = source_columns
+    yield df
 
 
-def _read_folder(folder: Path, wanted: list[str]):
-    """A generation output folder (manifest-listed shards) or a plain folder of Parquet files."""
+def _folder_files(folder: Path) -> list[Path]:
+    """A generation output folder's manifest-listed shards, or a plain folder's Parquet files."""
     from gen_ssd_ray.generate.output import read_manifest
 
     manifest = read_manifest(folder)
@@ -144,44 +194,33 @@ def _read_folder(folder: Path, wanted: list[str]):
             f"data.path={str(folder)!r} holds no committed shards or Parquet files"
             + (" (its manifest lists none: did the generation job commit anything?)" if manifest else "")
         )
-    return _read_parquet(files, wanted)
+    return files
 
 
-def _read_parquet(files: list[Path], wanted: list[str]):
-    """(DataFrame of the `wanted` columns each file has, every column name seen), one file at a time so
-    that only one file's Arrow buffers exist next to the DataFrame being built."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    frames, seen = [], {}
-    for f in files:
-        names = pq.read_schema(f).names
-        seen.update(dict.fromkeys(names))
-        table = pq.read_table(f, columns=[c for c in wanted if c in names])
-        frames.append(table.to_pandas(self_destruct=True, split_blocks=True))
-        del table
-    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-    return df, list(seen)
-
-
-def _check_fingerprint(df, cfg: TrainDataConfig) -> None:
-    """Rows from a generation folder must come from one config (and the expected one, if given)."""
+def _fingerprints(df) -> set[str]:
     if "config_fingerprint" not in df.columns:
+        return set()
+    return {str(v) for v in df["config_fingerprint"].dropna().unique()}
+
+
+def _check_fingerprint(found: set[str], cfg: TrainDataConfig) -> None:
+    """Rows from a generation folder must come from one config (and the expected one, if given)."""
+    if not found:
         if cfg.expect_fingerprint:
             raise TrainDataError(
                 f"data.expect_fingerprint={cfg.expect_fingerprint!r} but {cfg.path!r} has no "
                 "config_fingerprint column: it is not a generation job's output"
             )
         return
-    found = sorted({str(v) for v in df["config_fingerprint"].dropna().unique()})
-    if len(found) > 1:
+    found_list = sorted(found)
+    if len(found_list) > 1:
         raise TrainDataError(
-            f"data.path={cfg.path!r} mixes rows of {len(found)} generation configs (fingerprints {found}): "
-            "train on one generation folder at a time"
+            f"data.path={cfg.path!r} mixes rows of {len(found_list)} generation configs (fingerprints "
+            f"{found_list}): train on one generation folder at a time"
         )
-    if cfg.expect_fingerprint and found and found[0] != cfg.expect_fingerprint:
+    if cfg.expect_fingerprint and found_list[0] != cfg.expect_fingerprint:
         raise TrainDataError(
-            f"data.path={cfg.path!r} was generated with config fingerprint {found[0]}, not the expected "
+            f"data.path={cfg.path!r} was generated with config fingerprint {found_list[0]}, not the expected "
             f"{cfg.expect_fingerprint} (data.expect_fingerprint): it comes from a different generation "
             "config; point data.path at the right folder or clear data.expect_fingerprint"
         )
@@ -197,11 +236,12 @@ class FilterStep:
     after: int
 
 
-def apply_filters(df, cfg: TrainDataConfig):
+def apply_filters(df, cfg: TrainDataConfig, final: bool = True):
     """Keep rows with a question and a response, then apply `cfg.filters` in order.
 
     Returns (filtered DataFrame, list of FilterStep). Raises TrainDataError for a missing field or a
-    filter that cannot be evaluated, EmptyTrainingSetError when nothing is left.
+    filter that cannot be evaluated, EmptyTrainingSetError when nothing is left. `final=False` (one
+    part of the data, see `read_filtered`) skips `data.limit` and the empty check.
     """
     steps: list[FilterStep] = []
     read = len(df)
@@ -231,6 +271,11 @@ def apply_filters(df, cfg: TrainDataConfig):
                 f"{e} in {cfg.path!r}; for a plain question/solution file set data.filters=[]"
             ) from None
         steps.append(FilterStep(f.expr, before, len(df)))
+    return _finish(df, cfg, read, steps) if final else (df, steps)
+
+
+def _finish(df, cfg: TrainDataConfig, read: int, steps: list[FilterStep]):
+    """`data.limit`, then the empty check."""
     if cfg.limit is not None:
         df = df.iloc[: cfg.limit]
     if len(df) == 0:

@@ -12,7 +12,8 @@
 
 Failures follow the shared model (gen_ssd_ray.common.errors): bad input is an `InputError`
 (`ModelIncompatibleError`, `TrainDataError`, `TrainOutputExistsError`, ...; exit 2); a failed worker
-surfaces as `JobFailed`, naming the last complete checkpoint a re-run resumes from (exit 1); SIGINT or
+surfaces as `JobFailed`, naming the last complete checkpoint a re-run resumes from (exit 1), and so do
+more non-finite steps than `runtime.max_nonfinite_steps` (nothing exported); SIGINT or
 SIGTERM during training is `JobInterrupted` (exit 130), the last checkpoint kept.
 """
 
@@ -37,15 +38,16 @@ from gen_ssd_ray.train.data import (
     FilterStep,
     TokenizeReport,
     TrainDataError,
-    apply_filters,
     batch_stats,
     data_signature,
     plan_epoch,
-    read_rows,
+    read_filtered,
     steps_per_epoch,
     tokenize,
 )
-from gen_ssd_ray.train.worker import FAIL_AT_STEP_ENV
+from gen_ssd_ray.train.nonfinite import REPORT as NONFINITE_REPORT
+from gen_ssd_ray.train.nonfinite import failure_message
+from gen_ssd_ray.train.worker import FAIL_AT_STEP_ENV, NAN_AT_STEPS_ENV
 
 log = logging.getLogger("gen_ssd_ray.train")
 
@@ -134,9 +136,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         )
     model_path = resolve_model(cfg.model.path)
     tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
-    df = read_rows(cfg.data)
-    rows_read = len(df)
-    df, steps = apply_filters(df, cfg.data)
+    df, steps, rows_read = read_filtered(cfg.data)
     examples, report = tokenize(df, tokenizer, cfg.data, cfg.prompt, cfg.optim.max_seq_len)
     if len(examples) == 0:
         raise TrainDataError(
@@ -206,6 +206,7 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
     atomic_write_json(out / ck.STATE, {"fingerprint": p.fingerprint})
     (out / ck.SUMMARY).unlink(missing_ok=True)
+    (out / NONFINITE_REPORT).unlink(missing_ok=True)
     partial = ck.incomplete_tags(out)
     if partial:
         log.warning(
@@ -245,6 +246,7 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             "pad_id": p.pad_id,
             "save_dtype": p.save_dtype,
             "fail_at_step": os.environ.get(FAIL_AT_STEP_ENV),
+            "nan_at_steps": os.environ.get(NAN_AT_STEPS_ENV),
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -270,6 +272,9 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             # ZeRO-3 run has been seen to abort at exit).
             log.warning("training finished and the model was exported, but a worker failed at exit: %s", e)
             return
+        nonfinite = failure_message(out, ck.read_json(out / NONFINITE_REPORT))
+        if nonfinite is not None:
+            raise JobFailed(nonfinite) from e
         text = str(e).strip()
         raise JobFailed(
             f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out)}"
@@ -326,6 +331,7 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
     plan = plan_epoch(lengths, 0, o.seed, o.micro_batch_tokens, o.packing)
     spe = steps_per_epoch(len(plan), cfg.runtime.num_workers, o.grad_accum_steps)
     last = metrics[-1] if metrics else {}
+    losses = [m["loss"] for m in metrics if m.get("loss") is not None]
     return {
         "fingerprint": p.fingerprint,
         "output_dir": str(out.resolve()),
@@ -346,8 +352,10 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
         "offload_optimizer": cfg.deepspeed.offload_optimizer,
         "offload_param": cfg.deepspeed.offload_param,
         "precision": cfg.deepspeed.precision,
-        "first_loss": metrics[0]["loss"] if metrics else None,
-        "final_loss": last.get("loss"),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        # steps whose loss was NaN/inf and whose update was skipped (runtime.max_nonfinite_steps)
+        "nonfinite_steps_skipped": [m["step"] for m in metrics if m.get("skipped_nonfinite")],
         "train/tokens_per_s": last.get("tokens_per_s"),
         "train/batch": batch_stats(lengths, plan, o.micro_batch_tokens, o.packing),
         "elapsed_s": round(elapsed, 1),
@@ -363,7 +371,8 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
 
     steps = [m["step"] for m in metrics]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    ax1.plot(steps, [m["loss"] for m in metrics], marker="." if len(steps) < 50 else None)
+    losses = [m["loss"] if m.get("loss") is not None else float("nan") for m in metrics]
+    ax1.plot(steps, losses, marker="." if len(steps) < 50 else None)
     ax1.set_ylabel("loss (NLL per response token)")
     ax1.grid(alpha=0.3)
     ax2.plot(steps, [m["lr"] for m in metrics], color="tab:orange")
