@@ -280,7 +280,8 @@ def _guarded_step(engine, guard: NonFiniteGuard, step: int, loss: float, out: Pa
 
     A non-finite step's gradients never reach the weights: under ZeRO 1-3 (and bf16) DeepSpeed finds the
     non-finite gradient norm and skips the update itself; a plain ZeRO-0 fp32 engine steps a torch
-    optimizer, which skips every parameter whose gradient is None, so the gradients are dropped first.
+    optimizer, which skips every parameter whose gradient is None, so the gradients are dropped first
+    (and the engine's clipping, which needs one, is skipped for that step).
     One step too many raises NonFiniteLossError (rank 0 first records it for the driver)."""
     try:
         ok = guard.observe(step, loss)
@@ -293,6 +294,13 @@ def _guarded_step(engine, guard: NonFiniteGuard, step: int, loss: float, out: Pa
         if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
             for p in engine.module.parameters():
                 p.grad = None
+            # (DeepSpeed's fp32 clipping indexes the first gradient: there is none to clip.)
+            engine.clip_fp32_gradients = lambda: None
+            try:
+                engine.step()
+            finally:
+                del engine.clip_fp32_gradients
+            return ok
     engine.step()
     return ok
 
