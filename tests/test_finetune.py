@@ -246,6 +246,25 @@ def test_nonfinite_guard_counts_and_fails_past_the_limit(tmp_path):
         check_weights_finite(False, 3, "checkpoint")
 
 
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt", None])
+def test_model_without_safetensors_is_refused(tiny_model, tmp_path, weights):
+    """Model weights are never unpickled: a folder with only pickle weights (or none) fails before
+    anything starts (exit 2), naming the key and the conversion."""
+    import shutil
+
+    from gen_ssd_ray.train.run import ModelIncompatibleError, check_model
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    if weights:
+        (folder / weights).write_bytes(b"not loaded")
+    with pytest.raises(ModelIncompatibleError, match=r"model.path=.*safetensors.*safe_serialization=True"):
+        check_model(str(folder), trust_remote_code=False)
+    check_model(tiny_model, trust_remote_code=False)
+
+
 def test_config_is_frozen_and_derivable():
     import dataclasses
 

@@ -103,7 +103,22 @@ def check_model(path: str, trust_remote_code: bool):
         )
     if tokenizer.eos_token_id is None:
         raise ModelIncompatibleError(f"model.path={path!r}: the tokenizer has no EOS token")
+    check_safetensors(path)
     return tokenizer, config
+
+
+def check_safetensors(path: str) -> None:
+    """The weights are loaded from safetensors only (no unpickling): refuse a folder without them."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    what = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no *.safetensors weights"
+    raise ModelIncompatibleError(
+        f"model.path={path!r} has {what}: weights are loaded from safetensors only, since pickle files run "
+        "code when loaded; convert it (AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path, "
+        "safe_serialization=True), with the tokenizer files) and point model.path at the new folder"
+    )
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

@@ -138,6 +138,7 @@ def _load_model(cfg: FinetuneConfig, model_path: str, ds_config: dict):
         dtype=torch.float32,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,  # never unpickle model weights (the driver checked they exist)
     )
     del keep
     model.config.use_cache = False
