@@ -265,6 +265,23 @@ def test_model_without_safetensors_is_refused(tiny_model, tmp_path, weights):
     check_model(tiny_model, trust_remote_code=False)
 
 
+@pytest.mark.parametrize("stray", ["step-000010.bak", "old-run", "step-10"])
+def test_stray_checkpoint_folder_exits_2_before_anything_starts(tiny_model, tmp_path, capsys, stray):
+    """A name under checkpoints/ that is not a checkpoint (it crashed `step_of` before) is one line
+    naming it and the fix, exit 2, before Ray starts; nothing is deleted."""
+    from jobs.finetune import main
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ft"
+    (out / "checkpoints" / stray).mkdir(parents=True)
+    (out / "checkpoints" / stray / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert main(base_args(tiny_model, data, out)) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if stray in x)
+    assert "not a checkpoint folder" in line and "move it out" in line and "Traceback" not in err
+    assert (out / "checkpoints" / stray / "mp_rank_00_model_states.pt").exists()
+
+
 def test_config_is_frozen_and_derivable():
     import dataclasses
 
