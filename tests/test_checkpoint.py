@@ -186,3 +186,27 @@ def test_step_of_never_crashes():
     assert ck.step_of("step-000012") == 12
     for bad in ("step-000012.bak", "step-", "latest", "", "step-12", "step-0000x1"):
         assert ck.step_of(bad) is None
+
+
+def test_world_size_change_says_how_to_resume(tmp_path):
+    """A folder whose checkpoints were written by another worker count: the refusal (another fingerprint)
+    says which runtime.num_workers resumes it."""
+    from gen_ssd_ray.common.config import load_config, to_yaml
+    from gen_ssd_ray.train.config import FinetuneConfig
+    from gen_ssd_ray.train.run import _world_size_hint
+
+    old = load_config(None, ["runtime.num_workers=2"], FinetuneConfig)
+    (tmp_path / ck.CONFIG).write_text(to_yaml(old))
+    save(tmp_path, 2, world=2)
+    now = load_config(None, ["runtime.num_workers=4"], FinetuneConfig)
+    hint = _world_size_hint(now, tmp_path)
+    assert "runtime.num_workers=2 to resume" in hint and "\n" not in hint
+    assert _world_size_hint(old, tmp_path) == ""
+    (tmp_path / ck.CONFIG).write_text("runtime: [not, a, mapping")
+    assert _world_size_hint(now, tmp_path) == ""
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "42", '{"fingerprint": ', "\x00\xff", ""])
+def test_junk_state_files_read_as_absent(tmp_path, text):
+    (tmp_path / ck.STATE).write_bytes(text.encode("utf-8", "surrogateescape") if text else b"")
+    assert ck.read_json(tmp_path / ck.STATE) is None
