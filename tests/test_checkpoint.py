@@ -160,9 +160,10 @@ def test_stray_names_are_refused_with_one_line(tmp_path, name, kind):
     assert stray.exists()
 
 
-def test_hidden_temporaries_are_not_strays(tmp_path):
+def test_hidden_temporaries_and_deepspeed_files_are_not_strays(tmp_path):
     save(tmp_path, 2)
     (tmp_path / ck.CHECKPOINTS / ".tmp-latest.1234").write_text("x")
+    (tmp_path / ck.CHECKPOINTS / "zero_to_fp32.py").write_text("x")  # DeepSpeed writes it there
     ck.check_folder(tmp_path)
 
 
