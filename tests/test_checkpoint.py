@@ -139,16 +139,21 @@ def test_prune_keeps_last_complete_and_drops_superseded_partials(tmp_path):
         ("old", "dir"),
         ("step-000010 copy", "dir"),
         ("step-000012", "file"),
-        ("notes.txt", "file"),
+        (".step-000010", "hidden-dir-ok"),
+        ("notes.txt", "file-ok"),
     ],
 )
 def test_stray_names_are_refused_with_one_line(tmp_path, name, kind):
     save(tmp_path, 2)
     stray = tmp_path / ck.CHECKPOINTS / name
-    if kind == "dir":
+    if kind.startswith(("dir", "hidden-dir")):
         stray.mkdir()
     else:
         stray.write_text("x")
+    if kind.endswith("-ok"):  # ignored: nothing is ever resumed from or deleted by its name
+        ck.check_folder(tmp_path)
+        assert ck.resume_tag(tmp_path, FP, 1) == "step-000002"
+        return
     with pytest.raises(ck.CheckpointFolderError) as e:
         ck.check_folder(tmp_path)
     assert isinstance(e.value, InputError)
@@ -163,7 +168,8 @@ def test_stray_names_are_refused_with_one_line(tmp_path, name, kind):
 def test_hidden_temporaries_and_deepspeed_files_are_not_strays(tmp_path):
     save(tmp_path, 2)
     (tmp_path / ck.CHECKPOINTS / ".tmp-latest.1234").write_text("x")
-    (tmp_path / ck.CHECKPOINTS / "zero_to_fp32.py").write_text("x")  # DeepSpeed writes it there
+    (tmp_path / ck.CHECKPOINTS / "zero_to_fp32.py").write_text("x")  # DeepSpeed writes them there
+    (tmp_path / ck.CHECKPOINTS / "zero_to_torch.py").write_text("x")
     ck.check_folder(tmp_path)
 
 

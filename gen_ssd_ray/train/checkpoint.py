@@ -25,8 +25,9 @@ it when it reaches that step), and `mark_latest` prunes only complete checkpoint
 incomplete folders older than the checkpoint it just completed. `sync_tree` fsyncs a checkpoint's files
 and folders; the worker calls it on every rank before the marker is written and the pointer moves.
 
-A name under `checkpoints/` that is neither `latest`, a `step-NNNNNN` folder, a hidden temporary nor
-DeepSpeed's own `zero_to_fp32.py` (a `step-000010.bak` copy, say) is refused by `check_folder` with one line naming it and the fix
+A folder under `checkpoints/` not named `step-NNNNNN` (a `step-000010.bak` copy, say), or a
+`step-NNNNNN` name that is not a folder, is refused by `check_folder` with one line naming it and the fix (plain files, such as the recovery
+scripts DeepSpeed copies there, and hidden temporaries are ignored)
 (`CheckpointFolderError`, an InputError: exit 2). A complete checkpoint whose fingerprint or world
 size is not the run's is refused by `resume_tag` the same way (`CheckpointMismatchError`), and so is
 one with a file this user does not own (`CheckpointUntrustedError`): DeepSpeed unpickles checkpoint
@@ -63,8 +64,6 @@ COMPLETE = ".complete"
 
 TAG_RE = re.compile(r"step-(\d{6,})")
 MARKER = "_complete.json"
-# Files DeepSpeed itself writes next to its checkpoint folders (the ZeRO weights recovery script).
-DEEPSPEED_FILES = ("zero_to_fp32.py",)
 
 
 class CheckpointFolderError(InputError):
@@ -97,9 +96,10 @@ def check_folder(out_dir: Path) -> None:
     if not ckpt.is_dir():
         return
     for p in sorted(ckpt.iterdir()):
-        if p.name == LATEST or p.name.startswith(".") or (p.name in DEEPSPEED_FILES and p.is_file()):
+        if p.name == LATEST or p.name.startswith("."):
             continue
-        if step_of(p.name) is None or not p.is_dir():
+        tag_like = step_of(p.name) is not None
+        if (p.is_dir() and not tag_like) or (tag_like and not p.is_dir()):
             raise CheckpointFolderError(
                 f"{p} is not a checkpoint folder (only step-NNNNNN folders and `latest` belong in "
                 f"{ckpt}): move it out of output.dir or delete it, then re-run"
