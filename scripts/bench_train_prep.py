@@ -3,7 +3,8 @@
     python scripts/bench_train_prep.py                      # generate 1M rows (once), measure read+filter
     python scripts/bench_train_prep.py --rows 50000 --legacy  # the old reader (every column) at 50k rows
     python scripts/bench_train_prep.py --tokenize 20000       # also tokenize 20k kept rows (timed)
-    python scripts/bench_train_prep.py --stage prepare        # the job's whole prepare() (slow at 1M)
+    python scripts/bench_train_prep.py --stage prepare        # the job's whole prepare() (~3 min at 1M)
+    python scripts/bench_train_prep.py --stage prepare --filters '[]'   # worst case: every row kept
 
 1. Generation (skipped when the folder exists): `--rows` rows of exactly `OUTPUT_SCHEMA`
    (gen_ssd_ray.generate.rows) in `--shards` Parquet shards with a generation job's manifest, under
@@ -260,11 +261,12 @@ def main() -> None:
     ap.add_argument("--stage", choices=["read", "prepare"], default="read")
     ap.add_argument("--legacy", action="store_true", help="measure the reader before column projection")
     ap.add_argument("--tokenize", type=int, default=0, help="tokenize this many kept rows after `read`")
+    ap.add_argument("--filters", default=None, help="data.filters override, e.g. '[]' (keep every row)")
     ap.add_argument("--_measure", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     folder = Path(args.folder or ROOT / "outputs" / "bench" / f"train_prep_{args.rows}")
     if args._measure:
-        print(json.dumps(measure(folder, args.stage, args.legacy, args.tokenize)))
+        print(json.dumps(measure(folder, args.stage, args.legacy, args.tokenize, args.filters)))
         return
     if not (folder / "_manifest.json").exists():
         shards = args.shards or max(1, -(-args.rows // 50_000))
@@ -274,6 +276,7 @@ def main() -> None:
     print(f"folder: {folder} ({size / 1e9:.2f} GB of Parquet)", flush=True)
     cmd = [sys.executable, __file__, "--_measure", "--folder", str(folder), "--stage", args.stage]
     cmd += ["--legacy"] * args.legacy + ["--tokenize", str(args.tokenize)]
+    cmd += ["--filters", args.filters] if args.filters is not None else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:

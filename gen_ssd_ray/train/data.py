@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,8 +350,12 @@ class TokenizeReport:
 
 
 def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max_seq_len: int):
-    """(Examples, TokenizeReport). Examples longer than `max_seq_len` are dropped and counted."""
-    tokens: list[np.ndarray] = []
+    """(Examples, TokenizeReport). Examples longer than `max_seq_len` are dropped and counted.
+
+    Token ids go straight into one compact growing buffer (4 bytes a token, no per-example array and
+    no final concatenation), so the peak is about the size of the result."""
+    tokens = array("i")  # C int: int32 on every platform this runs on
+    lengths_buf = array("q")
     prompt_lens: list[int] = []
     too_long = empty = 0
     for q, r in zip(df[cfg_data.question_field], df[cfg_data.response_field], strict=True):
@@ -361,11 +366,13 @@ def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max
         if len(p_ids) + len(r_ids) > max_seq_len:
             too_long += 1
             continue
-        tokens.append(np.asarray(p_ids + r_ids, dtype=np.int32))
+        tokens.extend(p_ids)
+        tokens.extend(r_ids)
+        lengths_buf.append(len(p_ids) + len(r_ids))
         prompt_lens.append(len(p_ids))
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    lengths = np.frombuffer(lengths_buf, dtype=np.int64) if lengths_buf else np.zeros(0, np.int64)
     ex = Examples(
-        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+        tokens=np.frombuffer(tokens, dtype=np.int32) if tokens else np.zeros(0, np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         prompt_lens=np.asarray(prompt_lens, dtype=np.int32),
     )
