@@ -198,15 +198,16 @@ def generate(folder: Path, rows: int, shards: int, seed: int = 0) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
 
 
-def measure(folder: Path, stage: str, legacy: bool, tokenize_rows: int) -> dict:
+def measure(folder: Path, stage: str, legacy: bool, tokenize_rows: int, filters: str | None) -> dict:
     """Run in the measuring subprocess: one stage, its peak RSS."""
     from gen_ssd_ray.common.config import load_config
     from gen_ssd_ray.train import data as D
     from gen_ssd_ray.train.config import FinetuneConfig
 
-    cfg = load_config(
-        None, [f"data.path={folder}", "output.dir=outputs/bench/train_prep_out"], FinetuneConfig
-    )
+    overrides = [f"data.path={folder}", "output.dir=outputs/bench/train_prep_out"]
+    if filters is not None:
+        overrides.append(f"data.filters={filters}")
+    cfg = load_config(None, overrides, FinetuneConfig)
     t0 = time.perf_counter()
     result: dict = {"stage": stage, "legacy": legacy, "filters": list(cfg.data.filters)}
     if stage == "prepare":
