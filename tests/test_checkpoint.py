@@ -217,3 +217,12 @@ def test_world_size_change_says_how_to_resume(tmp_path):
 def test_junk_state_files_read_as_absent(tmp_path, text):
     (tmp_path / ck.STATE).write_bytes(text.encode("utf-8", "surrogateescape") if text else b"")
     assert ck.read_json(tmp_path / ck.STATE) is None
+
+
+def test_saving_again_over_a_step_clears_its_marker_first(tmp_path):
+    folder = save(tmp_path, 2)
+    save(tmp_path, 4)
+    ck.clear_marker(tmp_path, "step-000004")
+    assert ck.resume_tag(tmp_path, FP, 1) == "step-000002"
+    ck.clear_marker(tmp_path, "step-000008")  # no folder: nothing to do
+    assert folder.is_dir()

@@ -236,6 +236,15 @@ def write_marker(out_dir: Path, tag: str, world_size: int, fingerprint: str) -> 
     fsync_dir(folder.parent)
 
 
+def clear_marker(out_dir: Path, tag: str) -> None:
+    """Make `tag` incomplete before a save writes into its folder again (a resume from an older
+    checkpoint reaching this step): a save cut short there can never look complete."""
+    marker = Path(out_dir) / CHECKPOINTS / tag / MARKER
+    if marker.exists():
+        marker.unlink()
+        fsync_dir(marker.parent)
+
+
 def mark_latest(out_dir: Path, tag: str, keep_last: int) -> None:
     """Point `latest` at `tag` (after its marker is written) and prune: complete checkpoints beyond the
     newest `keep_last`, and incomplete folders older than `tag` (saves cut short, now superseded).

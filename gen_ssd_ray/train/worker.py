@@ -322,6 +322,9 @@ def _save(engine, out: Path, step: int, world: int, fingerprint: str, keep_last:
 
     check_weights_finite(_weights_finite(engine), step, "checkpoint")
     tag = ck.tag_for(step)
+    if rank == 0:  # saving over an old folder of this step: it is incomplete until the new marker
+        ck.clear_marker(out, tag)
+    dist.barrier()
     client = {"step": step, "world_size": world, "fingerprint": fingerprint}
     engine.save_checkpoint(str(out / ck.CHECKPOINTS), tag=tag, client_state=client, save_latest=False)
     ck.sync_tree(out / ck.CHECKPOINTS / tag)  # this rank's files (and the others', cheaply) are durable
