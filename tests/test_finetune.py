@@ -9,6 +9,7 @@ loads and generates with. Bad input fails before anything starts (exit 2).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -185,6 +186,102 @@ def test_bad_input_fails_before_training(tiny_model, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
+@pytest.mark.integration
+def test_nan_loss_fails_before_export_and_keeps_the_last_good_checkpoint(tiny_model, tmp_path):
+    """ZeRO-0 fp32 (a plain torch optimizer: nothing in DeepSpeed skips a NaN step) with a NaN loss at
+    step 3: the run fails (exit 1) before export, leaving step-000002; allowing one non-finite step,
+    the same command resumes, skips step 3's update and exports finite weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ft"
+    args = base_args(tiny_model, data, out, "deepspeed.zero_stage=0", "optim.epochs=2")
+    nan = {"GEN_SSD_TRAIN_NAN_AT_STEPS": "3"}
+
+    bad = finetune(args, nan)
+    assert bad.returncode == 1, bad.stdout[-3000:] + bad.stderr[-3000:]
+    line = next((x for x in bad.stderr.splitlines() if "training stopped" in x), "")  # the job's message
+    assert "not finite" in line and "step-000002" in line and "runtime.max_nonfinite_steps=0" in line
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000002"]
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+
+    done = finetune([*args, "runtime.max_nonfinite_steps=1"], nan)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    s = _summary(done)
+    assert s["resumed_from_step"] == 2 and s["nonfinite_steps_skipped"] == [3]
+    assert s["final_loss"] is not None and math.isfinite(s["final_loss"])
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_nonfinite_guard_counts_and_fails_past_the_limit(tmp_path):
+    from gen_ssd_ray.train.nonfinite import (
+        NonFiniteGuard,
+        NonFiniteLossError,
+        NonFiniteWeightsError,
+        check_weights_finite,
+        failure_message,
+        write_report,
+    )
+
+    guard = NonFiniteGuard(limit=2)
+    assert guard.observe(1, 3.5) is True
+    for step, loss in ((2, math.nan), (3, math.inf)):
+        assert guard.observe(step, loss) is False  # skipped, within the limit
+    assert guard.observe(4, 1.0) is True
+    with pytest.raises(NonFiniteLossError, match=r"\[2, 3, 5\].*max_nonfinite_steps=2"):
+        guard.observe(5, -math.inf)
+    write_report(tmp_path, guard, "step-000004")
+    from gen_ssd_ray.train.checkpoint import read_json
+
+    msg = failure_message(tmp_path, read_json(tmp_path / "_nonfinite.json"))
+    assert "\n" not in msg and "step-000004" in msg and "runtime.max_nonfinite_steps" in msg
+    assert failure_message(tmp_path, None) is None
+    with pytest.raises(NonFiniteLossError):
+        NonFiniteGuard(limit=0).observe(1, math.nan)
+    check_weights_finite(True, 3, "checkpoint")
+    with pytest.raises(NonFiniteWeightsError, match="checkpoint was not written"):
+        check_weights_finite(False, 3, "checkpoint")
+
+
+@pytest.mark.parametrize("weights", ["pytorch_model.bin", "model.pt", None])
+def test_model_without_safetensors_is_refused(tiny_model, tmp_path, weights):
+    """Model weights are never unpickled: a folder with only pickle weights (or none) fails before
+    anything starts (exit 2), naming the key and the conversion."""
+    import shutil
+
+    from gen_ssd_ray.train.run import ModelIncompatibleError, check_model
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model, folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
+    if weights:
+        (folder / weights).write_bytes(b"not loaded")
+    with pytest.raises(ModelIncompatibleError, match=r"model.path=.*safetensors.*safe_serialization=True"):
+        check_model(str(folder), trust_remote_code=False)
+    check_model(tiny_model, trust_remote_code=False)
+
+
+@pytest.mark.parametrize("stray", ["step-000010.bak", "old-run", "step-10"])
+def test_stray_checkpoint_folder_exits_2_before_anything_starts(tiny_model, tmp_path, capsys, stray):
+    """A name under checkpoints/ that is not a checkpoint (it crashed `step_of` before) is one line
+    naming it and the fix, exit 2, before Ray starts; nothing is deleted."""
+    from jobs.finetune import main
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    out = tmp_path / "ft"
+    (out / "checkpoints" / stray).mkdir(parents=True)
+    (out / "checkpoints" / stray / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert main(base_args(tiny_model, data, out)) == 2
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if stray in x)
+    assert "not a checkpoint folder" in line and "move it out" in line and "Traceback" not in err
+    assert (out / "checkpoints" / stray / "mp_rank_00_model_states.pt").exists()
+
+
 def test_config_is_frozen_and_derivable():
     import dataclasses
 
@@ -226,3 +323,15 @@ def test_bad_key_exits_2_before_anything_starts(capsys):
     assert "optim.nope" in err and "conf/finetune.yaml" in err
     assert main(["deepspeed.offload_param=true"]) == 2
     assert "deepspeed.offload_param" in capsys.readouterr().err
+
+
+def test_unsafe_filter_exits_2_at_config_load(tmp_path, capsys):
+    """A filter outside the safe language is refused when the config loads, before anything runs."""
+    from jobs.finetune import main
+
+    target = tmp_path / "pwned"
+    attack = f"@Path({str(target)!r}).write_text('x') > 0"
+    assert main([f'data.filters=["{attack}"]', f"output.dir={tmp_path / 'ft'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.filters[0]" in err and "not allowed" in err
+    assert not target.exists() and not (tmp_path / "ft").exists()

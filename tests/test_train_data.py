@@ -194,3 +194,73 @@ def test_cpu_bf16_detection_reads_the_flags():
     assert cpu_has_native_bf16("flags\t\t: fpu avx512f avx512_bf16\n")
     assert cpu_has_native_bf16("flags\t\t: fpu amx_tile amx_bf16\n")
     assert cpu_has_native_bf16("Processor\t: AArch64\n")  # no flags line: nothing claimed
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "@Path({target!r}).write_text('x') > 0",
+        "status.map(lambda s: open({target!r}, 'w').write('x')) == 1",
+        "__import__('pathlib').Path({target!r}).write_text('x') > 0",
+    ],
+)
+def test_filter_attacks_never_run(tmp_path, attack):
+    """A filter that would write a file (pandas `query` ran it, in this module's scope) is refused, and
+    the file is not written."""
+    target = str(tmp_path / "pwned")
+    expr = attack.format(target=target)
+    cfg = TrainDataConfig(path=_jsonl(tmp_path / "g.jsonl", _rows(3, status="completed")), filters=[expr])
+    with pytest.raises(D.TrainDataError, match=r"data.filters\[0\].*not allowed"):
+        D.apply_filters(D.read_rows(cfg), cfg)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_generation_folder_reads_only_the_needed_columns(tmp_path):
+    """The nested `chunks`, token ids and prompts are never loaded: only the question, the response, the
+    columns the filters use, the fingerprint and the ids (at 1M rows, every column took ~31 GB)."""
+    from gen_ssd_ray.generate.output import ShardWriter
+
+    out = tmp_path / "gen"
+    base = {"status": "completed", "correct": True, "trajectory_index": 0, "config_fingerprint": "aaa"}
+    chunk = {
+        "candidates": [{"text": "x", "num_tokens": 1, "finish_reason": "length", "ppl": 1.0}],
+        "chosen": 0,
+    }
+    with ShardWriter(out, fingerprint="aaa", config_yaml="x: 1\n", shard_size=2) as w:
+        for i, r in enumerate(_rows(3)):
+            row = {**base, **r, "problem_id": f"p{i}", "prompt": "p", "chunks": [chunk], "selected": i != 1}
+            w.add(f"p{i}", [{**row, "response_token_ids": [1, 2, 3], "student_ppl": 1.5}])
+    for filters, extra in (
+        [["selected == True"], {"selected"}],
+        [[], set()],
+        [["len(prompt) > 0"], {"prompt"}],
+    ):
+        cfg = TrainDataConfig(path=str(out), filters=filters)
+        df = D.read_rows(cfg)
+        ids = {"problem_id", "trajectory_index", "config_fingerprint"}
+        assert set(df.columns) == {"question", "response"} | ids | extra
+        assert "chunks" in df.attrs["source_columns"]
+    # A filter over a column the source lacks names the source's columns.
+    cfg = TrainDataConfig(path=str(out), filters=["style != 'x'"])
+    with pytest.raises(D.TrainDataError, match=r"data.filters\[0\].*no column 'style'.*'chunks'"):
+        D.apply_filters(D.read_rows(cfg), cfg)
+
+
+def test_read_filtered_one_file_at_a_time_equals_read_then_filter(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    rows = _rows(30, status=lambda i: "completed" if i % 3 else "pruned", correct=lambda i: i % 2 == 0)
+    for k in range(3):
+        pq.write_table(pa.Table.from_pylist(rows[10 * k : 10 * (k + 1)]), folder / f"part-{k}.parquet")
+    for limit in (None, 7):
+        cfg = TrainDataConfig(path=str(folder), limit=limit)
+        want_df, want_steps = D.apply_filters(D.read_rows(cfg), cfg)
+        df, steps, read = D.read_filtered(cfg)
+        assert read == 30 and steps == want_steps
+        assert df["question"].tolist() == want_df["question"].tolist()
+    cfg = TrainDataConfig(path=str(folder), filters=["status == 'nope'"])
+    with pytest.raises(D.EmptyTrainingSetError, match="read 30 rows"):
+        D.read_filtered(cfg)

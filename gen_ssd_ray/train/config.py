@@ -21,7 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from gen_ssd_ray.common.config import DEFAULT_STUDENT, JobOutputConfig, PromptConfig, RayConfig, require
+from gen_ssd_ray.common.config import (
+    DEFAULT_STUDENT,
+    ConfigError,
+    JobOutputConfig,
+    PromptConfig,
+    RayConfig,
+    require,
+)
+from gen_ssd_ray.common.filters import FilterError, parse_all
 from gen_ssd_ray.common.fingerprint import fingerprint
 
 DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
@@ -49,7 +57,9 @@ class TrainDataConfig:
     question_field: str = "question"
     # The text the student learns to write (generation shards: response; GSM8K files: answer).
     response_field: str = "response"
-    # Row filters applied in order, each a pandas query over the columns; [] keeps every row.
+    # Row filters applied in order; [] keeps every row. Each is a boolean expression over the columns
+    # (gen_ssd_ray.common.filters): column names, literals, == != < <= > >= in, and/or/not (& | ~),
+    # col.isin([...]), col.isna(), col.notna(), len(col); nothing else (no calls, attributes, @vars).
     # The default keeps completed trajectories whose answer was verified correct.
     filters: list[str] = field(default_factory=lambda: list(DEFAULT_FILTERS))
     # A generation folder must hold rows of one config fingerprint; if set, it must be this one.
@@ -121,6 +131,9 @@ class TrainRuntimeConfig(RayConfig):
     # Ray Train restarts of the whole worker group after a worker failure; each restart resumes from
     # the last checkpoint (useful on preemptible nodes).
     max_failures: int = 0
+    # Optimizer steps whose loss is NaN/inf are skipped (their update is never applied); one more than
+    # this many fails the run before export, the last good checkpoint kept (0: the first one fails it).
+    max_nonfinite_steps: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -129,6 +142,11 @@ class TrainRuntimeConfig(RayConfig):
         require(self.gpus_per_worker >= 0, "runtime.gpus_per_worker", "must be >= 0")
         require(self.torch_threads >= 0, "runtime.torch_threads", "must be >= 0")
         require(self.max_failures >= 0, "runtime.max_failures", "must be >= 0")
+        require(
+            self.max_nonfinite_steps >= 0,
+            "runtime.max_nonfinite_steps",
+            f"must be >= 0, got {self.max_nonfinite_steps}",
+        )
 
 
 @dataclass(frozen=True)
@@ -161,6 +179,10 @@ class FinetuneConfig:
         require(bool(d.path), "data.path", "must not be empty")
         require(bool(d.question_field) and bool(d.response_field), "data.response_field", "must not be empty")
         require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+        try:  # checked before anything runs: a filter is never executed as code
+            parse_all(list(d.filters), "data.filters")
+        except FilterError as e:
+            raise ConfigError(str(e)) from None
         self.prompt.validate()
         require(o.epochs >= 1, "optim.epochs", f"must be >= 1, got {o.epochs}")
         require(o.max_steps is None or o.max_steps >= 1, "optim.max_steps", "must be >= 1 or null")
@@ -214,7 +236,7 @@ class FinetuneConfig:
 
 # What changes the trained weights (gen_ssd_ray.common.fingerprint). Left out: output.* (placement,
 # checkpoint cadence, force) and runtime.* except num_workers (Ray address, per-worker resources,
-# threads, restarts).
+# threads, restarts, the non-finite step budget: a fault policy, like restarts).
 DATA_KEYS = ("model", "data", "prompt", "optim", "deepspeed", "runtime.num_workers")
 
 

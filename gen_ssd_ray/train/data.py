@@ -3,8 +3,11 @@
 What this module knows:
 - Reading `data.path`: a generation job's output folder (only the shards its manifest lists, never a
   half-written one; the rows must share one config fingerprint), a Parquet file or folder, a JSONL or
-  JSON file, or an embedded data set (`embedded:gsm8k/train`).
-- Filtering (`data.filters`, pandas query expressions applied in order, each one's effect counted) and
+  JSON file, or an embedded data set (`embedded:gsm8k/train`). Only `needed_columns` are read (Parquet:
+  column projection, one file at a time), never the nested `chunks` or token ids: preparing 1M
+  generation rows stays within a few GB (scripts/bench_train_prep.py).
+- Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
+  applied in order, each one's effect counted) and
   the error that names how many rows were read and which filter removed them when nothing is left.
 - Tokenization in the student's own chat template (`gen_ssd_ray.common.prompts.render_example`, the
   renderer generation and evaluation use too), with the loss on the response tokens only: the prompt
@@ -28,6 +31,7 @@ import json
 import logging
 import math
 import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ import numpy as np
 
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.filters import Filter, FilterError, parse_all
 from gen_ssd_ray.common.prompts import render_example
 from gen_ssd_ray.train.config import TrainDataConfig
 
@@ -55,10 +60,66 @@ class EmptyTrainingSetError(TrainDataError):
 # ---- reading -------------------------------------------------------------------------------------
 
 
+def needed_columns(cfg: TrainDataConfig) -> list[str]:
+    """The only columns the job reads: the question and response fields, the columns `data.filters`
+    reference, `config_fingerprint` (the one-generation-config check) and the row ids (`problem_id`,
+    `trajectory_index`). Everything else (the nested `chunks`, token ids, prompts) is never loaded."""
+    wanted = [
+        cfg.question_field,
+        cfg.response_field,
+        *sorted(columns_of(cfg)),
+        "config_fingerprint",
+        "problem_id",
+        "trajectory_index",
+    ]
+    return list(dict.fromkeys(wanted))
+
+
+def columns_of(cfg: TrainDataConfig) -> set[str]:
+    return set().union(*(f.columns for f in parse_filters(cfg)))
+
+
 def read_rows(cfg: TrainDataConfig):
-    """The rows of `cfg.path` as a pandas DataFrame. Raises TrainDataError on an unusable source."""
+    """The rows of `cfg.path` as a pandas DataFrame holding only `needed_columns(cfg)` (those the
+    source has); `df.attrs["source_columns"]` lists every column of the source, for messages. Raises
+    TrainDataError on an unusable source."""
     import pandas as pd
 
+    frames = list(iter_frames(cfg))
+    df = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+    df.attrs["source_columns"] = frames[0].attrs["source_columns"]
+    _check_fingerprint(_fingerprints(df), cfg)
+    return df
+
+
+def read_filtered(cfg: TrainDataConfig):
+    """`apply_filters(read_rows(cfg), cfg)` one Parquet file at a time: the rows a filter drops are never
+    held all together, so memory follows the rows kept, not the rows read. Returns (DataFrame,
+    FilterSteps, rows read); raises like `read_rows` and `apply_filters`."""
+    import pandas as pd
+
+    kept, steps, read, found = [], None, 0, set()
+    for frame in iter_frames(cfg):
+        read += len(frame)
+        found |= _fingerprints(frame)
+        _check_fingerprint(found, cfg)
+        frame, part = apply_filters(frame, cfg, final=False)
+        kept.append(frame)
+        steps = (
+            part
+            if steps is None
+            else [
+                FilterStep(a.expr, a.before + b.before, a.after + b.after)
+                for a, b in zip(steps, part, strict=True)
+            ]
+        )
+        del frame
+    df = kept[0] if len(kept) == 1 else pd.concat(kept, ignore_index=True)
+    del kept
+    return _finish(df, cfg, read, steps or []) + (read,)
+
+
+def _resolve(cfg: TrainDataConfig) -> Path:
     path = cfg.path
     if path.startswith("embedded:"):
         from gen_ssd_ray.common.data import DataError, embedded_path, lab_sft_path
@@ -73,12 +134,30 @@ def read_rows(cfg: TrainDataConfig):
     p = Path(path).expanduser()
     if not p.exists():
         raise TrainDataError(f"data.path={cfg.path!r}: no such file or folder")
+    return p
+
+
+def iter_frames(cfg: TrainDataConfig):
+    """The rows of `cfg.path` as DataFrames of `needed_columns(cfg)`: one per Parquet file (a folder's
+    files one at a time, so only one file's Arrow buffers are alive), or one for a JSON/JSONL file.
+    Each frame's `attrs["source_columns"]` lists the source's columns."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    p = _resolve(cfg)
+    wanted = needed_columns(cfg)
     try:
-        if p.is_dir():
-            df = _read_folder(p)
-        elif p.suffix == ".parquet":
-            df = pd.read_parquet(p)
-        elif p.suffix in (".jsonl", ".ndjson"):
+        if p.is_dir() or p.suffix == ".parquet":
+            files = _folder_files(p) if p.is_dir() else [p]
+            for f in files:
+                names = pq.read_schema(f).names
+                table = pq.read_table(f, columns=[c for c in wanted if c in names])
+                df = table.to_pandas(self_destruct=True, split_blocks=True)
+                del table
+                df.attrs["source_columns"] = sorted(map(str, names))
+                yield df
+            return
+        if p.suffix in (".jsonl", ".ndjson"):
             df = pd.read_json(p, lines=True, dtype=False)
         elif p.suffix == ".json":
             text = p.read_text()
@@ -86,6 +165,7 @@ def read_rows(cfg: TrainDataConfig):
                 df = pd.DataFrame(json.loads(text))
             except ValueError:
                 df = pd.read_json(p, lines=True, dtype=False)
+            del text
         else:
             raise TrainDataError(
                 f"data.path={cfg.path!r}: unknown format {p.suffix!r}; use a generation output folder, "
@@ -95,16 +175,14 @@ def read_rows(cfg: TrainDataConfig):
         raise
     except (OSError, ValueError) as e:
         raise TrainDataError(f"data.path={cfg.path!r} cannot be read: {e}") from None
-    _check_fingerprint(df, cfg)
-    return df
+    source_columns = sorted(map(str, df.columns))
+    df = df[[c for c in wanted if c in df.columns]]
+    df.attrs["source_columns"] = source_columns
+    yield df
 
 
-def _read_folder(folder: Path):
-    """A generation output folder (manifest-listed shards) or a plain folder of Parquet files."""
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _folder_files(folder: Path) -> list[Path]:
+    """A generation output folder's manifest-listed shards, or a plain folder's Parquet files."""
     from gen_ssd_ray.generate.output import read_manifest
 
     manifest = read_manifest(folder)
@@ -117,29 +195,33 @@ def _read_folder(folder: Path):
             f"data.path={str(folder)!r} holds no committed shards or Parquet files"
             + (" (its manifest lists none: did the generation job commit anything?)" if manifest else "")
         )
-    if manifest is None:
-        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    return pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()
+    return files
 
 
-def _check_fingerprint(df, cfg: TrainDataConfig) -> None:
-    """Rows from a generation folder must come from one config (and the expected one, if given)."""
+def _fingerprints(df) -> set[str]:
     if "config_fingerprint" not in df.columns:
+        return set()
+    return {str(v) for v in df["config_fingerprint"].dropna().unique()}
+
+
+def _check_fingerprint(found: set[str], cfg: TrainDataConfig) -> None:
+    """Rows from a generation folder must come from one config (and the expected one, if given)."""
+    if not found:
         if cfg.expect_fingerprint:
             raise TrainDataError(
                 f"data.expect_fingerprint={cfg.expect_fingerprint!r} but {cfg.path!r} has no "
                 "config_fingerprint column: it is not a generation job's output"
             )
         return
-    found = sorted({str(v) for v in df["config_fingerprint"].dropna().unique()})
-    if len(found) > 1:
+    found_list = sorted(found)
+    if len(found_list) > 1:
         raise TrainDataError(
-            f"data.path={cfg.path!r} mixes rows of {len(found)} generation configs (fingerprints {found}): "
-            "train on one generation folder at a time"
+            f"data.path={cfg.path!r} mixes rows of {len(found_list)} generation configs (fingerprints "
+            f"{found_list}): train on one generation folder at a time"
         )
-    if cfg.expect_fingerprint and found and found[0] != cfg.expect_fingerprint:
+    if cfg.expect_fingerprint and found_list[0] != cfg.expect_fingerprint:
         raise TrainDataError(
-            f"data.path={cfg.path!r} was generated with config fingerprint {found[0]}, not the expected "
+            f"data.path={cfg.path!r} was generated with config fingerprint {found_list[0]}, not the expected "
             f"{cfg.expect_fingerprint} (data.expect_fingerprint): it comes from a different generation "
             "config; point data.path at the right folder or clear data.expect_fingerprint"
         )
@@ -155,42 +237,60 @@ class FilterStep:
     after: int
 
 
-def apply_filters(df, cfg: TrainDataConfig):
+def apply_filters(df, cfg: TrainDataConfig, final: bool = True):
     """Keep rows with a question and a response, then apply `cfg.filters` in order.
 
     Returns (filtered DataFrame, list of FilterStep). Raises TrainDataError for a missing field or a
-    filter that cannot be evaluated, EmptyTrainingSetError when nothing is left.
+    filter that cannot be evaluated, EmptyTrainingSetError when nothing is left. `final=False` (one
+    part of the data, see `read_filtered`) skips `data.limit` and the empty check.
     """
     steps: list[FilterStep] = []
     read = len(df)
+    source_columns = df.attrs.get("source_columns") or sorted(map(str, df.columns))
     for key, col in (
         ("data.question_field", cfg.question_field),
         ("data.response_field", cfg.response_field),
     ):
         if col not in df.columns:
-            raise TrainDataError(
-                f"{key}={col!r}: no such column in {cfg.path!r} (columns: {sorted(map(str, df.columns))})"
-            )
+            raise TrainDataError(f"{key}={col!r}: no such column in {cfg.path!r} (columns: {source_columns})")
     valid = df[cfg.question_field].map(_nonempty) & df[cfg.response_field].map(_nonempty)
     before = len(df)
     df = df[valid]
     steps.append(FilterStep(f"non-empty {cfg.question_field} and {cfg.response_field}", before, len(df)))
-    for i, expr in enumerate(cfg.filters):
+    for f in parse_filters(cfg):
         before = len(df)
-        try:
-            df = df.query(expr, engine="python")
-        except Exception as e:  # pandas raises UndefinedVariableError, SyntaxError, TypeError...
+        missing = sorted(f.columns - set(map(str, df.columns)))
+        if missing:
             raise TrainDataError(
-                f"data.filters[{i}]={expr!r} cannot be applied to {cfg.path!r}: {type(e).__name__}: {e} "
-                f"(columns: {sorted(map(str, df.columns))}); for a plain question/solution file set "
-                "data.filters=[]"
+                f"{f.key}={f.expr!r}: no column {missing[0]!r} in {cfg.path!r} (columns: {source_columns}); "
+                "for a plain question/solution file set data.filters=[]"
+            )
+        try:
+            df = df[f.mask(df)]
+        except FilterError as e:
+            raise TrainDataError(
+                f"{e} in {cfg.path!r}; for a plain question/solution file set data.filters=[]"
             ) from None
-        steps.append(FilterStep(expr, before, len(df)))
+        steps.append(FilterStep(f.expr, before, len(df)))
+    return _finish(df, cfg, read, steps) if final else (df, steps)
+
+
+def _finish(df, cfg: TrainDataConfig, read: int, steps: list[FilterStep]):
+    """`data.limit`, then the empty check."""
     if cfg.limit is not None:
         df = df.iloc[: cfg.limit]
     if len(df) == 0:
         raise EmptyTrainingSetError(empty_message(cfg.path, read, steps))
     return df, steps
+
+
+def parse_filters(cfg: TrainDataConfig) -> list[Filter]:
+    """`cfg.filters` checked against the filter language (gen_ssd_ray.common.filters); raises
+    TrainDataError naming `data.filters[i]` and what is not allowed."""
+    try:
+        return parse_all(cfg.filters, "data.filters")
+    except FilterError as e:
+        raise TrainDataError(str(e)) from None
 
 
 def _nonempty(value: Any) -> bool:
@@ -250,8 +350,12 @@ class TokenizeReport:
 
 
 def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max_seq_len: int):
-    """(Examples, TokenizeReport). Examples longer than `max_seq_len` are dropped and counted."""
-    tokens: list[np.ndarray] = []
+    """(Examples, TokenizeReport). Examples longer than `max_seq_len` are dropped and counted.
+
+    Token ids go straight into one compact growing buffer (4 bytes a token, no per-example array and
+    no final concatenation), so the peak is about the size of the result."""
+    tokens = array("i")  # C int: int32 on every platform this runs on
+    lengths_buf = array("q")
     prompt_lens: list[int] = []
     too_long = empty = 0
     for q, r in zip(df[cfg_data.question_field], df[cfg_data.response_field], strict=True):
@@ -262,11 +366,13 @@ def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max
         if len(p_ids) + len(r_ids) > max_seq_len:
             too_long += 1
             continue
-        tokens.append(np.asarray(p_ids + r_ids, dtype=np.int32))
+        tokens.extend(p_ids)
+        tokens.extend(r_ids)
+        lengths_buf.append(len(p_ids) + len(r_ids))
         prompt_lens.append(len(p_ids))
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
+    lengths = np.frombuffer(lengths_buf, dtype=np.int64) if lengths_buf else np.zeros(0, np.int64)
     ex = Examples(
-        tokens=np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+        tokens=np.frombuffer(tokens, dtype=np.int32) if tokens else np.zeros(0, np.int32),
         offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
         prompt_lens=np.asarray(prompt_lens, dtype=np.int32),
     )

@@ -12,7 +12,8 @@
 
 Failures follow the shared model (gen_ssd_ray.common.errors): bad input is an `InputError`
 (`ModelIncompatibleError`, `TrainDataError`, `TrainOutputExistsError`, ...; exit 2); a failed worker
-surfaces as `JobFailed`, naming the last complete checkpoint a re-run resumes from (exit 1); SIGINT or
+surfaces as `JobFailed`, naming the last complete checkpoint a re-run resumes from (exit 1), and so do
+more non-finite steps than `runtime.max_nonfinite_steps` (nothing exported); SIGINT or
 SIGTERM during training is `JobInterrupted` (exit 130), the last checkpoint kept.
 """
 
@@ -37,15 +38,16 @@ from gen_ssd_ray.train.data import (
     FilterStep,
     TokenizeReport,
     TrainDataError,
-    apply_filters,
     batch_stats,
     data_signature,
     plan_epoch,
-    read_rows,
+    read_filtered,
     steps_per_epoch,
     tokenize,
 )
-from gen_ssd_ray.train.worker import FAIL_AT_STEP_ENV
+from gen_ssd_ray.train.nonfinite import REPORT as NONFINITE_REPORT
+from gen_ssd_ray.train.nonfinite import failure_message
+from gen_ssd_ray.train.worker import FAIL_AT_STEP_ENV, NAN_AT_STEPS_ENV
 
 log = logging.getLogger("gen_ssd_ray.train")
 
@@ -101,7 +103,22 @@ def check_model(path: str, trust_remote_code: bool):
         )
     if tokenizer.eos_token_id is None:
         raise ModelIncompatibleError(f"model.path={path!r}: the tokenizer has no EOS token")
+    check_safetensors(path)
     return tokenizer, config
+
+
+def check_safetensors(path: str) -> None:
+    """The weights are loaded from safetensors only (no unpickling): refuse a folder without them."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    what = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no *.safetensors weights"
+    raise ModelIncompatibleError(
+        f"model.path={path!r} has {what}: weights are loaded from safetensors only, since pickle files run "
+        "code when loaded; convert it (AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path, "
+        "safe_serialization=True), with the tokenizer files) and point model.path at the new folder"
+    )
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
@@ -134,9 +151,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         )
     model_path = resolve_model(cfg.model.path)
     tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
-    df = read_rows(cfg.data)
-    rows_read = len(df)
-    df, steps = apply_filters(df, cfg.data)
+    df, steps, rows_read = read_filtered(cfg.data)
     examples, report = tokenize(df, tokenizer, cfg.data, cfg.prompt, cfg.optim.max_seq_len)
     if len(examples) == 0:
         raise TrainDataError(
@@ -152,10 +167,15 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if not cfg.output.force:
             raise TrainOutputExistsError(
                 f"output.dir={str(out)!r} holds a fine-tuning run with another config or data "
-                f"(fingerprint {state.get('fingerprint')} != {fp}): use another output.dir, or set "
-                "output.force=true to start over there"
+                f"(fingerprint {state.get('fingerprint')} != {fp}){_world_size_hint(cfg, out)}: use "
+                "another output.dir, or set output.force=true to start over there"
             )
-    elif state is not None:
+    else:
+        # A folder this run resumes in: nothing under checkpoints/ may be a guess (exit 2 here, before
+        # Ray starts), and the checkpoint it resumes from must be this run's and the job's own.
+        ck.check_folder(out)
+        ck.resume_tag(out, fp, cfg.runtime.num_workers)
+    if state is not None and state.get("fingerprint") == fp:
         summary = ck.read_json(out / ck.SUMMARY)
         if summary is not None and summary.get("fingerprint") == fp and ck.model_complete(out):
             complete = summary
@@ -165,6 +185,24 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         dt = getattr(mconfig, "dtype", None) or getattr(mconfig, "torch_dtype", None)
         save_dtype = str(dt).removeprefix("torch.") if dt is not None else "float32"
     return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete)
+
+
+def _world_size_hint(cfg: FinetuneConfig, out: Path) -> str:
+    """'; its checkpoints were written by N workers ...' when only the world size differs."""
+    import yaml
+
+    try:
+        old = yaml.safe_load((out / ck.CONFIG).read_text()) or {}
+        workers = int(old["runtime"]["num_workers"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    if workers == cfg.runtime.num_workers or not ck.complete_tags(out):
+        return ""
+    return (
+        f"; its checkpoints were written by runtime.num_workers={workers} (this run: "
+        f"{cfg.runtime.num_workers}), and a ZeRO checkpoint is partitioned per worker: re-run with "
+        f"runtime.num_workers={workers} to resume it"
+    )
 
 
 def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
@@ -183,9 +221,15 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
     atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
     atomic_write_json(out / ck.STATE, {"fingerprint": p.fingerprint})
     (out / ck.SUMMARY).unlink(missing_ok=True)
-    removed = ck.remove_partial_checkpoints(out)
-    if removed:
-        log.warning("removed checkpoints cut short by a crash: %s", removed)
+    (out / NONFINITE_REPORT).unlink(missing_ok=True)
+    partial = ck.incomplete_tags(out)
+    if partial:
+        log.warning(
+            "ignoring incomplete checkpoint folders in %s (a save cut short): %s; training overwrites "
+            "them when it reaches their step",
+            out / ck.CHECKPOINTS,
+            partial,
+        )
 
 
 def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
@@ -217,6 +261,7 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             "pad_id": p.pad_id,
             "save_dtype": p.save_dtype,
             "fail_at_step": os.environ.get(FAIL_AT_STEP_ENV),
+            "nan_at_steps": os.environ.get(NAN_AT_STEPS_ENV),
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -237,11 +282,14 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
         raise JobInterrupted(f"training interrupted; {_resume_hint(out)}") from e
     except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
         last = ck.latest_tag(out)
-        if ck.model_complete(out) and last is not None and ck.step_of(last) >= planned_steps(cfg, p):
+        if ck.model_complete(out) and last is not None and (ck.step_of(last) or 0) >= planned_steps(cfg, p):
             # Every step ran and the model was exported; a worker then died on its way out (a 2-rank
             # ZeRO-3 run has been seen to abort at exit).
             log.warning("training finished and the model was exported, but a worker failed at exit: %s", e)
             return
+        nonfinite = failure_message(out, ck.read_json(out / NONFINITE_REPORT))
+        if nonfinite is not None:
+            raise JobFailed(nonfinite) from e
         text = str(e).strip()
         raise JobFailed(
             f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out)}"
@@ -262,7 +310,7 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
         log.info("%s is complete for this config: skipping training", out)
         return {**p.complete, "skipped": True}
     _start_fresh(cfg, p, out)
-    resumed = ck.latest_tag(out)
+    resumed = ck.resume_tag(out, p.fingerprint, cfg.runtime.num_workers)
     if resumed is not None:
         log.info("resuming from %s", out / ck.CHECKPOINTS / resumed)
     started = time.perf_counter()
@@ -298,6 +346,7 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
     plan = plan_epoch(lengths, 0, o.seed, o.micro_batch_tokens, o.packing)
     spe = steps_per_epoch(len(plan), cfg.runtime.num_workers, o.grad_accum_steps)
     last = metrics[-1] if metrics else {}
+    losses = [m["loss"] for m in metrics if m.get("loss") is not None]
     return {
         "fingerprint": p.fingerprint,
         "output_dir": str(out.resolve()),
@@ -318,8 +367,10 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
         "offload_optimizer": cfg.deepspeed.offload_optimizer,
         "offload_param": cfg.deepspeed.offload_param,
         "precision": cfg.deepspeed.precision,
-        "first_loss": metrics[0]["loss"] if metrics else None,
-        "final_loss": last.get("loss"),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        # steps whose loss was NaN/inf and whose update was skipped (runtime.max_nonfinite_steps)
+        "nonfinite_steps_skipped": [m["step"] for m in metrics if m.get("skipped_nonfinite")],
         "train/tokens_per_s": last.get("tokens_per_s"),
         "train/batch": batch_stats(lengths, plan, o.micro_batch_tokens, o.packing),
         "elapsed_s": round(elapsed, 1),
@@ -335,7 +386,8 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
 
     steps = [m["step"] for m in metrics]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    ax1.plot(steps, [m["loss"] for m in metrics], marker="." if len(steps) < 50 else None)
+    losses = [m["loss"] if m.get("loss") is not None else float("nan") for m in metrics]
+    ax1.plot(steps, losses, marker="." if len(steps) < 50 else None)
     ax1.set_ylabel("loss (NLL per response token)")
     ax1.grid(alpha=0.3)
     ax2.plot(steps, [m["lr"] for m in metrics], color="tab:orange")

@@ -11,9 +11,12 @@ already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
    of (epoch, seed, geometry).
 3. Train: at every step each rank runs its `grad_accum_steps` micro-batches. The loss is the sum of
    token NLLs divided by the number of response tokens in the *global* batch (all ranks and
-   micro-batches; one all-reduce per step), so every token weighs the same whatever the packing.
-4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; `latest` moves only after every
-   rank finished writing it.
+   micro-batches; one all-reduce per step), so every token weighs the same whatever the packing. A step
+   whose global loss is NaN/inf is skipped, never applied; more than `runtime.max_nonfinite_steps` of
+   them fail the run (gen_ssd_ray.train.nonfinite), and a checkpoint or the exported model is written
+   only from finite weights.
+4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; every rank fsyncs it, then rank 0
+   writes its completion marker and moves `latest` (see `gen_ssd_ray.train.checkpoint`).
 5. Export: the full weights (gathered from the ZeRO-3 partitions if needed) as a Hugging Face folder
    with the tokenizer and chat template, renamed into place by rank 0.
 
@@ -44,11 +47,19 @@ from gen_ssd_ray.train.data import (
     step_micro_batches,
     steps_per_epoch,
 )
+from gen_ssd_ray.train.nonfinite import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    check_weights_finite,
+    write_report,
+)
 
 log = logging.getLogger("gen_ssd_ray.train")
 
 # Test hook: the last rank exits abruptly when it reaches this step (a crashed or preempted worker).
 FAIL_AT_STEP_ENV = "GEN_SSD_TRAIN_FAIL_AT_STEP"
+# Test hook: the last rank's loss is NaN at these steps (comma-separated, 1-based).
+NAN_AT_STEPS_ENV = "GEN_SSD_TRAIN_NAN_AT_STEPS"
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -127,6 +138,7 @@ def _load_model(cfg: FinetuneConfig, model_path: str, ds_config: dict):
         dtype=torch.float32,
         attn_implementation=cfg.model.attn_implementation,
         trust_remote_code=cfg.model.trust_remote_code,
+        use_safetensors=True,  # never unpickle model weights (the driver checked they exist)
     )
     del keep
     model.config.use_cache = False
@@ -180,13 +192,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # Resume.
     step = 0
-    tag = ck.latest_tag(out)
+    # The newest complete checkpoint, checked to be this run's (fingerprint, world size) and the job's
+    # own (owner) before DeepSpeed unpickles it (the driver ran the same checks; a restarted worker
+    # group may find a newer checkpoint).
+    tag = ck.resume_tag(out, config["fingerprint"], world)
     if tag is not None:
-        # (A different worker count changes the run's fingerprint: the driver refuses it before this.)
         load_path, client = engine.load_checkpoint(str(out / ck.CHECKPOINTS), tag=tag)
         if load_path is None:
             raise RuntimeError(
-                f"checkpoint {out / ck.CHECKPOINTS / tag} could not be loaded; see the log above"
+                f"checkpoint {out / ck.CHECKPOINTS / tag} could not be loaded (see the log above): move "
+                "that folder out of checkpoints/ to resume from the one before it"
             )
         step = int((client or {}).get("step", ck.step_of(tag)))
         if rank == 0:
@@ -195,6 +210,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ck.truncate_metrics(out, step)
 
     fail_at = int(config.get("fail_at_step") or 0)
+    nan_at = {int(x) for x in str(config.get("nan_at_steps") or "").split(",") if x.strip()}
+    guard = NonFiniteGuard(cfg.runtime.max_nonfinite_steps)
     pad_id = int(config["pad_id"])
     device = engine.device
     save_every = cfg.output.save_every_steps
@@ -218,30 +235,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         norm = max(1.0, loss_tokens) / (world * o.grad_accum_steps)
         lr = scheduler.get_last_lr()[0]
         nll = torch.zeros((), dtype=torch.float64, device=device)
-        for mb in micro:
+        for j, mb in enumerate(micro):
             batch = {key: v.to(device) for key, v in collate(examples, mb, packing, pad_id).items()}
             labels = batch.pop("labels")
             logits = engine(**batch, use_cache=False).logits
             token_nll = summed_nll(logits, labels)
+            if step + 1 in nan_at and rank == world - 1 and j == 0:
+                token_nll = token_nll * float("nan")  # test hook: a NaN loss on one rank
             engine.backward(token_nll / norm)
-            engine.step()
             nll += token_nll.detach().double()
+            if j < len(micro) - 1:
+                engine.step()  # before the accumulation boundary: bookkeeping only, no update
+        # The step's global loss decides, identically on every rank, whether its update is applied.
         dist.all_reduce(nll)
         step += 1
+        applied = _guarded_step(engine, guard, step, float(nll.item()), out, rank, cfg)
         tokens_done += input_tokens
         if fail_at and step == fail_at and rank == world - 1:
             os._exit(1)
         if rank == 0:
             elapsed = time.perf_counter() - t_start
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if applied else None
             row = {
                 "step": step,
                 "epoch": epoch,
-                "loss": float(nll.item()) / max(1.0, loss_tokens),
+                "loss": float(nll.item()) / max(1.0, loss_tokens) if applied else None,
+                "skipped_nonfinite": not applied,
                 "lr": lr,
                 "loss_tokens": int(loss_tokens),
                 "input_tokens": input_tokens,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "grad_norm": None if grad_norm is None or not math.isfinite(grad_norm) else float(grad_norm),
                 "tokens_per_s": round(tokens_done / elapsed, 1) if elapsed > 0 else None,
                 "elapsed_s": round(elapsed, 2),
             }
@@ -253,14 +276,61 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dist.barrier()
 
 
+def _guarded_step(engine, guard: NonFiniteGuard, step: int, loss: float, out: Path, rank: int, cfg) -> bool:
+    """Apply the step's update unless its global loss is not finite; True when applied.
+
+    A non-finite step's gradients never reach the weights: under ZeRO 1-3 (and bf16) DeepSpeed finds the
+    non-finite gradient norm and skips the update itself; a plain ZeRO-0 fp32 engine steps a torch
+    optimizer, which skips every parameter whose gradient is None, so the gradients are dropped first
+    (and the engine's clipping, which needs one, is skipped for that step).
+    One step too many raises NonFiniteLossError (rank 0 first records it for the driver)."""
+    try:
+        ok = guard.observe(step, loss)
+    except NonFiniteLossError:
+        if rank == 0:
+            write_report(out, guard, ck.latest_tag(out))
+        raise
+    if not ok:
+        print(f"[finetune] step {step}: the loss is not finite; its update is skipped", flush=True)
+        if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
+            for p in engine.module.parameters():
+                p.grad = None
+            # (DeepSpeed's fp32 clipping indexes the first gradient: there is none to clip.)
+            engine.clip_fp32_gradients = lambda: None
+            try:
+                engine.step()
+            finally:
+                del engine.clip_fp32_gradients
+            return ok
+    engine.step()
+    return ok
+
+
+def _weights_finite(engine) -> bool:
+    """Whether every rank's weights (its ZeRO-3 partition, or the full module) are finite."""
+    import torch
+    import torch.distributed as dist
+
+    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p).data).all()) for p in engine.module.parameters())
+    flag = torch.tensor([1.0 if ok else 0.0], device=engine.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+
 def _save(engine, out: Path, step: int, world: int, fingerprint: str, keep_last: int, rank: int) -> None:
     import torch.distributed as dist
 
+    check_weights_finite(_weights_finite(engine), step, "checkpoint")
     tag = ck.tag_for(step)
+    if rank == 0:  # saving over an old folder of this step: it is incomplete until the new marker
+        ck.clear_marker(out, tag)
+    dist.barrier()
     client = {"step": step, "world_size": world, "fingerprint": fingerprint}
     engine.save_checkpoint(str(out / ck.CHECKPOINTS), tag=tag, client_state=client, save_latest=False)
-    dist.barrier()  # every rank's shards are on disk before `latest` moves
+    ck.sync_tree(out / ck.CHECKPOINTS / tag)  # this rank's files (and the others', cheaply) are durable
+    dist.barrier()  # every rank's shards are on disk before the marker is written and `latest` moves
     if rank == 0:
+        ck.write_marker(out, tag, world, fingerprint)
         ck.mark_latest(out, tag, keep_last)
     dist.barrier()
 
@@ -270,6 +340,7 @@ def _export(engine, cfg: FinetuneConfig, config: dict[str, Any], out: Path, rank
     import torch
     from transformers import AutoTokenizer
 
+    check_weights_finite(_weights_finite(engine), -1, "model")
     if cfg.deepspeed.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
     else:
