@@ -33,7 +33,7 @@ def tiny_student(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def chat_models(tmp_path_factory) -> dict[str, Path]:
-    """Tokenizer-only copies of the embedded teacher (config and tokenizer files, no weights): "good",
+    """Copies of the embedded teacher's config and tokenizer files (weights linked, not copied): "good",
     and "bare" without a chat template. For `prepare` checks that load no weights."""
     from gen_ssd_ray.common.models import resolve_model
 
@@ -42,7 +42,9 @@ def chat_models(tmp_path_factory) -> dict[str, Path]:
     for dst in (good, bare):
         dst.mkdir()
         for f in src.iterdir():
-            if f.is_file() and not f.name.endswith(".safetensors"):
+            if f.name.endswith(".safetensors"):  # linked, never loaded by a prepare
+                (dst / f.name).symlink_to(f)
+            elif f.is_file():
                 shutil.copyfile(f, dst / f.name)
     (bare / "chat_template.jinja").unlink()
     config = json.loads((bare / "tokenizer_config.json").read_text())

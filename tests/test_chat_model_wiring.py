@@ -68,4 +68,6 @@ def test_finetuning_refuses_before_any_worker(chat_models, one_problem, tmp_path
         prepare(cfg(**{"model.path": str(chat_models["bare"])}))
     with pytest.raises(InputError, match=r"optim\.max_seq_len=16 \(less one response token\)"):
         prepare(cfg(**{"optim.max_seq_len": 16, "optim.micro_batch_tokens": 16}))
-    assert len(prepare(cfg()).examples) == 1
+    p = prepare(cfg())
+    assert len(p.examples) == 1
+    p.lock.release()

@@ -260,3 +260,25 @@ def test_resume_over_edited_data_is_refused_then_forced(tmp_path, monkeypatch, c
             assert redo == set(changed)
     finally:
         p.writer.close()
+
+
+def test_finetune_input_reads_only_the_live_rows_after_a_forced_redo(tmp_path):
+    from gen_ssd_ray.train.config import TrainDataConfig
+    from gen_ssd_ray.train.data import read_filtered
+
+    probs = [P(i, f"question {i}") for i in "abc"]
+    commit(tmp_path, probs)
+    w = writer(tmp_path)
+    w.redo(["b"])
+    w.add("b", rows("b", "new"), content_hash(P("b", "question b, edited")))
+    w.close()
+    cfg = TrainDataConfig(
+        path=str(tmp_path), filters=[], question_field="response", response_field="response"
+    )
+    df, _, read = read_filtered(cfg)
+    got = sorted(zip(df["problem_id"], df["response"], strict=True))
+    assert got == [("a", "old"), ("a", "old"), ("b", "new"), ("b", "new"), ("c", "old"), ("c", "old")]
+    assert read == 6  # the superseded rows of b are never read
+    assert sorted(read_output(tmp_path, columns=["response"]).column("response").to_pylist()) == sorted(
+        r for _, r in got
+    )

@@ -46,3 +46,19 @@ def test_generation_on_a_held_folder_is_refused(tmp_path):
     with pytest.raises(FolderLockedError, match="in use by job generate"):
         prepare(cfg)
     p.writer.close()
+
+
+def test_finetune_on_a_held_folder_is_refused(chat_models, one_problem, tmp_path):
+    from gen_ssd_ray.train.config import FinetuneConfig
+    from gen_ssd_ray.train.run import prepare
+
+    out = tmp_path / "ft"
+    base = {"model.path": str(chat_models["good"]), "data.path": str(one_problem), "output.dir": str(out)}
+    cfg = derive(FinetuneConfig(), {**base, "data.response_field": "answer", "data.filters": []})
+    with hold_job_folder(out, "pipeline"):
+        with pytest.raises(FolderLockedError, match=r"in use by job pipeline .*output\.dir"):
+            prepare(cfg)
+    first = prepare(cfg)  # held until run_finetune returns
+    with pytest.raises(FolderLockedError, match="in use by job finetune"):
+        prepare(cfg)
+    first.lock.release()

@@ -311,8 +311,9 @@ def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Tab
         table = empty_table()
         return table.select(columns) if columns else table
     tables = []
+    read = None if columns is None else list(dict.fromkeys([*columns, "problem_id"]))  # only these
     for name, stale in live_shards(manifest):
-        table = pq.read_table(out_dir / name, schema=OUTPUT_SCHEMA)
+        table = pq.read_table(out_dir / name, columns=read, schema=OUTPUT_SCHEMA)
         if stale:
             table = table.filter(pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale)))))
         tables.append(table.select(columns) if columns else table)

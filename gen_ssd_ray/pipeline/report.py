@@ -241,7 +241,10 @@ def _plots(data: dict[str, Any], folder: Path, methods: list[str]) -> list[str]:
         for ax, names in zip(axes[0], groups, strict=True):
             for name in names:
                 m = training[name]["metrics"]
-                ax.plot([r["step"] for r in m], [r["loss"] for r in m], label=name, linewidth=1)
+                losses = [
+                    r["loss"] if r.get("loss") is not None else float("nan") for r in m
+                ]  # null: skipped
+                ax.plot([r["step"] for r in m], losses, label=name, linewidth=1)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("loss (NLL per response token)")
             ax.set_yscale("log")

@@ -41,7 +41,7 @@ import numpy as np
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.filters import Filter, FilterError, parse_all
-from gen_ssd_ray.common.prompts import render_example
+from gen_ssd_ray.common.prompts import PromptError, render_example
 from gen_ssd_ray.train.config import TrainDataConfig
 
 log = logging.getLogger(__name__)
@@ -142,16 +142,24 @@ def iter_frames(cfg: TrainDataConfig):
     files one at a time, so only one file's Arrow buffers are alive), or one for a JSON/JSONL file.
     Each frame's `attrs["source_columns"]` lists the source's columns."""
     import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     p = _resolve(cfg)
     wanted = needed_columns(cfg)
     try:
         if p.is_dir() or p.suffix == ".parquet":
-            files = _folder_files(p) if p.is_dir() else [p]
-            for f in files:
+            files = _folder_files(p) if p.is_dir() else [(p, set())]
+            for f, stale in files:
                 names = pq.read_schema(f).names
-                table = pq.read_table(f, columns=[c for c in wanted if c in names])
+                cols = [c for c in wanted if c in names]
+                table = pq.read_table(
+                    f, columns=cols + (["problem_id"] if stale and "problem_id" not in cols else [])
+                )
+                if stale:  # problems a later shard committed again (a forced redo of changed content)
+                    keep = pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale))))
+                    table = table.filter(keep).select(cols)
                 df = table.to_pandas(self_destruct=True, split_blocks=True)
                 del table
                 df.attrs["source_columns"] = sorted(map(str, names))
@@ -181,15 +189,16 @@ def iter_frames(cfg: TrainDataConfig):
     yield df
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    """A generation output folder's manifest-listed shards, or a plain folder's Parquet files."""
-    from gen_ssd_ray.generate.output import read_manifest
+def _folder_files(folder: Path) -> list[tuple[Path, set[str]]]:
+    """A generation output folder's manifest-listed shards, each with the problem ids whose rows in it a
+    later shard supersedes (gen_ssd_ray.generate.output.live_shards), or a plain folder's Parquet files."""
+    from gen_ssd_ray.generate.output import live_shards, read_manifest
 
     manifest = read_manifest(folder)
     if manifest is not None:
-        files = [folder / s["name"] for s in manifest["shards"]]
+        files = [(folder / name, stale) for name, stale in live_shards(manifest)]
     else:
-        files = sorted(f for f in folder.rglob("*.parquet") if not f.name.startswith((".", "_")))
+        files = [(f, set()) for f in sorted(folder.rglob("*.parquet")) if not f.name.startswith((".", "_"))]
     if not files:
         raise TrainDataError(
             f"data.path={str(folder)!r} holds no committed shards or Parquet files"
@@ -345,6 +354,7 @@ class TokenizeReport:
     examples: int
     dropped_too_long: int
     dropped_empty_response: int
+    dropped_unrenderable: int
     max_len: int
     mean_len: float
 
@@ -357,9 +367,13 @@ def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max
     tokens = array("i")  # C int: int32 on every platform this runs on
     lengths_buf = array("q")
     prompt_lens: list[int] = []
-    too_long = empty = 0
+    too_long = empty = unrenderable = 0
     for q, r in zip(df[cfg_data.question_field], df[cfg_data.response_field], strict=True):
-        p_ids, r_ids = render_example(tokenizer, prompt, q, r)
+        try:
+            p_ids, r_ids = render_example(tokenizer, prompt, q, r)
+        except PromptError:  # a control string this tokenizer cannot encode as text
+            unrenderable += 1
+            continue
         if not r_ids:
             empty += 1
             continue
@@ -380,6 +394,7 @@ def tokenize(df, tokenizer, cfg_data: TrainDataConfig, prompt: PromptConfig, max
         examples=len(ex),
         dropped_too_long=too_long,
         dropped_empty_response=empty,
+        dropped_unrenderable=unrenderable,
         max_len=int(lengths.max()) if len(lengths) else 0,
         mean_len=round(float(lengths.mean()), 1) if len(lengths) else 0.0,
     )

@@ -30,6 +30,7 @@ from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted
 from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic_writer
 from gen_ssd_ray.common.interrupts import raise_on_signals
+from gen_ssd_ray.common.joblock import FolderLock, lock_job_folder
 from gen_ssd_ray.common.models import model_revision
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
@@ -71,6 +72,8 @@ class Prepared:
     pad_id: int
     save_dtype: str
     complete: dict[str, Any] | None  # the summary of an already complete run with this fingerprint
+    # `output.dir`'s job-folder lock, taken by `prepare` and released when `run_finetune` returns.
+    lock: FolderLock | None = None
 
 
 def check_model(path: str, trust_remote_code: bool):
@@ -142,6 +145,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
     TrainOutputExistsError, all InputErrors whose message names the key and the fix.
     """
     from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.common.prompts import check_chat_model
 
     if cfg.deepspeed.precision == "bf16" and cfg.runtime.gpus_per_worker == 0 and not cpu_has_native_bf16():
         log.warning(
@@ -151,6 +155,15 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         )
     model_path = resolve_model(cfg.model.path)
     tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
+    check_chat_model(
+        model_path,
+        f"model.path={cfg.model.path!r}",
+        cfg.prompt,
+        max_prompt_tokens=cfg.optim.max_seq_len - 1,  # a response has at least one token
+        budget=f"optim.max_seq_len={cfg.optim.max_seq_len} (less one response token)",
+        example=True,
+        tokenizer=tokenizer,
+    )
     df, steps, rows_read = read_filtered(cfg.data)
     examples, report = tokenize(df, tokenizer, cfg.data, cfg.prompt, cfg.optim.max_seq_len)
     if len(examples) == 0:
@@ -161,6 +174,24 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         )
     fp = train_fingerprint(cfg, model_revision(model_path), data_signature(df, cfg.data))
     out = Path(cfg.output.dir)
+    # One fine-tune per folder (exit 2 if another job holds it), before reading anything in it.
+    lock = lock_job_folder(out, "finetune")
+    try:
+        complete = _check_output(cfg, out, fp)
+    except BaseException:
+        lock.release()
+        raise
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    save_dtype = cfg.model.save_dtype
+    if save_dtype == "auto":
+        dt = getattr(mconfig, "dtype", None) or getattr(mconfig, "torch_dtype", None)
+        save_dtype = str(dt).removeprefix("torch.") if dt is not None else "float32"
+    return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete, lock)
+
+
+def _check_output(cfg: FinetuneConfig, out: Path, fp: str) -> dict[str, Any] | None:
+    """The summary of a complete run of `fp` in `out` (skip it), else None; raises if `out` holds
+    another config's run (without output.force) or checkpoints that cannot be resumed."""
     complete = None
     state = ck.read_json(out / ck.STATE)
     if state is not None and state.get("fingerprint") != fp:
@@ -179,12 +210,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         summary = ck.read_json(out / ck.SUMMARY)
         if summary is not None and summary.get("fingerprint") == fp and ck.model_complete(out):
             complete = summary
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    save_dtype = cfg.model.save_dtype
-    if save_dtype == "auto":
-        dt = getattr(mconfig, "dtype", None) or getattr(mconfig, "torch_dtype", None)
-        save_dtype = str(dt).removeprefix("torch.") if dt is not None else "float32"
-    return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete)
+    return complete
 
 
 def _world_size_hint(cfg: FinetuneConfig, out: Path) -> str:
@@ -305,6 +331,16 @@ def _resume_hint(out: Path) -> str:
 def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     """Train (or resume, or skip a complete run) and return the summary (also in summary.json)."""
     p = prepared or prepare(cfg)
+    try:
+        return _run_locked(cfg, p)
+    finally:
+        if p.lock is not None:
+            p.lock.release()
+
+
+def _run_locked(cfg: FinetuneConfig, p: Prepared) -> dict[str, Any]:
+    from gen_ssd_ray.common.cluster import actor_demand, check_fits
+
     out = Path(cfg.output.dir)
     if p.complete is not None:
         log.info("%s is complete for this config: skipping training", out)
@@ -315,6 +351,18 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
         log.info("resuming from %s", out / ck.CHECKPOINTS / resumed)
     started = time.perf_counter()
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
+    r = cfg.runtime  # workers the cluster can never place: refused in seconds, not after a timeout
+    check_fits(
+        [
+            actor_demand(
+                "training workers",
+                r.num_workers,
+                "runtime.num_workers / runtime.cpus_per_worker / runtime.gpus_per_worker",
+                num_cpus=r.cpus_per_worker,
+                num_gpus=r.gpus_per_worker,
+            )
+        ]
+    )
     launch(cfg, p, out)
     if not ck.model_complete(out):  # a worker can abort at exit after finishing (see launch)
         raise JobFailed(f"training ended but {out / ck.MODEL} is incomplete; re-run to export again")
@@ -357,6 +405,7 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
         "filters": [asdict(s) for s in p.filters],
         "examples": p.tokenized.examples,
         "dropped_too_long": p.tokenized.dropped_too_long,
+        "dropped_unrenderable": p.tokenized.dropped_unrenderable,
         "response_tokens": p.examples.response_tokens,
         "mean_example_tokens": p.tokenized.mean_len,
         "steps": int(last.get("step", 0)),
