@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -267,3 +268,41 @@ def test_real_comparison_error_is_null_not_false():
     with Verifier(workers=1, timeout_s=20.0) as v:
         assert v.verify_many([("1/0", "18"), ("18", "18")]) == [None, True]
         assert v.counters()["errors"] == 1
+
+
+_KILLED_JOB = """
+import time
+from gen_ssd_ray.common.verify import Verifier
+v = Verifier(workers=2, timeout_s=10)
+assert v.verify('1', '1') is True
+print('PIDS', ' '.join(str(p) for p in v._pool._processes), flush=True)
+time.sleep(120)
+"""
+
+
+def test_workers_exit_when_their_job_is_killed():
+    """SIGKILL of the job (no cleanup runs): its verifier workers exit too, never idle forever."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_JOB], stdout=subprocess.PIPE, text=True)
+    try:
+        line = next(line for line in proc.stdout if line.startswith("PIDS"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    workers = [int(p) for p in line.split()[1:]]
+    assert workers  # the pool starts workers as checks need them
+    deadline = time.monotonic() + 30
+    while (alive := [p for p in workers if _running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived their job"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

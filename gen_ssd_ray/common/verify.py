@@ -132,9 +132,23 @@ class _DropTimeoutDisabledWarning(logging.Filter):
         return "Timeout is disabled" not in record.getMessage()
 
 
+# How often a worker checks that the job that started it is alive.
+_PARENT_CHECK_S = 1.0
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit once the process that started this worker is gone (killed with SIGKILL, say): a worker
+    must never outlive its job, idle forever on a queue nobody writes to."""
+    while os.getppid() == parent:
+        time.sleep(_PARENT_CHECK_S)
+    os._exit(0)
+
+
 def _init_worker() -> None:
-    """Worker start-up: silence math-verify's "you disabled the timeout" warning (we bound the time
-    from outside) and import it now, so the first real check does not pay for the import."""
+    """Worker start-up: exit with the parent (a watchdog thread), silence math-verify's "you disabled
+    the timeout" warning (we bound the time from outside) and import it now, so the first real check
+    does not pay for the import."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     for name in ("math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).addFilter(_DropTimeoutDisabledWarning())
     try:
