@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -266,3 +267,77 @@ def test_an_outage_is_not_counted_against_the_problems_waiting_in_it(tmp_path):
     out, stats, _ = run(cfg, script, ["p0", "p1", "p2"])
     assert set(out) == {"p0"} and stats.failed == 2
     assert FailureLedger(tmp_path / "out", 1).problems == {}  # nothing counted (nothing written)
+
+
+def test_the_confirmation_keeps_to_the_admission_capacity(tmp_path):
+    """Hundreds of problems at the limit together (a flapping pool charged them all): their
+    confirmation puts no more in flight than the main loop would (capacity per engine x engines)."""
+    cfg = config(tmp_path)
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = [f"p{i}" for i in range(200)]
+    at_limit = {i: {"count": cfg.runtime.max_problem_failures, "last_error": "x"} for i in ids}
+    (out_dir / FAILURES_NAME).write_text(json.dumps({"version": 1, "problems": at_limit}))
+    mgr = FakeManager({}, 0.01)
+    peak, solve = [0], mgr.solve.remote
+
+    def counted(problem, engine):
+        ref = solve(problem, engine)
+        peak[0] = max(peak[0], len(mgr.inflight))
+        return ref
+
+    mgr.solve.remote = counted
+    stats, ledger = RunStats(total=len(ids)), FailureLedger(cfg.output.dir, cfg.runtime.max_problem_failures)
+    done = [
+        q.problem_id
+        for q, _ in solve_all(
+            cfg,
+            SimpleNamespace(managers=[mgr]),
+            problems(ids),
+            "fp",
+            stats,
+            threading.Event(),
+            calls=fake_calls(),
+            capacity=4,
+            ledger=ledger,
+            ready=lambda m: None,
+        )  # fmt: skip
+    ]
+    assert sorted(done) == sorted(ids) and stats.failed == 0
+    assert 0 < peak[0] <= 4 * cfg.teacher.num_engines
+
+
+def test_problems_reaching_the_limit_together_are_saved_once_a_second(tmp_path, monkeypatch):
+    import gen_ssd_ray.generate.failures as failures
+
+    writes = []
+    monkeypatch.setattr(failures, "atomic_write_json", lambda path, obj: writes.append(len(obj["problems"])))
+    at_limit = {f"p{i}": {"count": 4, "last_error": "x"} for i in range(3000)}
+    (tmp_path / FAILURES_NAME).write_text(json.dumps({"version": 1, "problems": at_limit}))
+    ledger = FailureLedger(tmp_path, 5)
+    for i in range(3000):  # a lost node: every problem it held reaches the limit at once
+        ledger.record(f"p{i}", "EngineDead")
+    assert len(writes) <= 2  # not 3000 rewrites of the whole file
+    ledger.save()
+    assert writes[-1] == 3000
+
+
+def test_waits_for_actors_end_at_once_on_a_signal_and_at_their_deadline(monkeypatch):
+    """`_get` (the confirmation's and admission's wait for actors) never outlives Ctrl-C or its
+    deadline: before, one `ray.get` waited up to runtime.startup_timeout_s whatever happened."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    from gen_ssd_ray.generate.driver import _get, _Stopped
+
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (time.sleep(timeout), ([], refs))[1])
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    t = time.monotonic()
+    with pytest.raises(_Stopped):
+        _get(["ref"], time.monotonic() + 600, stop, poll_s=0.1)
+    assert time.monotonic() - t < 5
+    with pytest.raises(GetTimeoutError):
+        _get(["ref"], time.monotonic() + 0.3, threading.Event(), poll_s=0.1)

@@ -506,7 +506,11 @@ def solve_all(
     try:
         if first is not None:
             if capacity is None:
-                capacity = admission(cfg, pools, first)
+                try:
+                    capacity = admission(cfg, pools, first, stop)
+                except _Stopped:
+                    stats.failed += 1
+                    return
             d = dispatcher(capacity, r.max_attempts, r.retry_window_s, on_transient)
             stats.dispatch = {"inflight_per_engine": capacity, "started_at": time.time()}
             for out in d.run(itertools.chain([first], _noting_last(todo, stats.dispatch))):
@@ -544,6 +548,7 @@ def solve_all(
                 fingerprint,
                 stats,
                 stop,
+                capacity,
             )
         elif quarantine:
             stats.failed += len(quarantine)
@@ -567,17 +572,30 @@ def _never_ran(exc: BaseException | None) -> bool:
 
 
 def _confirm(
-    cfg, quarantine, ledger, managers, pinned, dispatcher, count, ready, pools, fingerprint, stats, stop
+    cfg,
+    quarantine,
+    ledger,
+    managers,
+    pinned,
+    dispatcher,
+    count,
+    ready,
+    pools,
+    fingerprint,
+    stats,
+    stop,
+    capacity: int | None,
 ):
     """Confirm problems at `runtime.max_problem_failures` alone (see `solve_all`): each group runs on
     one manager once its engines are up, one attempt per problem; a group whose problems fail is
     halved, a problem that fails alone is committed as an error row, the others as usual. A failure
     that is not the problem's (an outage) is no verdict: the problem is tried again (3 times at most,
-    then left for a re-run). Yields `(problem, rows)`."""
+    then left for a re-run). `capacity` (problems in flight per engine, None: from `admission`) bounds
+    a group's calls as in the main loop. Yields `(problem, rows)`."""
     import math
 
     if ready is None:
-        ready = partial(_wait_ready, pools, cfg.effective().runtime.startup_timeout_s)
+        ready = partial(_wait_ready, pools, cfg.effective().runtime.startup_timeout_s, stop)
     limit = cfg.runtime.max_problem_failures
     log.warning(
         "%d problems reached runtime.max_problem_failures=%d infrastructure failures; confirming them "
@@ -596,6 +614,11 @@ def _confirm(
         m = managers.pick()
         try:
             ready(m)
+            if capacity is None:
+                capacity = admission(cfg, pools, group[0], stop)
+        except _Stopped:
+            stats.failed += len(group) + sum(map(len, groups))
+            return
         except Exception as e:
             log.error("beam manager %d or its engines are not available for the confirmation (%s)", m, e)
             stats.failed += len(group) + sum(map(len, groups))
@@ -611,7 +634,7 @@ def _confirm(
                 missed.add(problem.problem_id)
             return None
 
-        d = dispatcher(math.ceil(len(group) / cfg.teacher.num_engines), 1, 0.0, hook)
+        d = dispatcher(min(capacity, math.ceil(len(group) / cfg.teacher.num_engines)), 1, 0.0, hook)
         for out in d.run(group):
             pinned.pop(out.item.problem_id, None)
             if out.ok:
@@ -651,9 +674,9 @@ def _confirm(
             groups.insert(0, failed)
 
 
-def _wait_ready(pools, timeout_s: float, m: int) -> None:
-    """Until beam manager `m` and every engine actor answer (restarted ones have loaded their model)."""
-    import ray
+def _wait_ready(pools, timeout_s: float, stop, m: int) -> None:
+    """Until beam manager `m` and every engine actor answer (restarted ones have loaded their model).
+    Raises GetTimeoutError after `timeout_s`, `_Stopped` as soon as `stop` is set (Ctrl-C)."""
     from ray.exceptions import ActorUnavailableError
 
     from gen_ssd_ray.engines.actors import actors_of
@@ -662,12 +685,33 @@ def _wait_ready(pools, timeout_s: float, m: int) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            ray.get([a.ready.remote() for a in actors], timeout=max(1.0, deadline - time.monotonic()))
+            _get([a.ready.remote() for a in actors], deadline, stop)
             return
         except ActorUnavailableError:  # restarting: ask again until it is back
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+class _Stopped(Exception):
+    """A wait ended because the job was asked to stop (SIGINT / SIGTERM)."""
+
+
+def _get(refs: list, deadline: float, stop, poll_s: float = 1.0) -> list:
+    """`ray.get(refs)`, waiting in `poll_s` slices until the monotonic `deadline` (GetTimeoutError) and
+    ending at once with `_Stopped` when `stop` is set: no wait here outlives a Ctrl-C."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    while True:
+        if stop is not None and stop.is_set():
+            raise _Stopped()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GetTimeoutError(f"{len(refs)} actors did not answer in time")
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=min(poll_s, left))
+        if not pending:
+            return ray.get(refs)
 
 
 def _replace_manager(cfg: GenerateConfig, pools, teacher_path: str, student_path: str, m: int) -> None:
@@ -693,19 +737,19 @@ def _noting_last(items: Iterator, note: dict) -> Iterator:
     note["last_admitted_at"] = time.time()
 
 
-def admission(cfg: GenerateConfig, pools, sample) -> int:
+def admission(cfg: GenerateConfig, pools, sample, stop=None) -> int:
     """Problems in flight per teacher engine from the engines' reported KV capacity (the smallest)
-    and the length of a rendered prompt (gen_ssd_ray.generate.admission)."""
-    import ray
-
+    and the length of a rendered prompt (gen_ssd_ray.generate.admission). Waits at most
+    runtime.startup_timeout_s for the actors (GetTimeoutError), and ends with `_Stopped` on a signal."""
     from gen_ssd_ray.engines.actors import actors_of
     from gen_ssd_ray.generate.admission import inflight_per_engine
 
-    ready = ray.get([a.ready.remote() for a in actors_of(pools.teachers)])
+    deadline = time.monotonic() + cfg.effective().runtime.startup_timeout_s
+    ready = _get([a.ready.remote() for a in actors_of(pools.teachers)], deadline, stop)
     caps = [c for info in ready for c in info.get("capacity", [])]
-    scorers = ray.get([a.ready.remote() for a in actors_of(pools.scorers)])
+    scorers = _get([a.ready.remote() for a in actors_of(pools.scorers)], deadline, stop)
     scorer_kv = [c["kv_tokens"] for info in scorers for c in info.get("capacity", []) if c]
-    prompt = len(ray.get(pools.managers[0].render_prompt_ids.remote(sample.question)))
+    prompt = len(_get([pools.managers[0].render_prompt_ids.remote(sample.question)], deadline, stop)[0])
     kv = min((c["kv_tokens"] for c in caps), default=0)
     seqs = min((c["max_num_seqs"] for c in caps), default=cfg.teacher.max_num_seqs)
     n = inflight_per_engine(cfg, kv, seqs, prompt, scorer_kv)

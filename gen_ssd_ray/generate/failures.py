@@ -13,8 +13,8 @@ Contract:
   once it is committed.
 - Saving: `save()` writes the whole file atomically (gen_ssd_ray.common.fsio) when something changed;
   `maybe_save()` at most every `save_every_s` seconds (a node loss fails thousands of problems at
-  once: one write, not thousands), and always when a problem reaches the limit. A kill loses at most
-  the last `save_every_s` seconds of counts, never the file.
+  once: one write, not thousands), and at most every second while problems reach the limit. A kill
+  loses at most the last `save_every_s` seconds of counts, never the file.
 - A file that cannot be read or parsed is moved aside (`_failures.json.corrupt-<time>`) with a
   warning and counting starts again: the counts are advice for giving up, never data.
 
@@ -36,6 +36,8 @@ log = logging.getLogger("gen_ssd_ray")
 
 FAILURES_NAME = "_failures.json"
 FAILURES_VERSION = 1
+# A problem reaching the limit is saved within this many seconds (not every save_every_s).
+_AT_LIMIT_SAVE_S = 1.0
 
 
 def _now() -> str:
@@ -86,18 +88,18 @@ class FailureLedger:
         e["count"] += 1
         e["last_error"], e["updated"] = error, _now()
         self._dirty = True
-        if self.at_limit(problem_id):
-            self.save()
-        else:
-            self.maybe_save()
+        # A problem at the limit is written soon (at most one write a second however many reach it
+        # together: a lost node fails every problem it held at once); the others every save_every_s.
+        self.maybe_save(min(self.save_every_s, _AT_LIMIT_SAVE_S) if self.at_limit(problem_id) else None)
         return e["count"]
 
     def forget(self, problem_id: str) -> None:
         if self.problems.pop(problem_id, None) is not None:
             self._dirty = True
 
-    def maybe_save(self) -> None:
-        if self._dirty and time.monotonic() - self._saved_at >= self.save_every_s:
+    def maybe_save(self, every_s: float | None = None) -> None:
+        every_s = self.save_every_s if every_s is None else every_s
+        if self._dirty and time.monotonic() - self._saved_at >= every_s:
             self.save()
 
     def save(self) -> None:
