@@ -170,9 +170,14 @@ class Pipeline:
 
         configs = {m: self._generate_config(m, teacher, student) for m in self.cfg.methods}
         prepared = {}
-        for m, g in configs.items():  # bad input: ValueError, nothing started
-            with _stage_input(f"generate/{m}", Path(g.output.dir)):
-                prepared[m] = prepare(g)
+        try:
+            for m, g in configs.items():  # bad input: ValueError, nothing started
+                with _stage_input(f"generate/{m}", Path(g.output.dir)):
+                    prepared[m] = prepare(g)
+        except BaseException:  # the folders already opened are let go (their writers hold the locks)
+            for p in prepared.values():
+                p.writer.close()
+            raise
         pending = [
             m
             for m in configs
