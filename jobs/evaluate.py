@@ -5,7 +5,7 @@
 
 Every key and its default: gen_ssd_ray/evaluate/config.py. Exit codes: 0 done (or already evaluated:
 skipped), 2 bad config / model / input / output folder, or an answer checker (math-verify) that cannot
-run (nothing started), 1 engines failed, 130 interrupted. Rows are committed as batches finish
+run (nothing started), 1 engines failed or a full disk, 130 interrupted. Rows are committed as batches finish
 (output.dir/_partial): after 1 or 130, re-running the same command resumes where it stopped.
 """
 

@@ -5,7 +5,7 @@
 
 Parses the config, checks model, data and output folder (gen_ssd_ray.train.run.prepare), trains or
 resumes, prints the summary and a closing JSON line. Exit codes (gen_ssd_ray.common.cli): 0 done (or
-already complete), 2 bad config / model / data / output folder (nothing started), 1 training failed,
+already complete), 2 bad config / model / data / output folder (nothing started), 1 training failed (non-finite losses, a full disk),
 130 interrupted by SIGINT/SIGTERM (either way, re-run the same command to resume from the last
 checkpoint).
 """

@@ -5,7 +5,7 @@
 
 Every key and its default: gen_ssd_ray/generate/config.py (and the shared sections in
 gen_ssd_ray/common/config.py). Exit codes: 0 done, 2 bad config / model / input (nothing started),
-1 some problems failed on engine errors (not committed: re-run to retry them), 130 interrupted
+1 some problems failed on engine errors (not committed: re-run to retry them) or a full disk, 130 interrupted
 (finished problems committed; re-run to continue).
 """
 

@@ -6,7 +6,7 @@
 Every stage is resumable: re-running the same command skips finished stages and continues the
 interrupted one (gen_ssd_ray.pipeline). Every key and its default: gen_ssd_ray/pipeline/config.py.
 Exit codes: 0 done, 2 bad config or a stage's bad input (nothing of that stage started), 1 a stage
-failed (re-run to continue), 130 interrupted (re-run to continue).
+failed or a full disk (re-run to continue), 130 interrupted (re-run to continue).
 """
 
 from __future__ import annotations
