@@ -790,3 +790,69 @@ def test_a_file_in_place_of_the_partial_folder_is_bad_input(tmp_path):
     (tmp_path / "_partial").write_text("")
     with pytest.raises(InputError, match="_partial is not a folder"):
         check_existing(tmp_path, "abc", force=False)
+
+
+# ---- a problem that kills its engine (bisecting) ------------------------------------------------
+
+
+class FakeRounds:
+    """`dispatcher()` for `bisecting`: a batch fails (every attempt) if it holds a poison index or the
+    engines are down; records each round's batches."""
+
+    def __init__(self, poison=(), down_after_round=None):
+        self.poison, self.down_after, self.rounds = set(poison), down_after_round, []
+
+    def __call__(self):
+        return self
+
+    def run(self, batches):
+        from types import SimpleNamespace
+
+        self.rounds.append([list(b) for b in batches])
+        down = self.down_after is not None and len(self.rounds) > self.down_after
+        for b in batches:
+            ok = not down and not (self.poison & set(b))
+            yield SimpleNamespace(
+                item=b, ok=ok, result=[f"gen-{i}" for i in b], attempts=3, error="EngineDead"
+            )
+
+
+def test_a_problem_that_kills_its_engine_is_found_alone_and_the_rest_is_evaluated():
+    import threading
+
+    from gen_ssd_ray.evaluate.run import BatchFailed, bisecting
+
+    rounds = FakeRounds(poison={5})
+    got = dict(
+        (tuple(b), r) for b, r in bisecting(rounds, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]], threading.Event())
+    )
+    ok = sorted(i for b, r in got.items() if not isinstance(r, BatchFailed) for i in b)
+    assert ok == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    assert isinstance(got[(5,)], BatchFailed) and "EngineDead" in got[(5,)].error
+    assert rounds.rounds[1:] == [[[4, 5], [6, 7]], [[4], [5]]]  # halved until it is alone
+
+
+def test_two_poison_problems_in_one_batch_are_confirmed_by_a_canary():
+    import threading
+
+    from gen_ssd_ray.evaluate.run import BatchFailed, bisecting
+
+    rounds = FakeRounds(poison={2, 3})
+    got = list(bisecting(rounds, [[0, 1], [2, 3]], threading.Event()))
+    assert sorted(b[0] for b, r in got if isinstance(r, BatchFailed)) == [2, 3]
+    assert [0] in rounds.rounds[-1]  # the canary: a problem that succeeded before, asked again
+
+
+@pytest.mark.parametrize("down_after_round", [0, 1])
+def test_engines_down_are_not_blamed_on_a_problem(down_after_round):
+    import threading
+
+    from gen_ssd_ray.common.errors import JobFailed
+    from gen_ssd_ray.evaluate.run import BatchFailed, bisecting
+
+    rounds = FakeRounds(poison={3}, down_after_round=down_after_round)
+    out = []
+    with pytest.raises(JobFailed, match="engines answered nothing else"):
+        for _, r in bisecting(rounds, [[0, 1], [2, 3]], threading.Event()):
+            out.append(r)
+    assert not any(isinstance(r, BatchFailed) for r in out)

@@ -443,10 +443,15 @@ def batches(todo: Sequence[int], cfg: EvaluateConfig) -> list[list[int]]:
 
 def generate_batches(cfg: EvaluateConfig, engines: list, todo: list[list[int]], p: Prepared, seeds, stop):
     """Yield `(batch, generations)` as batches finish (the shared dispatcher: least-loaded engine,
-    INFLIGHT_BATCHES_PER_ENGINE each, deadline runtime.call_timeout_s per call). A batch that failed on
-    every one of runtime.max_attempts raises JobFailed."""
+    INFLIGHT_BATCHES_PER_ENGINE each, deadline runtime.call_timeout_s per call).
+
+    A batch that failed on every one of runtime.max_attempts is halved until the problem that fails
+    is alone (`bisecting`): a problem that kills its engine (a poison problem) becomes error rows that
+    say so and the rest is evaluated, instead of every re-run failing on it. Engines that are down (not
+    one problem) raise JobFailed: the committed problems are kept and a re-run continues."""
     from gen_ssd_ray.common.dispatch import Dispatcher, ray_calls
     from gen_ssd_ray.core.types import ExpandRequest
+    from gen_ssd_ray.engines.base import Generation
 
     assert p.prompts is not None
     s, r = cfg.sampling, cfg.runtime
@@ -467,27 +472,82 @@ def generate_batches(cfg: EvaluateConfig, engines: list, todo: list[list[int]], 
         ]
         return engines[engine].call("generate", requests)
 
-    dispatcher = Dispatcher(
-        num_workers=len(engines),
-        capacity=INFLIGHT_BATCHES_PER_ENGINE,
-        submit=submit,
-        watch=calls.watch,
-        get=calls.get,
-        cancel=calls.cancel,
-        deadline_s=r.call_timeout_s,
-        max_attempts=r.max_attempts,
-        retry_window_s=0.0,  # evaluation: max_attempts quick tries (backoff between them)
-        describe=lambda b: f"batch of {len(b)} problems",
-        stop=stop,
-    )
-    for out in dispatcher.run(todo):
-        if not out.ok:
-            raise JobFailed(
-                f"a batch of {len(out.item)} problems failed {out.attempts} times (last: {out.error}); the "
-                "finished problems are committed, re-run the same command to continue (raise "
-                "runtime.call_timeout_s if engines are slow)"
+    def dispatcher() -> Dispatcher:
+        return Dispatcher(
+            num_workers=len(engines),
+            capacity=INFLIGHT_BATCHES_PER_ENGINE,
+            submit=submit,
+            watch=calls.watch,
+            get=calls.get,
+            cancel=calls.cancel,
+            deadline_s=r.call_timeout_s,
+            max_attempts=r.max_attempts,
+            retry_window_s=0.0,  # evaluation: max_attempts quick tries (backoff between them)
+            describe=lambda b: f"batch of {len(b)} problems",
+            stop=stop,
+        )
+
+    for batch, result in bisecting(dispatcher, todo, stop):
+        if isinstance(result, BatchFailed):
+            why = (
+                f"the engine failed on this problem alone on every one of runtime.max_attempts="
+                f"{r.max_attempts} attempts while the engines evaluated other problems (last: {result.error})"
             )
-        yield out.item, out.result
+            log.error("problem %s: %s", p.problems[batch[0]].problem_id, why)
+            result = [Generation(error=why)]
+        yield batch, result
+
+
+@dataclass(frozen=True)
+class BatchFailed:
+    """A lone problem's call failed on every attempt while the engines answered others (`bisecting`)."""
+
+    error: str
+
+
+def bisecting(dispatcher: Callable[[], Any], todo: list[list[int]], stop) -> Iterator[tuple[list[int], Any]]:
+    """Run `todo` (batches of problem indexes) through fresh dispatchers (`dispatcher()`), in rounds.
+    Yields `(batch, result)` for every batch that succeeded, and `(batch, BatchFailed)` for a lone
+    problem that is the failure: a batch that failed on every attempt is halved into the next round,
+    and a single problem that still fails is blamed only if the engines work for others, i.e. a batch
+    succeeded in the same round, or, when none did, a canary (a problem that succeeded before) succeeds
+    now. Otherwise (the engines are down, not one problem) raises JobFailed; committed rows are kept."""
+    done: list[int] = []  # a batch that succeeded: the canary
+    batches = list(todo)
+    while batches and not stop.is_set():
+        failed, ok = [], 0
+        for out in dispatcher().run(batches):
+            if out.ok:
+                ok += 1
+                done = out.item
+                yield out.item, out.result
+            else:
+                failed.append(out)
+        if not failed or stop.is_set():
+            return
+        lone = [out for out in failed if len(out.item) == 1]
+        # Nothing succeeded this round: are the engines up? Ask a problem that succeeded before (none
+        # yet: keep halving, the failure may be one problem in the only batch).
+        if not ok and (done or lone) and not (done and all(o.ok for o in dispatcher().run([done[:1]]))):
+            last = failed[-1]
+            raise JobFailed(
+                f"a batch of {len(last.item)} problems failed {last.attempts} times (last: {last.error}) "
+                "and the engines answered nothing else; the finished problems are committed, re-run the "
+                "same command to continue (raise runtime.call_timeout_s if engines are slow)"
+            )
+        for out in lone:
+            yield out.item, BatchFailed(str(out.error))
+        batches = [half for out in failed if len(out.item) > 1 for half in _halves(out.item)]
+        if batches:
+            log.warning(
+                "%d batches failed on every attempt; trying their halves to find the problem that fails",
+                len(failed) - len(lone),
+            )
+
+
+def _halves(batch: list[int]) -> list[list[int]]:
+    h = len(batch) // 2
+    return [batch[:h], batch[h:]]
 
 
 # ---- files ---------------------------------------------------------------------------------------
