@@ -6,8 +6,8 @@ import pytest
 from ray.exceptions import ActorDiedError, ObjectLostError, RayTaskError
 
 from gen_ssd_ray.common.errors import reason as _reason
-from gen_ssd_ray.generate.driver import is_transient as _transient
 from gen_ssd_ray.generate.manager import EnginesUnavailable
+from gen_ssd_ray.generate.solve import is_transient as _transient
 
 
 def task_error(cause: Exception) -> Exception:
@@ -36,7 +36,7 @@ def test_errors_from_the_problem_itself_become_error_rows(cause):
     assert _reason(exc).startswith(type(cause).__name__)
 
 
-# ---- which beam manager gets the next problem (generate.driver._Managers) ---------------------------
+# ---- which beam manager gets the next problem (generate.solve.Managers) ---------------------------
 
 
 class Clock:
@@ -47,10 +47,10 @@ class Clock:
 
 
 def test_managers_least_loaded_first_and_a_failed_one_cools_down():
-    from gen_ssd_ray.generate.driver import _Managers
+    from gen_ssd_ray.generate.solve import Managers
 
     clock = Clock()
-    m = _Managers(3, cooldown_s=10.0, give_up_s=100.0, clock=clock)
+    m = Managers(3, cooldown_s=10.0, give_up_s=100.0, clock=clock)
     m.started("a", m.pick())
     m.started("b", m.pick())
     assert sorted(m.of.values()) == [0, 1] and m.pick() == 2
@@ -66,10 +66,10 @@ def test_managers_least_loaded_first_and_a_failed_one_cools_down():
 
 def test_managers_all_down_pick_the_first_back_then_give_up_after_the_start_up_time():
     from gen_ssd_ray.common.errors import JobFailed
-    from gen_ssd_ray.generate.driver import _Managers
+    from gen_ssd_ray.generate.solve import Managers
 
     clock = Clock()
-    m = _Managers(2, cooldown_s=10.0, give_up_s=100.0, clock=clock)
+    m = Managers(2, cooldown_s=10.0, give_up_s=100.0, clock=clock)
     m.failed(0)
     clock.t += 1.0
     m.failed(1)

@@ -33,7 +33,7 @@ def test_disk_full_mid_run_exits_1_with_one_line_and_loses_nothing(
     from types import SimpleNamespace
 
     import gen_ssd_ray.common.verify as verify
-    from gen_ssd_ray.generate import driver, output
+    from gen_ssd_ray.generate import driver, output, solve
     from gen_ssd_ray.sim.harness import PRESET, write_problems
     from jobs.generate import main
 
@@ -43,7 +43,7 @@ def test_disk_full_mid_run_exits_1_with_one_line_and_loses_nothing(
 
     def fake_solve_all(cfg, pools, todo, fp, stats, stop, **kw):
         for q in todo:
-            yield q, driver.error_rows(cfg, q, "stand-in", fp)
+            yield q, solve.error_rows(cfg, q, "stand-in", fp)
 
     monkeypatch.setattr(driver, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(driver, "solve_all", fake_solve_all)

@@ -1,4 +1,4 @@
-"""Poison problems (gen_ssd_ray.generate.driver.solve_all, gen_ssd_ray.generate.failures): a problem
+"""Poison problems (gen_ssd_ray.generate.solve.solve_all, gen_ssd_ray.generate.failures): a problem
 that reliably breaks its infrastructure is counted across attempts and runs, confirmed alone, and
 committed as an error row saying so; everything else in the run is unaffected.
 
@@ -22,9 +22,10 @@ from ray.exceptions import ActorDiedError, RayTaskError
 
 from gen_ssd_ray.common.dispatch import RayCalls
 from gen_ssd_ray.common.errors import JobFailed
-from gen_ssd_ray.generate.driver import RunStats, _Managers, solve_all
+from gen_ssd_ray.generate.driver import RunStats
 from gen_ssd_ray.generate.failures import FAILURES_NAME, FailureLedger
 from gen_ssd_ray.generate.manager import EnginesUnavailable
+from gen_ssd_ray.generate.solve import Managers, solve_all
 
 
 def task_error(cause: Exception) -> Exception:
@@ -236,7 +237,7 @@ class Clock:
 
 def test_managers_down_for_good_are_replaced_once_then_the_job_stops():
     clock, replaced = Clock(), []
-    m = _Managers(1, cooldown_s=10.0, give_up_s=100.0, clock=clock, replace=replaced.append)
+    m = Managers(1, cooldown_s=10.0, give_up_s=100.0, clock=clock, replace=replaced.append)
     m.failed(0)  # the only manager died (restarts exhausted: it never answers again)
     assert m.pick() == 0
     clock.t += 101.0
@@ -323,21 +324,21 @@ def test_problems_reaching_the_limit_together_are_saved_once_a_second(tmp_path, 
 
 
 def test_waits_for_actors_end_at_once_on_a_signal_and_at_their_deadline(monkeypatch):
-    """`_get` (the confirmation's and admission's wait for actors) never outlives Ctrl-C or its
+    """`get_until` (the confirmation's and admission's wait for actors) never outlives Ctrl-C or its
     deadline: before, one `ray.get` waited up to runtime.startup_timeout_s whatever happened."""
     import time
 
     import ray
     from ray.exceptions import GetTimeoutError
 
-    from gen_ssd_ray.generate.driver import _get, _Stopped
+    from gen_ssd_ray.generate.solve import Stopped, get_until
 
     monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (time.sleep(timeout), ([], refs))[1])
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
     t = time.monotonic()
-    with pytest.raises(_Stopped):
-        _get(["ref"], time.monotonic() + 600, stop, poll_s=0.1)
+    with pytest.raises(Stopped):
+        get_until(["ref"], time.monotonic() + 600, stop, poll_s=0.1)
     assert time.monotonic() - t < 5
     with pytest.raises(GetTimeoutError):
-        _get(["ref"], time.monotonic() + 0.3, threading.Event(), poll_s=0.1)
+        get_until(["ref"], time.monotonic() + 0.3, threading.Event(), poll_s=0.1)

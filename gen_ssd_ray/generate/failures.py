@@ -7,7 +7,7 @@ Contract:
   attempts (a dead beam manager, engines unavailable, a missed deadline): `count` and `last_error`.
   A failure is counted against every problem it hit, so a count alone does not tell a problem that
   kills its manager from a bystander that was in flight on it: the job confirms a problem at the limit
-  alone before blaming it (gen_ssd_ray.generate.driver).
+  alone before blaming it (gen_ssd_ray.generate.solve).
 - `record(problem_id, error)` adds one failure and returns the new count; `at_limit(id)` says whether
   the count reached `limit` (`runtime.max_problem_failures`; 0: never). `forget(id)` drops a problem
   once it is committed.

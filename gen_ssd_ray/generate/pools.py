@@ -133,7 +133,7 @@ def build_managers(
 
     r = cfg.effective().runtime
     # A manager that dies (with its node) is restarted by Ray; meanwhile the driver re-queues its
-    # problems onto the others and lets it cool down (generate.driver._Managers).
+    # problems onto the others and lets it cool down (generate.solve.Managers).
     managers = create_actors(
         BeamManager,
         (ManagerSpec.from_config(cfg.effective(), teacher_path, student_path), teachers, scorers),
