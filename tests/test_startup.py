@@ -391,3 +391,34 @@ def test_signal_during_engine_start_up_exits_130_at_once(tmp_path, sig):
     assert "interrupted" in rest and "Traceback" not in rest, rest[-3000:]
     assert elapsed < 20, elapsed
     print(f"exit 130 {elapsed:.1f} s after the signal")
+
+
+def test_finetune_refuses_workers_the_cluster_cannot_place_before_writing(
+    fake_ray, monkeypatch, chat_models, one_problem, tmp_path
+):
+    """More training workers than fit: refused (exit 2, the keys named) before Ray Train starts and
+    before anything but the folder's lock is written."""
+    import gen_ssd_ray.train.run as train_run
+    from gen_ssd_ray.common.config import derive
+    from gen_ssd_ray.train.config import FinetuneConfig
+
+    fake_ray(LAPTOP)
+    monkeypatch.setenv("GEN_SSD_AUTOSCALING", "0")
+    monkeypatch.setattr(train_run, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(train_run, "launch", lambda *a, **k: pytest.fail("workers started"))
+    out = tmp_path / "ft"
+    cfg = derive(
+        FinetuneConfig(),
+        {
+            "model.path": str(chat_models["good"]),
+            "data.path": str(one_problem),
+            "data.response_field": "answer",
+            "data.filters": [],
+            "output.dir": str(out),
+            "runtime.num_workers": 4,
+            "runtime.cpus_per_worker": 1,
+        },
+    )
+    with pytest.raises(ResourcesError, match=r"runtime\.num_workers"):
+        train_run.run_finetune(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["_lock"]

@@ -345,10 +345,6 @@ def _run_locked(cfg: FinetuneConfig, p: Prepared) -> dict[str, Any]:
     if p.complete is not None:
         log.info("%s is complete for this config: skipping training", out)
         return {**p.complete, "skipped": True}
-    _start_fresh(cfg, p, out)
-    resumed = ck.resume_tag(out, p.fingerprint, cfg.runtime.num_workers)
-    if resumed is not None:
-        log.info("resuming from %s", out / ck.CHECKPOINTS / resumed)
     started = time.perf_counter()
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus, dashboard=True)
     r = cfg.runtime  # workers the cluster can never place: refused in seconds, not after a timeout
@@ -363,6 +359,10 @@ def _run_locked(cfg: FinetuneConfig, p: Prepared) -> dict[str, Any]:
             )
         ]
     )
+    _start_fresh(cfg, p, out)  # only once the workers can start: a refusal writes nothing
+    resumed = ck.resume_tag(out, p.fingerprint, cfg.runtime.num_workers)
+    if resumed is not None:
+        log.info("resuming from %s", out / ck.CHECKPOINTS / resumed)
     launch(cfg, p, out)
     if not ck.model_complete(out):  # a worker can abort at exit after finishing (see launch)
         raise JobFailed(f"training ended but {out / ck.MODEL} is incomplete; re-run to export again")
