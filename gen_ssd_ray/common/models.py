@@ -152,13 +152,8 @@ def materialize(
 # Names
 
 
-# Files of a model folder whose bytes change what the jobs produce besides the weights: the tokenizer, the
-# chat template (in tokenizer_config.json, chat_template.jinja/.json or additional_chat_templates/), the
-# generation config (vLLM takes stop tokens from it) and remote code (trust_remote_code).
-REVISION_FILES = (
-    "config.json",
-    ".complete",
-    "generation_config.json",
+# Files that make up a tokenizer and its chat template in a Hugging Face folder.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -166,8 +161,17 @@ REVISION_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "vocab.json",
-    "vocab.txt",
     "merges.txt",
+)
+# Files of a model folder whose bytes change what the jobs produce besides the weights: the tokenizer, the
+# chat template (in tokenizer_config.json, chat_template.jinja/.json or additional_chat_templates/), the
+# generation config (vLLM takes stop tokens from it) and remote code (trust_remote_code).
+REVISION_FILES = (
+    "config.json",
+    ".complete",
+    "generation_config.json",
+    *TOKENIZER_FILES,
+    "vocab.txt",
     "tokenizer.model",
     "spiece.model",
     "preprocessor_config.json",

@@ -1,7 +1,7 @@
 """A problem's identity is its content: the hash committed with its rows, and the check on resume.
 
-- `content_hash(problem)`: hex sha256 of the canonical JSON of ``[id, question, gold answer]``
-  (`Problem.content_hash` when the data layer provides it, the same computation otherwise).
+- `content_hash(problem)`: `Problem.content_hash` (gen_ssd_ray.common.data, the one definition),
+  computed by the same function for a problem-like object that does not carry it.
 - `changed_problems(problems, recorded)`: the ids whose content differs from the hash recorded when
   they were committed (`ShardWriter.content_hashes`; problems committed without a hash, by a version
   before hashes existed, are never reported).
@@ -16,11 +16,10 @@ memory for the recorded hashes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Iterable, Mapping
 
+from gen_ssd_ray.common.data import content_hash as data_content_hash
 from gen_ssd_ray.common.errors import InputError
 
 log = logging.getLogger("gen_ssd_ray")
@@ -31,15 +30,12 @@ class ContentChangedError(InputError):
 
 
 def content_hash(problem) -> str:
-    """Hex sha256 of ``[problem_id, question, gold_answer]`` as canonical JSON (UTF-8, lone
-    surrogates kept), or the problem's own `content_hash` when it has one."""
+    """The problem's own `content_hash`, or gen_ssd_ray.common.data.content_hash of its id, question
+    and gold answer when it carries none."""
     own = getattr(problem, "content_hash", None)
     if isinstance(own, str) and own:
         return own
-    text = json.dumps(
-        [problem.problem_id, problem.question, problem.gold_answer], ensure_ascii=False, separators=(",", ":")
-    )
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return data_content_hash(problem.problem_id, problem.question, problem.gold_answer)
 
 
 def changed_problems(problems: Iterable, recorded: Mapping[str, str]) -> list[str]:
