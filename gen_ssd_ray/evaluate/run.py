@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import time
@@ -50,7 +49,7 @@ from typing import Any
 
 from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.data import Problem
-from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, reason
+from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, disk_full, reason
 from gen_ssd_ray.common.fsio import atomic_write_json
 from gen_ssd_ray.common.joblock import FolderLock, lock_job_folder
 from gen_ssd_ray.common.models import model_revision
@@ -288,7 +287,7 @@ def writing(path: Path, partial: PartialPredictions | None = None) -> Iterator[N
     try:
         yield
     except OSError as e:
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        full = disk_full(e) is not None  # ENOSPC / EDQUOT, the shared test (common/errors.py)
         kept = (
             f"the {len(partial.done_ids)} problems committed in {partial.folder} are kept, "
             if partial
