@@ -16,6 +16,30 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """One S3-compatible server on 127.0.0.1 for the session (tests/s3server.py)."""
+    from tests.s3server import local_s3
+
+    with local_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
+    """A fresh bucket on the session's S3 server, with the standard AWS environment pointing at it
+    (set before the test starts Ray, so its workers inherit it); returns ``s3://<bucket>``."""
+    import re
+    import uuid
+
+    from tests.s3server import make_bucket, s3_environ
+
+    for k, v in s3_environ(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return make_bucket(f"{name}-{uuid.uuid4().hex[:8]}", s3_endpoint)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A 2-layer random Llama (hidden 128, head_dim 32) with the teacher's tokenizer and chat template."""
     from gen_ssd_ray.common.embedded_models import build_tiny_model

@@ -19,6 +19,19 @@ What this module knows:
 Each FolderLock opens its own descriptor, so within one process a second lock on the same file is
 refused (or waits) exactly as in another process: the lock is not re-entrant.
 
+On an object store (`output.dir=s3://...`: gen_ssd_ray.common.storage) there is no flock: the same
+`lock_job_folder` returns an `ObjectLease` instead, a lease object ``<folder>/_lock`` holding the same
+holder line plus a lease id. It is taken with an exclusive create (``If-None-Match: *``), renewed by a
+background thread every `ttl/4` seconds with a conditional replace (``If-Match`` the last version), and
+deleted on release. A job that finds a lease watches it: renewed within `ttl` seconds means its holder
+is alive (refused at once, FolderLockedError, exit 2); not renewed for `ttl` seconds (a holder killed
+with its node, a preempted driver) means it is taken over with a conditional replace, so two jobs
+resubmitted at once cannot both win. The ttl is measured on this machine's monotonic clock, so clocks
+of other hosts do not matter; it is `DEFAULT_LEASE_TTL_S`, or GEN_SSD_LEASE_TTL_S. A holder that cannot
+renew for `ttl` (its renewals fail, or another job replaced the lease) has lost it: `check()` then
+raises `LeaseLostError`, which writers call before each commit, so a writer cut off from the store
+stops committing before another may start.
+
 What it does not know: it does not serialize threads sharing one `FolderLock` object, and ``flock`` is
 only as reliable as the filesystem (local disks and NFSv4 honour it across hosts; some FUSE/object-store
 mounts do not). A child forked while the lock is held (not spawned: spawned and exec'd children never
@@ -34,13 +47,16 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.errors import InputError, JobFailed
 from gen_ssd_ray.common.interrupts import check_stop
+from gen_ssd_ray.common.storage import Storage, is_remote
 
 # The lock file inside a job folder; generation's ShardWriter uses the same name (generate/output.py).
 LOCK_NAME = "_lock"
@@ -48,6 +64,8 @@ LOCK_NAME = "_lock"
 # GEN_SSD_LOCK_WAIT_S overrides it (seconds).
 DEFAULT_WAIT_S = 600.0
 _POLL_S = 0.1
+# How long an object-store lease lives without renewal (GEN_SSD_LEASE_TTL_S overrides, seconds).
+DEFAULT_LEASE_TTL_S = 60.0
 
 
 class FolderLockedError(InputError):
@@ -166,6 +184,11 @@ class FolderLock:
             time.sleep(_POLL_S)  # a signal handler that raises interrupts this wait
         return self
 
+    def check(self) -> None:
+        """Nothing to renew: a held flock stays held until released (the `ObjectLease` counterpart)."""
+        if self._fd is None:
+            raise LeaseLostError(f"{self.path}: not held")
+
     def release(self) -> None:
         """Clear the holder line and let go (a no-op if not held)."""
         fd, self._fd = self._fd, None
@@ -182,24 +205,181 @@ class FolderLock:
         self.release()
 
 
-def lock_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> FolderLock:
+class LeaseLostError(JobFailed):
+    """This job's lease on an object-store folder is gone (not renewed for its ttl, or taken over):
+    it must stop writing there. Exit 1; a resubmission continues from what was committed."""
+
+
+def lease_ttl_s() -> float:
+    raw = os.environ.get("GEN_SSD_LEASE_TTL_S")
+    if raw is None:
+        return DEFAULT_LEASE_TTL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(f"GEN_SSD_LEASE_TTL_S={raw!r}: not a number of seconds") from None
+    if not value > 0:
+        raise InputError(f"GEN_SSD_LEASE_TTL_S={raw!r}: must be > 0 seconds")
+    return value
+
+
+class ObjectLease:
+    """A renewed lease object on an object-store folder (see the module doc). `acquire`, `check`,
+    `release`; `held` says whether this object holds it."""
+
+    def __init__(self, storage: Storage, job: str, *, name: str = LOCK_NAME, ttl_s: float | None = None):
+        self.storage = storage
+        self.name = name
+        self.job = job
+        self.ttl_s = lease_ttl_s() if ttl_s is None else ttl_s
+        self.path = storage.uri_of(name)
+        self.lease_id = uuid.uuid4().hex
+        self._token: str | None = None
+        self._renewed = 0.0  # monotonic time of the last successful write
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = _now()
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def _body(self) -> bytes:
+        line = {
+            "job": self.job,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": self._started,
+            "renewed": _now(),
+            "lease_id": self.lease_id,
+            "ttl_s": self.ttl_s,
+        }
+        return (json.dumps(line) + "\n").encode()
+
+    def _read(self) -> tuple[str | None, dict[str, Any] | None]:
+        st = self.storage.stat(self.name)
+        if st is None:
+            return None, None
+        try:
+            holder = json.loads(self.storage.read_text(self.name) or "null")
+        except (FileNotFoundError, ValueError):
+            holder = None
+        return st.token, holder if isinstance(holder, dict) else None
+
+    def _won(self) -> None:
+        st = self.storage.stat(self.name)
+        self._token = st.token if st else ""
+        self._renewed = time.monotonic()
+        self._thread = threading.Thread(target=self._renew_loop, name=f"lease {self.path}", daemon=True)
+        self._thread.start()
+
+    def acquire(self, *, what: str | None = None, fix: str = "") -> ObjectLease:
+        """Take the lease: at once if there is none; after watching an existing one for `ttl_s`
+        without a renewal (its holder is gone); FolderLockedError if its holder renews it."""
+        subject = what or f"folder {self.storage.uri}"
+        seen: str | None = None
+        since = time.monotonic()
+        while True:
+            token, holder = self._read()
+            if token is None:
+                if self.storage.create_bytes(self.name, self._body()):
+                    self._won()
+                    return self
+                continue  # another job created it first: watch that one
+            if seen is not None and token != seen:
+                raise FolderLockedError(
+                    f"{subject} is in use by {describe_holder(holder)} (lease {self.path}, renewed while "
+                    f"this job watched it): {fix}".rstrip(": "),
+                    Path(self.name),
+                    holder,
+                )
+            if seen is None:
+                seen, since = token, time.monotonic()
+            if time.monotonic() - since >= self.ttl_s:
+                if self.storage.replace_bytes(self.name, self._body(), token):
+                    self._won()
+                    return self
+                seen = None  # someone else took it over or renewed it: look again
+                continue
+            check_stop(f"lease {self.path}")
+            time.sleep(min(1.0, self.ttl_s / 20))
+
+    def _renew_loop(self) -> None:
+        interval = self.ttl_s / 4
+        while not self._stop.wait(interval):
+            try:
+                st = self.storage.stat(self.name)
+                if st is None or st.token != self._token:
+                    self._lost = f"the lease {self.path} was taken over or removed by another job"
+                    return
+                if not self.storage.replace_bytes(self.name, self._body(), self._token):
+                    self._lost = f"the lease {self.path} was taken over by another job"
+                    return
+                st = self.storage.stat(self.name)
+                self._token = st.token if st else self._token
+                self._renewed = time.monotonic()
+            except Exception as e:  # a store that does not answer: keep trying until the ttl runs out
+                if time.monotonic() - self._renewed >= self.ttl_s * 0.75:
+                    self._lost = f"the lease {self.path} could not be renewed for {self.ttl_s:g} s ({e})"
+                    return
+
+    def check(self) -> None:
+        """Raise LeaseLostError if this job may no longer write to the folder (see the module doc)."""
+        if self._token is None:
+            raise LeaseLostError(f"{self.path}: not held")
+        if self._lost is None and time.monotonic() - self._renewed >= self.ttl_s * 0.75:
+            self._lost = f"the lease {self.path} was not renewed for {time.monotonic() - self._renewed:.0f} s"
+        if self._lost is not None:
+            raise LeaseLostError(
+                f"{self._lost}: this job stopped writing there; resubmit it to continue from what was "
+                "committed (and make sure no other job writes the same output)"
+            )
+
+    def release(self) -> None:
+        """Stop renewing and delete the lease if it is still this job's (a no-op if not held)."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with contextlib.suppress(Exception):
+            st = self.storage.stat(self.name)
+            if st is not None and (st.token == token or self._lost is None):
+                _, holder = self._read()
+                if holder is None or holder.get("lease_id") == self.lease_id:
+                    self.storage.delete(self.name)
+
+    def __enter__(self) -> ObjectLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> FolderLock | ObjectLease:
     """Take `<folder>/_lock` (the folder is created if missing) and return the held FolderLock; the
     caller releases it (`release()`, or `with`), e.g. a job's `prepare` keeps it in what it returns and
-    its `run` releases it at the end (as generation's ShardWriter does).
+    its `run` releases it at the end (as generation's ShardWriter does). On an object store (`folder`
+    an s3://... URI) it is an `ObjectLease` instead, which may watch an existing lease for its ttl.
 
     Refuses at once with FolderLockedError if another job (or generation's ShardWriter) holds it; the
     message names the folder, the holder and the fix (wait for that job, stop it, or change `key`)."""
+    fix = f"wait for that job to finish (or stop it), or give this job another {key}"
+    if is_remote(str(folder)):
+        storage = Storage(str(folder), key=key)
+        return ObjectLease(storage, job).acquire(what=f"job folder {storage.uri}", fix=fix)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fix = f"wait for that job to finish (or stop it), or give this job another {key}"
     return FolderLock(folder / LOCK_NAME, job).acquire(0.0, what=f"job folder {folder}", fix=fix)
 
 
 @contextlib.contextmanager
-def hold_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> Iterator[Path]:
-    """`lock_job_folder` for the block; yields the folder."""
+def hold_job_folder(folder: str | Path, job: str, *, key: str = "output.dir") -> Iterator[str | Path]:
+    """`lock_job_folder` for the block; yields the folder (a Path, or the URI of an object store)."""
     with lock_job_folder(folder, job, key=key):
-        yield Path(folder)
+        yield str(folder) if is_remote(str(folder)) else Path(folder)
 
 
 @contextlib.contextmanager
