@@ -64,6 +64,27 @@ def test_managers_least_loaded_first_and_a_failed_one_cools_down():
     assert m.health.failures == {}
 
 
+def test_a_probing_manager_gets_one_problem_until_it_answers():
+    """Found by bench-fixes (node loss, SPREAD): a manager restarting on another node was probed by
+    every new problem (least-loaded: its failed calls had left it empty), 1,152 retries; now one."""
+    from gen_ssd_ray.generate.solve import Managers
+
+    clock = Clock()
+    m = Managers(2, cooldown_s=10.0, give_up_s=100.0, clock=clock)
+    for ref in "abcd":
+        m.started(ref, m.pick())
+    for ref in "ac":  # manager 0 died with its node: both its calls fail
+        m.failed(m.finished(ref))
+    clock.t += 10.0
+    assert m.pick() == 0  # cooldown over: the probe
+    m.started("probe", 0)
+    for ref in "efgh":  # not more problems on the probe's manager while the probe runs
+        assert m.pick() == 1
+        m.started(ref, 1)
+    m.ok(m.finished("probe"))  # it answered: back to least-loaded
+    assert m.pick() == 0
+
+
 def test_managers_all_down_pick_the_first_back_then_give_up_after_the_start_up_time():
     from gen_ssd_ray.common.errors import JobFailed
     from gen_ssd_ray.generate.solve import Managers

@@ -40,8 +40,8 @@ class Managers:
 
     A manager whose actor failed (it died with its node and Ray restarts it, or it was killed) cools
     down like an engine (gen_ssd_ray.generate.health): its problems are retried on the others, and
-    after the cooldown it gets a problem again (a restarted one answers it; a dead one fails again
-    and cools down twice as long). Failures while it cools down do not count. When every manager has
+    after the cooldown it gets one problem, the probe, and no other until that one ends (a restarted
+    one answers it; a dead one fails again and cools down twice as long). Failures while it cools down do not count. When every manager has
     been down for `give_up_s` (a restart takes at most the start-up timeout), each is replaced by a
     new actor (`replace(i)`, once per run); when the replacements stay down as long too (or there is
     no `replace`), the job stops."""
@@ -78,7 +78,11 @@ class Managers:
             self.replaced += 1
             self.all_down_since = None
         h.due_probes()  # a manager's cooldown ended: its next problem is the probe
-        usable = [i for i in range(len(self.load)) if i not in h.until or i in h.probing]
+        # A probing manager gets one problem until it answers: least-loaded would otherwise send it
+        # every new problem (its failed calls left it empty) while it may still be restarting.
+        usable = [
+            i for i in range(len(self.load)) if i not in h.until or (i in h.probing and self.load[i] == 0)
+        ]
         if usable:
             return min(usable, key=self.load.__getitem__)
         if self.all_down_since is None:  # until one of them answers again (`ok`)
