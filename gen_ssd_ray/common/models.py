@@ -322,6 +322,28 @@ def remote_cache_folder(uri: str, versions: str, root: Path | None = None) -> Pa
     return models_dir(root) / REMOTE / scheme / f"{rest.strip('/')}@{versions}"
 
 
+def check_source_location(value: str, key: str) -> None:
+    """Config validation of a model or data location: a built-in name (``embedded:...``, ``lab:...``)
+    passes; anything else must be a usable path or object-store URI (`storage.check_location`:
+    StorageError naming `key`, exit 2, before anything starts)."""
+    from gen_ssd_ray.common.storage import check_location
+
+    if isinstance(value, str) and value.startswith(("embedded:", "lab:")):
+        return
+    check_location(value, key)
+
+
+def localize_model(name: str) -> str:
+    """What an actor calls on the model path it was handed: an object-store URI, or the path of a
+    downloaded copy this node lacks, resolved (downloaded once on this node); any other name unchanged
+    (a local folder, a hub id, a simulated engine's name)."""
+    if is_remote_location(name) or (
+        isinstance(name, str) and _remote_source(name) is not None and not Path(name).exists()
+    ):
+        return resolve_model(name)
+    return name
+
+
 def _remote_source(path: str) -> tuple[str, str] | None:
     """(uri, versions) of a path made by `remote_cache_folder` under this node's cache; else None."""
     if not isinstance(path, str) or not path.strip() or "://" in path:
