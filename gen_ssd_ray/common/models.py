@@ -70,6 +70,12 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "gen_ssd_ray"
 
 
+def staging_dir(uri: str, job: str) -> Path:
+    """The local folder where `job` stages the files of its object-store output folder `uri` (the same
+    path on every node with the same cache root): ``<cache_root()>/staging/<job>/<hash of the URI>``."""
+    return cache_root() / "staging" / job / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
 def models_dir(root: Path | None) -> Path:
     return Path(root if root is not None else cache_root()).expanduser() / "models"
 

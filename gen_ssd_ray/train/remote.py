@@ -28,7 +28,6 @@ Knows nothing about DeepSpeed or training; only files, names and the store (gen_
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import re
@@ -54,10 +53,9 @@ _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 def staging_dir(uri: str) -> Path:
     """The local folder where a run whose output.dir is `uri` keeps its files (same on every node with
     the same cache root)."""
-    from gen_ssd_ray.common.models import cache_root
+    from gen_ssd_ray.common.models import staging_dir as job_staging
 
-    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    return cache_root() / "staging" / "finetune" / digest
+    return job_staging(uri, "finetune")
 
 
 def owned_by(rel: str) -> int:
