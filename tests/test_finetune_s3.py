@@ -119,3 +119,32 @@ def test_checkpoints_and_model_on_s3_sigkill_resume_export(tiny_model, tmp_path,
     # 4. Re-running a complete run is a no-op that reads the store.
     again = finetune(args, env)
     assert again.returncode == 0 and _summary(again)["skipped"] is True
+
+
+@pytest.mark.integration
+def test_training_rows_read_from_s3_jsonl_and_parquet(tmp_path, s3_bucket):
+    import pandas as pd
+
+    from gen_ssd_ray.train.config import TrainDataConfig
+    from gen_ssd_ray.train.data import TrainDataError, read_filtered
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    store = Storage(f"{s3_bucket}/data")
+    store.upload_file(data, "pairs.jsonl")
+    local, steps, read = read_filtered(TrainDataConfig(path=str(data)))
+    remote, rsteps, rread = read_filtered(TrainDataConfig(path=store.uri_of("pairs.jsonl")))
+    assert read == rread == 24 and len(remote) == len(local) == 18 and rsteps == steps
+    assert remote.reset_index(drop=True).equals(local.reset_index(drop=True))
+
+    frame = pd.read_json(data, lines=True)
+    with store.writer("folder/part-0.parquet") as fh:
+        frame.iloc[:10].to_parquet(fh)
+    with store.writer("folder/part-1.parquet") as fh:
+        frame.iloc[10:].to_parquet(fh)
+    store.write_text("folder/_ignored.parquet", "not parquet")  # names starting with _ are not data
+    folder, _, fread = read_filtered(TrainDataConfig(path=store.uri_of("folder")))
+    assert fread == 24 and sorted(folder.question) == sorted(local.question)
+    with pytest.raises(TrainDataError, match="no such object"):
+        read_filtered(TrainDataConfig(path=store.uri_of("missing.jsonl")))
+    with pytest.raises(TrainDataError, match="no committed shards"):
+        read_filtered(TrainDataConfig(path=store.uri_of("empty-folder")))
