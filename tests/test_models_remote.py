@@ -122,3 +122,27 @@ def test_incomplete_folders_are_refused_naming_the_key(tiny_model, s3_bucket, ca
     assert not (models_dir(cache) / "remote").exists() or not list(
         (models_dir(cache) / "remote").rglob(MARKER)
     )
+
+
+def test_generation_job_with_teacher_and_student_on_s3(tiny_model, tiny_student, s3_bucket, cache, tmp_path):
+    """A short generation job whose teacher and student are s3:// folders: the driver and every
+    actor (teacher engine, scorer, beam manager) resolve them on this node, one download each."""
+    from gen_ssd_ray.generate.output import read_output
+    from tests.test_job_e2e import job_args, run_job, write_problems
+
+    teacher, student = f"{s3_bucket}/models/teacher", f"{s3_bucket}/models/student"
+    upload_model(tiny_model, teacher)
+    upload_model(tiny_student, student)
+    data = write_problems(tmp_path / "p.jsonl", 2, bad=False)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    r = run_job(job_args(teacher, student, data, out, "search.max_new_tokens=16"), timeout=400)
+    print(f"generation job with s3:// models: {time.perf_counter() - start:.1f} s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_output(out).num_rows == 2
+    markers = sorted((models_dir(cache) / "remote").rglob(MARKER))
+    assert len(markers) == 2  # one copy per model on this node
+    pids = {json.loads((m.parent / DOWNLOAD_LOG).read_text())["pid"] for m in markers}
+    assert len(pids) == 1  # both downloaded by the driver's prepare; the actors found them ready
+    summary = json.loads(next(x for x in r.stdout.splitlines() if x.startswith('{"output_dir"')))
+    assert {summary["teacher_model_path"], summary["student_model_path"]} == {str(m.parent) for m in markers}
