@@ -160,8 +160,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from gen_ssd_ray.common.models import localize_model
+
     cfg: FinetuneConfig = config["cfg"]
     out = Path(config["out_dir"])
+    # A model from an object store: the driver's copy, downloaded on this node if it lacks it (once per
+    # node: concurrent ranks wait on the cache's build lock).
+    config = {**config, "model_path": localize_model(config["model_path"])}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.runtime.torch_threads or max(1, int(cfg.runtime.cpus_per_worker))
