@@ -78,3 +78,16 @@ def test_evaluation_output_and_model_on_s3_interrupt_resume_skip(
     third = prepare(cfg)
     assert third.existing is not None and third.lock is None
     assert evaluate(cfg, third)["skipped"] is True
+
+    # Another evaluation into the same folder is refused, naming the folder on the store.
+    from gen_ssd_ray.evaluate.run import EvaluationExistsError
+
+    other = cfg_with(
+        *[f"{k}={v}" for k, v in [("model.model", model_uri), ("data.path", data)]],
+        f"output.dir={out_uri}",
+        "model.max_model_len=512",
+        "sampling.max_new_tokens=8",
+    )
+    with pytest.raises(EvaluationExistsError, match=f"output.dir='{out_uri}'.*output.force=true"):
+        prepare(other)
+    assert not store.exists("_lock")

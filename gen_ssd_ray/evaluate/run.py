@@ -153,9 +153,11 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
             raise
     try:
         existing = check_existing(out, fp, cfg.output.force)
-    except BaseException:
+    except BaseException as e:
         if lock is not None:
             lock.release()
+            if isinstance(e, InputError):  # name the store's folder, not the staging copy
+                raise type(e)(str(e).replace(str(out), cfg.output.dir)) from None
         raise
     prepared = Prepared(model_path, revision, problems, fp, existing, lock=lock)
     if prepared.existing is not None:
