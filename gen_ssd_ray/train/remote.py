@@ -12,7 +12,7 @@ staging folder is a cache rebuilt from it at every start.
   its size. A checkpoint without a marker (an upload cut short) is never used.
 - `push_checkpoint` (every rank, after the checkpoint is complete on local disk): each rank uploads its
   own files (`owned_by`); then rank 0 uploads the marker, listing every object of the checkpoint with
-  its size as the store has it, **last**, moves `checkpoints/latest`, uploads the metrics log and prunes
+  its size as the store has it, **last** (after the metrics log), moves `checkpoints/latest` and prunes
   as `checkpoint.mark_latest` does (a pruned checkpoint's marker is deleted first, so a prune cut short
   never leaves something that looks complete). `clear_checkpoint` empties a tag's prefix before a save
   writes it again.
@@ -205,15 +205,16 @@ def push_checkpoint(
 def commit_checkpoint(
     storage: Storage, out: Path, tag: str, world: int, fingerprint: str, keep_last: int, lease_id: str | None
 ) -> None:
-    """Rank 0, after every rank's `push_checkpoint`: the marker (every object with its size as the store
-    has it) last, then `latest`, the metrics log, and the prune (see the module doc)."""
+    """Rank 0, after every rank's `push_checkpoint`: the metrics log, the marker (every object with its
+    size as the store has it), then `latest` and the prune (see the module doc)."""
     check_lease(storage, lease_id)
+    # The metrics first: a resume from this checkpoint keeps its steps' lines (and drops later ones).
+    if (Path(out) / ck.METRICS).is_file():
+        storage.upload_file(Path(out) / ck.METRICS, ck.METRICS)
     files = {rel: size for rel, size in _sizes(storage, _ckpt(tag)).items() if rel != ck.MARKER}
     marker = {"step": ck.step_of(tag), "world_size": world, "fingerprint": fingerprint, "files": files}
     storage.write_json(_ckpt(tag, ck.MARKER), marker, indent=1)
     storage.write_text(f"{ck.CHECKPOINTS}/{ck.LATEST}", tag + "\n")
-    if (Path(out) / ck.METRICS).is_file():
-        storage.upload_file(Path(out) / ck.METRICS, ck.METRICS)
     step = ck.step_of(tag) or 0
     complete = [t for t in complete_remote_tags(storage) if (ck.step_of(t) or 0) <= step]
     doomed = complete[: max(0, len(complete) - keep_last)]
