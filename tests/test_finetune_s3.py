@@ -148,3 +148,81 @@ def test_training_rows_read_from_s3_jsonl_and_parquet(tmp_path, s3_bucket):
         read_filtered(TrainDataConfig(path=store.uri_of("missing.jsonl")))
     with pytest.raises(TrainDataError, match="no committed shards"):
         read_filtered(TrainDataConfig(path=store.uri_of("empty-folder")))
+
+
+def _fake_checkpoint(out: Path, step: int, world: int = 2) -> str:
+    """A checkpoint folder as DeepSpeed and the worker leave it (complete on local disk)."""
+    from gen_ssd_ray.train import checkpoint as ck
+
+    tag = ck.tag_for(step)
+    folder = out / ck.CHECKPOINTS / tag
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"m" * (10 + step))
+    for r in range(world):
+        (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"o" * (20 + r))
+    ck.write_marker(out, tag, world, "fp")
+    ck.mark_latest(out, tag, keep_last=2)
+    return tag
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def store(request, tmp_path) -> Storage:
+    if request.param == "local":
+        return Storage(str(tmp_path / "store"))
+    return Storage(f"{request.getfixturevalue('s3_bucket')}/ft")
+
+
+def test_checkpoint_upload_protocol_marker_last_resume_and_prune(store, tmp_path):
+    """Every rank uploads its own files, rank 0 the marker last; a checkpoint without its marker is never
+    pulled; keep_last prunes on the store as on disk; the staging folder is rebuilt from the store."""
+    from gen_ssd_ray.train import checkpoint as ck
+    from gen_ssd_ray.train import remote as rm
+
+    out = tmp_path / "staging"
+    (out / ck.METRICS).parent.mkdir(parents=True)
+    (out / ck.METRICS).write_text('{"step": 1}\n')
+    for step in (1, 2, 3):
+        tag = _fake_checkpoint(out, step)
+        rm.clear_checkpoint(store, tag)
+        uploaded = [rm.push_checkpoint(store, out, tag, rank, 2, None)[0] for rank in (0, 1)]
+        assert uploaded == [2, 1]  # rank 0: the model states and its optimizer shard; rank 1: its shard
+        rm.commit_checkpoint(store, out, tag, 2, "fp", 2, None)
+    assert rm.complete_remote_tags(store) == ["step-000002", "step-000003"]  # keep_last=2
+    assert store.read_text("checkpoints/latest").strip() == "step-000003" and store.exists(ck.METRICS)
+
+    # Step 4's upload is cut short before its marker: never used; the pull takes step 3.
+    tag = _fake_checkpoint(out, 4)
+    rm.push_checkpoint(store, out, tag, 0, 2, None)
+    assert rm.remote_marker(store, tag) is None and "step-000004" in rm.remote_tags(store)
+    # A marker whose files are not all there (a hand-deleted shard) is not complete either.
+    store.delete("checkpoints/step-000002/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert rm.complete_remote_tags(store) == ["step-000003"]
+
+    fresh = tmp_path / "fresh"
+    rm.pull(store, fresh)
+    assert ck.complete_tags(fresh) == ["step-000003"] and ck.resume_tag(fresh, "fp", 2) == "step-000003"
+    assert (fresh / ck.METRICS).read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in (fresh / ck.CHECKPOINTS).iterdir()) == ["latest", "step-000003"]
+
+    # The incomplete step 4 is overwritten by the next save of that step, and older junk pruned.
+    rm.clear_checkpoint(store, tag)
+    for rank in (0, 1):
+        rm.push_checkpoint(store, out, tag, rank, 2, None)
+    rm.commit_checkpoint(store, out, tag, 2, "fp", 2, None)
+    assert rm.complete_remote_tags(store) == ["step-000003", "step-000004"]
+    assert rm.remote_tags(store) == ["step-000003", "step-000004"]  # the damaged step 2 pruned
+
+
+def test_model_upload_marker_last_and_stale_files_removed(store, tmp_path):
+    from gen_ssd_ray.train import remote as rm
+
+    out = tmp_path / "staging"
+    model = out / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w" * 100)
+    (model / ".complete").write_text('{"fingerprint": "a"}\n')
+    store.write_text("model/old-shard.safetensors", "stale")
+    files, nbytes, _ = rm.push_model(store, out, None)
+    assert files == 3 and nbytes == 102
+    assert store.list("model") == ["model/.complete", "model/config.json", "model/model.safetensors"]
