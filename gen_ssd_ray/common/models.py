@@ -5,13 +5,25 @@ What this module knows:
   Hugging Face hub id present in the local (offline) cache into a string that ``from_pretrained`` and
   ``vllm.LLM`` accept, and raises `ModelNotFoundError` with the fix otherwise. The two embedded models
   are built by `gen_ssd_ray.common.embedded_models` (imported only when one is asked for).
-- `model_revision`: a cheap identity of a model folder, part of the jobs' fingerprints.
+- Model folders on object stores (``s3://bucket/models/x``, any scheme `gen_ssd_ray.common.storage`
+  accepts): `resolve_model` downloads the folder once per node into
+  ``<cache_root()>/models/remote/<scheme>/<bucket/key>@<versions>``, where ``<versions>`` hashes every
+  object's name, size and ETag (`Storage.stat`), through `materialize` (a build lock, the marker written
+  last: concurrent processes on a node wait for one download instead of making their own). The
+  download is verified (every listed object present with its size; a ``config.json`` and weights; every
+  shard a ``*.safetensors.index.json`` names) and refused otherwise with an InputError naming the key.
+  A changed remote folder (other ETags) is a new folder, downloaded afresh. The local folder's path
+  names its source, so `resolve_model(path)` on another node (an actor handed the driver's path)
+  downloads the same version there (`localize_model`).
+- `model_revision`: a cheap identity of a model folder, part of the jobs' fingerprints (of a remote
+  folder: its cached copy, whose marker holds the URI and every object's ETag).
 - The cache: `cache_root`, and `materialize`, which builds a folder under ``<cache_root()>/models/``
   once, atomically and under a file lock, so concurrent callers (Ray actors, pytest workers) never race
   or see half a folder (used by the embedded models and the lab tokenizer).
 
-What it does not know: it never downloads anything (no hub access; a hub id must already be in the local
-cache), and it does not load models for inference or serve them (see ``gen_ssd_ray.engines``).
+What it does not know: it never downloads from the hub (a hub id must already be in the local cache; only
+object-store folders are downloaded), and it does not load models for inference or serve them (see
+``gen_ssd_ray.engines``).
 
 Importing this module is cheap: torch, transformers and huggingface_hub are imported inside functions.
 """
@@ -56,6 +68,12 @@ def cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "gen_ssd_ray"
+
+
+def staging_dir(uri: str, job: str) -> Path:
+    """The local folder where `job` stages the files of its object-store output folder `uri` (the same
+    path on every node with the same cache root): ``<cache_root()>/staging/<job>/<hash of the URI>``."""
+    return cache_root() / "staging" / job / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def models_dir(root: Path | None) -> Path:
@@ -186,7 +204,10 @@ def model_revision(path: str) -> str:
     model builders; it holds the run's fingerprint, so a retrained model of the same shape is a new
     revision). Content, not timestamps: rewriting a file unchanged keeps the revision; editing the chat
     template changes it. A hub id is identified by the same files of its snapshot in the offline
-    Hugging Face cache, or by its name if it has none there."""
+    Hugging Face cache, or by its name if it has none there. An object-store folder is identified by
+    its local copy (`resolve_model`), whose marker holds the URI and every object's size and ETag."""
+    if is_remote_location(path) or (not Path(path).exists() and _remote_source(path) is not None):
+        path = resolve_model(path)
     folder = Path(path)
     if not folder.is_dir():
         folder = _cached_snapshot(path)
@@ -219,16 +240,24 @@ def _cached_snapshot(name: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, key: str = "model") -> str:
     """A model name as a string that ``from_pretrained`` and ``vllm.LLM(model=...)`` load offline.
 
+    - An object-store folder ``s3://bucket/models/x``: downloaded once per node (see the module doc);
+      returns the local copy. A local copy's path on a node that lacks it is downloaded there too.
     - ``embedded:teacher`` / ``embedded:student``: materialized if needed (under `cache_root()`); returns
       the folder.
     - An existing local path: must be a folder with a ``config.json``; returns it as an absolute path.
     - A hub id ``org/name`` that is not a local path: returned unchanged if its ``config.json`` is in the
       local Hugging Face cache (``$HF_HUB_CACHE``); nothing is downloaded.
-    Anything else raises `ModelNotFoundError` (a `ValueError`) saying what to do.
+    Anything else raises `ModelNotFoundError` (an InputError) naming `key` and saying what to do.
     """
+    if isinstance(name, str) and is_remote_location(name):
+        return _resolve_remote(name, key)
+    if isinstance(name, str) and not Path(name).expanduser().exists():
+        source = _remote_source(name)
+        if source is not None:
+            return _resolve_remote(source[0], key, expect=source[1])
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"empty model name {name!r}: give {EMBEDDED_TEACHER}, a folder or a hub id")
     if name.startswith("embedded:"):
@@ -277,3 +306,155 @@ def resolve_model(name: str) -> str:
         f"model {name!r} is not an existing folder, not a hub id of the form org/name, and not one of "
         f"{list(EMBEDDED_MODELS)}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model folders on object stores
+
+REMOTE = "remote"  # <models_dir>/remote/<scheme>/<bucket/key>@<versions>
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def is_remote_location(name: str) -> bool:
+    """Whether `name` is an object-store URI (s3://, gs://, ...) rather than a path, hub id or embedded name."""
+    from gen_ssd_ray.common.storage import is_remote
+
+    return isinstance(name, str) and "://" in name and is_remote(name)
+
+
+def remote_cache_folder(uri: str, versions: str, root: Path | None = None) -> Path:
+    """Where the copy of `uri` at `versions` lives on this node (its path names its source)."""
+    scheme, _, rest = uri.partition("://")
+    return models_dir(root) / REMOTE / scheme / f"{rest.strip('/')}@{versions}"
+
+
+def check_source_location(value: str, key: str) -> None:
+    """Config validation of a model or data location: a built-in name (``embedded:...``, ``lab:...``)
+    passes; anything else must be a usable path or object-store URI (`storage.check_location`:
+    StorageError naming `key`, exit 2, before anything starts)."""
+    from gen_ssd_ray.common.storage import check_location
+
+    if isinstance(value, str) and value.startswith(("embedded:", "lab:")):
+        return
+    check_location(value, key)
+
+
+def localize_model(name: str) -> str:
+    """What an actor calls on the model path it was handed: an object-store URI, or the path of a
+    downloaded copy this node lacks, resolved (downloaded once on this node); any other name unchanged
+    (a local folder, a hub id, a simulated engine's name)."""
+    if is_remote_location(name) or (
+        isinstance(name, str) and _remote_source(name) is not None and not Path(name).exists()
+    ):
+        return resolve_model(name)
+    return name
+
+
+def _remote_source(path: str) -> tuple[str, str] | None:
+    """(uri, versions) of a path made by `remote_cache_folder` under this node's cache; else None."""
+    if not isinstance(path, str) or not path.strip() or "://" in path:
+        return None
+    base = (models_dir(None) / REMOTE).expanduser().absolute()
+    try:
+        rel = Path(path).expanduser().absolute().relative_to(base).as_posix()
+    except ValueError:
+        return None
+    scheme, _, rest = rel.partition("/")
+    rest, at, versions = rest.rpartition("@")
+    if not (scheme and rest and at and versions):
+        return None
+    return f"{scheme}://{rest}", versions
+
+
+def _remote_listing(uri: str, key: str) -> tuple[Any, dict[str, tuple[int, str]]]:
+    """(Storage, {name: (size, version token)}) of the model folder `uri`, checked to be a model."""
+    from gen_ssd_ray.common.fsio import TMP_PREFIX
+    from gen_ssd_ray.common.storage import Storage
+
+    storage = Storage(uri, key=key)
+    objects: dict[str, tuple[int, str]] = {}
+    for name in storage.list():
+        if Path(name).name.startswith(TMP_PREFIX):
+            continue
+        st = storage.stat(name)
+        if st is not None:
+            objects[name] = (st.size, st.token)
+    if not objects:
+        raise ModelNotFoundError(
+            f"{key}={uri!r}: no objects under that prefix: upload a Hugging Face model folder there "
+            "(config.json, *.safetensors, the tokenizer files) or fix the URI"
+        )
+    check_model_files(set(objects), key, uri, lambda n: storage.read_text(n))
+    return storage, objects
+
+
+def check_model_files(names: set[str], key: str, where: str, read_text: Callable[[str], str]) -> None:
+    """Refuse a model folder (its file `names`) without config.json, without weights, or missing a
+    shard its ``*.safetensors.index.json`` names (ModelNotFoundError naming `key`)."""
+    if "config.json" not in names:
+        raise ModelNotFoundError(
+            f"{key}={where!r} has no config.json: it is not a Hugging Face model folder (upload the whole "
+            "folder that save_pretrained wrote)"
+        )
+    top = {n for n in names if "/" not in n}
+    if not any(n.endswith(_WEIGHT_SUFFIXES) for n in top):
+        raise ModelNotFoundError(
+            f"{key}={where!r} has no weights (*.safetensors): the upload is incomplete or the folder is "
+            "not a model; upload the weight files too"
+        )
+    for index in sorted(n for n in top if n.endswith(".index.json")):
+        try:
+            shards = set(json.loads(read_text(index)).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            raise ModelNotFoundError(f"{key}={where!r}: {index} is not a readable weight index") from None
+        missing = sorted(shards - names)
+        if missing:
+            raise ModelNotFoundError(
+                f"{key}={where!r}: the weight files {missing[:3]} named in {index} are missing: the "
+                "upload is incomplete; upload them"
+            )
+
+
+def _resolve_remote(uri: str, key: str, expect: str | None = None) -> str:
+    """The local copy of the object-store model folder `uri` (downloaded once per node)."""
+    from gen_ssd_ray.common.storage import check_location
+
+    uri = check_location(uri, key)
+    storage, objects = _remote_listing(uri, key)
+    versions = hashlib.sha256(
+        json.dumps(sorted((n, s, t) for n, (s, t) in objects.items())).encode()
+    ).hexdigest()[:16]
+    if expect is not None and versions != expect:
+        raise ModelNotFoundError(
+            f"{key}: the model folder {uri} changed since this job resolved it (objects version {expect}, "
+            f"now {versions}): re-run the job so that every node uses the same version"
+        )
+    dest = remote_cache_folder(uri, versions)
+    recipe = {
+        "format": BUILD_FORMAT,
+        "source": uri,
+        "objects": {n: [s, t] for n, (s, t) in sorted(objects.items())},
+    }
+
+    def download(tmp: Path) -> None:
+        start, total = time.perf_counter(), 0
+        for name, (size, _) in sorted(objects.items()):
+            storage.download_file(name, tmp / name)
+            got = (tmp / name).stat().st_size
+            if got != size:
+                raise ModelNotFoundError(
+                    f"{key}={uri!r}: {name} has {got} bytes, the listing said {size}: the folder changed "
+                    "during the download; re-run when the upload is finished"
+                )
+            total += size
+        elapsed = time.perf_counter() - start
+        logger.info("downloaded %s: %d files, %d bytes in %.2f s", uri, len(objects), total, elapsed)
+        (tmp / DOWNLOAD_LOG).write_text(
+            json.dumps({"pid": os.getpid(), "bytes": total, "files": len(objects), "seconds": elapsed}) + "\n"
+        )
+
+    return str(materialize(dest, recipe, download))
+
+
+# Written into a downloaded copy (information only: who downloaded it, how many bytes, how long).
+DOWNLOAD_LOG = ".download.json"

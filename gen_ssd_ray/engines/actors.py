@@ -64,8 +64,11 @@ class TeacherEngine(_Slots):
     the pool. Many concurrent calls are batched by each engine."""
 
     def __init__(self, cfg: EngineConfig, first_index: int = 0, slots: int = 1, sim: SimConfig | None = None):
+        from gen_ssd_ray.common.models import localize_model
         from gen_ssd_ray.engines.registry import build_teacher
 
+        # A model folder on an object store is downloaded once on this node (gen_ssd_ray.common.models).
+        cfg = dataclasses.replace(cfg, model=localize_model(cfg.model))
         self.cfg = cfg
         again = _restarted()
         self.backends = [build_teacher(cfg, EngineContext(first_index + j, sim, again)) for j in range(slots)]
@@ -122,8 +125,15 @@ class StudentScorer(_Slots):
     """`slots` scorer backends (`student.backend`) behind `score` and `release`."""
 
     def __init__(self, spec: ScorerSpec, first_index: int = 0, slots: int = 1):
+        from gen_ssd_ray.common.models import localize_model
         from gen_ssd_ray.engines.registry import build_scorer
 
+        # Model folders on an object store are downloaded once on this node (gen_ssd_ray.common.models).
+        spec = dataclasses.replace(
+            spec,
+            student=dataclasses.replace(spec.student, model=localize_model(spec.student.model)),
+            teacher_model=localize_model(spec.teacher_model),
+        )
         self.spec = spec
         again = _restarted()
         self.backends = [

@@ -26,6 +26,8 @@ from gen_ssd_ray.common.config import (
 )
 from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.common.fingerprint import fingerprint
+from gen_ssd_ray.common.models import check_source_location
+from gen_ssd_ray.common.storage import check_location
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,10 @@ class EvaluateConfig:
         """Cross-field and value checks (ConfigError naming the key and the fix)."""
         m, s = self.model, self.sampling
         m.validate("model")
+        # Locations: a path or an object-store URI (s3://...); a bad scheme is refused naming the key.
+        check_source_location(m.model, "model.model")
+        check_source_location(self.data.path, "data.path")
+        check_location(self.output.dir, "output.dir")
         require(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
         require(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
         require(s.n >= 1, "sampling.n", f"must be >= 1, got {s.n}")

@@ -25,6 +25,12 @@ Contract:
   for a problem committed twice); `remove()` deletes the folder once predictions.parquet and
   summary.json are written.
 
+- An object-store output.dir: the job keeps the folder in a local staging folder (gen_ssd_ray.evaluate.run)
+  and gives `PartialPredictions` a `Mirror` of ``<output.dir>/_partial``: each piece is uploaded after
+  its local commit (one PUT: an object is absent or whole), pieces discarded by `force` are deleted
+  there too, and `remove()` deletes the remote folder. The mirror checks the job's lease before each
+  write. `pull_pieces` copies the remote pieces down before a resume.
+
 Locking the output folder is not done here (one writer per folder is the job's business).
 """
 
@@ -103,12 +109,45 @@ def check_partial(folder: Path, fingerprint: str, force: bool) -> int:
     return count
 
 
+class Mirror:
+    """The object-store copy of a `_partial` folder (see the module docstring): `check` (the job's
+    lease) runs before each write."""
+
+    def __init__(self, storage: Any, check: Any = None) -> None:
+        self.storage = storage
+        self.check = check or (lambda: None)
+
+    def put(self, local: Path, name: str) -> None:
+        self.check()
+        self.storage.upload_file(local, name)
+
+    def delete(self, name: str) -> None:
+        self.check()
+        self.storage.delete(name)
+
+    def clear(self) -> None:
+        self.check()
+        self.storage.delete_tree("")
+
+
+def pull_pieces(storage: Any, folder: Path) -> int:
+    """Copy the pieces of the object-store `_partial` folder `storage` into the local `folder`;
+    returns how many."""
+    names = [n for n in storage.list() if _PIECE_RE.match(n)]
+    for name in names:
+        storage.download_file(name, Path(folder) / name)
+    return len(names)
+
+
 class PartialPredictions:
     """The committed pieces of one evaluation (see the module docstring)."""
 
-    def __init__(self, folder: str | Path, fingerprint: str, *, force: bool = False) -> None:
+    def __init__(
+        self, folder: str | Path, fingerprint: str, *, force: bool = False, mirror: Mirror | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.mirror = mirror
         self.folder.mkdir(parents=True, exist_ok=True)
         for p in self.folder.iterdir():
             if p.name.startswith(TMP_PREFIX) and p.is_file():
@@ -136,6 +175,8 @@ class PartialPredictions:
                     "%s: discarding a piece written with fingerprint %s (output.force=true)", piece, old
                 )
                 piece.unlink()
+                if mirror is not None:
+                    mirror.delete(piece.name)
                 continue
             self._pieces.append(piece)
             self.done_ids.update(ids)
@@ -156,6 +197,8 @@ class PartialPredictions:
         name = f"part-{self._next_index:05d}.parquet"
         with atomic_writer(self.folder / name) as fh:
             pq.write_table(table, fh, compression="zstd")
+        if self.mirror is not None:  # committed on the store once uploaded (one PUT: whole or absent)
+            self.mirror.put(self.folder / name, name)
         self._next_index += 1
         self._pieces.append(self.folder / name)
         self.done_ids.update(ids)
@@ -179,6 +222,8 @@ class PartialPredictions:
 
     def remove(self) -> None:
         """Delete the folder (after the final files are written)."""
+        if self.mirror is not None:
+            self.mirror.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
         if self.folder.parent.is_dir():
             fsync_dir(self.folder.parent)

@@ -24,6 +24,13 @@ not evaluated again (`evaluate` returns the stored summary with "skipped": true,
 different fingerprint (finished or in `_partial`) is refused unless `output.force=true`, which
 re-evaluates and overwrites (an unfinished run of the same fingerprint is still resumed).
 
+`output.dir` may be an object-store URI (``s3://bucket/evals/x``): the run then holds the folder's
+lease (gen_ssd_ray.common.joblock) and works in a local staging folder rebuilt from the store
+(summary.json, predictions.parquet and the `_partial` pieces); each piece is uploaded when committed,
+predictions.parquet then summary.json (last) at the end, and the remote `_partial` is then deleted, each
+write after checking the lease. The model may be an object-store folder too (`model.model=s3://...`):
+the driver and every engine actor resolve it on their node (gen_ssd_ray.common.models).
+
 Bad input fails in `prepare`, before Ray or any actor starts: a missing model folder or tokenizer, a
 model without a chat template, an unusable data source, a refused output folder, an answer checker
 that cannot run (math-verify missing or broken: `gen_ssd_ray.common.verify.check_verifier`), all
@@ -51,7 +58,7 @@ from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, disk_full, reason
 from gen_ssd_ray.common.fsio import atomic_write_json
-from gen_ssd_ray.common.joblock import FolderLock, lock_job_folder
+from gen_ssd_ray.common.joblock import FolderLock, ObjectLease, lock_job_folder
 from gen_ssd_ray.common.models import model_revision
 from gen_ssd_ray.common.prompts import RenderedPrompt, check_chat_model, render_prompt
 from gen_ssd_ray.evaluate.config import EvaluateConfig, evaluation_fingerprint
@@ -86,8 +93,38 @@ class Prepared:
     existing: dict[str, Any] | None = None
     # One per problem (None when skipped).
     prompts: list[RenderedPrompt] | None = None
-    # `output.dir`'s job-folder lock, taken by `prepare` and released when `evaluate` returns.
-    lock: FolderLock | None = None
+    # `output.dir`'s job-folder lock (an object store's lease), taken by `prepare` and released when
+    # `evaluate` returns.
+    lock: FolderLock | ObjectLease | None = None
+
+
+def remote_of(cfg: EvaluateConfig):
+    """The Storage of `output.dir` if it is on an object store, else None."""
+    from gen_ssd_ray.common.storage import Storage, is_remote
+
+    return Storage(cfg.output.dir, key="output.dir") if is_remote(cfg.output.dir) else None
+
+
+def work_dir(cfg: EvaluateConfig) -> Path:
+    """Where the run's files are written on this machine: `output.dir`, or its local staging folder."""
+    from gen_ssd_ray.common.models import staging_dir
+    from gen_ssd_ray.common.storage import is_remote
+
+    return staging_dir(cfg.output.dir, "evaluate") if is_remote(cfg.output.dir) else Path(cfg.output.dir)
+
+
+def pull(storage, staging: Path) -> None:
+    """Rebuild the staging folder from the store: summary.json, predictions.parquet, the pieces."""
+    import shutil
+
+    from gen_ssd_ray.evaluate.partial import pull_pieces
+
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, exist_ok=True)
+    for name in (SUMMARY_NAME, PREDICTIONS_NAME):
+        if storage.exists(name):
+            storage.download_file(name, staging / name)
+    pull_pieces(storage.child(PARTIAL_DIR), staging / PARTIAL_DIR)
 
 
 def prepare(cfg: EvaluateConfig) -> Prepared:
@@ -100,13 +137,33 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     from gen_ssd_ray.common.models import resolve_model
     from gen_ssd_ray.common.verify import check_verifier
 
-    model_path = resolve_model(cfg.model.model)
+    model_path = resolve_model(cfg.model.model, "model.model")
     revision = model_revision(model_path)
     problems = load_problems(cfg.data)
     fp = evaluation_fingerprint(cfg, revision, problems)
-    out = Path(cfg.output.dir)
-    prepared = Prepared(model_path, revision, problems, fp, check_existing(out, fp, cfg.output.force))
+    out = work_dir(cfg)
+    storage = remote_of(cfg)
+    lock = None
+    if storage is not None:  # the staging folder is rebuilt from the store under the lease
+        lock = lock_job_folder(cfg.output.dir, "evaluate")
+        try:
+            pull(storage, out)
+        except BaseException:
+            lock.release()
+            raise
+    try:
+        existing = check_existing(out, fp, cfg.output.force)
+    except BaseException as e:
+        if lock is not None:
+            lock.release()
+            if isinstance(e, InputError):  # name the store's folder, not the staging copy
+                raise type(e)(str(e).replace(str(out), cfg.output.dir)) from None
+        raise
+    prepared = Prepared(model_path, revision, problems, fp, existing, lock=lock)
     if prepared.existing is not None:
+        if lock is not None:
+            lock.release()
+            prepared.lock = None
         return prepared  # a finished identical evaluation: skipped, nothing is written
     # Checks that would fail for every problem, before anything is written or started.
     check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs
@@ -120,7 +177,14 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
         max_prompt_tokens=m.max_model_len - new,
         budget=f"model.max_model_len={m.max_model_len} - sampling.max_new_tokens={new}",
     )
-    prepared.prompts = render_prompts(tokenizer, cfg.prompt, problems, m.max_model_len, new, key)
+    try:
+        prepared.prompts = render_prompts(tokenizer, cfg.prompt, problems, m.max_model_len, new, key)
+    except BaseException:
+        if prepared.lock is not None:
+            prepared.lock.release()
+        raise
+    if prepared.lock is not None:
+        return prepared  # an object store: locked and checked above
     # One evaluation per folder (exit 2 if another job holds it); `evaluate` releases it. What was
     # read before it is read again under it (another job may have finished meanwhile).
     prepared.lock = lock_job_folder(out, "evaluate")
@@ -248,11 +312,19 @@ def _evaluate_locked(
         log.info("%s already holds this evaluation (fingerprint %s): skipped", cfg.output.dir, p.fingerprint)
         return {**p.existing, "skipped": True}
     assert p.prompts is not None
-    out = Path(cfg.output.dir)
+    out = work_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    storage = remote_of(cfg)
+    mirror = None
+    if storage is not None:
+        from gen_ssd_ray.evaluate.partial import Mirror
+
+        mirror = Mirror(storage.child(PARTIAL_DIR), p.lock.check if p.lock is not None else None)
+        mirror.check()
+        storage.delete(SUMMARY_NAME)  # never leave an old summary beside new predictions
     with writing(out / PARTIAL_DIR):
         (out / SUMMARY_NAME).unlink(missing_ok=True)  # never leave an old summary beside new predictions
-        partial = PartialPredictions(out / PARTIAL_DIR, p.fingerprint, force=cfg.output.force)
+        partial = PartialPredictions(out / PARTIAL_DIR, p.fingerprint, force=cfg.output.force, mirror=mirror)
     generation_s, tokens, counters = _generate_rows(cfg, p, partial, generate_fn)
     rows = _all_rows(p, partial)
     summary = {
@@ -276,6 +348,11 @@ def _evaluate_locked(
         write_predictions(out / PREDICTIONS_NAME, rows)
     with writing(out / SUMMARY_NAME, partial):
         atomic_write_json(out / SUMMARY_NAME, summary, indent=2)
+    if storage is not None:  # predictions, then summary.json last: the evaluation is complete there
+        mirror.check()
+        storage.upload_file(out / PREDICTIONS_NAME, PREDICTIONS_NAME)
+        mirror.check()
+        storage.upload_file(out / SUMMARY_NAME, SUMMARY_NAME)
     partial.remove()
     return summary
 
@@ -315,6 +392,7 @@ def _all_rows(p: Prepared, partial: PartialPredictions) -> list[dict[str, Any]]:
 
 def _describe(cfg: EvaluateConfig, p: Prepared) -> dict[str, Any]:
     out = Path(cfg.output.dir)
+    storage = remote_of(cfg)
     return {
         "model": cfg.model.model,
         "model_path": p.model_path,
@@ -325,8 +403,10 @@ def _describe(cfg: EvaluateConfig, p: Prepared) -> dict[str, Any]:
         "sampling": dataclasses.asdict(cfg.sampling),
         "num_engines": cfg.model.num_engines,
         "fingerprint": p.fingerprint,
-        "output_dir": str(out),
-        "predictions": str(out / PREDICTIONS_NAME),
+        "output_dir": storage.uri if storage is not None else str(out),
+        "predictions": storage.uri_of(PREDICTIONS_NAME)
+        if storage is not None
+        else str(out / PREDICTIONS_NAME),
     }
 
 
@@ -554,7 +634,9 @@ def _halves(batch: list[int]) -> list[list[int]]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """What a person reads at the end of `python -m jobs.evaluate`."""
-    out = Path(summary["output_dir"]).resolve()
+    from gen_ssd_ray.common.storage import is_remote
+
+    out = summary["output_dir"] if is_remote(summary["output_dir"]) else Path(summary["output_dir"]).resolve()
     st = summary["samples_by_status"]
     lines = [
         "",

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from gen_ssd_ray.common.config import ConfigError, PromptConfig, RayConfig, derive, require
+from gen_ssd_ray.common.models import check_source_location
+from gen_ssd_ray.common.storage import StorageError, check_location
 from gen_ssd_ray.evaluate.config import EvaluateConfig
 from gen_ssd_ray.generate.config import GenerateConfig
 from gen_ssd_ray.train.config import FinetuneConfig, TrainDataConfig
@@ -69,6 +71,10 @@ class PipelineConfig:
         from gen_ssd_ray.lab.models import LAB_MODEL_SIZES
 
         require(bool(self.output_dir), "output_dir", "must not be empty")
+        # A local folder or an object-store URI (s3://...): every stage folder is a child of it.
+        check_location(self.output_dir, "output_dir")
+        check_source_location(self.teacher, "teacher")
+        check_source_location(self.student, "student")
         require(bool(self.methods), "methods", f"must list at least one of {sorted(METHODS)}")
         for m in self.methods:
             require(m in METHODS, "methods", f"unknown method {m!r}; choose from {sorted(METHODS)}")
@@ -90,7 +96,7 @@ class PipelineConfig:
         for section in ("teacher_train", "cold_start", "generate", "distill", "evaluate"):
             try:
                 stage_config(self, section, {}).validate()
-            except ConfigError as e:
+            except (ConfigError, StorageError) as e:
                 raise ConfigError(f"{section}.{e}") from None
 
 

@@ -24,6 +24,12 @@ output folders, the prompt, the method); everything else comes from the stage se
 
 A method whose filter keeps no trajectory gets no distilled student: the stage is recorded as
 `empty` with the reason and the others go on.
+
+`output_dir` may be an object-store URI (``s3://bucket/exp``): every stage folder is then a child URI
+(each stage's job writes there through gen_ssd_ray.common.storage), the run holds the folder's lease,
+`pipeline.json` is written there, lab base models are built locally and uploaded (config.json last),
+and the report is built in a local staging folder from copies of its inputs and uploaded to
+`<output_dir>/report/` (report.md last).
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class StageInputError(InputError):
 
 
 @contextlib.contextmanager
-def _stage_input(name: str, folder: Path):
+def _stage_input(name: str, folder: str | Path):
     """Name the stage in a bad-input error. A folder written with another config is the pipeline's own
     doing (its config changed since): the fix is a new output_dir, or removing that stage's folder and
     every later stage's (they depend on it)."""
@@ -94,11 +100,21 @@ class Pipeline:
     """Runs the stages in order and records each one's outcome in `<output_dir>/pipeline.json`."""
 
     def __init__(self, cfg: PipelineConfig):
+        from gen_ssd_ray.common.models import staging_dir
+        from gen_ssd_ray.common.storage import Storage, is_remote
+
         self.cfg = cfg
-        self.out = Path(cfg.output_dir)
+        # An object store: `storage` is the folder, `out` a local staging folder (lab models, report).
+        self.storage = Storage(cfg.output_dir, key="output_dir") if is_remote(cfg.output_dir) else None
+        self.out = staging_dir(cfg.output_dir, "pipeline") if self.storage else Path(cfg.output_dir)
         self.state: dict[str, Any] = {"init_seed": cfg.init_seed, "methods": list(cfg.methods), "stages": {}}
 
     # ---- bookkeeping -------------------------------------------------------------------------
+    def loc(self, *parts: str) -> str:
+        """The location of a stage folder or file: a path under output_dir, or a child URI."""
+        name = "/".join(parts)
+        return self.storage.uri_of(name) if self.storage is not None else str(self.out / name)
+
     def _record(self, name: str, status: str, started: float, **info: Any) -> None:
         from gen_ssd_ray.common.fsio import atomic_write_json
 
@@ -107,7 +123,10 @@ class Pipeline:
             "elapsed_s": round(time.perf_counter() - started, 1),
             **info,
         }
-        atomic_write_json(self.out / STATE_NAME, self.state, indent=1, default=str)
+        if self.storage is not None:
+            self.storage.write_json(STATE_NAME, self.state, indent=1, default=str)
+        else:
+            atomic_write_json(self.out / STATE_NAME, self.state, indent=1, default=str)
         log.info("pipeline: stage %s %s (%.1f s)", name, status, time.perf_counter() - started)
 
     # ---- models ------------------------------------------------------------------------------
@@ -117,12 +136,20 @@ class Pipeline:
             return spec
         from gen_ssd_ray.lab.models import build_lab_model
 
-        dest = self.out / "models" / f"{role}-init-{spec.removeprefix(LAB_PREFIX)}-seed{self.cfg.init_seed}"
+        name = f"{role}-init-{spec.removeprefix(LAB_PREFIX)}-seed{self.cfg.init_seed}"
+        dest = self.out / "models" / name
+        if self.storage is not None and self.storage.exists(f"models/{name}/config.json"):
+            return self.loc("models", name)
         if not (dest / "config.json").is_file():
             tmp = dest.with_name(f".tmp-{dest.name}")
             shutil.rmtree(tmp, ignore_errors=True)
             build_lab_model(tmp, size=spec.removeprefix(LAB_PREFIX), seed=self.cfg.init_seed)
             tmp.replace(dest)
+        if self.storage is not None:  # config.json last: a folder without it is not a model yet
+            for f in sorted(dest.rglob("*"), key=lambda f: f.name == "config.json"):
+                if f.is_file():
+                    self.storage.upload_file(f, f"models/{name}/{f.relative_to(dest).as_posix()}")
+            return self.loc("models", name)
         return str(dest)
 
     # ---- stages ------------------------------------------------------------------------------
@@ -132,11 +159,11 @@ class Pipeline:
         from gen_ssd_ray.train.run import prepare, run_finetune
 
         started = time.perf_counter()
-        links = {"model.path": model, "output.dir": str(self.out / name)}
+        links = {"model.path": model, "output.dir": self.loc(name)}
         links.update({f"data.{k}": v for k, v in data.items()})
         ft = stage_config(self.cfg, section, links)
         ft.validate()
-        with _stage_input(name, self.out / name):
+        with _stage_input(name, self.loc(name)):
             try:
                 prepared = prepare(ft)
             except EmptyTrainingSetError as e:  # a method that kept nothing: no student, the rest goes on
@@ -153,7 +180,7 @@ class Pipeline:
             "method": method,
             "teacher.model": teacher,
             "student.model": student,
-            "output.dir": str(self.out / "generate" / method),
+            "output.dir": self.loc("generate", method),
         }
         samples = {"standard_kd": self.cfg.kd_samples, "posthoc_ppl": self.cfg.posthoc_samples}
         if method in samples:
@@ -172,7 +199,7 @@ class Pipeline:
         prepared = {}
         try:
             for m, g in configs.items():  # bad input: ValueError, nothing started
-                with _stage_input(f"generate/{m}", Path(g.output.dir)):
+                with _stage_input(f"generate/{m}", g.output.dir):
                     prepared[m] = prepare(g)
         except BaseException:  # the folders already opened are let go (their writers hold the locks)
             for p in prepared.values():
@@ -223,10 +250,10 @@ class Pipeline:
 
         started = time.perf_counter()
         ev: EvaluateConfig = stage_config(
-            self.cfg, "evaluate", {"model.model": model, "output.dir": str(self.out / "eval" / name)}
+            self.cfg, "evaluate", {"model.model": model, "output.dir": self.loc("eval", name)}
         )
         ev.validate()
-        with _stage_input(f"eval/{name}", Path(ev.output.dir)):
+        with _stage_input(f"eval/{name}", ev.output.dir):
             prepared = prepare_eval(ev)
         with _stage(f"eval/{name}"):
             summary = evaluate(ev, prepared)
@@ -241,7 +268,7 @@ class Pipeline:
         before anything starts: FolderLockedError, exit 2), then run the stages."""
         from gen_ssd_ray.common.joblock import hold_job_folder
 
-        with hold_job_folder(self.out, "pipeline", key="output_dir"):
+        with hold_job_folder(self.cfg.output_dir, "pipeline", key="output_dir"):
             return self._run()
 
     def _run(self) -> dict[str, Any]:
@@ -257,39 +284,71 @@ class Pipeline:
         if cfg.teacher.startswith(LAB_PREFIX):
             if self.finetune("teacher", "teacher_train", teacher) is None:
                 raise JobFailed("teacher: the teacher's training set is empty (see teacher_train.data)")
-            teacher = str(self.out / "teacher" / "model")
+            teacher = self.loc("teacher", "model")
         student = self._base_model(cfg.student, "student")
         if self.finetune("cold_start", "cold_start", student) is None:
             raise JobFailed("cold_start: the cold-start training set is empty (see cold_start.data)")
-        student = str(self.out / "cold_start" / "model")
+        student = self.loc("cold_start", "model")
 
         students = {"cold_start": student}
         self.generate_all(teacher, student)
         for method in cfg.methods:
-            folder = self.out / "generate" / method
+            folder = self.loc("generate", method)
             manifest = read_manifest(folder) or {}
             done = self.finetune(
                 f"distill/{method}",
                 "distill",
                 student,
-                path=str(folder),
+                path=folder,
                 expect_fingerprint=manifest.get("fingerprint"),
             )
             if done is not None:
-                students[method] = str(self.out / "distill" / method / "model")
+                students[method] = self.loc("distill", method, "model")
 
         evals = {"teacher": self.evaluate("teacher", teacher)}
         for name, path in students.items():
             evals[name] = self.evaluate(name, path)
 
         t0 = time.perf_counter()
-        report = write_report(self.out, cfg.methods)
+        if self.storage is None:
+            report = write_report(self.out, cfg.methods)
+        else:
+            report = self._remote_report()
         self._record("report", "done", t0, path=str(report))
         self.state["elapsed_s"] = round(time.perf_counter() - started, 1)
         self.state["report"] = str(report)
         self.state["accuracy"] = {k: v.get("accuracy") for k, v in evals.items()}
         self._record("pipeline", "done", started)
         return self.state
+
+    def _remote_report(self) -> str:
+        """The report of an object-store output_dir: its inputs copied into the staging folder, the
+        report written there, then uploaded to `<output_dir>/report/` (report.md last)."""
+        from gen_ssd_ray.pipeline.report import REPORT_DIR, write_report
+
+        assert self.storage is not None
+        stage = self.out
+        shutil.rmtree(stage / REPORT_DIR, ignore_errors=True)
+        for name in self.storage.list():
+            if _report_input(name):
+                self.storage.download_file(name, stage / name)
+        report = write_report(stage, self.cfg.methods)
+        folder = report.parent
+        files = sorted((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f == report)
+        for f in files:
+            self.storage.upload_file(f, f"{REPORT_DIR}/{f.relative_to(folder).as_posix()}")
+        return self.storage.uri_of(f"{REPORT_DIR}/{report.name}")
+
+
+def _report_input(name: str) -> bool:
+    """Whether object `name` of an object-store output_dir is read by the report (pipeline.report):
+    pipeline.json, the generation folders, and the stages' summaries, metrics, configs, predictions."""
+    parts = name.split("/")
+    if parts[-1] == "_lock" or "checkpoints" in parts or "model" in parts or "models" in parts:
+        return False
+    if name == STATE_NAME or parts[0] == "generate":
+        return True
+    return parts[-1] in ("summary.json", "metrics.jsonl", "_config.yaml", "predictions.parquet")
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

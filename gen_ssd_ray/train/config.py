@@ -31,6 +31,8 @@ from gen_ssd_ray.common.config import (
 )
 from gen_ssd_ray.common.filters import FilterError, parse_all
 from gen_ssd_ray.common.fingerprint import fingerprint
+from gen_ssd_ray.common.models import check_source_location
+from gen_ssd_ray.common.storage import check_location
 
 DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
 
@@ -111,6 +113,8 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class FinetuneOutputConfig(JobOutputConfig):
+    # A local folder, or an object-store URI (s3://bucket/prefix, gs://...): checkpoints and the model
+    # are then staged on local disk and uploaded, each with its completion marker last.
     dir: str = "outputs/finetune"
     # Save a resumable checkpoint (model, optimizer, scheduler, data position) every N steps (0: only
     # at the end of training).
@@ -166,6 +170,10 @@ class FinetuneConfig:
     def validate(self) -> None:
         m, d, o, z, out, r = self.model, self.data, self.optim, self.deepspeed, self.output, self.runtime
         require(bool(m.path), "model.path", "must not be empty")
+        # Locations: a path or an object-store URI (s3://...); a bad scheme is refused naming the key.
+        check_source_location(m.path, "model.path")
+        check_source_location(d.path, "data.path")
+        check_location(out.dir, "output.dir")
         require(
             m.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
             "model.attn_implementation",

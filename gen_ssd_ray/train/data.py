@@ -3,7 +3,9 @@
 What this module knows:
 - Reading `data.path`: a generation job's output folder (only the shards its manifest lists, never a
   half-written one; the rows must share one config fingerprint), a Parquet file or folder, a JSONL or
-  JSON file, or an embedded data set (`embedded:gsm8k/train`). Only `needed_columns` are read (Parquet:
+  JSON file, or an embedded data set (`embedded:gsm8k/train`); any of the first three may be on an
+  object store (``s3://bucket/gen/run``, read through gen_ssd_ray.common.storage; a generation folder's
+  manifest through generate/output.read_manifest). Only `needed_columns` are read (Parquet:
   column projection, one file at a time), never the nested `chunks` or token ids: preparing 1M
   generation rows stays within a few GB (scripts/bench_train_prep.py).
 - Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import logging
 import math
@@ -119,8 +122,13 @@ def read_filtered(cfg: TrainDataConfig):
     return _finish(df, cfg, read, steps or []) + (read,)
 
 
-def _resolve(cfg: TrainDataConfig) -> Path:
+def _resolve(cfg: TrainDataConfig) -> Path | str:
+    """The local path of `data.path`, or its normalized URI when it is on an object store."""
+    from gen_ssd_ray.common.storage import check_location, is_remote
+
     path = cfg.path
+    if is_remote(path):
+        return check_location(path, "data.path")
     if path.startswith("embedded:"):
         from gen_ssd_ray.common.data import DataError, embedded_path, lab_sft_path
 
@@ -148,6 +156,9 @@ def iter_frames(cfg: TrainDataConfig):
 
     p = _resolve(cfg)
     wanted = needed_columns(cfg)
+    if isinstance(p, str):
+        yield from _iter_remote(cfg, p, wanted)
+        return
     try:
         if p.is_dir() or p.suffix == ".parquet":
             files = _folder_files(p) if p.is_dir() else [(p, set())]
@@ -187,6 +198,86 @@ def iter_frames(cfg: TrainDataConfig):
     df = df[[c for c in wanted if c in df.columns]]
     df.attrs["source_columns"] = source_columns
     yield df
+
+
+def _iter_remote(cfg: TrainDataConfig, uri: str, wanted: list[str]):
+    """`iter_frames` for an object-store `data.path`: a JSONL/JSON/Parquet object, or a folder (a
+    generation folder's live shards, else every Parquet object under it)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from gen_ssd_ray.common.storage import Storage
+
+    parent, _, leaf = uri.rpartition("/")
+    suffix = Path(leaf).suffix
+    try:
+        if suffix in (".jsonl", ".ndjson", ".json"):
+            storage = Storage(parent, key="data.path")
+            if not storage.exists(leaf):
+                raise TrainDataError(f"data.path={cfg.path!r}: no such object")
+            text = storage.read_text(leaf)
+            try:
+                df = pd.DataFrame(json.loads(text)) if suffix == ".json" else None
+            except ValueError:
+                df = None
+            if df is None:
+                df = pd.read_json(io.StringIO(text), lines=True, dtype=False)
+            del text
+            source_columns = sorted(map(str, df.columns))
+            df = df[[c for c in wanted if c in df.columns]]
+            df.attrs["source_columns"] = source_columns
+            yield df
+            return
+        if suffix == ".parquet":
+            storage, files = Storage(parent, key="data.path"), [(leaf, set())]
+            if not storage.exists(leaf):
+                raise TrainDataError(f"data.path={cfg.path!r}: no such object")
+        else:
+            storage = Storage(uri, key="data.path")
+            files = _remote_folder_files(cfg, storage)
+        for name, stale in files:
+            with storage.open_input(name) as fh:
+                names = pq.read_schema(fh).names
+                cols = [c for c in wanted if c in names]
+                fh.seek(0)
+                table = pq.read_table(
+                    fh, columns=cols + (["problem_id"] if stale and "problem_id" not in cols else [])
+                )
+            if stale:
+                keep = pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale))))
+                table = table.filter(keep).select(cols)
+            df = table.to_pandas(self_destruct=True, split_blocks=True)
+            del table
+            df.attrs["source_columns"] = sorted(map(str, names))
+            yield df
+    except TrainDataError:
+        raise
+    except (OSError, ValueError) as e:
+        raise TrainDataError(f"data.path={cfg.path!r} cannot be read: {e}") from None
+
+
+def _remote_folder_files(cfg: TrainDataConfig, storage) -> list[tuple[str, set[str]]]:
+    """The live shards of a generation folder on an object store (its manifest), or its Parquet objects."""
+    from gen_ssd_ray.generate.output import MANIFEST_NAME, live_shards, read_manifest
+
+    names = storage.list()
+    if MANIFEST_NAME in names:
+        manifest = read_manifest(storage.uri)
+        if manifest is None:
+            raise TrainDataError(
+                f"data.path={cfg.path!r} is a generation folder on an object store whose manifest this "
+                "version cannot read (gen_ssd_ray.generate.output.read_manifest takes local folders only)"
+            )
+        files = live_shards(manifest)
+    else:
+        files = [
+            (n, set()) for n in names if n.endswith(".parquet") and not Path(n).name.startswith((".", "_"))
+        ]
+    if not files:
+        raise TrainDataError(f"data.path={cfg.path!r} holds no committed shards or Parquet files")
+    return files
 
 
 def _folder_files(folder: Path) -> list[tuple[Path, set[str]]]:

@@ -10,6 +10,11 @@
    nccl on GPU), which resumes from the last checkpoint if there is one. Then the loss plot and
    `summary.json` (written last) are produced from the run's own files.
 
+`output.dir` may be an object-store URI (``s3://bucket/runs/ft``): the job then works in a local staging
+folder rebuilt from the store (gen_ssd_ray.train.remote), holds the folder's lease instead of a file
+lock, and uploads every complete checkpoint (marker last), the exported model (marker last), the
+metrics, the plot and `summary.json` (last); the lease is checked before each upload.
+
 Failures follow the shared model (gen_ssd_ray.common.errors): bad input is an `InputError`
 (`ModelIncompatibleError`, `TrainDataError`, `TrainOutputExistsError`, ...; exit 2); a failed worker
 surfaces as `JobFailed`, naming the last complete checkpoint a re-run resumes from (exit 1), and so do
@@ -30,7 +35,7 @@ from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted
 from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic_writer
 from gen_ssd_ray.common.interrupts import raise_on_signals
-from gen_ssd_ray.common.joblock import FolderLock, lock_job_folder
+from gen_ssd_ray.common.joblock import FolderLock, ObjectLease, lock_job_folder
 from gen_ssd_ray.common.models import model_revision
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
@@ -72,8 +77,25 @@ class Prepared:
     pad_id: int
     save_dtype: str
     complete: dict[str, Any] | None  # the summary of an already complete run with this fingerprint
-    # `output.dir`'s job-folder lock, taken by `prepare` and released when `run_finetune` returns.
-    lock: FolderLock | None = None
+    # `output.dir`'s job-folder lock (an object store's lease), taken by `prepare` and released when
+    # `run_finetune` returns.
+    lock: FolderLock | ObjectLease | None = None
+
+
+def work_dir(cfg: FinetuneConfig) -> Path:
+    """Where the run's files are written on this machine: `output.dir`, or for an object-store URI its
+    local staging folder (gen_ssd_ray.train.remote)."""
+    from gen_ssd_ray.common.storage import is_remote
+    from gen_ssd_ray.train.remote import staging_dir
+
+    return staging_dir(cfg.output.dir) if is_remote(cfg.output.dir) else Path(cfg.output.dir)
+
+
+def remote_of(cfg: FinetuneConfig):
+    """The Storage of `output.dir` if it is on an object store, else None."""
+    from gen_ssd_ray.common.storage import Storage, is_remote
+
+    return Storage(cfg.output.dir, key="output.dir") if is_remote(cfg.output.dir) else None
 
 
 def check_model(path: str, trust_remote_code: bool):
@@ -153,7 +175,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
             "(avx512_bf16/amx_bf16): every matmul is emulated and training is many times slower than "
             "fp32; set deepspeed.precision=fp32 for CPU training"
         )
-    model_path = resolve_model(cfg.model.path)
+    model_path = resolve_model(cfg.model.path, "model.path")
     tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
     check_chat_model(
         model_path,
@@ -173,10 +195,15 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
             "response; raise optim.max_seq_len"
         )
     fp = train_fingerprint(cfg, model_revision(model_path), data_signature(df, cfg.data))
-    out = Path(cfg.output.dir)
+    out = work_dir(cfg)
     # One fine-tune per folder (exit 2 if another job holds it), before reading anything in it.
-    lock = lock_job_folder(out, "finetune")
+    lock = lock_job_folder(cfg.output.dir, "finetune")
     try:
+        storage = remote_of(cfg)
+        if storage is not None:  # the staging folder, rebuilt from the store
+            from gen_ssd_ray.train.remote import pull
+
+            pull(storage, out)
         complete = _check_output(cfg, out, fp)
     except BaseException:
         lock.release()
@@ -197,7 +224,7 @@ def _check_output(cfg: FinetuneConfig, out: Path, fp: str) -> dict[str, Any] | N
     if state is not None and state.get("fingerprint") != fp:
         if not cfg.output.force:
             raise TrainOutputExistsError(
-                f"output.dir={str(out)!r} holds a fine-tuning run with another config or data "
+                f"output.dir={cfg.output.dir!r} holds a fine-tuning run with another config or data "
                 f"(fingerprint {state.get('fingerprint')} != {fp}){_world_size_hint(cfg, out)}: use "
                 "another output.dir, or set output.force=true to start over there"
             )
@@ -237,17 +264,30 @@ def _start_fresh(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
 
     from gen_ssd_ray.common.config import to_yaml
 
+    storage = remote_of(cfg)
     state = ck.read_json(out / ck.STATE)
     if state is not None and state.get("fingerprint") != p.fingerprint:  # output.force=true
         for name in (ck.CHECKPOINTS, ck.MODEL):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (ck.METRICS, ck.SUMMARY, ck.PLOT):
             (out / name).unlink(missing_ok=True)
+        if storage is not None:
+            from gen_ssd_ray.train.remote import clear_run
+
+            p.lock.check()
+            clear_run(storage)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / ck.CONFIG, to_yaml(cfg))
     atomic_write_json(out / ck.STATE, {"fingerprint": p.fingerprint})
     (out / ck.SUMMARY).unlink(missing_ok=True)
     (out / NONFINITE_REPORT).unlink(missing_ok=True)
+    if storage is not None:
+        from gen_ssd_ray.train.remote import push_files
+
+        p.lock.check()
+        storage.delete(ck.SUMMARY)
+        storage.delete(NONFINITE_REPORT)
+        push_files(storage, out, [ck.CONFIG, ck.STATE])
     partial = ck.incomplete_tags(out)
     if partial:
         log.warning(
@@ -281,6 +321,9 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
         train_loop_config={
             "cfg": cfg,
             "out_dir": str(out.resolve()),
+            # An object-store output.dir, and the lease the workers check before each upload.
+            "remote": cfg.output.dir if remote_of(cfg) is not None else None,
+            "lease_id": getattr(p.lock, "lease_id", None),
             "model_path": p.model_path,
             "examples_ref": ray.put(p.examples),
             "fingerprint": p.fingerprint,
@@ -305,8 +348,9 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
         with raise_on_signals():
             trainer.fit()
     except (KeyboardInterrupt, SystemExit) as e:  # a signal, or Ray Train exiting after aborting the run
-        raise JobInterrupted(f"training interrupted; {_resume_hint(out)}") from e
+        raise JobInterrupted(f"training interrupted; {_resume_hint(out, _remote_uri(cfg))}") from e
     except Exception as e:  # TrainingFailedError and friends: say what is left and how to continue
+        _push_report(cfg, p, out)
         last = ck.latest_tag(out)
         if ck.model_complete(out) and last is not None and (ck.step_of(last) or 0) >= planned_steps(cfg, p):
             # Every step ran and the model was exported; a worker then died on its way out (a 2-rank
@@ -318,14 +362,34 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             raise JobFailed(nonfinite) from e
         text = str(e).strip()
         raise JobFailed(
-            f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out)}"
+            f"training failed: {type(e).__name__}: {text.splitlines()[-1] if text else ''}; {_resume_hint(out, _remote_uri(cfg))}"
         ) from e
 
 
-def _resume_hint(out: Path) -> str:
+def _remote_uri(cfg: FinetuneConfig) -> str | None:
+    storage = remote_of(cfg)
+    return storage.uri if storage is not None else None
+
+
+def _push_report(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
+    """A failed run's non-finite report and metrics, to an object-store output.dir (best effort)."""
+    storage = remote_of(cfg)
+    if storage is None:
+        return
+    from gen_ssd_ray.train.remote import push_files
+
+    try:
+        p.lock.check()
+        push_files(storage, out, [NONFINITE_REPORT, ck.METRICS])
+    except Exception as e:  # the failure being reported matters more
+        log.warning("could not upload the run's report to %s: %s", cfg.output.dir, e)
+
+
+def _resume_hint(out: Path, remote: str | None = None) -> str:
     last = ck.latest_tag(out)
     where = f"the last complete checkpoint is {last}" if last else "no checkpoint was completed yet"
-    return f"{where} in {out / ck.CHECKPOINTS}; re-run the same command to resume"
+    folder = f"{remote}/{ck.CHECKPOINTS}" if remote else out / ck.CHECKPOINTS
+    return f"{where} in {folder}; re-run the same command to resume"
 
 
 def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[str, Any]:
@@ -341,7 +405,7 @@ def run_finetune(cfg: FinetuneConfig, prepared: Prepared | None = None) -> dict[
 def _run_locked(cfg: FinetuneConfig, p: Prepared) -> dict[str, Any]:
     from gen_ssd_ray.common.cluster import actor_demand, check_fits
 
-    out = Path(cfg.output.dir)
+    out = work_dir(cfg)
     if p.complete is not None:
         log.info("%s is complete for this config: skipping training", out)
         return {**p.complete, "skipped": True}
@@ -371,6 +435,12 @@ def _run_locked(cfg: FinetuneConfig, p: Prepared) -> dict[str, Any]:
     summary = make_summary(cfg, p, metrics, out, time.perf_counter() - started)
     summary["resumed_from_step"] = ck.step_of(resumed) if resumed is not None else None
     atomic_write_json(out / ck.SUMMARY, summary, indent=1)
+    storage = remote_of(cfg)
+    if storage is not None:  # the metrics and plot, then summary.json last: the run is complete
+        from gen_ssd_ray.train.remote import push_files
+
+        p.lock.check()
+        push_files(storage, out, [ck.METRICS, ck.PLOT, ck.SUMMARY])
     return summary
 
 
@@ -395,10 +465,11 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
     spe = steps_per_epoch(len(plan), cfg.runtime.num_workers, o.grad_accum_steps)
     last = metrics[-1] if metrics else {}
     losses = [m["loss"] for m in metrics if m.get("loss") is not None]
+    remote = remote_of(cfg)
     return {
         "fingerprint": p.fingerprint,
-        "output_dir": str(out.resolve()),
-        "model_dir": str((out / ck.MODEL).resolve()),
+        "output_dir": remote.uri if remote is not None else str(out.resolve()),
+        "model_dir": remote.uri_of(ck.MODEL) if remote is not None else str((out / ck.MODEL).resolve()),
         "base_model": p.model_path,
         "data_path": cfg.data.path,
         "rows_read": p.rows_read,

@@ -20,6 +20,11 @@ already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
 5. Export: the full weights (gathered from the ZeRO-3 partitions if needed) as a Hugging Face folder
    with the tokenizer and chat template, renamed into place by rank 0.
 
+With an object-store `output.dir` (`config["remote"]`), `out_dir` is the local staging folder: a node
+that lacks the newest complete checkpoint downloads it before the resume (its local rank 0), each
+complete checkpoint is uploaded (every rank its own files, rank 0 the marker last) and so is the
+exported model, each upload after checking the driver's lease (gen_ssd_ray.train.remote).
+
 Knows nothing about where the data came from or how the job was configured beyond the plain dict it
 receives (see `gen_ssd_ray.train.run`).
 """
@@ -155,8 +160,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
+    from gen_ssd_ray.common.models import localize_model
+
     cfg: FinetuneConfig = config["cfg"]
     out = Path(config["out_dir"])
+    # A model from an object store: the driver's copy, downloaded on this node if it lacks it (once per
+    # node: concurrent ranks wait on the cache's build lock).
+    config = {**config, "model_path": localize_model(config["model_path"])}
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = cfg.runtime.torch_threads or max(1, int(cfg.runtime.cpus_per_worker))
@@ -189,6 +199,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr_scheduler=make_scheduler,
         config=ds_config,
     )
+
+    remote = None
+    if config.get("remote"):
+        from gen_ssd_ray.common.storage import Storage
+        from gen_ssd_ray.train import remote as rm
+
+        remote = Storage(config["remote"], key="output.dir")
+        if ctx.get_local_rank() == 0:  # one download per node, if this node lacks the checkpoint
+            out.mkdir(parents=True, exist_ok=True)
+            rm.ensure_checkpoint(remote, out, config["fingerprint"])
+        dist.barrier()
 
     # Resume.
     step = 0
@@ -272,7 +293,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 fh.write(json.dumps(row) + "\n")
         if step == total or (save_every and step % save_every == 0):
             _save(engine, out, step, world, config["fingerprint"], cfg.output.keep_last, rank)
+            if remote is not None:
+                _upload_checkpoint(remote, out, step, world, rank, cfg, config)
     _export(engine, cfg, config, out, rank)
+    if remote is not None and rank == 0:
+        from gen_ssd_ray.train.remote import push_model
+
+        files, nbytes, seconds = push_model(remote, out, config.get("lease_id"))
+        print(
+            f"[finetune] uploaded the model to {remote.uri_of(ck.MODEL)}: {files} files, {nbytes} bytes "
+            f"in {seconds:.2f} s",
+            flush=True,
+        )
+    dist.barrier()
+
+
+def _upload_checkpoint(remote, out: Path, step: int, world: int, rank: int, cfg, config) -> None:
+    """Upload the complete local checkpoint of `step` (every rank its own files; rank 0 the marker last,
+    after every rank's upload; gen_ssd_ray.train.remote)."""
+    import torch.distributed as dist
+
+    from gen_ssd_ray.train import remote as rm
+
+    tag, lease_id = ck.tag_for(step), config.get("lease_id")
+    start = time.perf_counter()
+    if rank == 0:  # an earlier save of this step (a resume from before it) is made incomplete first
+        rm.clear_checkpoint(remote, tag)
+    dist.barrier()
+    files, nbytes = rm.push_checkpoint(remote, out, tag, rank, world, lease_id)
+    dist.barrier()
+    if rank == 0:
+        rm.commit_checkpoint(remote, out, tag, world, config["fingerprint"], cfg.output.keep_last, lease_id)
+        print(
+            f"[finetune] uploaded {tag} to {remote.uri_of(ck.CHECKPOINTS)} (rank 0: {files} files, "
+            f"{nbytes} bytes) in {time.perf_counter() - start:.2f} s",
+            flush=True,
+        )
     dist.barrier()
 
 
