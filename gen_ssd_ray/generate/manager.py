@@ -13,6 +13,11 @@ waits for one, keeping the problem's search state, up to `pool_wait_s`; then the
 (EnginesUnavailable) and the driver retries it later with backoff. `runtime.call_timeout_s` detects hung engines, not slow ones: a call past it
 asks the engine for its progress counter, keeps waiting while the engine advances (it is busy, not
 hung) and gives up only when it does not. A problem whose prompt does not fit becomes an error row.
+
+Resume (gen_ssd_ray.generate.journal): with a `JournalTarget`, every completed step of every trajectory
+is buffered and written to the output's journal every `interval_s` (a background task) and on
+`flush_journal()` (the driver's stop path); `solve(..., restore=...)` replays journaled steps first, so a
+restored trajectory skips the teacher calls of its journaled chunks and continues with the same seeds.
 """
 
 from __future__ import annotations
@@ -161,13 +166,53 @@ class BeamManager:
         self._recovered: dict[int, asyncio.Event] = {}
         # (id of a pool's health, engine) -> the calls waiting on that engine, abandoned when it fails
         self._waiting: dict[tuple[int, int], set[asyncio.Future]] = {}
+        self._journals: dict = {}  # output folder -> JournalWriter (gen_ssd_ray.generate.journal)
+        self._flusher: asyncio.Task | None = None
+        self._flush_lock: asyncio.Lock | None = None
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
     async def stats(self) -> dict[str, Any]:
-        """Score calls answered per scorer (the driver sums them over managers: scorer balance)."""
-        return {"score_calls": list(self.score_calls)}
+        """Score calls answered per scorer (the driver sums them over managers: scorer balance) and
+        what the journal writers wrote."""
+        return {
+            "score_calls": list(self.score_calls),
+            "journal": {uri: j.stats() for uri, j in self._journals.items()},
+        }
+
+    # ---- journal (gen_ssd_ray.generate.journal) ----------------------------------------------
+    def _journal(self, target):
+        from gen_ssd_ray.generate.journal import JournalWriter
+
+        j = self._journals.get(target.uri)
+        if j is None or j.target != target:
+            j = self._journals[target.uri] = JournalWriter(target)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return j
+
+    async def _flush_loop(self) -> None:
+        while True:
+            interval = min((j.target.interval_s for j in self._journals.values()), default=1.0)
+            await asyncio.sleep(max(0.05, interval / 4))
+            await self.flush_journal(only_due=True)
+
+    async def flush_journal(self, only_due: bool = False) -> int:
+        """Write every journal's buffered steps now (the driver calls this when it stops); returns
+        the bytes written. A failed write is logged and kept for the next flush."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        written = 0
+        async with self._flush_lock:
+            for j in list(self._journals.values()):
+                if only_due and not j.due():
+                    continue
+                try:
+                    written += await asyncio.to_thread(j.flush)
+                except Exception as e:
+                    log.warning("journal write to %s failed (%s: %s)", j.target.uri, type(e).__name__, e)
+        return written
 
     # ---- remote calls with health, liveness deadlines and fallback -------------------------
     async def _call(self, pool: list, health, first: int, method: str, payload):
@@ -336,9 +381,10 @@ class BeamManager:
             health.probed(i, False)
         self._wake(health)  # waiting steps use it, or look at its new cooldown
 
-    async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
+    async def _run_trajectory(self, search: ProblemSearch, engine: int, journal=None) -> Trajectory:
         """The trajectory's steps: expand on its pinned teacher engine, score on its scorer (sticky
-        for the scorer's cache, spread over all scorers: gen_ssd_ray.generate.routing)."""
+        for the scorer's cache, spread over all scorers: gen_ssd_ray.generate.routing). `journal`:
+        (writer, problem id, content hash, trajectory index), where each completed step is recorded."""
         group, used = search.group, set()
         try:
             while not search.done:
@@ -355,6 +401,9 @@ class BeamManager:
                 used.add(i)
                 self.score_calls[i] += 1
                 search.update_scored(scored)
+                if journal is not None:
+                    writer, pid, h, index = journal
+                    writer.record(pid, h, index, [step.to_dict() for step in search.take_log()])
             return search.result()
         finally:
             self.router.release(group)
@@ -362,8 +411,13 @@ class BeamManager:
                 self.scorers[i].call("release", [group])
 
     # ---- one problem -------------------------------------------------------------------------
-    async def solve(self, problem: Problem, engine: int) -> list[TrajectoryRow]:
-        """All trajectories of one problem as output rows (without `correct`)."""
+    async def solve(
+        self, problem: Problem, engine: int, restore: dict | None = None, journal=None
+    ) -> list[TrajectoryRow]:
+        """All trajectories of one problem as output rows (without `correct`).
+
+        `restore`: {trajectory index: journaled step dicts} to replay before running (a trajectory
+        whose steps do not replay starts afresh); `journal`: a JournalTarget to record steps to."""
         n = self.spec.trajectories
         if problem.error is not None:
             return [self._row(problem, None, i, "", error=problem.error) for i in range(n)]
@@ -384,10 +438,22 @@ class BeamManager:
             )
             for i in range(n)
         ]
+        for i, steps in (restore or {}).items():
+            if 0 <= int(i) < n:
+                _replay(searches[int(i)], steps)
+        writer = self._journal(journal) if journal is not None else None
+        h = _content_hash(problem) if writer is not None else ""
         # A TaskGroup cancels the sibling trajectories if one fails, so no orphaned work stays behind.
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._run_trajectory(s, engine)) for s in searches]
+                tasks = [
+                    tg.create_task(
+                        self._run_trajectory(
+                            s, engine, (writer, problem.problem_id, h, i) if writer is not None else None
+                        )
+                    )
+                    for i, s in enumerate(searches)
+                ]
         except ExceptionGroup as group:  # surface the first failure itself (the driver classifies it)
             raise group.exceptions[0] from None
         trajs = [t.result() for t in tasks]
@@ -474,6 +540,27 @@ class BeamManager:
     async def render_prompt_ids(self, question: str) -> list[int]:
         """The teacher prompt's token ids for a question (used by the benchmark's baseline)."""
         return list(self.prompts(question)[0].token_ids)
+
+
+def _replay(search: ProblemSearch, steps: list[dict]) -> None:
+    """Bring a fresh search to its journaled state; on a mismatch (it cannot happen under the same
+    config fingerprint and content hash, but a journal is only an optimisation) start afresh."""
+    from gen_ssd_ray.core.search import StepLog
+
+    try:
+        search.replay([StepLog.from_dict(d) for d in steps])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        log.warning("journal: trajectory %s does not replay (%s); generating it afresh", search.group, e)
+        fresh = ProblemSearch(
+            search.params, search.prompt_ids, search.student_prompt_ids, search.group, search.seed
+        )
+        search.__dict__.update(fresh.__dict__)
+
+
+def _content_hash(problem) -> str:
+    from gen_ssd_ray.generate.content import content_hash
+
+    return content_hash(problem)
 
 
 def _retrieve(fut: asyncio.Future) -> None:
