@@ -40,6 +40,10 @@ from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
 
 log = logging.getLogger("gen_ssd_ray")
 
+# A folder in the managers' environment: each manager keeps the teacher tokens it received in its own
+# small file there (rewritten per expansion), so a benchmark can count the work of a SIGKILLed run.
+TEACHER_TOKENS_ENV = "GEN_SSD_TEACHER_TOKENS_DIR"
+
 
 @dataclass(frozen=True)
 class ManagerSpec:
@@ -392,6 +396,8 @@ class BeamManager:
                     self.teachers, self.teacher_health, engine, "expand", search.expand_requests()
                 )
                 score_reqs = search.update_expanded(expanded)
+                if os.environ.get(TEACHER_TOKENS_ENV):
+                    self._count_teacher_tokens(sum(len(c.token_ids) for r in expanded for c in r.candidates))
                 order = self.router.order(group)
                 i, scored = await self._call_where(
                     self.scorers, self.scorer_health, order[0], "score", score_reqs, prefer=order
@@ -409,6 +415,16 @@ class BeamManager:
             self.router.release(group)
             for i in used:  # free the scorer's KV cache for this trajectory (fire and forget)
                 self.scorers[i].call("release", [group])
+
+    def _count_teacher_tokens(self, tokens: int) -> None:
+        self._teacher_tokens = getattr(self, "_teacher_tokens", 0) + tokens
+        fd = getattr(self, "_tokens_fd", None)
+        if fd is None:
+            folder = os.environ[TEACHER_TOKENS_ENV]
+            os.makedirs(folder, exist_ok=True)
+            name = os.path.join(folder, f"manager-{os.getpid()}-{id(self):x}.txt")
+            fd = self._tokens_fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(fd, f"{self._teacher_tokens:020d}\n".encode(), 0)
 
     # ---- one problem -------------------------------------------------------------------------
     async def solve(
