@@ -10,7 +10,8 @@ accepted chunks (gen_ssd_ray.generate.journal) and without it.
     and off (runtime.journal_interval_s=0: the job as it was), a run is SIGKILLed (its process group)
     once its engines have decoded 80% of U and the same command is resubmitted. Regenerated teacher
     tokens = decoded before the kill + decoded after it - U; reported as a fraction of U and of the
-    tokens decoded after the resume, with the run's `resume/*` counters and the exactly-once check.
+    tokens decoded after the resume and of the work in flight at the kill (decoded tokens not in a
+    committed row), with the run's `resume/*` counters and the exactly-once check.
 (b) `cpu`: the CPU default (conf/default.yaml, real vLLM and the embedded SmolLM2 models), `data.limit`
     problems, `--cycles` SIGKILLs of the job's process group at random instants, each followed by the
     same command, then a final run to the end; and one uninterrupted run. Reported: problems lost and
@@ -112,6 +113,16 @@ def exactly_once(out: str | Path, n: int) -> dict:
     }
 
 
+def _committed(out: Path) -> tuple[int, int]:
+    """Committed problems and the teacher tokens of their rows."""
+    from gen_ssd_ray.generate.output import read_manifest, read_output
+
+    if read_manifest(out) is None:
+        return 0, 0
+    t = read_output(out, columns=["problem_id", "teacher_tokens_generated"]).to_pydict()
+    return len(set(t["problem_id"])), sum(x or 0 for x in t["teacher_tokens_generated"])
+
+
 # ---- (a) the simulated cluster ----------------------------------------------------------------------
 
 
@@ -182,9 +193,7 @@ def sim_part(tmp: Path, n: int, eos_every: int, compression: float, at: float) -
         killed = proc.poll() is None
         kill(proc)
         g1 = counted(t1)
-        from gen_ssd_ray.sim.harness import output_ids
-
-        committed_at_kill = len(output_ids(out))
+        committed_at_kill, committed_tokens = _committed(out)
         rc, s, _ = run_to_end(args, _env(**{TOKENS_ENV: str(t2)}))
         g2 = counted(t2)
         regenerated = g1 + g2 - u
@@ -194,9 +203,14 @@ def sim_part(tmp: Path, n: int, eos_every: int, compression: float, at: float) -
             "decoded_before_kill": g1,
             "decoded_after_resume": g2,
             "committed_at_kill": committed_at_kill,
+            "committed_tokens_at_kill": committed_tokens,
             "regenerated_tokens": regenerated,
             "regenerated_frac_of_run": round(regenerated / u, 4) if u else None,
             "regenerated_frac_of_resumed": round(regenerated / g2, 4) if g2 else None,
+            # of the work in flight at the kill (decoded, not in a committed row): 1.0 is "all of it"
+            "regenerated_frac_of_inflight_work": round(regenerated / (g1 - committed_tokens), 4)
+            if g1 > committed_tokens
+            else None,
             "resume/trajectories_restored": s.get("resume/trajectories_restored"),
             "resume/teacher_tokens_restored": s.get("resume/teacher_tokens_restored"),
             **exactly_once(out, n),

@@ -111,7 +111,7 @@ class RuntimeConfig(EngineJobRuntimeConfig):
     # trajectories' completed steps to the output's `_journal/` at most this often (and when the job is
     # stopped), so a resubmitted job continues each in-flight trajectory at its last journaled step:
     # a kill loses at most one chunk per trajectory plus this interval. 0: no journal.
-    journal_interval_s: float = 30.0
+    journal_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ What it knows:
   segment and deletes the segments it read (in that order: a kill in between leaves duplicates, which
   merge). `take(problem)` hands a problem's journaled trajectories to its first dispatch, unless the
   problem's content hash changed; the counters `resume/trajectories_restored` and
-  `resume/teacher_tokens_restored` go into the run's summary. `compact(committed)` is the same
-  compaction during the run (committed problems' steps are dropped), at most once per interval and
-  only when segments pile up.
+  `resume/teacher_tokens_restored` go into the run's summary. `maybe_compact(...)` is the same
+  compaction during the run in a background thread (committed problems' steps are dropped), only when
+  more than 64 segments piled up and at most once per 64 intervals (it reads the whole journal);
+  `finish(committed)` compacts at the end of a run (a finished run leaves an empty journal).
 - Merging: a trajectory's steps are keyed by step number (the same step written twice is the same
   step: the later copy wins); a restore takes the steps 0..k that are all present.
 
@@ -284,11 +285,13 @@ class Journal:
         self._restore.pop(problem_id, None)
 
     def maybe_compact(self, committed_ids: Callable[[], set[str]]) -> bool:
-        """Start a compaction in a background thread if the last one is an interval old and segments
-        piled up (more than `max_segments`). Returns whether one started."""
+        """Start a compaction in a background thread if segments piled up (more than `max_segments`),
+        at most once per `max_segments` intervals (it reads the whole journal). Returns whether one
+        started."""
         if self._compacting is not None and self._compacting.is_alive():
             return False
-        if time.monotonic() - self._last_compaction < max(self.interval_s, 1.0):
+        # a compaction reads the whole journal: at most once per `max_segments` intervals
+        if time.monotonic() - self._last_compaction < max(self.interval_s * self.max_segments, 1.0):
             return False
         self._last_compaction = time.monotonic()
         try:
