@@ -188,3 +188,94 @@ def test_unreadable_segment_is_skipped(tmp_path):
     (out / "_journal" / "seg-00000000000000000001-bad.jsonl.gz").write_bytes(b"not gzip")
     j = Journal.open(str(out), "fp", committed=lambda pid: False, interval_s=1.0)
     assert len(j.take(a)[0]) == 1
+
+
+# ---- the beam manager: journaling and restoring through its real code, with fake engine actors ------
+
+
+class _Ref:
+    def __init__(self, value):
+        self.value = value
+
+    def future(self):
+        import concurrent.futures
+
+        f = concurrent.futures.Future()
+        f.set_result(self.value)
+        return f
+
+
+class _Actor:
+    """An engine actor's `call(method, payload)` over an in-process fake engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def call(self, method, payload=None):
+        if method in ("expand", "score"):
+            return _Ref(getattr(self.engine, method)(payload))
+        return _Ref(None)
+
+
+def _manager(teacher, scorer):
+    from gen_ssd_ray.common.config import PromptConfig
+    from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
+
+    path = resolve_model("embedded:teacher")
+    spec = ManagerSpec(
+        teacher_path=path,
+        student_path=path,
+        teacher_name="t",
+        student_name="s",
+        params=SearchParams(chunk_tokens=4, num_candidates=3, max_new_tokens=24),
+        prompt=PromptConfig(),
+        trajectories=2,
+        seed=5,
+        teacher_max_len=4096,
+        call_timeout_s=30.0,
+        fingerprint="fp",
+    )
+    return BeamManager(spec, [_Actor(teacher)], [_Actor(scorer)])
+
+
+def test_manager_restores_journaled_steps_to_the_uninterrupted_rows(tmp_path):
+    import asyncio
+
+    from gen_ssd_ray.common.data import Problem
+
+    problem = Problem("p1", "What is 2 + 3?", "5")
+    target = JournalTarget(str(tmp_path / "out"), "fp", 3600.0)
+
+    whole_teacher = FakeTeacher()
+    whole = asyncio.run(_manager(whole_teacher, FakeScorer()).solve(problem, 0))
+
+    # a run that journals, then "dies" after a flush mid-way: simulated by journaling a run whose
+    # teacher stops answering after 7 expansions (the search state stays at its last step)
+    class Dying(FakeTeacher):
+        def expand(self, requests):
+            if len(self.calls) >= 7:
+                raise RuntimeError("killed")
+            return super().expand(requests)
+
+    dying = _manager(Dying(), FakeScorer())
+
+    async def run_and_flush():
+        try:
+            await dying.solve(problem, 0, None, target)
+        except Exception:
+            pass
+        return await dying.flush_journal()
+
+    assert asyncio.run(run_and_flush()) > 0
+
+    journal = Journal.open(target.uri, "fp", committed=lambda pid: False, interval_s=3600.0)
+    restore = journal.take(problem)
+    assert sorted(restore) == [0, 1] and sum(len(s) for s in restore.values()) > 0
+    resumed_teacher = FakeTeacher()
+    rows = asyncio.run(_manager(resumed_teacher, FakeScorer()).solve(problem, 0, restore, target))
+    assert rows == whole
+    assert len(resumed_teacher.calls) == len(whole_teacher.calls) - sum(len(s) for s in restore.values())
+    assert journal.counters()["resume/teacher_tokens_restored"] == sum(
+        s[-1]["counters"][0] for s in restore.values()
+    )
