@@ -278,7 +278,7 @@ def cpu_part(tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float,
     rc, s, _ = run_to_end(args, _env(**{TEACHER_TOKENS_ENV: str(folder)}))
     total_tokens += counted(folder)
     rows = read_output(out, columns=["problem_id", "trajectory_index", "response_token_ids"]).to_pylist()
-    got = {(r["problem_id"], r["trajectory_index"]): tuple(r["response_token_ids"]) for r in rows}
+    got = {(r["problem_id"], r["trajectory_index"]): tuple(r["response_token_ids"] or ()) for r in rows}
     for key, prefix in prefixes.items():
         if key in got and got[key][: len(prefix)] != prefix:
             bad_prefix += 1

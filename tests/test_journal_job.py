@@ -142,7 +142,7 @@ def test_sim_job_killed_at_random_instants_resumes_to_the_uninterrupted_rows(tmp
                 continue
             assert row[col] == value, (key, col)
     for key, prefix in prefixes.items():
-        response = tuple(got[key]["response_token_ids"])
+        response = tuple(got[key]["response_token_ids"] or ())
         assert response[: len(prefix)] == prefix, key
 
 
@@ -181,5 +181,5 @@ def test_vllm_job_killed_once_resumes_with_journaled_prefixes(tmp_path, tiny_mod
     uncommitted_at_kill = [k for k in prefixes if k in got]
     assert summary["resume/trajectories_restored"] > 0, summary
     for key in uncommitted_at_kill:
-        response = tuple(got[key]["response_token_ids"])
+        response = tuple(got[key]["response_token_ids"] or ())
         assert response[: len(prefixes[key])] == prefixes[key], key
