@@ -279,3 +279,22 @@ def test_manager_restores_journaled_steps_to_the_uninterrupted_rows(tmp_path):
     assert journal.counters()["resume/teacher_tokens_restored"] == sum(
         s[-1]["counters"][0] for s in restore.values()
     )
+
+
+def test_journal_interval_config():
+    from gen_ssd_ray.common.config import ConfigError, load_config
+    from gen_ssd_ray.generate.config import GenerateConfig
+
+    with pytest.raises(ConfigError, match="runtime.journal_interval_s"):
+        load_config(None, ["runtime.journal_interval_s=-1"], GenerateConfig)
+    cfg = load_config(
+        None,
+        [
+            "teacher.backend=sim",
+            "student.backend=sim",
+            "sim.time_compression=4",
+            "runtime.journal_interval_s=20",
+        ],
+        GenerateConfig,
+    )
+    assert cfg.effective().runtime.journal_interval_s == 5.0  # simulated seconds, like the deadlines
