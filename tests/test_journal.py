@@ -298,3 +298,25 @@ def test_journal_interval_config():
         GenerateConfig,
     )
     assert cfg.effective().runtime.journal_interval_s == 5.0  # simulated seconds, like the deadlines
+
+
+def test_a_retry_replaces_a_failed_attempts_later_steps(tmp_path):
+    """Attempt 1 journaled steps 0-3; a retry restored at step 2 journaled other steps 2 (real engines
+    are not batch-invariant): the state is 0-1 of attempt 1 and 2 of attempt 2, never attempt 1's 3,
+    even when attempt 1's write lands last; a compaction keeps that resolution."""
+    out = str(tmp_path / "out")
+    a = _problem("a")
+    first, other = _logs("a", 4, seed=3), _logs("a", 4, seed=4)
+    w = JournalWriter(JournalTarget(out, "fp", 1.0))
+    w.record("a", content_hash(a), 0, other[2:3], attempt="0002", base=2)
+    w.flush()
+    w.record("a", content_hash(a), 0, first[:4], attempt="0001", base=0)  # the old attempt, written late
+    w.flush()
+    want = first[:2] + other[2:3]
+    j = Journal.open(out, "fp", committed=lambda pid: False, interval_s=1.0)
+    assert j.take(a)[0] == want
+    # after the compaction, a late write of the old attempt still cannot override the retry
+    w.record("a", content_hash(a), 0, first[3:4], attempt="0001", base=0)
+    w.flush()
+    j = Journal.open(out, "fp", committed=lambda pid: False, interval_s=1.0)
+    assert j.take(a)[0] == want

@@ -10,7 +10,8 @@ trajectory samples what it would have sampled uninterrupted.
 
 What it knows:
 - Segments. `_journal/` holds gzip'd JSON-lines objects, each line one trajectory's new steps
-  (`{"fp": fingerprint, "p": problem id, "h": content hash, "t": trajectory index, "steps": [...]}`).
+  (`{"fp": fingerprint, "p": problem id, "h": content hash, "t": trajectory index, "r": attempt,
+  "b": its first step, "steps": [...]}`).
   Object stores have no append: every write is a new object (`seg-<ns>-<rand>.jsonl.gz`), never
   rewritten. Names under `_` keep Parquet readers away; unfinished local temp files (`.tmp-*`) are
   ignored.
@@ -27,8 +28,14 @@ What it knows:
   compaction during the run in a background thread (committed problems' steps are dropped), only when
   more than 64 segments piled up and at most once per 64 intervals (it reads the whole journal);
   `finish(committed)` compacts at the end of a run (a finished run leaves an empty journal).
-- Merging: a trajectory's steps are keyed by step number (the same step written twice is the same
-  step: the later copy wins); a restore takes the steps 0..k that are all present.
+- Attempts and merging: each line also names its attempt (`"r"`: when the manager's `solve` call
+  started, then a random tag, so attempts sort by start) and the step that attempt started from
+  (`"b"`: 0, or the journaled steps it restored). A trajectory's state is its attempts replayed oldest
+  first, each dropping the steps at and after its start and adding its own: a retry's steps never mix
+  with a failed attempt's later ones (real engines are not batch-invariant, so the two can differ),
+  and a late write of an old attempt cannot override a newer one. A compacted line is its
+  trajectory's resolved steps under its newest attempt, from step 0. A restore takes the steps 0..k
+  that are all present.
 
 What it does not know: how a step changes the search state (gen_ssd_ray.core.search), Ray, Parquet.
 """
@@ -101,23 +108,36 @@ class JournalWriter:
         self.target = target
         self.storage = Storage(target.uri)
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, int], dict] = {}
+        self._pending: dict[tuple[str, int, str], dict] = {}
         self.last_flush = time.monotonic()
         self.bytes_written = 0
         self.segments_written = 0
         self.steps_written = 0
 
-    def record(self, problem_id: str, content_hash: str, index: int, steps: list[dict]) -> None:
+    def record(
+        self,
+        problem_id: str,
+        content_hash: str,
+        index: int,
+        steps: list[dict],
+        attempt: str = "",
+        base: int = 0,
+    ) -> None:
+        """Buffer completed steps of trajectory `index` of a problem, from the attempt `attempt` that
+        started at step `base` (see the module doc)."""
         if not steps:
             return
         with self._lock:
-            line = self._pending.get((problem_id, index))
+            key = (problem_id, index, attempt)
+            line = self._pending.get(key)
             if line is None:
-                line = self._pending[(problem_id, index)] = {
+                line = self._pending[key] = {
                     "fp": self.target.fingerprint,
                     "p": problem_id,
                     "h": content_hash,
                     "t": index,
+                    "r": attempt,
+                    "b": base,
                     "steps": [],
                 }
             line["steps"].extend(steps)
@@ -163,15 +183,32 @@ class JournalWriter:
 
 @dataclass
 class _Entry:
-    """One journaled trajectory: its problem's content hash and its steps by number."""
+    """One journaled trajectory: its problem's content hash and, per attempt, the step it started
+    from and its steps by number."""
 
     content_hash: str
-    steps: dict[int, dict] = field(default_factory=dict)
+    attempts: dict[str, tuple[int, dict[int, dict]]] = field(default_factory=dict)
+
+    def add(self, attempt: str, base: int, steps: list[dict]) -> None:
+        first, own = self.attempts.get(attempt, (base, {}))
+        for step in steps:
+            own[int(step["step"])] = step
+        self.attempts[attempt] = (min(first, base), own)
+
+    @property
+    def newest(self) -> str:
+        return max(self.attempts)
 
     def consecutive(self) -> list[dict]:
+        """Steps 0..k of the attempts replayed oldest first (each replaces the steps from its start)."""
+        steps: dict[int, dict] = {}
+        for attempt in sorted(self.attempts):
+            base, own = self.attempts[attempt]
+            steps = {i: s for i, s in steps.items() if i < base}
+            steps.update((i, s) for i, s in own.items() if i >= base)
         out, i = [], 0
-        while i in self.steps:
-            out.append(self.steps[i])
+        while i in steps:
+            out.append(steps[i])
             i += 1
         return out
 
@@ -197,14 +234,22 @@ def _merge(storage: Storage, names: list[str], fingerprint: str, keep: Callable[
             entry = traj.get(int(line["t"]))
             if entry is None or entry.content_hash != line["h"]:
                 entry = traj[int(line["t"])] = _Entry(line["h"])
-            for step in line["steps"]:
-                entry.steps[int(step["step"])] = step
+            entry.add(str(line.get("r", "")), int(line.get("b", 0)), line["steps"])
     return merged, dropped
 
 
 def _compacted_lines(merged: dict[str, dict[int, _Entry]], fingerprint: str) -> list[dict]:
+    """One line per trajectory with steps: its resolved steps from 0, under its newest attempt."""
     return [
-        {"fp": fingerprint, "p": pid, "h": e.content_hash, "t": t, "steps": e.consecutive()}
+        {
+            "fp": fingerprint,
+            "p": pid,
+            "h": e.content_hash,
+            "t": t,
+            "r": e.newest,
+            "b": 0,
+            "steps": e.consecutive(),
+        }
         for pid, trajs in merged.items()
         for t, e in sorted(trajs.items())
         if e.consecutive()

@@ -26,6 +26,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -388,7 +390,8 @@ class BeamManager:
     async def _run_trajectory(self, search: ProblemSearch, engine: int, journal=None) -> Trajectory:
         """The trajectory's steps: expand on its pinned teacher engine, score on its scorer (sticky
         for the scorer's cache, spread over all scorers: gen_ssd_ray.generate.routing). `journal`:
-        (writer, problem id, content hash, trajectory index), where each completed step is recorded."""
+        (writer, problem id, content hash, trajectory index, attempt, first step), where each completed
+        step is recorded."""
         group, used = search.group, set()
         try:
             while not search.done:
@@ -408,8 +411,8 @@ class BeamManager:
                 self.score_calls[i] += 1
                 search.update_scored(scored)
                 if journal is not None:
-                    writer, pid, h, index = journal
-                    writer.record(pid, h, index, [step.to_dict() for step in search.take_log()])
+                    writer, pid, h, index, attempt, base = journal
+                    writer.record(pid, h, index, [x.to_dict() for x in search.take_log()], attempt, base)
             return search.result()
         finally:
             self.router.release(group)
@@ -456,16 +459,21 @@ class BeamManager:
         ]
         for i, steps in (restore or {}).items():
             if 0 <= int(i) < n:
-                _replay(searches[int(i)], steps)
+                searches[int(i)] = _restored(searches[int(i)], steps)
         writer = self._journal(journal) if journal is not None else None
         h = _content_hash(problem) if writer is not None else ""
+        attempt = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by start (journal module doc)
         # A TaskGroup cancels the sibling trajectories if one fails, so no orphaned work stays behind.
         try:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
                     tg.create_task(
                         self._run_trajectory(
-                            s, engine, (writer, problem.problem_id, h, i) if writer is not None else None
+                            s,
+                            engine,
+                            (writer, problem.problem_id, h, i, attempt, s.step)
+                            if writer is not None
+                            else None,
                         )
                     )
                     for i, s in enumerate(searches)
@@ -558,19 +566,19 @@ class BeamManager:
         return list(self.prompts(question)[0].token_ids)
 
 
-def _replay(search: ProblemSearch, steps: list[dict]) -> None:
-    """Bring a fresh search to its journaled state; on a mismatch (it cannot happen under the same
-    config fingerprint and content hash, but a journal is only an optimisation) start afresh."""
+def _restored(search: ProblemSearch, steps: list[dict]) -> ProblemSearch:
+    """The fresh `search` brought to its journaled state; on a mismatch (it cannot happen under the
+    same config fingerprint and content hash, but a journal is only an optimisation) a fresh one."""
     from gen_ssd_ray.core.search import StepLog
 
     try:
         search.replay([StepLog.from_dict(d) for d in steps])
+        return search
     except (ValueError, KeyError, TypeError, IndexError) as e:
         log.warning("journal: trajectory %s does not replay (%s); generating it afresh", search.group, e)
-        fresh = ProblemSearch(
+        return ProblemSearch(
             search.params, search.prompt_ids, search.student_prompt_ids, search.group, search.seed
         )
-        search.__dict__.update(fresh.__dict__)
 
 
 def _content_hash(problem) -> str:
