@@ -7,13 +7,14 @@ accepted chunks (gen_ssd_ray.generate.journal) and without it.
     16384: trajectories of ~16k tokens), `python -m jobs.generate` as a subprocess. An uninterrupted
     run gives the teacher tokens the problems need (U, counted by the simulated engines themselves:
     gen_ssd_ray.sim.teacher TOKENS_ENV) and the journal's bytes and writes. Then, with the journal on
-    and off (runtime.journal_interval_s=0: the job as it was), a run is SIGKILLed (its process group)
-    once its engines have decoded 80% of U and the same command is resubmitted. Regenerated teacher
+    and off (runtime.journal_interval_s=0: the job as it was), a run is SIGKILLed (its process group
+    and every process it started, Ray's included) once its engines have decoded 80% of U and the same command is resubmitted. Regenerated teacher
     tokens = decoded before the kill + decoded after it - U; reported as a fraction of U and of the
     tokens decoded after the resume and of the work in flight at the kill (decoded tokens not in a
     committed row), with the run's `resume/*` counters and the exactly-once check.
 (b) `cpu`: the CPU default (conf/default.yaml, real vLLM and the embedded SmolLM2 models), `data.limit`
-    problems, `--cycles` SIGKILLs of the job's process group at random instants, each followed by the
+    problems, `--cycles` SIGKILLs of the job (its process group and every process it started) at
+    random instants, each followed by the
     same command, then a final run to the end; and one uninterrupted run. Reported: problems lost and
     duplicated, restored trajectories whose final response does not begin with the tokens journaled at
     the kill, and teacher tokens over all cycles / the uninterrupted run's (counted by the beam
@@ -41,6 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = [sys.executable, "-m", "jobs.generate"]
+TAG_ENV = "GEN_SSD_BENCH_PREEMPT_RUN"  # marks the processes of one job run (see `kill`)
 
 
 def log(msg: str) -> None:
@@ -94,11 +96,34 @@ def start(args: list[str], env: dict) -> subprocess.Popen:
     )
 
 
-def kill(proc: subprocess.Popen) -> None:
+def _tagged(tag: str) -> list[int]:
+    """Pids of the processes whose environment carries `tag` (the job's, Ray's and its workers')."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if f"{TAG_ENV}={tag}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+def kill(proc: subprocess.Popen, tag: str | None = None) -> None:
+    """SIGKILL the job's process group and, with `tag`, every process it started (Ray's services and
+    workers run in sessions of their own and would otherwise keep generating and journaling for a
+    moment: a preempted machine does not)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for _ in range(3 if tag else 0):
+        for pid in _tagged(tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     proc.wait()
 
 
@@ -187,12 +212,14 @@ def sim_part(tmp: Path, n: int, eos_every: int, compression: float, at: float) -
         out = tmp / f"sim-{mode}"
         t1, t2 = tmp / f"tokens-{mode}-1", tmp / f"tokens-{mode}-2"
         args = [*common, *extra, f"output.dir={out}"]
-        proc = start(args, _env(**{TOKENS_ENV: str(t1)}))
+        tag = f"{mode}-{time.time_ns()}"
+        proc = start(args, _env(**{TOKENS_ENV: str(t1), TAG_ENV: tag}))
         while proc.poll() is None and counted(t1) < at * u:
             time.sleep(0.02)
         killed = proc.poll() is None
-        kill(proc)
-        g1 = counted(t1)
+        kill(proc, tag)
+        time.sleep(2.0)
+        g1 = counted(t1)  # after every process of the run is gone
         committed_at_kill, committed_tokens = _committed(out)
         rc, s, _ = run_to_end(args, _env(**{TOKENS_ENV: str(t2)}))
         g2 = counted(t2)
@@ -261,14 +288,16 @@ def cpu_part(tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float,
     total_tokens, kills, bad_prefix, prefixes = 0, 0, 0, {}
     for c in range(cycles):
         folder = tmp / f"cpu-tokens-{c}"
-        proc = start(args, _env(**{TEACHER_TOKENS_ENV: str(folder)}))
+        tag = f"cpu-{c}-{time.time_ns()}"
+        proc = start(args, _env(**{TEACHER_TOKENS_ENV: str(folder), TAG_ENV: tag}))
         delay = rng.uniform(*window)
         t0 = time.time()
         while proc.poll() is None and time.time() - t0 < delay:
             time.sleep(0.1)
         if proc.poll() is None:
-            kill(proc)
+            kill(proc, tag)
             kills += 1
+        time.sleep(2.0)
         total_tokens += counted(folder)
         prefixes.update(_journaled_prefixes(out))
         log(
