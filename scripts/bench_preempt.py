@@ -294,14 +294,16 @@ def cpu_part(tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float,
         t0 = time.time()
         while proc.poll() is None and time.time() - t0 < delay:
             time.sleep(0.1)
-        if proc.poll() is None:
+        killed = proc.poll() is None
+        if killed:
             kill(proc, tag)
             kills += 1
         time.sleep(2.0)
         total_tokens += counted(folder)
         prefixes.update(_journaled_prefixes(out))
         log(
-            f"cpu cycle {c}: killed after {delay:.0f} s, {counted(folder)} teacher tokens, {len(prefixes)} journaled"
+            f"cpu cycle {c}: {f'killed after {delay:.0f} s' if killed else 'ended before its kill'}, "
+            f"{counted(folder)} teacher tokens, {len(prefixes)} journaled"
         )
     folder = tmp / "cpu-tokens-final"
     rc, s, _ = run_to_end(args, _env(**{TEACHER_TOKENS_ENV: str(folder)}))
