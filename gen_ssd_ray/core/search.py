@@ -11,6 +11,12 @@
 and finally reads `search.result()`. It knows nothing about tokenizers, templates, Ray or output
 files. One instance is one trajectory; trajectories of the same problem are separate instances with
 different seeds.
+
+Resume: every completed step is also a `StepLog` (the step's scored candidates, the kept children with
+their token ids and scores, and the cost counters after it), which the owner collects with `take_log()`
+and may persist (gen_ssd_ray.generate.journal). `replay(logs)` on a fresh instance rebuilds the exact
+state after those steps without any engine call; per-request seeds are a pure function of (trajectory
+seed, step, beam), so the steps that follow sample what an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -32,6 +38,65 @@ from gen_ssd_ray.core.types import (
 )
 
 _SEED_MOD = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A child kept at a step: candidate `index` of live beam `parent`, its token ids and student score."""
+
+    parent: int
+    index: int
+    token_ids: tuple[int, ...]
+    chunk_nll: float
+    chunk_tokens: int
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One completed step of a trajectory, enough to redo its state change without the engines.
+
+    `records[b]`: live beam b's scored candidates (its `ChunkRecord`'s candidates); `kept`: the children
+    kept, in selection order (empty: the search was pruned, ending at beam `pruned_beam`); `counters`:
+    the trajectory's cost counters after the step (teacher tokens, student tokens processed and scored,
+    teacher prompt tokens and cached prompt tokens)."""
+
+    step: int
+    records: tuple[tuple[ScoredCandidate, ...], ...]
+    kept: tuple[Kept, ...]
+    pruned_beam: int
+    counters: tuple[int, int, int, int, int]
+
+    @property
+    def teacher_tokens(self) -> int:
+        return self.counters[0]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (floats round-trip exactly through Python's json)."""
+        return {
+            "step": self.step,
+            "records": [
+                [[c.text, c.num_tokens, c.finish_reason, c.ppl] for c in rec] for rec in self.records
+            ],
+            "kept": [[k.parent, k.index, list(k.token_ids), k.chunk_nll, k.chunk_tokens] for k in self.kept],
+            "pruned_beam": self.pruned_beam,
+            "counters": list(self.counters),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepLog:
+        return cls(
+            step=int(d["step"]),
+            records=tuple(
+                tuple(ScoredCandidate(str(t), int(n), str(f), float(p)) for t, n, f, p in rec)
+                for rec in d["records"]
+            ),
+            kept=tuple(
+                Kept(int(a), int(i), tuple(int(x) for x in ids), float(nll), int(n))
+                for a, i, ids, nll, n in d["kept"]
+            ),
+            pruned_beam=int(d["pruned_beam"]),
+            counters=tuple(int(x) for x in d["counters"]),  # type: ignore[arg-type]
+        )
 
 
 @dataclass(frozen=True)
@@ -107,6 +172,7 @@ class ProblemSearch:
         self.student_scored = 0
         self.prompt_tokens = 0
         self.cached_prompt_tokens = 0
+        self._log: list[StepLog] = []  # completed steps not yet taken by the owner (`take_log`)
 
     # ---- state -------------------------------------------------------------------------------
     @property
@@ -197,30 +263,49 @@ class ProblemSearch:
         eligible = [c for c in children if self._keep(c, self.params.prune_ppl)]
         slots = self.params.beam_width - len(self._finished)
         chosen = self._select(eligible, slots) if eligible else []
+        pruned_beam = -1
         if not chosen:
             # Nothing learnable: the branch ends at the best parent, recorded with chosen = -1.
-            best = min(
+            pruned_beam = min(
                 range(len(self._live)), key=lambda b: self._live[b].nll_sum / max(1, self._live[b].num_scored)
             )
-            node = self._live[best]
+        kept = tuple(
+            Kept(c.parent, c.index, self._expanded[c.parent][c.index].token_ids, c.chunk_nll, c.chunk_tokens)
+            for c in chosen
+        )
+        counters = (
+            self.teacher_tokens,
+            self.student_processed,
+            self.student_scored,
+            self.prompt_tokens,
+            self.cached_prompt_tokens,
+        )
+        log = StepLog(self.step, tuple(records), kept, pruned_beam, counters)
+        self._apply(log)
+        self._log.append(log)
+
+    def _apply(self, log: StepLog) -> None:
+        """The state change of one step (the one place it happens: a live step and a replay alike)."""
+        if not log.kept:
+            node = self._live[log.pruned_beam]
             self._pruned = _Node(
                 node.ids,
                 node.text,
                 node.nll_sum,
                 node.num_scored,
-                node.chunks + (ChunkRecord(records[best], -1),),
+                node.chunks + (ChunkRecord(log.records[log.pruned_beam], -1),),
                 "pruned",
             )
             self._live = []
         else:
             new_live = []
-            for c in chosen:
-                parent = self._live[c.parent]
-                cand = self._expanded[c.parent][c.index]
-                ids = parent.ids + cand.token_ids
+            for k in log.kept:
+                parent = self._live[k.parent]
+                cand = log.records[k.parent][k.index]
+                ids = parent.ids + k.token_ids
                 status = (
                     "completed"
-                    if cand.finished
+                    if cand.finish_reason == "stop"
                     else "truncated"
                     if len(ids) >= self.params.max_new_tokens
                     else "live"
@@ -228,15 +313,46 @@ class ProblemSearch:
                 child = _Node(
                     ids,
                     parent.text + cand.text,
-                    parent.nll_sum + c.chunk_nll,
-                    parent.num_scored + c.chunk_tokens,
-                    parent.chunks + (ChunkRecord(records[c.parent], c.index),),
+                    parent.nll_sum + k.chunk_nll,
+                    parent.num_scored + k.chunk_tokens,
+                    parent.chunks + (ChunkRecord(log.records[k.parent], k.index),),
                     status,
                 )
                 (new_live if status == "live" else self._finished).append(child)
             self._live = new_live
+        (
+            self.teacher_tokens,
+            self.student_processed,
+            self.student_scored,
+            self.prompt_tokens,
+            self.cached_prompt_tokens,
+        ) = log.counters
         self._expanded = None
-        self.step += 1
+        self.step = log.step + 1
+
+    # ---- resume ------------------------------------------------------------------------------
+    def take_log(self) -> list[StepLog]:
+        """The steps completed since the last call (for a journal), oldest first."""
+        out, self._log = self._log, []
+        return out
+
+    def replay(self, logs: Sequence[StepLog]) -> None:
+        """Redo journaled steps 0, 1, ... on a fresh search: its state (beams, chunks, counters, the
+        step and so the next seeds) becomes that after the last one. Raises ValueError if the steps are
+        not consecutive from this search's step or do not fit its beams (the caller starts afresh)."""
+        if self._expanded is not None:
+            raise RuntimeError("replay() called in the middle of a step")
+        for log in logs:
+            if log.step != self.step or self.done:
+                raise ValueError(f"journaled step {log.step} does not follow step {self.step - 1}")
+            if len(log.records) != len(self._live) or (
+                not log.kept and not 0 <= log.pruned_beam < len(self._live)
+            ):
+                raise ValueError(f"journaled step {log.step} does not match the live beams")
+            for k in log.kept:
+                if not (0 <= k.parent < len(self._live) and 0 <= k.index < len(log.records[k.parent])):
+                    raise ValueError(f"journaled step {log.step} keeps an unknown candidate")
+            self._apply(log)
 
     # ---- result ------------------------------------------------------------------------------
     def result(self) -> Trajectory:

@@ -107,6 +107,11 @@ class RuntimeConfig(EngineJobRuntimeConfig):
     # manager, after the rest of the run, and blamed only if it fails there too. 0: never give up on a
     # problem (re-runs retry it).
     max_problem_failures: int = 5
+    # Journal of accepted chunks (gen_ssd_ray.generate.journal): every beam manager writes its
+    # trajectories' completed steps to the output's `_journal/` at most this often (and when the job is
+    # stopped), so a resubmitted job continues each in-flight trajectory at its last journaled step:
+    # a kill loses at most one chunk per trajectory plus this interval. 0: no journal.
+    journal_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class GenerateConfig:
                 "runtime.startup_timeout_s": max(120.0, r.startup_timeout_s / c),
                 "runtime.engine_cooldown_s": r.engine_cooldown_s / c,
                 "runtime.retry_window_s": r.retry_window_s / c,
+                "runtime.journal_interval_s": r.journal_interval_s / c,
             },
         )
 
@@ -191,6 +197,11 @@ class GenerateConfig:
         require(r.manager_memory_gib >= 0, "runtime.manager_memory_gib", "must be >= 0")
         require(r.engine_cooldown_s > 0, "runtime.engine_cooldown_s", "must be > 0")
         require(r.retry_window_s >= 0, "runtime.retry_window_s", "must be >= 0")
+        require(
+            r.journal_interval_s >= 0,
+            "runtime.journal_interval_s",
+            f"must be >= 0 (0: no journal), got {r.journal_interval_s}",
+        )
         require(r.late_call_limit >= 1, "runtime.late_call_limit", f"must be >= 1, got {r.late_call_limit}")
         require(
             isinstance(r.max_problem_failures, int) and r.max_problem_failures >= 0,

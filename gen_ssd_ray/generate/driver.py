@@ -78,6 +78,8 @@ class RunStats:
     # The answer checker's counters (checks, errors, timeouts, lost, pool_restarts): an error, timeout
     # or lost check leaves that trajectory unverified (`correct` null), never wrong.
     verifier: dict = field(default_factory=dict)
+    # The journal (gen_ssd_ray.generate.journal): `resume/*` restored this run, `journal/*` written.
+    resume: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, rows: list[TrajectoryRow]) -> None:
@@ -121,6 +123,7 @@ class RunStats:
             "elapsed_s": round(elapsed, 1),
             "dispatch": self.dispatch,
             "verifier": self.verifier,
+            **self.resume,
         }
 
 
@@ -204,6 +207,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     from gen_ssd_ray.generate.pools import build_pools, shutdown_pools
 
     p = prepared or prepare(cfg)
+    journal = _open_journal(cfg, p)
     total = p.problems.count
     stats = RunStats(total=total or 0)
     committed = p.writer  # `in` looks up the committed-id index: memory bounded by it
@@ -212,6 +216,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     log.info("%s problems, %d already committed in %s", total, stats.skipped, cfg.output.dir)
     if first is None:
         p.writer.close()
+        _finish_journal(journal, p.writer, stats, None)
         stats.total = stats.total or stats.skipped
         return stats.summary(cfg.output.dir)
     todo = itertools.chain([first], todo)
@@ -232,7 +237,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
             already = min(total or 0, len(p.writer.committed_ids))  # skipped ones are counted lazily
             progress = Progress("generate", total, already, cfg.runtime.progress)
             replace = partial(replace_manager, cfg, pools, p.teacher_path, p.student_path)
-            for problem, rows in solve_all(cfg, pools, todo, p.fingerprint, stats, stop, replace=replace):
+            solved = solve_all(cfg, pools, todo, p.fingerprint, stats, stop, replace=replace, journal=journal)
+            for problem, rows in solved:
                 verifier.verify_rows(rows)
                 _select(cfg.method, rows)
                 if p.writer.add(problem.problem_id, rows, content_hash(problem)):
@@ -240,6 +246,9 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 stats.add(rows)
                 tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
                 progress.update(1, tokens, pruned=stats.statuses["pruned"], errors=stats.statuses[ERROR])
+                if journal is not None:
+                    journal.done(problem.problem_id)
+                    journal.maybe_compact(lambda: p.writer.committed_ids)
             stats.interrupted = stop.is_set()
             if stats.interrupted:
                 log.warning(
@@ -252,9 +261,11 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         finally:
             try:
                 if pools is not None:
+                    _flush_journals(pools, journal, cfg.effective().runtime.call_timeout_s)
                     stats.score_calls = _score_calls(pools)
                 if p.writer.close():
                     stats.shards_written += 1
+                _finish_journal(journal, p.writer, stats, pools)
             except OutputWriteError as e:  # never hides an error already on its way out
                 write_error = write_error or e
             finally:
@@ -275,6 +286,58 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
             summary,
         ) from verifier_error
     return summary
+
+
+def _open_journal(cfg: GenerateConfig, p: Prepared):
+    """The run's journal (gen_ssd_ray.generate.journal), compacted, with what to restore; None when
+    `runtime.journal_interval_s` is 0 or the journal cannot be read (the run goes on without it)."""
+    from gen_ssd_ray.generate.journal import Journal
+
+    interval = cfg.effective().runtime.journal_interval_s
+    if interval <= 0:
+        return None
+    committed = p.writer.committed_ids
+    try:
+        return Journal.open(cfg.output.dir, p.fingerprint, committed.__contains__, interval)
+    except OSError as e:
+        log.warning(
+            "journal: cannot open %s/_journal (%s); in-flight work is not journaled", cfg.output.dir, e
+        )
+        return None
+
+
+def _flush_journals(pools, journal, timeout_s: float) -> None:
+    """Ask every beam manager to write its buffered journal steps (a stop, SIGTERM, loses none of
+    them), waiting at most `timeout_s`."""
+    import ray
+
+    if journal is None:
+        return
+    refs = [m.flush_journal.remote() for m in pools.managers]
+    try:
+        ray.wait(refs, num_returns=len(refs), timeout=max(5.0, timeout_s))
+    except Exception as e:  # a manager lost: its steps since the last interval are regenerated
+        log.warning("journal: flushing the beam managers failed (%s)", e)
+
+
+def _finish_journal(journal, writer, stats: RunStats, pools) -> None:
+    """Compact the journal against the committed problems and put its counters in the summary."""
+    if journal is None:
+        return
+    journal.finish(writer.committed_ids)
+    stats.resume = journal.counters()
+    if pools is None:
+        return
+    import ray
+
+    written: Counter = Counter()
+    for m in pools.managers:
+        try:
+            per_uri = ray.get(m.stats.remote(), timeout=30).get("journal", {})
+        except Exception:
+            continue
+        written.update(per_uri.get(journal.storage.uri, {}))
+    stats.resume.update({f"journal/{k}_written": v for k, v in sorted(written.items())})
 
 
 def _score_calls(pools) -> list[int]:

@@ -13,6 +13,11 @@ waits for one, keeping the problem's search state, up to `pool_wait_s`; then the
 (EnginesUnavailable) and the driver retries it later with backoff. `runtime.call_timeout_s` detects hung engines, not slow ones: a call past it
 asks the engine for its progress counter, keeps waiting while the engine advances (it is busy, not
 hung) and gives up only when it does not. A problem whose prompt does not fit becomes an error row.
+
+Resume (gen_ssd_ray.generate.journal): with a `JournalTarget`, every completed step of every trajectory
+is buffered and written to the output's journal every `interval_s` (a background task) and on
+`flush_journal()` (the driver's stop path); `solve(..., restore=...)` replays journaled steps first, so a
+restored trajectory skips the teacher calls of its journaled chunks and continues with the same seeds.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +41,10 @@ from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_
 from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
 
 log = logging.getLogger("gen_ssd_ray")
+
+# A folder in the managers' environment: each manager keeps the teacher tokens it received in its own
+# small file there (rewritten per expansion), so a benchmark can count the work of a SIGKILLed run.
+TEACHER_TOKENS_ENV = "GEN_SSD_TEACHER_TOKENS_DIR"
 
 
 @dataclass(frozen=True)
@@ -161,13 +172,53 @@ class BeamManager:
         self._recovered: dict[int, asyncio.Event] = {}
         # (id of a pool's health, engine) -> the calls waiting on that engine, abandoned when it fails
         self._waiting: dict[tuple[int, int], set[asyncio.Future]] = {}
+        self._journals: dict = {}  # output folder -> JournalWriter (gen_ssd_ray.generate.journal)
+        self._flusher: asyncio.Task | None = None
+        self._flush_lock: asyncio.Lock | None = None
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
 
     async def stats(self) -> dict[str, Any]:
-        """Score calls answered per scorer (the driver sums them over managers: scorer balance)."""
-        return {"score_calls": list(self.score_calls)}
+        """Score calls answered per scorer (the driver sums them over managers: scorer balance) and
+        what the journal writers wrote."""
+        return {
+            "score_calls": list(self.score_calls),
+            "journal": {uri: j.stats() for uri, j in self._journals.items()},
+        }
+
+    # ---- journal (gen_ssd_ray.generate.journal) ----------------------------------------------
+    def _journal(self, target):
+        from gen_ssd_ray.generate.journal import JournalWriter
+
+        j = self._journals.get(target.uri)
+        if j is None or j.target != target:
+            j = self._journals[target.uri] = JournalWriter(target)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+        return j
+
+    async def _flush_loop(self) -> None:
+        while True:
+            interval = min((j.target.interval_s for j in self._journals.values()), default=1.0)
+            await asyncio.sleep(max(0.05, interval / 4))
+            await self.flush_journal(only_due=True)
+
+    async def flush_journal(self, only_due: bool = False) -> int:
+        """Write every journal's buffered steps now (the driver calls this when it stops); returns
+        the bytes written. A failed write is logged and kept for the next flush."""
+        if self._flush_lock is None:
+            self._flush_lock = asyncio.Lock()
+        written = 0
+        async with self._flush_lock:
+            for j in list(self._journals.values()):
+                if only_due and not j.due():
+                    continue
+                try:
+                    written += await asyncio.to_thread(j.flush)
+                except Exception as e:
+                    log.warning("journal write to %s failed (%s: %s)", j.target.uri, type(e).__name__, e)
+        return written
 
     # ---- remote calls with health, liveness deadlines and fallback -------------------------
     async def _call(self, pool: list, health, first: int, method: str, payload):
@@ -336,9 +387,11 @@ class BeamManager:
             health.probed(i, False)
         self._wake(health)  # waiting steps use it, or look at its new cooldown
 
-    async def _run_trajectory(self, search: ProblemSearch, engine: int) -> Trajectory:
+    async def _run_trajectory(self, search: ProblemSearch, engine: int, journal=None) -> Trajectory:
         """The trajectory's steps: expand on its pinned teacher engine, score on its scorer (sticky
-        for the scorer's cache, spread over all scorers: gen_ssd_ray.generate.routing)."""
+        for the scorer's cache, spread over all scorers: gen_ssd_ray.generate.routing). `journal`:
+        (writer, problem id, content hash, trajectory index, attempt, first step), where each completed
+        step is recorded."""
         group, used = search.group, set()
         try:
             while not search.done:
@@ -346,6 +399,8 @@ class BeamManager:
                     self.teachers, self.teacher_health, engine, "expand", search.expand_requests()
                 )
                 score_reqs = search.update_expanded(expanded)
+                if os.environ.get(TEACHER_TOKENS_ENV):
+                    self._count_teacher_tokens(sum(len(c.token_ids) for r in expanded for c in r.candidates))
                 order = self.router.order(group)
                 i, scored = await self._call_where(
                     self.scorers, self.scorer_health, order[0], "score", score_reqs, prefer=order
@@ -355,15 +410,33 @@ class BeamManager:
                 used.add(i)
                 self.score_calls[i] += 1
                 search.update_scored(scored)
+                if journal is not None:
+                    writer, pid, h, index, attempt, base = journal
+                    writer.record(pid, h, index, [x.to_dict() for x in search.take_log()], attempt, base)
             return search.result()
         finally:
             self.router.release(group)
             for i in used:  # free the scorer's KV cache for this trajectory (fire and forget)
                 self.scorers[i].call("release", [group])
 
+    def _count_teacher_tokens(self, tokens: int) -> None:
+        self._teacher_tokens = getattr(self, "_teacher_tokens", 0) + tokens
+        fd = getattr(self, "_tokens_fd", None)
+        if fd is None:
+            folder = os.environ[TEACHER_TOKENS_ENV]
+            os.makedirs(folder, exist_ok=True)
+            name = os.path.join(folder, f"manager-{os.getpid()}-{id(self):x}.txt")
+            fd = self._tokens_fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(fd, f"{self._teacher_tokens:020d}\n".encode(), 0)
+
     # ---- one problem -------------------------------------------------------------------------
-    async def solve(self, problem: Problem, engine: int) -> list[TrajectoryRow]:
-        """All trajectories of one problem as output rows (without `correct`)."""
+    async def solve(
+        self, problem: Problem, engine: int, restore: dict | None = None, journal=None
+    ) -> list[TrajectoryRow]:
+        """All trajectories of one problem as output rows (without `correct`).
+
+        `restore`: {trajectory index: journaled step dicts} to replay before running (a trajectory
+        whose steps do not replay starts afresh); `journal`: a JournalTarget to record steps to."""
         n = self.spec.trajectories
         if problem.error is not None:
             return [self._row(problem, None, i, "", error=problem.error) for i in range(n)]
@@ -384,10 +457,27 @@ class BeamManager:
             )
             for i in range(n)
         ]
+        for i, steps in (restore or {}).items():
+            if 0 <= int(i) < n:
+                searches[int(i)] = _restored(searches[int(i)], steps)
+        writer = self._journal(journal) if journal is not None else None
+        h = _content_hash(problem) if writer is not None else ""
+        attempt = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"  # sorts by start (journal module doc)
         # A TaskGroup cancels the sibling trajectories if one fails, so no orphaned work stays behind.
         try:
             async with asyncio.TaskGroup() as tg:
-                tasks = [tg.create_task(self._run_trajectory(s, engine)) for s in searches]
+                tasks = [
+                    tg.create_task(
+                        self._run_trajectory(
+                            s,
+                            engine,
+                            (writer, problem.problem_id, h, i, attempt, s.step)
+                            if writer is not None
+                            else None,
+                        )
+                    )
+                    for i, s in enumerate(searches)
+                ]
         except ExceptionGroup as group:  # surface the first failure itself (the driver classifies it)
             raise group.exceptions[0] from None
         trajs = [t.result() for t in tasks]
@@ -474,6 +564,27 @@ class BeamManager:
     async def render_prompt_ids(self, question: str) -> list[int]:
         """The teacher prompt's token ids for a question (used by the benchmark's baseline)."""
         return list(self.prompts(question)[0].token_ids)
+
+
+def _restored(search: ProblemSearch, steps: list[dict]) -> ProblemSearch:
+    """The fresh `search` brought to its journaled state; on a mismatch (it cannot happen under the
+    same config fingerprint and content hash, but a journal is only an optimisation) a fresh one."""
+    from gen_ssd_ray.core.search import StepLog
+
+    try:
+        search.replay([StepLog.from_dict(d) for d in steps])
+        return search
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        log.warning("journal: trajectory %s does not replay (%s); generating it afresh", search.group, e)
+        return ProblemSearch(
+            search.params, search.prompt_ids, search.student_prompt_ids, search.group, search.seed
+        )
+
+
+def _content_hash(problem) -> str:
+    from gen_ssd_ray.generate.content import content_hash
+
+    return content_hash(problem)
 
 
 def _retrieve(fut: asyncio.Future) -> None:

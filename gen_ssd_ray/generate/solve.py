@@ -121,6 +121,7 @@ def solve_all(
     ledger=None,
     ready: Callable[[int], None] | None = None,
     replace: Callable[[int], None] | None = None,
+    journal=None,
 ) -> Iterator[tuple[Any, list[TrajectoryRow]]]:
     """Yield `(problem, rows)` as problems finish (error rows for problems that fail by themselves);
     problems whose infrastructure kept failing (runtime.max_attempts times, and for longer than
@@ -134,6 +135,9 @@ def solve_all(
     the limit run together on one beam manager and the group is halved while it fails, so a problem
     that fails alone is committed as an error row naming its count and last error, and bystanders
     (failures count against every problem in flight where they struck) are committed normally.
+
+    `journal` (gen_ssd_ray.generate.journal.Journal, or None): each problem is sent with its journaled
+    trajectories to restore and the target its manager journals to.
 
     `calls`, `capacity`, `ledger`, `ready` (wait until manager i answers) and `replace` (start a new
     manager i) default to the Ray versions; tests pass fakes."""
@@ -155,7 +159,10 @@ def solve_all(
         m = pinned.get(problem.problem_id)
         if m is None:
             m = managers.pick()
-        ref = pools.managers[m].solve.remote(problem, engine)
+        if journal is None:
+            ref = pools.managers[m].solve.remote(problem, engine)
+        else:
+            ref = pools.managers[m].solve.remote(problem, engine, journal.take(problem), journal.target)
         managers.started(ref, m)
         return ref
 

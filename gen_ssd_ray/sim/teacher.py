@@ -26,6 +26,10 @@ What it models (constants from the profile, gen_ssd_ray.sim.profile):
   core, failing every request on it (EngineDead; the actor then restarts), on every attempt and after
   every restart: a problem that reliably kills its engine, for tests of the driver's poison handling.
 
+- Decoded tokens (`TOKENS_ENV`, a folder in the environment of the engine actors): each engine keeps
+  the number of tokens it decoded in its own small file there, rewritten after every macro-step, so
+  a benchmark can count the teacher work of a run that was SIGKILLed (scripts/bench_preempt.py).
+
 `stats` records what an engine did, including the wall-clock intervals it sat idle (no request
 running or waiting), which the harness sets against the time problems were waiting.
 """
@@ -51,6 +55,7 @@ from gen_ssd_ray.sim.profile import SimClock, load_profile
 
 MAX_MACRO_STEPS = 32
 POISON_ENV = "GEN_SSD_SIM_POISON"
+TOKENS_ENV = "GEN_SSD_SIM_TOKENS_DIR"
 FIRST_TOKEN_ID = 100  # sampled ids start here (clear of special tokens)
 
 
@@ -315,6 +320,7 @@ class SimTeacher:
                 prefill + n * step + p.step_per_ctx_token_s * batch * n * (n - 1) / 2
             ) * self.faults.slow_factor()
             await self.clock.work(sim_s)
+            self._count_decoded(batch * n)
             self.steps += n
             self.stats["steps"] += n
             self.stats["sim_busy_s"] += sim_s
@@ -329,6 +335,19 @@ class SimTeacher:
                 else:
                     self._finish(q)
             self.running = still
+
+    def _count_decoded(self, tokens: int) -> None:
+        """Add to the decoded-token count and, with TOKENS_ENV set, rewrite this engine's file."""
+        self.decoded = getattr(self, "decoded", 0) + tokens
+        folder = os.environ.get(TOKENS_ENV)
+        if not folder:
+            return
+        fd = getattr(self, "_tokens_fd", None)
+        if fd is None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            name = Path(folder) / f"teacher-{os.getpid()}-{id(self):x}.txt"
+            fd = self._tokens_fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.pwrite(fd, f"{self.decoded:020d}\n".encode(), 0)
 
     def _record_idle(self, start: float, end: float) -> None:
         intervals = self.stats["idle_intervals"]
