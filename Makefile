@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run generate test test-fast bench bench-scale bench-fixes calibrate-sim models lint clean
+.PHONY: install run generate test test-fast bench bench-scale bench-fixes bench-preempt calibrate-sim models lint clean
 
 install: $(STAMP)
 
@@ -50,6 +50,12 @@ bench-scale: $(STAMP)
 # Each fix of the simulated-cluster work against a run with it switched off: one JSON object, last line.
 bench-fixes: $(STAMP)
 	$(BIN)/python -m scripts.bench_fixes $(ARGS)
+
+# What a preemption costs with the trajectory journal: the simulated cluster with 16k-token
+# trajectories killed at 80% (with and without the journal), then SIGKILL/resume cycles of the CPU
+# default (ARGS: --part sim|cpu, --cycles N, --limit N). One JSON object, last line.
+bench-preempt: $(STAMP)
+	$(BIN)/python -m scripts.bench_preempt $(ARGS)
 
 # Measure the real vLLM engine and hf scorer on this machine into conf/sim/cpu.yaml (a few minutes).
 calibrate-sim: $(STAMP)

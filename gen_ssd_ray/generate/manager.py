@@ -28,7 +28,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from gen_ssd_ray.common.config import PromptConfig
@@ -143,7 +143,15 @@ class BeamManager:
     def __init__(self, spec: ManagerSpec, teachers: list, scorers: list):
         from transformers import AutoTokenizer
 
+        from gen_ssd_ray.common.models import localize_model
+
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # The driver's copy of an object-store model is on the driver's node: this node gets its own.
+        spec = replace(
+            spec,
+            teacher_path=localize_model(spec.teacher_path),
+            student_path=localize_model(spec.student_path),
+        )
         self.spec = spec
         self.teachers = teachers
         self.scorers = scorers
