@@ -19,6 +19,9 @@ Contract:
   ray.data.read_parquet) therefore see only complete shards. `read_manifest` returns the snapshot with
   the log's shards merged in (the snapshot's dict shape, so folders written before the log existed read
   the same); `read_output` reads exactly the shards it lists.
+- The folder (`output.dir`) is a local path or an object-store URI (``s3://bucket/prefix``, ``gs://...``:
+  gen_ssd_ray.common.storage). Both follow the same contract; the local protocol is described first,
+  then what differs on an object store (no rename, no flock, no append).
 - Committing a shard: its rows are written to `.tmp-part-NNNNN.parquet.<pid>`, fsynced, renamed to
   `part-NNNNN.parquet` and the folder fsynced; only then is one line ``{"shard": {...}}`` appended to
   `_manifest.log` (a single `os.write` of the whole line on an O_APPEND descriptor, then fsync). A
@@ -39,6 +42,36 @@ Contract:
   the snapshot already holds; readers drop log records whose shard name the snapshot lists, so nothing
   counts twice. `read_manifest` reads the log before the snapshot, so a compaction running meanwhile
   cannot hide a shard from it.
+- On an object store (`ShardWriter.remote`):
+
+      part-00000-1a2b3c4d.parquet   a shard: one PUT (an object is absent or complete); the suffix is
+                                    the first 8 hex digits of its writer's lease id, so two writers
+                                    never write the same name
+      _manifest.json                the snapshot, plus `log_seq`: the last log record it includes
+      _manifest.log/000000000007.json
+                                    one commit record per shard (``{"shard": {...}}``), created with an
+                                    exclusive PUT (`Storage.create_bytes`, If-None-Match) at the next seq
+      _lock                         the writer's lease (joblock.ObjectLease, renewed; a killed job's
+                                    lease is taken over after its ttl, GEN_SSD_LEASE_TTL_S)
+
+  The lease is checked before every shard PUT and every record (`LeaseLostError` -> `OutputWriteError`:
+  the job ends, exit 1). A record whose seq is taken means another writer commits here too: the writer
+  stops with `OutputWriteError` (EEXIST) naming that object and never overwrites it. Opening reads the
+  log records (before the snapshot, as locally) and keeps those after the snapshot's `log_seq`; a
+  record that does not parse is damage (objects appear whole), repaired by a writer as below.
+  Compaction PUTs the new snapshot (`log_seq` = the last record seen), then deletes those records; a
+  kill between the two leaves records with seq <= `log_seq`, which readers skip. A shard PUT whose
+  record was never created (a kill, a lost connection) is an orphan, complete by construction, adopted
+  or deleted by the next writer exactly as locally. Such a shard is therefore committed in every sense
+  that matters to readers of the raw folder (pandas.read_parquet("s3://..."), pyarrow.dataset,
+  ray.data.read_parquet, datasets.load_dataset("parquet", data_files="s3://.../*.parquet")): they see
+  the part-* objects and skip the names starting with "_" or "." (the manifest, its log, the lease),
+  and an orphan they may read is one that the next writer adopts, unless its problems were committed
+  elsewhere, which only a second writer racing a lost lease can cause (its record is then refused, and
+  the next writer deletes the orphan). `_config.yaml`, `_failures.json` (gen_ssd_ray.generate.failures)
+  and the damaged copies (`<name>.corrupt-<time>`) are written through `Storage` too.
+  `read_manifest`, `read_output` (and `live_shards`) accept the URI; pyarrow reads through
+  `Storage.arrow()`.
 - The manifest records the config fingerprint. Opening a folder whose data has another fingerprint
   raises `FingerprintMismatchError` unless `force` is set, in which case the new fingerprint is
   appended to the manifest's `fingerprint_history` (each row also carries its `config_fingerprint`).
