@@ -32,6 +32,7 @@ import logging
 import time
 from pathlib import Path
 
+from gen_ssd_ray.common.fsio import atomic_write_json
 from gen_ssd_ray.common.storage import Storage
 
 log = logging.getLogger("gen_ssd_ray")
@@ -118,7 +119,11 @@ class FailureLedger:
         if not self._dirty:
             return
         try:
-            self.storage.write_json(FAILURES_NAME, {"version": FAILURES_VERSION, "problems": self.problems})
+            data = {"version": FAILURES_VERSION, "problems": self.problems}
+            if self.storage.remote:
+                self.storage.write_json(FAILURES_NAME, data)
+            else:
+                atomic_write_json(self.path, data)
         except OSError as e:  # advice only: a full disk must not hide the job's own outcome
             log.warning("cannot write %s (%s); failure counts of this run may be lost", self.path, e)
             return
