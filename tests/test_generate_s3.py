@@ -216,3 +216,27 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path):
     text = log.read_text()
     if any(k["rc"] is None for k in kills):
         assert "waiting for its holder to let go or for it to expire" in text
+
+
+@pytest.mark.integration
+def test_generation_with_vllm_tiny_model_on_s3(s3_bucket, tmp_path, tiny_model, tiny_student):
+    """One normal run with the real vLLM-CPU teacher and HF scorer, problems and output on S3."""
+    import pandas as pd
+
+    from gen_ssd_ray.common.storage import Storage
+    from gen_ssd_ray.generate.output import read_manifest, read_output
+    from tests.test_job_e2e import job_args, run_job, write_problems
+
+    local = write_problems(tmp_path / "problems.jsonl", 4)
+    Storage(s3_bucket).upload_file(local, "in/problems.jsonl")
+    out = f"{s3_bucket}/vllm-out"
+    r = run_job(job_args(tiny_model, tiny_student, f"{s3_bucket}/in/problems.jsonl", out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Output: {out}" in r.stdout
+    table = read_output(out).to_pandas()
+    df = pd.read_parquet(out)
+    assert len(table) == len(df) == 7 and table.problem_id.is_unique
+    assert sorted(table.problem_id) == sorted(df.problem_id) == [f"problems-{i}" for i in range(7)]
+    assert (table.status == "error").sum() == 3  # the same error rows as a local file gives
+    assert read_manifest(out)["num_problems"] == 7
+    assert not (tmp_path / "s3:").exists() and not (Path.cwd() / "s3:").exists()
