@@ -345,3 +345,10 @@ def test_local_shard_names_unchanged(tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert [n for n in names if n.startswith("part-")] == ["part-00000.parquet", "part-00001.parquet"]
     assert (tmp_path / "out" / output.MANIFEST_LOG_NAME).is_file()
+
+
+def test_file_uri_is_the_local_folder(tmp_path):
+    commit(f"file://{tmp_path}/out", ["a", "b", "c"])
+    assert (tmp_path / "out" / "part-00001.parquet").is_file()
+    assert read_manifest(f"file://{tmp_path}/out")["num_problems"] == 3
+    assert live_ids(str(tmp_path / "out")) == ["a", "b", "c"]

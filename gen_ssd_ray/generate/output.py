@@ -387,7 +387,7 @@ def read_manifest(out_dir: str | Path) -> dict | None:
             return None
         _merge(manifest, [e for seq, e in records if seq > manifest.get("log_seq", -1)])
         return manifest
-    out_dir = Path(out_dir)
+    out_dir = Path(Storage(str(out_dir), key="output.dir").uri)  # file://x -> x
     entries = _read_log(out_dir / MANIFEST_LOG_NAME)  # before the snapshot: see the module docstring
     manifest = _read_snapshot(out_dir / MANIFEST_NAME)
     if manifest is None:
@@ -479,7 +479,7 @@ class ShardWriter:
         # branches below keep the local protocol (rename, flock, O_APPEND log), see the module doc.
         self.remote = is_remote(str(out_dir))
         self.storage = Storage(str(out_dir), key="output.dir")
-        self.out_dir = self.storage.uri if self.remote else Path(out_dir)
+        self.out_dir = self.storage.uri if self.remote else Path(self.storage.uri)  # file://x -> x
         self.fingerprint = fingerprint
         self.shard_size = shard_size
         self.manifest_bytes_written = 0
