@@ -137,7 +137,7 @@ def _rows(uri: str) -> list[dict]:
 
 
 @pytest.mark.integration
-def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path):
+def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path, monkeypatch):
     import datasets
     import pandas as pd
     import pyarrow.dataset as pads
@@ -186,19 +186,6 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path):
     shards = [n for n in names if n.startswith("part-")]
     listed = {s["name"] for s in read_manifest(out)["shards"]}
     assert set(shards) == listed  # orphans of the kills were adopted or deleted
-    want = sorted(ids)
-    df = pd.read_parquet(out, columns=["problem_id"])
-    assert sorted(df["problem_id"]) == want
-    assert sorted(pads.dataset(out, format="parquet").to_table().column("problem_id").to_pylist()) == want
-    hf = datasets.load_dataset(
-        "parquet", data_files=f"{out}/*.parquet", split="train", cache_dir=str(tmp_path / "hf")
-    )
-    assert sorted(hf["problem_id"]) == want
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
-    try:
-        assert sorted(r["problem_id"] for r in ray.data.read_parquet(out).take_all()) == want
-    finally:
-        ray.shutdown()
     manifest_bytes = sum(storage.stat(n).size for n in names if n.startswith("_manifest"))
     print(
         json.dumps(
@@ -213,6 +200,21 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path):
             }
         )
     )
+    want = sorted(ids)
+    df = pd.read_parquet(out, columns=["problem_id"])
+    assert sorted(df["problem_id"]) == want
+    assert sorted(pads.dataset(out, format="parquet").to_table().column("problem_id").to_pylist()) == want
+    # HF_HUB_OFFLINE (set for these tests) would refuse every remote URL: this one is the local server.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    hf = datasets.load_dataset(
+        "parquet", data_files=f"{out}/*.parquet", split="train", cache_dir=str(tmp_path / "hf")
+    )
+    assert sorted(hf["problem_id"]) == want
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        assert sorted(r["problem_id"] for r in ray.data.read_parquet(out).take_all()) == want
+    finally:
+        ray.shutdown()
     text = log.read_text()
     if any(k["rc"] is None for k in kills):
         assert "waiting for its holder to let go or for it to expire" in text
