@@ -3,7 +3,8 @@ tests/s3server.py), real Ray, the real shard writer, simulated engines (determin
 
 `python -m jobs.generate ... data.path=s3://b/problems.jsonl output.dir=s3://b/out` runs once
 uninterrupted, then in a second folder it is SIGKILLed (its whole process group: the driver and the
-Ray it started) at three random instants, resubmitted with the same command each time, and run to
+Ray it started) at three random instants while shards are being committed (after a random number of
+committed problems, plus a random pause), resubmitted with the same command each time, and run to
 completion: every problem is committed in exactly one live shard (0 lost, 0 duplicated) and the rows
 equal the uninterrupted run's. The lease of a killed job is waited out (GEN_SSD_LEASE_TTL_S=3), which
 the resubmission logs. The raw-folder readers users use (pandas, pyarrow.dataset, ray.data, Hugging
@@ -67,7 +68,7 @@ def _command(data: str, out: str) -> list[str]:
         "runtime.num_beam_managers=1",
         "runtime.local_num_cpus=2",
         "sim.engines_per_actor=1",
-        "sim.time_compression=20",
+        "sim.time_compression=5",
         "teacher.max_inflight_problems=4",
         "search.max_new_tokens=64",
         "search.chunk_tokens=16",
@@ -86,22 +87,12 @@ def _env() -> dict[str, str]:
     }
 
 
-def _run(cmd: list[str], log: Path, kill_after_s: float | None = None) -> tuple[int | None, float]:
-    """Run the job (its own process group); SIGKILL the group after `kill_after_s` if still running.
-    Returns (exit code, or None when killed; wall seconds)."""
+def _run(cmd: list[str], log: Path) -> tuple[int, float]:
+    """Run the job to its end; returns (exit code, wall seconds)."""
     t0 = time.monotonic()
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=fh, start_new_session=True)
-        try:
-            proc.wait(timeout=kill_after_s if kill_after_s is not None else 600)
-        except subprocess.TimeoutExpired:
-            if kill_after_s is None:
-                raise
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            _reap(proc.pid)
-            return None, time.monotonic() - t0
-    return proc.returncode, time.monotonic() - t0
+        rc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=fh, timeout=600).returncode
+    return rc, time.monotonic() - t0
 
 
 def _reap(pgid: int) -> None:
@@ -112,6 +103,32 @@ def _reap(pgid: int) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
+
+
+def _run_until_committed(cmd: list[str], log: Path, out: str, target: int, pause_s: float) -> dict:
+    """Run the job and SIGKILL its process group `pause_s` after the output first shows `target`
+    committed problems (a kill while the next shards are being written)."""
+    from gen_ssd_ray.generate.output import read_manifest
+
+    t0 = time.monotonic()
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=fh, start_new_session=True)
+        while proc.poll() is None and time.monotonic() - t0 < 300:
+            try:
+                m = read_manifest(out)
+            except Exception:  # a folder being created: look again
+                m = None
+            if m and m["num_problems"] >= target:
+                time.sleep(pause_s)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                _reap(proc.pid)
+                return {"target": target, "at_s": round(time.monotonic() - t0, 1), "rc": None}
+            time.sleep(0.1)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return {"target": target, "at_s": round(time.monotonic() - t0, 1), "rc": proc.returncode}
 
 
 def _live_ids(uri: str) -> Counter:
@@ -161,16 +178,22 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path, mo
     expected = _rows(clean)
     assert len(expected) == N_PROBLEMS
 
-    # 2. The same command, SIGKILLed at three random instants, resubmitted each time, then to the end.
+    # 2. The same command, SIGKILLed at three random instants while shards are being committed (a
+    # random number of committed problems, then a random pause), resubmitted each time, then to the end.
     out = f"{s3_bucket}/killed"
     cmd = _command(data, out)
     rng = random.Random(int(os.environ.get("GEN_SSD_TEST_SEED", "12")))
     kills = []
+    committed = 0
     for _ in range(3):
-        at = rng.uniform(0.3, 1.0) * clean_s
-        rc, wall = _run(cmd, log, kill_after_s=at)
+        if committed >= N_PROBLEMS - 1:
+            break
+        target = rng.randint(committed + 1, max(committed + 1, (committed + N_PROBLEMS) // 2))
+        kill = _run_until_committed(cmd, log, out, target, pause_s=rng.uniform(0.0, 0.5))
         m = read_manifest(out)
-        kills.append({"at_s": round(at, 1), "rc": rc, "committed": m["num_problems"] if m else None})
+        committed = m["num_problems"] if m else 0
+        kills.append({**kill, "committed": committed})
+    assert any(k["rc"] is None and 0 < k["committed"] < N_PROBLEMS for k in kills), kills
     rc, final_s = _run(cmd, log)
     assert rc == 0, log.read_text()[-4000:]
     ids = _live_ids(out)
