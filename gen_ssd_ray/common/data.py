@@ -10,6 +10,10 @@
 - a JSONL file (`.jsonl`/`.ndjson`; also a `.json` file that turns out to hold JSON lines);
 - a JSON file holding an array of objects, or an object whose "data" or "rows" key holds one;
 - a Parquet file, or a folder of them (read in sorted path order, recursively);
+- any of these files (or a Parquet folder) on an object store: `s3://bucket/problems.jsonl`,
+  `gs://bucket/parquet/` (gen_ssd_ray.common.storage; credentials from the store's environment). They
+  are streamed the same way (ranged reads), give the same ids (the object's name is the stem) and the
+  same error rows as a local copy;
 - anything else is taken as a Hugging Face dataset name: `datasets.load_dataset(path, split=data.split)`
   (imported lazily; without `datasets` or without network the error says so).
 
@@ -87,6 +91,7 @@ from typing import Any
 
 from gen_ssd_ray.common.config import DataConfig
 from gen_ssd_ray.common.errors import InputError
+from gen_ssd_ray.common.storage import is_remote
 from gen_ssd_ray.core.answers import canonical_number, parse_gold_answer, shorten, unencodable
 
 log = logging.getLogger(__name__)
@@ -329,6 +334,8 @@ def _read_source(cfg: DataConfig) -> _Source:
         if not file.is_file():
             raise DataError(f"data.path={path!r}: {file} is missing from this installation")
         return _read_jsonl(file, _embedded_stem(name), wanted)
+    if is_remote(path):
+        return _read_object_store(path, wanted)
     local = Path(path).expanduser()
     if local.is_dir():
         return _read_parquet(local, wanted)
@@ -347,6 +354,102 @@ def _read_source(cfg: DataConfig) -> _Source:
     if _looks_local(path):
         raise DataError(f"data.path={path!r}: no such file or folder")
     return _read_hf(path, cfg.split, wanted)
+
+
+def _read_object_store(path: str, wanted: list[str]) -> _Source:
+    """A data file or Parquet folder on an object store: the local readers over `_ObjectFile`s."""
+    from gen_ssd_ray.common.storage import Storage
+
+    uri = path.rstrip("/")
+    scheme_sep = uri.index("://") + 3
+    parent, _, name = uri[scheme_sep:].rpartition("/")
+    try:
+        if parent:  # scheme://bucket/.../name: a file, or else a folder of Parquet files
+            folder = Storage(uri[:scheme_sep] + parent, key="data.path")
+            if folder.stat(name) is not None:
+                file = _ObjectFile(folder, name)
+                suffix = file.suffix.lower()
+                if suffix in _JSONL_SUFFIXES:
+                    return _read_jsonl(file, file.stem, wanted)  # type: ignore[arg-type]
+                if suffix == ".json":
+                    return _read_json(file, wanted)  # type: ignore[arg-type]
+                if suffix == ".parquet":
+                    return _read_parquet(file, wanted)  # type: ignore[arg-type]
+                raise DataError(
+                    f"data.path={path!r}: unknown format {suffix or '(no suffix)'!r}; use a .jsonl, .json or "
+                    ".parquet object, or a prefix holding .parquet objects"
+                )
+        top = Storage(uri, key="data.path")
+        if top.list():
+            return _read_parquet(_ObjectFolder(top), wanted)  # type: ignore[arg-type]
+    except OSError as e:
+        raise DataError(f"data.path={path!r}: cannot read it ({e.strerror or e})") from None
+    raise DataError(f"data.path={path!r}: no such object or prefix on the store")
+
+
+class _ObjectFile:
+    """One object on a store, with the few `Path` methods the readers in this module use."""
+
+    def __init__(self, storage: Any, name: str) -> None:
+        self.storage, self.key = storage, name
+        self.name = name.rsplit("/", 1)[-1]
+        self.stem, self.suffix = Path(self.name).stem, Path(self.name).suffix
+
+    def __str__(self) -> str:
+        return self.storage.uri_of(self.key)
+
+    def __lt__(self, other: _ObjectFile) -> bool:
+        return self.key < other.key
+
+    def is_dir(self) -> bool:
+        return False
+
+    def stat(self) -> Any:
+        st = self.storage.stat(self.key)
+        if st is None:
+            raise FileNotFoundError(2, "no such object", str(self))
+        return st  # a storage.Stat: `.size` (see _file_size)
+
+    def read_bytes(self) -> bytes:
+        return self.storage.read_bytes(self.key)
+
+    def open(self, mode: str = "rb") -> Any:
+        return self.storage.open_input(self.key)
+
+    def parquet(self) -> Any:
+        import pyarrow.parquet as pq
+
+        fs, root = self.storage.arrow()
+        return pq.ParquetFile(f"{root}/{self.key}", filesystem=fs)
+
+
+class _ObjectFolder:
+    """A prefix on a store holding Parquet objects (`is_dir`, `rglob`, `name`, as a Path)."""
+
+    def __init__(self, storage: Any) -> None:
+        self.storage = storage
+        self.name = storage.uri.rstrip("/").rsplit("/", 1)[-1]
+        self.stem = self.name
+
+    def __str__(self) -> str:
+        return self.storage.uri
+
+    def is_dir(self) -> bool:
+        return True
+
+    def rglob(self, pattern: str) -> list[_ObjectFile]:
+        suffix = pattern.lstrip("*")
+        return [_ObjectFile(self.storage, n) for n in self.storage.list() if n.endswith(suffix)]
+
+
+def _parquet_file(file: Path | _ObjectFile) -> Any:
+    import pyarrow.parquet as pq
+
+    return file.parquet() if isinstance(file, _ObjectFile) else pq.ParquetFile(file)
+
+
+def _file_size(file: Path | _ObjectFile) -> int:
+    return file.stat().size if isinstance(file, _ObjectFile) else file.stat().st_size
 
 
 def _looks_local(path: str) -> bool:
@@ -372,7 +475,7 @@ def _read_jsonl(file: Path, stem: str, wanted: list[str], data: bytes | None = N
     line by line). Reads up front only up to the first valid line that shows every `wanted` field."""
     if data is None:
         try:
-            size = file.stat().st_size
+            size = _file_size(file)
         except OSError as e:
             raise _unreadable(file, e) from None
         if size <= _WHOLE_READ_BYTES:
@@ -526,7 +629,6 @@ class _Shard:
 
 def _read_parquet(path: Path, wanted: list[str]) -> _Source:
     """Parquet files; up front only their footers (schema, row counts) are read."""
-    import pyarrow.parquet as pq
 
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
@@ -538,7 +640,7 @@ def _read_parquet(path: Path, wanted: list[str]) -> _Source:
     fields: list[str] = []
     for file in files:
         try:
-            with pq.ParquetFile(file) as pf:
+            with _parquet_file(file) as pf:
                 names = pf.schema_arrow.names
                 groups = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         except Exception as e:  # pyarrow raises several types for unreadable/corrupt files
@@ -565,7 +667,6 @@ def _read_parquet(path: Path, wanted: list[str]) -> _Source:
 def _parquet_rows(shard: _Shard, base: int, start: int) -> Iterator[_Row]:
     """The rows of one file from source position `start` on, reading its wanted columns only and
     skipping whole row groups before `start`."""
-    import pyarrow.parquet as pq
 
     first, pos = 0, base
     while first < len(shard.groups) and pos + shard.groups[first] <= start:
@@ -574,7 +675,7 @@ def _parquet_rows(shard: _Shard, base: int, start: int) -> Iterator[_Row]:
     picked = list(range(first, len(shard.groups)))
     if not picked:
         return
-    with pq.ParquetFile(shard.file) as pf:
+    with _parquet_file(shard.file) as pf:
         for batch in pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=picked, columns=shard.columns):
             values = _arrow_rows(batch)
             for i in range(max(0, start - pos), len(values)):

@@ -157,7 +157,9 @@ class GenerateConfig:
         )
 
     def validate(self) -> None:
-        """Cross-field and value checks. Model and data paths are checked by their loaders."""
+        """Cross-field and value checks. Locations (output.dir, data.path, the models) are checked
+        for a usable scheme (gen_ssd_ray.common.storage.check_location); their contents by their
+        loaders."""
         from gen_ssd_ray.common.config import ConfigError
         from gen_ssd_ray.engines.registry import SCORER_BACKENDS
 
@@ -190,6 +192,17 @@ class GenerateConfig:
         )
         self.data.validate()
         o.validate()
+        # Every location a user gives: a local path or a usable object-store URI (s3://bucket/x), never
+        # a local folder named "s3:" (StorageError, exit 2, before anything is created or started).
+        from gen_ssd_ray.common.storage import check_location
+
+        for key, value in (
+            ("output.dir", o.dir),
+            ("data.path", self.data.path),
+            ("teacher.model", t.model),
+            ("student.model", s.model),
+        ):
+            check_location(value, key)
         require(o.shard_size >= 1, "output.shard_size", f"must be >= 1, got {o.shard_size}")
         r.validate()
         require(r.num_beam_managers >= 1, "runtime.num_beam_managers", "must be >= 1")

@@ -386,7 +386,10 @@ def _select(method: str, rows: list[TrajectoryRow]) -> None:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    out = Path(summary["output_dir"]).resolve()
+    from gen_ssd_ray.common.storage import is_remote
+
+    out = summary["output_dir"]  # an object-store URI as given; a local folder resolved
+    out = out if is_remote(out) else Path(out).resolve()
     st = summary["trajectories_by_status"]
     lines = [
         "",

@@ -11,11 +11,14 @@ Contract:
 - `record(problem_id, error)` adds one failure and returns the new count; `at_limit(id)` says whether
   the count reached `limit` (`runtime.max_problem_failures`; 0: never). `forget(id)` drops a problem
   once it is committed.
-- Saving: `save()` writes the whole file atomically (gen_ssd_ray.common.fsio) when something changed;
+- The folder is a local path or an object-store URI (gen_ssd_ray.common.storage): the file is read and
+  written through `Storage`, whole (locally temp file + fsync + rename, on an object store one PUT).
+- Saving: `save()` writes the whole file atomically when something changed;
   `maybe_save()` at most every `save_every_s` seconds (a node loss fails thousands of problems at
   once: one write, not thousands), and at most every second while problems reach the limit. A kill
   loses at most the last `save_every_s` seconds of counts, never the file.
-- A file that cannot be read or parsed is moved aside (`_failures.json.corrupt-<time>`) with a
+- A file that cannot be read or parsed is moved aside (`_failures.json.corrupt-<time>`, a copy then a
+  delete on an object store) with a
   warning and counting starts again: the counts are advice for giving up, never data.
 
 Only the generation job's writer (which holds the folder's lock) uses it: no locking here.
@@ -26,11 +29,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from gen_ssd_ray.common.fsio import atomic_write_json
+from gen_ssd_ray.common.storage import Storage
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -46,14 +49,15 @@ def _now() -> str:
 
 class FailureLedger:
     def __init__(self, out_dir: str | Path, limit: int, save_every_s: float = 5.0):
-        self.path = Path(out_dir) / FAILURES_NAME
+        self.storage = Storage(str(out_dir), key="output.dir")
+        self.path = self.storage.uri_of(FAILURES_NAME)  # for messages
         self.limit, self.save_every_s = limit, save_every_s
         self.problems: dict[str, dict] = self._load()
         self._dirty, self._saved_at = False, time.monotonic()
 
     def _load(self) -> dict[str, dict]:
         try:
-            data = json.loads(self.path.read_bytes())
+            data = json.loads(self.storage.read_bytes(FAILURES_NAME))
             problems = data["problems"]
             if data.get("version") != FAILURES_VERSION or not isinstance(problems, dict):
                 raise ValueError(f"not a version-{FAILURES_VERSION} failure ledger")
@@ -64,10 +68,19 @@ class FailureLedger:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError) as e:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}")
-            log.warning("%s is unreadable (%s); moved to %s, failure counts start again", self.path, e, aside)
+            aside = f"{FAILURES_NAME}.corrupt-{_dt.datetime.now(_dt.UTC):%Y%m%dT%H%M%S}"
+            log.warning(
+                "%s is unreadable (%s); moved to %s, failure counts start again",
+                self.path,
+                e,
+                self.storage.uri_of(aside),
+            )
             try:
-                os.replace(self.path, aside)
+                if self.storage.remote:  # no rename on an object store
+                    self.storage.write_bytes(aside, self.storage.read_bytes(FAILURES_NAME))
+                    self.storage.delete(FAILURES_NAME)
+                else:
+                    Path(self.storage.uri_of(FAILURES_NAME)).replace(self.storage.uri_of(aside))
             except OSError:
                 pass
             return {}
@@ -106,7 +119,11 @@ class FailureLedger:
         if not self._dirty:
             return
         try:
-            atomic_write_json(self.path, {"version": FAILURES_VERSION, "problems": self.problems})
+            data = {"version": FAILURES_VERSION, "problems": self.problems}
+            if self.storage.remote:
+                self.storage.write_json(FAILURES_NAME, data)
+            else:
+                atomic_write_json(self.path, data)
         except OSError as e:  # advice only: a full disk must not hide the job's own outcome
             log.warning("cannot write %s (%s); failure counts of this run may be lost", self.path, e)
             return

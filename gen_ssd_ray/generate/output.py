@@ -19,6 +19,9 @@ Contract:
   ray.data.read_parquet) therefore see only complete shards. `read_manifest` returns the snapshot with
   the log's shards merged in (the snapshot's dict shape, so folders written before the log existed read
   the same); `read_output` reads exactly the shards it lists.
+- The folder (`output.dir`) is a local path or an object-store URI (``s3://bucket/prefix``, ``gs://...``:
+  gen_ssd_ray.common.storage). Both follow the same contract; the local protocol is described first,
+  then what differs on an object store (no rename, no flock, no append).
 - Committing a shard: its rows are written to `.tmp-part-NNNNN.parquet.<pid>`, fsynced, renamed to
   `part-NNNNN.parquet` and the folder fsynced; only then is one line ``{"shard": {...}}`` appended to
   `_manifest.log` (a single `os.write` of the whole line on an O_APPEND descriptor, then fsync). A
@@ -39,6 +42,36 @@ Contract:
   the snapshot already holds; readers drop log records whose shard name the snapshot lists, so nothing
   counts twice. `read_manifest` reads the log before the snapshot, so a compaction running meanwhile
   cannot hide a shard from it.
+- On an object store (`ShardWriter.remote`):
+
+      part-00000-1a2b3c4d.parquet   a shard: one PUT (an object is absent or complete); the suffix is
+                                    the first 8 hex digits of its writer's lease id, so two writers
+                                    never write the same name
+      _manifest.json                the snapshot, plus `log_seq`: the last log record it includes
+      _manifest.log/000000000007.json
+                                    one commit record per shard (``{"shard": {...}}``), created with an
+                                    exclusive PUT (`Storage.create_bytes`, If-None-Match) at the next seq
+      _lock                         the writer's lease (joblock.ObjectLease, renewed; a killed job's
+                                    lease is taken over after its ttl, GEN_SSD_LEASE_TTL_S)
+
+  The lease is checked before every shard PUT and every record (`LeaseLostError` -> `OutputWriteError`:
+  the job ends, exit 1). A record whose seq is taken means another writer commits here too: the writer
+  stops with `OutputWriteError` (EEXIST) naming that object and never overwrites it. Opening reads the
+  log records (before the snapshot, as locally) and keeps those after the snapshot's `log_seq`; a
+  record that does not parse is damage (objects appear whole), repaired by a writer as below.
+  Compaction PUTs the new snapshot (`log_seq` = the last record seen), then deletes those records; a
+  kill between the two leaves records with seq <= `log_seq`, which readers skip. A shard PUT whose
+  record was never created (a kill, a lost connection) is an orphan, complete by construction, adopted
+  or deleted by the next writer exactly as locally. Such a shard is therefore committed in every sense
+  that matters to readers of the raw folder (pandas.read_parquet("s3://..."), pyarrow.dataset,
+  ray.data.read_parquet, datasets.load_dataset("parquet", data_files="s3://.../*.parquet")): they see
+  the part-* objects and skip the names starting with "_" or "." (the manifest, its log, the lease),
+  and an orphan they may read is one that the next writer adopts, unless its problems were committed
+  elsewhere, which only a second writer racing a lost lease can cause (its record is then refused, and
+  the next writer deletes the orphan). `_config.yaml`, `_failures.json` (gen_ssd_ray.generate.failures)
+  and the damaged copies (`<name>.corrupt-<time>`) are written through `Storage` too.
+  `read_manifest`, `read_output` (and `live_shards`) accept the URI; pyarrow reads through
+  `Storage.arrow()`.
 - The manifest records the config fingerprint. Opening a folder whose data has another fingerprint
   raises `FingerprintMismatchError` unless `force` is set, in which case the new fingerprint is
   appended to the manifest's `fingerprint_history` (each row also carries its `config_fingerprint`).
@@ -75,6 +108,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import io
 import json
 import logging
 import os
@@ -88,7 +122,15 @@ import pyarrow.parquet as pq
 
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.fsio import TMP_PREFIX, atomic_write_bytes, atomic_writer, fsync_dir
-from gen_ssd_ray.common.joblock import FolderLock, FolderLockedError, lock_job_folder
+from gen_ssd_ray.common.joblock import (
+    LOCK_NAME,
+    FolderLock,
+    FolderLockedError,
+    LeaseLostError,
+    ObjectLease,
+    lock_job_folder,
+)
+from gen_ssd_ray.common.storage import Storage, is_remote
 from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, empty_table, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -97,7 +139,10 @@ MANIFEST_NAME = "_manifest.json"
 MANIFEST_LOG_NAME = "_manifest.log"
 CONFIG_NAME = "_config.yaml"
 MANIFEST_VERSION = 1
-_SHARD_RE = re.compile(r"^part-(\d+)\.parquet$")
+# Local shards are part-NNNNN.parquet; on an object store part-NNNNN-<8 hex of the writer's lease>.parquet.
+_SHARD_RE = re.compile(r"^part-(\d+)(?:-[0-9a-f]{8})?\.parquet$")
+# An object-store log record: _manifest.log/<seq:012d>.json.
+_LOG_OBJECT_RE = re.compile(r"^(\d{12})\.json$")
 _SHARD_KEYS = frozenset({"name", "problem_ids", "num_rows", "num_problems", "created"})
 # The Arrow schema metadata key of a shard's own record: {"content_hashes": {id: hash}, "supersedes": [id]}.
 SHARD_META_KEY = b"gen_ssd_ray.shard"
@@ -141,8 +186,8 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+def _shard_name(index: int, tag: str = "") -> str:
+    return f"part-{index:05d}-{tag}.parquet" if tag else f"part-{index:05d}.parquet"
 
 
 def _is_int(v) -> bool:
@@ -158,7 +203,7 @@ def _entry_problem(entry) -> str | None:
         return f"a shard record lacks the keys {sorted(missing)}"
     ids = entry["problem_ids"]
     if not (isinstance(entry["name"], str) and _SHARD_RE.match(entry["name"])):
-        return f"shard name {entry['name']!r} is not part-NNNNN.parquet"
+        return f"shard name {entry['name']!r} is not part-NNNNN.parquet (or part-NNNNN-<8 hex>.parquet)"
     if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         return f"{entry['name']}: problem_ids must be a list of strings"
     if not (_is_int(entry["num_rows"]) and entry["num_problems"] == len(ids)):
@@ -176,10 +221,16 @@ def _entry_problem(entry) -> str | None:
     return None
 
 
-def _read_snapshot(path: Path) -> dict | None:
-    """The snapshot, checked (None when there is none); ManifestError when it is damaged."""
+def _read_snapshot(path: Path | tuple[Storage, str]) -> dict | None:
+    """The snapshot, checked (None when there is none); ManifestError when it is damaged. `path` is a
+    local file or (storage, name) on an object store."""
     try:
-        data = path.read_bytes()
+        if isinstance(path, tuple):
+            storage, name = path
+            path = storage.uri_of(name)  # for the messages
+            data = storage.read_bytes(name)
+        else:
+            data = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -211,6 +262,12 @@ def _read_snapshot(path: Path) -> dict | None:
         problem = "'shards' must be a list"
     else:
         problem = next((p for p in map(_entry_problem, manifest["shards"]) if p), None)
+    if (
+        problem is None
+        and "log_seq" in manifest
+        and not (_is_int(manifest["log_seq"]) or manifest["log_seq"] == -1)
+    ):
+        problem = "'log_seq' must be an integer >= -1"
     if problem:
         raise ManifestError(f"{path}: {problem}; {_REPAIR}")
     return manifest
@@ -253,6 +310,49 @@ def _read_log(path: Path) -> list[dict]:
     return entries
 
 
+def _log_object(seq: int) -> str:
+    """The name of object-store log record `seq` in the output folder."""
+    return f"{MANIFEST_LOG_NAME}/{seq:012d}.json"
+
+
+def _log_seqs(storage: Storage) -> list[int]:
+    """The seqs of the log records present on an object store, ascending (other names are ignored)."""
+    seqs = []
+    for name in storage.list(MANIFEST_LOG_NAME):
+        m = _LOG_OBJECT_RE.match(name[len(MANIFEST_LOG_NAME) + 1 :])
+        if m:
+            seqs.append(int(m.group(1)))
+    return sorted(seqs)
+
+
+def _read_log_objects(storage: Storage, seqs: Iterable[int]) -> list[tuple[int, dict]]:
+    """`(seq, shard entry)` of the object-store log records `seqs`, in order. A record that vanished
+    since it was listed is skipped (a compaction deleted it after putting it in the snapshot); one that
+    does not parse is ManifestError (objects appear whole: it was modified outside the writer)."""
+    out = []
+    for seq in seqs:
+        name = _log_object(seq)
+        try:
+            data = storage.read_bytes(name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ManifestError(
+                f"{storage.uri_of(name)} cannot be read ({e.strerror or e}); {_REPAIR}"
+            ) from None
+        try:
+            entry = json.loads(data)["shard"]
+            if problem := _entry_problem(entry):
+                raise ValueError(problem)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ManifestError(
+                f"{storage.uri_of(name)} is not a manifest record ({e}); the output folder was modified "
+                f"outside the writer: {_REPAIR}"
+            ) from None
+        out.append((seq, entry))
+    return out
+
+
 def _merge(manifest: dict, entries: Iterable[dict]) -> None:
     """Append to `manifest["shards"]` the entries whose shard it does not list yet; set the totals.
 
@@ -279,7 +379,15 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     num_rows, updated. Raises ManifestError (a ValueError naming the file and the fix) for a damaged
     snapshot, a corrupt log line that is not the last one, or another version.
     """
-    out_dir = Path(out_dir)
+    if is_remote(str(out_dir)):
+        storage = Storage(str(out_dir), key="output.dir")
+        records = _read_log_objects(storage, _log_seqs(storage))  # before the snapshot, as locally
+        manifest = _read_snapshot((storage, MANIFEST_NAME))
+        if manifest is None:
+            return None
+        _merge(manifest, [e for seq, e in records if seq > manifest.get("log_seq", -1)])
+        return manifest
+    out_dir = Path(Storage(str(out_dir), key="output.dir").uri)  # file://x -> x
     entries = _read_log(out_dir / MANIFEST_LOG_NAME)  # before the snapshot: see the module docstring
     manifest = _read_snapshot(out_dir / MANIFEST_NAME)
     if manifest is None:
@@ -305,25 +413,25 @@ def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Tab
     exactly one set of rows per committed problem (superseded rows are dropped)."""
     import pyarrow.compute as pc
 
-    out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     if not manifest or not manifest["shards"]:
         table = empty_table()
         return table.select(columns) if columns else table
+    fs, root = Storage(str(out_dir), key="output.dir").arrow()
     tables = []
     read = None if columns is None else list(dict.fromkeys([*columns, "problem_id"]))  # only these
     for name, stale in live_shards(manifest):
-        table = pq.read_table(out_dir / name, columns=read, schema=OUTPUT_SCHEMA)
+        table = pq.read_table(f"{root}/{name}", columns=read, schema=OUTPUT_SCHEMA, filesystem=fs)
         if stale:
             table = table.filter(pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale)))))
         tables.append(table.select(columns) if columns else table)
     return pa.concat_tables(tables)
 
 
-def _shard_meta(path: Path) -> dict:
+def _shard_meta(path: Path | str, filesystem=None) -> dict:
     """A shard file's own record (content hashes, supersedes); {} for shards written without one."""
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(path, filesystem=filesystem).metadata or {}
         out = json.loads(meta[SHARD_META_KEY]) if SHARD_META_KEY in meta else {}
         return out if isinstance(out, dict) else {}
     except (OSError, ValueError, pa.ArrowException) as e:
@@ -367,7 +475,11 @@ class ShardWriter:
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.out_dir = Path(out_dir)
+        # An object store (s3://...) or a local folder: `storage` reads and writes both; the local
+        # branches below keep the local protocol (rename, flock, O_APPEND log), see the module doc.
+        self.remote = is_remote(str(out_dir))
+        self.storage = Storage(str(out_dir), key="output.dir")
+        self.out_dir = self.storage.uri if self.remote else Path(self.storage.uri)  # file://x -> x
         self.fingerprint = fingerprint
         self.shard_size = shard_size
         self.manifest_bytes_written = 0
@@ -379,9 +491,14 @@ class ShardWriter:
         self._pending: list[bytes] = []  # log lines of renamed shards, not yet appended
         self._log_fd: int | None = None
         self._log_size = 0  # end of the last complete line this writer appended
+        self._seq = 0  # object store: the seq of the next log record
+        self._log_seqs: list[int] = []  # object store: log records present when the folder was opened
         self._closed = False
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._lock: FolderLock | None = self._acquire_lock()
+        if not self.remote:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._lock: FolderLock | ObjectLease | None = self._acquire_lock()
+        # Object-store shard names carry the writer's lease id: two writers never PUT the same name.
+        self._tag = self._lock.lease_id[:8] if isinstance(self._lock, ObjectLease) else ""
         try:
             self._open(config_yaml, force)
         except BaseException:
@@ -391,7 +508,14 @@ class ShardWriter:
 
     # -- opening ------------------------------------------------------------------------------------
 
-    def _acquire_lock(self) -> FolderLock:
+    def _acquire_lock(self) -> FolderLock | ObjectLease:
+        if self.remote and self.storage.exists(LOCK_NAME):
+            log.info(
+                "output folder %s: a lease (%s) is there; waiting for its holder to let go or for it to "
+                "expire (up to its ttl, GEN_SSD_LEASE_TTL_S) before writing",
+                self.out_dir,
+                self.storage.uri_of(LOCK_NAME),
+            )
         try:
             return lock_job_folder(self.out_dir, "generate")
         except FolderLockedError as e:
@@ -413,6 +537,16 @@ class ShardWriter:
         refuses the folder later in `_open` leaves readers the same clear error, not an empty folder."""
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
         log.warning("%s: rebuilding the manifest from the shard files (a copy of it is kept)", error)
+        if self.remote:
+            names = [MANIFEST_NAME, *(_log_object(seq) for seq in self._log_seqs)]
+            for name in names:
+                try:
+                    data = self.storage.read_bytes(name)
+                except FileNotFoundError:
+                    continue
+                head, _, tail = name.partition("/")
+                self.storage.write_bytes(f"{head}.corrupt-{stamp}" + (f"/{tail}" if tail else ""), data)
+            return
         for name in (MANIFEST_NAME, MANIFEST_LOG_NAME):
             path = self.out_dir / name
             if path.exists():
@@ -420,17 +554,30 @@ class ShardWriter:
         fsync_dir(self.out_dir)
 
     def _open(self, config_yaml: str, force: bool) -> None:
-        log_path = self.out_dir / MANIFEST_LOG_NAME
+        log_path = self.out_dir / MANIFEST_LOG_NAME if not self.remote else None
         try:
-            entries = _read_log(log_path)
-            manifest = _read_snapshot(self.out_dir / MANIFEST_NAME)
+            if self.remote:
+                self._log_seqs = _log_seqs(self.storage)
+                records = _read_log_objects(self.storage, self._log_seqs)  # before the snapshot
+                manifest = _read_snapshot((self.storage, MANIFEST_NAME))
+                done = manifest.get("log_seq", -1) if manifest else -1
+                entries = [e for seq, e in records if seq > done]  # the others are in the snapshot
+            else:
+                entries = _read_log(log_path)
+                manifest = _read_snapshot(self.out_dir / MANIFEST_NAME)
         except ManifestVersionError:
             raise
         except ManifestError as e:  # repaired: every shard file is re-adopted below, as an orphan
             self._set_aside(e)
             entries, manifest = [], None
-        # Any log content (records, or only a torn tail) is compacted away before the first append.
-        changed = manifest is None or (log_path.exists() and log_path.stat().st_size > 0)
+        if self.remote:
+            # Records continue after every seq seen (listed, or compacted into the snapshot).
+            done = manifest.get("log_seq", -1) if manifest else -1
+            self._seq = max([done, *self._log_seqs]) + 1
+            changed = manifest is None or bool(self._log_seqs)
+        else:
+            # Any log content (records, or only a torn tail) is compacted away before the first append.
+            changed = manifest is None or (log_path.exists() and log_path.stat().st_size > 0)
         if manifest is None:
             manifest = {
                 "version": MANIFEST_VERSION,
@@ -439,11 +586,17 @@ class ShardWriter:
                 "shards": [],
             }
         _merge(manifest, entries)
-        missing = [s for s in manifest["shards"] if not (self.out_dir / s["name"]).is_file()]
+        # The folder's top-level file names (shards, temporary files): one listing.
+        if self.remote:
+            present = [n for n in self.storage.list() if "/" not in n]
+        else:
+            present = [p.name for p in self.out_dir.iterdir() if p.is_file()]
+        present_set = set(present)
+        missing = [s for s in manifest["shards"] if s["name"] not in present_set]
         if missing and not force:
             s = missing[0]
             raise ManifestError(
-                f"{self.out_dir / s['name']} is listed in {self.out_dir / MANIFEST_NAME} but missing "
+                f"{self._where(s['name'])} is listed in {self._where(MANIFEST_NAME)} but missing "
                 f"({len(missing)} listed shards are): restore it, or pass output.force=true to forget "
                 f"them and generate their {sum(m['num_problems'] for m in missing)} problems again"
             )
@@ -460,19 +613,22 @@ class ShardWriter:
         # Read-only scan of orphans first: nothing is changed in a folder we may refuse.
         orphans: list[tuple[str, pa.Table | None]] = []
         indices = [-1]
-        for p in self.out_dir.iterdir():
-            m = _SHARD_RE.match(p.name)
-            if not m:
-                continue
+        fs, root = self.storage.arrow()
+        for name in present:
+            m = _SHARD_RE.match(name)
+            if not m or (bool(self.remote) != ("-" in name[len("part-") :])):
+                continue  # local folders hold part-NNNNN.parquet, object stores part-NNNNN-<tag>.parquet
             indices.append(int(m.group(1)))
-            if p.name not in listed:
+            if name not in listed:
                 try:
-                    table = pq.read_table(p, columns=["problem_id", "config_fingerprint"])
+                    table = pq.read_table(
+                        f"{root}/{name}", columns=["problem_id", "config_fingerprint"], filesystem=fs
+                    )
                 except Exception as e:  # not expected: orphans are complete by construction
-                    log.warning("orphan shard %s is unreadable (%s); moving it aside", p, e)
+                    log.warning("orphan shard %s is unreadable (%s); moving it aside", self._where(name), e)
                     table = None
-                orphans.append((p.name, table))
-        orphans.sort(key=lambda o: int(_SHARD_RE.match(o[0]).group(1)))
+                orphans.append((name, table))
+        orphans.sort(key=lambda o: (int(_SHARD_RE.match(o[0]).group(1)), o[0]))
         self._next_index = max(indices) + 1
 
         folder_fps = [manifest["fingerprint"]] if manifest["fingerprint"] else []
@@ -500,21 +656,26 @@ class ShardWriter:
             manifest["fingerprint"] = self.fingerprint
             changed = True
 
-        for p in self.out_dir.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                log.info("removing stale temporary file %s", p)
-                if p.is_dir():
-                    continue
-                p.unlink(missing_ok=True)
+        if not self.remote:  # an object store has no temporary files: a PUT appears whole
+            for p in self.out_dir.iterdir():
+                if p.name.startswith(TMP_PREFIX):
+                    log.info("removing stale temporary file %s", p)
+                    if p.is_dir():
+                        continue
+                    p.unlink(missing_ok=True)
 
         self._committed: set[str] = {pid for s in manifest["shards"] for pid in s["problem_ids"]}
         for name, table in orphans:
-            path = self.out_dir / name
+            path = self._where(name)
             if table is None:
-                os.replace(path, self.out_dir / f".corrupt-{name}")
+                if self.remote:
+                    self.storage.write_bytes(f".corrupt-{name}", self.storage.read_bytes(name))
+                    self.storage.delete(name)
+                else:
+                    os.replace(path, self.out_dir / f".corrupt-{name}")
                 continue
             ids = _shard_problem_ids(table)
-            meta = _shard_meta(path)
+            meta = _shard_meta(f"{root}/{name}", fs)
             supersedes = [i for i in meta.get("supersedes") or () if i in ids]
             overlap = self._committed.intersection(ids) - set(supersedes)
             if overlap:
@@ -524,7 +685,7 @@ class ShardWriter:
                     len(overlap),
                     sorted(overlap)[:3],
                 )
-                path.unlink()
+                self.storage.delete(name)
                 continue
             log.info("adopting orphan shard %s (%d problems, %d rows)", path, len(ids), table.num_rows)
             hashes = meta.get("content_hashes") if isinstance(meta.get("content_hashes"), dict) else {}
@@ -532,7 +693,7 @@ class ShardWriter:
             manifest["shards"].append(self._shard_entry(name, ids, table.num_rows, hashes, supersedes))
             self._committed.update(ids)
             changed = True
-        if orphans:
+        if orphans and not self.remote:
             fsync_dir(self.out_dir)
 
         # Running totals: nothing in flush may be O(committed problems).
@@ -544,6 +705,9 @@ class ShardWriter:
         try:
             if changed:
                 self._compact()
+            if self.remote:
+                self.storage.write_bytes(CONFIG_NAME, config_yaml.encode())
+                return
             self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             self._log_size = os.fstat(self._log_fd).st_size
             fsync_dir(self.out_dir)  # the log's name, when it was just created
@@ -551,13 +715,22 @@ class ShardWriter:
         except OSError as e:
             raise self._write_error(e, "opening it (manifest, _config.yaml)") from e
 
+    def _where(self, name: str) -> str:
+        """`name` in the output folder, as messages show it (a path, or the object's URI)."""
+        return self.storage.uri_of(name) if self.remote else str(self.out_dir / name)
+
     def _write_error(self, e: OSError, doing: str) -> OutputWriteError:
         self._failed = True
         why = e.strerror or str(e)
+        fix = (
+            "check the store's credentials and quota"
+            if self.remote
+            else "free disk space (or use another output.dir)"
+        )
         return OutputWriteError(
             e.errno,
             f"output folder {self.out_dir}: {doing} failed: {why}. Nothing committed is lost (partial files "
-            "are removed); free disk space (or use another output.dir), then re-run the same command",
+            f"are removed); {fix}, then re-run the same command",
             str(self.out_dir),  # the filename: a full disk's one line (common/errors.py) names it
         )
 
@@ -567,6 +740,17 @@ class ShardWriter:
         m["num_problems"] = self._num_problems
         m["num_rows"] = self._num_rows
         m["updated"] = _now()
+        if self.remote:
+            # The snapshot says which log records it holds; a kill between its PUT and the deletes
+            # leaves records that readers skip by seq (and by shard name).
+            m["log_seq"] = self._seq - 1
+            data = json.dumps(m, indent=1).encode()
+            self.storage.write_bytes(MANIFEST_NAME, data)
+            self.manifest_bytes_written += len(data)
+            for seq in self._log_seqs:
+                self.storage.delete(_log_object(seq))
+            self._log_seqs = []
+            return
         data = json.dumps(m, indent=1).encode()
         atomic_write_bytes(self.out_dir / MANIFEST_NAME, data)  # fsyncs the folder
         self.manifest_bytes_written += len(data)
@@ -661,11 +845,18 @@ class ShardWriter:
         meta = {k: v for k, v in (("content_hashes", hashes), ("supersedes", supersedes)) if v}
         if meta:
             table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta).encode()})
-        name = _shard_name(self._next_index)
+        name = _shard_name(self._next_index, self._tag)
+        if self.remote:
+            self._check_lease()
         # The folder is fsynced below, after the bookkeeping.
         try:
-            with atomic_writer(self.out_dir / name, sync_dir=False) as f:  # removes its temp file on error
-                pq.write_table(table, f, compression="zstd")
+            if self.remote:  # one PUT: the object appears whole or not at all
+                buf = io.BytesIO()
+                pq.write_table(table, buf, compression="zstd")
+                self.storage.write_bytes(name, buf.getvalue())
+            else:
+                with atomic_writer(self.out_dir / name, sync_dir=False) as f:  # removes its temp on error
+                    pq.write_table(table, f, compression="zstd")
         except OSError as e:
             raise self._write_error(e, f"writing shard {name} ({len(ids)} problems, not committed)") from e
         # The shard is complete and visible: it is committed from here on, even if what follows fails
@@ -682,7 +873,8 @@ class ShardWriter:
         self._buffered_ids.clear()
         self._buffer_hashes.clear()
         try:
-            fsync_dir(self.out_dir)  # the rename is durable before the record that lists it
+            if not self.remote:
+                fsync_dir(self.out_dir)  # the rename is durable before the record that lists it
             self._append_pending()
         except OSError as e:  # the shard is renamed: the next writer adopts it as an orphan
             raise self._write_error(e, f"recording shard {name} in {MANIFEST_LOG_NAME}") from e
@@ -758,6 +950,9 @@ class ShardWriter:
         line, or a whole line whose bookkeeping did not run): they are cut off and the line, still
         pending, is written again, so a torn line is never followed by another record.
         """
+        if self.remote:
+            self._put_pending()
+            return
         fd = self._log_fd
         while self._pending:
             line = self._pending[0]
@@ -775,4 +970,37 @@ class ShardWriter:
             # In this order: an interrupt between the two lines re-appends a duplicate (dropped by
             # readers), never loses the record.
             self._log_size += len(line)
+            self._pending.pop(0)
+
+    def _check_lease(self) -> None:
+        """Raise OutputWriteError (the job ends, exit 1) if this writer lost the folder's lease."""
+        try:
+            self._lock.check()
+        except LeaseLostError as e:
+            self._failed = True
+            raise OutputWriteError(
+                errno.EBUSY, f"output folder {self.out_dir}: {e}", str(self.out_dir)
+            ) from None
+
+    def _put_pending(self) -> None:
+        """Object store: create one log record object per pending line, exclusively, oldest first.
+
+        A name already taken means another writer commits to this folder too: stop (never overwrite),
+        naming the object; what this writer wrote is an orphan that the next writer adopts or deletes.
+        """
+        while self._pending:
+            self._check_lease()
+            line = self._pending[0]
+            name = _log_object(self._seq)
+            if not self.storage.create_bytes(name, line):
+                self._failed = True
+                raise OutputWriteError(
+                    errno.EEXIST,
+                    f"output folder {self.out_dir}: log record {self.storage.uri_of(name)} was created by "
+                    "another writer: two jobs write this output (the other one took the lease over). Stop "
+                    "the other job (or give this one another output.dir), then re-run the same command",
+                    str(self.out_dir),
+                )
+            self.manifest_bytes_written += len(line)
+            self._seq += 1
             self._pending.pop(0)
