@@ -19,8 +19,8 @@ accepted chunks (gen_ssd_ray.generate.journal) and without it.
     duplicated, restored trajectories whose final response does not begin with the tokens journaled at
     the kill, and teacher tokens over all cycles / the uninterrupted run's (counted by the beam
     managers as expansions arrive: gen_ssd_ray.generate.manager TEACHER_TOKENS_ENV; an expansion in
-    flight at a kill is not counted, so this is a lower bound). Local output only: the shard writer
-    of this branch writes local folders (S3 output is another change).
+    flight at a kill is not counted, so this is a lower bound). `--store`: the output on a local
+    folder, on S3 (a moto server on 127.0.0.1, reached through the standard AWS environment), or both.
 
 Progress lines go to stdout; the last line is one JSON object with the figures.
 """
@@ -249,13 +249,17 @@ def sim_part(tmp: Path, n: int, eos_every: int, compression: float, at: float) -
 # ---- (b) the CPU default ----------------------------------------------------------------------------
 
 
-def _journaled_prefixes(out: Path) -> dict:
+def _journaled_prefixes(out: str | Path) -> dict:
+    from gen_ssd_ray.common.storage import Storage
     from gen_ssd_ray.generate.journal import JOURNAL_DIR, decode_segment
 
+    store = Storage(str(out))
     steps: dict = {}
-    for seg in sorted((out / JOURNAL_DIR).glob("*.jsonl.gz")) if (out / JOURNAL_DIR).is_dir() else []:
+    for name in store.list(JOURNAL_DIR):
+        if not name.endswith(".jsonl.gz") or name.rsplit("/", 1)[-1].startswith("."):
+            continue
         try:
-            lines = decode_segment(seg.read_bytes())
+            lines = decode_segment(store.read_bytes(name))
         except (FileNotFoundError, OSError, EOFError):
             continue
         for line in lines:
@@ -271,23 +275,27 @@ def _journaled_prefixes(out: Path) -> dict:
     return prefixes
 
 
-def cpu_part(tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float, float]) -> dict:
+def cpu_part(
+    tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float, float], out: str | None = None
+) -> dict:
+    """(b) on `out` (default: a local folder under `tmp`; an s3:// URI with the S3 environment set)."""
     from gen_ssd_ray.generate.manager import TEACHER_TOKENS_ENV
     from gen_ssd_ray.generate.output import read_output
 
     rng = random.Random(seed)
     common = ["--config", "conf/default.yaml", f"data.limit={limit}", "runtime.progress=false"]
-    ref_tokens = tmp / "cpu-tokens-ref"
+    out = out or str(tmp / "cpu-out")
+    where = "s3" if "://" in out else "local"
+    ref_tokens = tmp / f"cpu-tokens-ref-{where}"
     rc, ref, ref_wall = run_to_end(
-        [*common, f"output.dir={tmp / 'cpu-ref'}"], _env(**{TEACHER_TOKENS_ENV: str(ref_tokens)})
+        [*common, f"output.dir={out}-ref"], _env(**{TEACHER_TOKENS_ENV: str(ref_tokens)})
     )
     u = counted(ref_tokens)
-    log(f"cpu uninterrupted: rc {rc}, {u} teacher tokens, {ref_wall:.0f} s")
-    out = tmp / "cpu-out"
+    log(f"cpu uninterrupted ({where}): rc {rc}, {u} teacher tokens, {ref_wall:.0f} s")
     args = [*common, f"output.dir={out}"]
     total_tokens, kills, bad_prefix, prefixes = 0, 0, 0, {}
     for c in range(cycles):
-        folder = tmp / f"cpu-tokens-{c}"
+        folder = tmp / f"cpu-tokens-{where}-{c}"
         tag = f"cpu-{c}-{time.time_ns()}"
         proc = start(args, _env(**{TEACHER_TOKENS_ENV: str(folder), TAG_ENV: tag}))
         delay = rng.uniform(*window)
@@ -305,7 +313,7 @@ def cpu_part(tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float,
             f"cpu cycle {c}: {f'killed after {delay:.0f} s' if killed else 'ended before its kill'}, "
             f"{counted(folder)} teacher tokens, {len(prefixes)} journaled"
         )
-    folder = tmp / "cpu-tokens-final"
+    folder = tmp / f"cpu-tokens-{where}-final"
     rc, s, _ = run_to_end(args, _env(**{TEACHER_TOKENS_ENV: str(folder)}))
     total_tokens += counted(folder)
     rows = read_output(out, columns=["problem_id", "trajectory_index", "response_token_ids"]).to_pylist()
@@ -342,13 +350,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cycles", type=int, default=20, help="(b) SIGKILL/resume cycles")
     ap.add_argument("--window", type=float, nargs=2, default=(30.0, 90.0), help="(b) kill delay range, s")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--store",
+        choices=("local", "s3", "both"),
+        default="both",
+        help="(b) output on a local folder, on S3 (an S3-compatible server on 127.0.0.1: tests/s3server.py), or both",
+    )
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="bench-preempt-"))
     result: dict = {"tmp": str(tmp)}
     if args.part in ("sim", "both"):
         result["sim"] = sim_part(tmp, args.problems, args.eos_every, args.compression, args.kill_at)
     if args.part in ("cpu", "both"):
-        result["cpu_local"] = cpu_part(tmp, args.limit, args.cycles, args.seed, tuple(args.window))
+        window = tuple(args.window)
+        if args.store in ("local", "both"):
+            result["cpu_local"] = cpu_part(tmp, args.limit, args.cycles, args.seed, window)
+        if args.store in ("s3", "both"):
+            from tests.s3server import local_s3, make_bucket, s3_environ
+
+            with local_s3() as endpoint:
+                os.environ.update(s3_environ(endpoint))  # the jobs (subprocesses) inherit it
+                bucket = make_bucket("bench-preempt", endpoint)
+                result["cpu_s3"] = cpu_part(
+                    tmp, args.limit, args.cycles, args.seed, window, f"{bucket}/cpu-out"
+                )
     print(json.dumps(result))
     return 0
 

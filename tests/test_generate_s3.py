@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -131,21 +130,6 @@ def _run_until_committed(cmd: list[str], log: Path, out: str, target: int, pause
     return {"target": target, "at_s": round(time.monotonic() - t0, 1), "rc": proc.returncode}
 
 
-def _live_ids(uri: str) -> Counter:
-    """problem id -> number of live shards holding its rows (exactly once: every count is 1)."""
-    import pyarrow.parquet as pq
-
-    from gen_ssd_ray.common.storage import Storage
-    from gen_ssd_ray.generate.output import live_shards, read_manifest
-
-    fs, root = Storage(uri).arrow()
-    ids: Counter = Counter()
-    for name, stale in live_shards(read_manifest(uri) or {"shards": []}):
-        table = pq.read_table(f"{root}/{name}", columns=["problem_id"], filesystem=fs)
-        ids.update(set(table.column("problem_id").to_pylist()) - stale)
-    return ids
-
-
 def _rows(uri: str) -> list[dict]:
     from gen_ssd_ray.generate.output import read_output
 
@@ -196,7 +180,9 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path, mo
     assert any(k["rc"] is None and 0 < k["committed"] < N_PROBLEMS for k in kills), kills
     rc, final_s = _run(cmd, log)
     assert rc == 0, log.read_text()[-4000:]
-    ids = _live_ids(out)
+    from gen_ssd_ray.sim.harness import output_ids
+
+    ids = output_ids(out)
     lost = N_PROBLEMS - len(ids)
     duplicated = sum(1 for c in ids.values() if c > 1)
     assert (lost, duplicated) == (0, 0), (ids, kills)

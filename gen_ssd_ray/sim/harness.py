@@ -228,11 +228,13 @@ def output_ids(out_dir: str | Path) -> Counter:
     rows a later shard superseded, gen_ssd_ray.generate.output, do not count)."""
     import pyarrow.parquet as pq
 
+    from gen_ssd_ray.common.storage import Storage
     from gen_ssd_ray.generate.output import live_shards, read_manifest
 
     manifest = read_manifest(out_dir) or {"shards": []}
+    fs, root = Storage(str(out_dir)).arrow()  # a local folder or an object-store URI
     ids: Counter = Counter()
     for name, stale in live_shards(manifest):
-        table = pq.read_table(Path(out_dir) / name, columns=["problem_id"])
+        table = pq.read_table(f"{root}/{name}", columns=["problem_id"], filesystem=fs)
         ids.update(set(table.column("problem_id").to_pylist()) - stale)
     return ids
