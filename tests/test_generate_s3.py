@@ -219,6 +219,8 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path, mo
         "parquet", data_files=f"{out}/*.parquet", split="train", cache_dir=str(tmp_path / "hf")
     )
     assert sorted(hf["problem_id"]) == want
+    if ray.is_initialized():  # an earlier test of the session left its Ray up: its workers lack this
+        ray.shutdown()  # test's S3 environment, so start a fresh one
     ray.init(address="local", num_cpus=1, include_dashboard=False)
     try:
         assert sorted(r["problem_id"] for r in ray.data.read_parquet(out).take_all()) == want

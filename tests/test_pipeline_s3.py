@@ -48,6 +48,8 @@ def test_report_inputs_leave_out_checkpoints_models_and_locks():
     assert _report_input("pipeline.json") and _report_input("generate/gen_ssd/shard-00000.parquet")
     assert _report_input("eval/teacher/predictions.parquet") and _report_input("cold_start/metrics.jsonl")
     assert not _report_input("cold_start/checkpoints/step-000002/mp_rank_00_model_states.pt")
+    assert not _report_input("generate/gen_ssd/_manifest.log/000000000001.json")
+    assert not _report_input("generate/gen_ssd/_journal/seg-1-ab.jsonl.gz")
     assert not _report_input("distill/gen_ssd/model/model.safetensors")
     assert not _report_input("models/student-init-student-seed0/config.json")
     assert not _report_input("eval/teacher/_lock") and not _report_input(

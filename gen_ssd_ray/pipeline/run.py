@@ -324,14 +324,26 @@ class Pipeline:
     def _remote_report(self) -> str:
         """The report of an object-store output_dir: its inputs copied into the staging folder, the
         report written there, then uploaded to `<output_dir>/report/` (report.md last)."""
+        from gen_ssd_ray.common.fsio import atomic_write_json
+        from gen_ssd_ray.generate.output import read_manifest
         from gen_ssd_ray.pipeline.report import REPORT_DIR, write_report
 
         assert self.storage is not None
         stage = self.out
         shutil.rmtree(stage / REPORT_DIR, ignore_errors=True)
+        shutil.rmtree(stage / "generate", ignore_errors=True)  # copies of an earlier report only
+        folders = set()
         for name in self.storage.list():
             if _report_input(name):
                 self.storage.download_file(name, stage / name)
+                if name.startswith("generate/"):
+                    folders.add("/".join(name.split("/")[:2]))
+        for folder in sorted(folders):
+            # The local copy gets the store's merged manifest as its snapshot: the object-store log
+            # (one record object per shard, not the local append-only file) is not copied.
+            manifest = read_manifest(self.storage.uri_of(folder))
+            if manifest is not None:
+                atomic_write_json(stage / folder / "_manifest.json", manifest)
         report = write_report(stage, self.cfg.methods)
         folder = report.parent
         files = sorted((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f == report)
@@ -346,6 +358,8 @@ def _report_input(name: str) -> bool:
     parts = name.split("/")
     if parts[-1] == "_lock" or "checkpoints" in parts or "model" in parts or "models" in parts:
         return False
+    if parts[0] == "generate" and any(p in ("_manifest.log", "_manifest.json", "_journal") for p in parts):
+        return False  # the manifest is rebuilt from the store (`_remote_report`); the journal is not read
     if name == STATE_NAME or parts[0] == "generate":
         return True
     return parts[-1] in ("summary.json", "metrics.jsonl", "_config.yaml", "predictions.parquet")
