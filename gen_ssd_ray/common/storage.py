@@ -342,15 +342,7 @@ class Storage:
         path = self._path(name)
         if not self.conditional and self.fs.exists(path):
             return False
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if _precondition_failed(e):
-                return False
-            raise
-        return True
+        return self._put_if(path, data, FileExistsError, mode="create")
 
     def replace_bytes(self, name: str, data: bytes, token: str) -> bool:
         """Replace `name` with `data` only if its version is still `token` (from `stat`): True if
@@ -363,27 +355,26 @@ class Storage:
             return True
         path = self._path(name)
         if self.scheme in ("s3", "s3a"):
-            try:
-                self.fs.pipe_file(path, data, IfMatch=token)
-            except FileNotFoundError:
-                return False
-            except OSError as e:
-                if _precondition_failed(e):
-                    return False
-                raise
-            return True
+            return self._put_if(path, data, FileNotFoundError, IfMatch=token)
         if self.scheme in ("gs", "gcs"):
-            try:
-                self.fs.pipe_file(path, data, if_generation_match=token)
-            except OSError as e:
-                if _precondition_failed(e):
-                    return False
-                raise
-            return True
+            return self._put_if(path, data, FileNotFoundError, if_generation_match=token)
         st = self.stat(name)
         if st is None or st.token != token:
             return False
         self.fs.pipe_file(path, data)
+        return True
+
+    def _put_if(self, path: str, data: bytes, refused: type[OSError], **condition: Any) -> bool:
+        """One conditional PUT: True if written, False if the store refused the precondition (a
+        precondition failure, or `refused`: the object exists for a create, vanished for a replace)."""
+        try:
+            self.fs.pipe_file(path, data, **condition)
+        except refused:
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
         return True
 
     def delete(self, name: str) -> None:

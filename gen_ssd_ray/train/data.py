@@ -63,6 +63,30 @@ class EmptyTrainingSetError(TrainDataError):
 # ---- reading -------------------------------------------------------------------------------------
 
 
+def _parquet_frame(source, wanted: list[str], stale: set[str]) -> Any:
+    """One Parquet file (a path or a seekable file) as a frame of the `wanted` columns it has, without
+    the rows of `stale` problems (a later shard committed them again: a forced redo of changed
+    content); `attrs["source_columns"]` lists every column of the file. Returns a pandas DataFrame."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(source).names
+    if hasattr(source, "seek"):
+        source.seek(0)
+    cols = [c for c in wanted if c in names]
+    table = pq.read_table(
+        source, columns=cols + (["problem_id"] if stale and "problem_id" not in cols else [])
+    )
+    if stale:
+        keep = pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale))))
+        table = table.filter(keep).select(cols)
+    df = table.to_pandas(self_destruct=True, split_blocks=True)
+    del table
+    df.attrs["source_columns"] = sorted(map(str, names))
+    return df
+
+
 def needed_columns(cfg: TrainDataConfig) -> list[str]:
     """The only columns the job reads: the question and response fields, the columns `data.filters`
     reference, `config_fingerprint` (the one-generation-config check) and the row ids (`problem_id`,
@@ -150,9 +174,6 @@ def iter_frames(cfg: TrainDataConfig):
     files one at a time, so only one file's Arrow buffers are alive), or one for a JSON/JSONL file.
     Each frame's `attrs["source_columns"]` lists the source's columns."""
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     p = _resolve(cfg)
     wanted = needed_columns(cfg)
@@ -163,18 +184,7 @@ def iter_frames(cfg: TrainDataConfig):
         if p.is_dir() or p.suffix == ".parquet":
             files = _folder_files(p) if p.is_dir() else [(p, set())]
             for f, stale in files:
-                names = pq.read_schema(f).names
-                cols = [c for c in wanted if c in names]
-                table = pq.read_table(
-                    f, columns=cols + (["problem_id"] if stale and "problem_id" not in cols else [])
-                )
-                if stale:  # problems a later shard committed again (a forced redo of changed content)
-                    keep = pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale))))
-                    table = table.filter(keep).select(cols)
-                df = table.to_pandas(self_destruct=True, split_blocks=True)
-                del table
-                df.attrs["source_columns"] = sorted(map(str, names))
-                yield df
+                yield _parquet_frame(f, wanted, stale)
             return
         if p.suffix in (".jsonl", ".ndjson"):
             df = pd.read_json(p, lines=True, dtype=False)
@@ -204,9 +214,6 @@ def _iter_remote(cfg: TrainDataConfig, uri: str, wanted: list[str]):
     """`iter_frames` for an object-store `data.path`: a JSONL/JSON/Parquet object, or a folder (a
     generation folder's live shards, else every Parquet object under it)."""
     import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from gen_ssd_ray.common.storage import Storage
 
@@ -239,19 +246,7 @@ def _iter_remote(cfg: TrainDataConfig, uri: str, wanted: list[str]):
             files = _remote_folder_files(cfg, storage)
         for name, stale in files:
             with storage.open_input(name) as fh:
-                names = pq.read_schema(fh).names
-                cols = [c for c in wanted if c in names]
-                fh.seek(0)
-                table = pq.read_table(
-                    fh, columns=cols + (["problem_id"] if stale and "problem_id" not in cols else [])
-                )
-            if stale:
-                keep = pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale))))
-                table = table.filter(keep).select(cols)
-            df = table.to_pandas(self_destruct=True, split_blocks=True)
-            del table
-            df.attrs["source_columns"] = sorted(map(str, names))
-            yield df
+                yield _parquet_frame(fh, wanted, stale)
     except TrainDataError:
         raise
     except (OSError, ValueError) as e:
