@@ -293,7 +293,7 @@ def cpu_part(
     u = counted(ref_tokens)
     log(f"cpu uninterrupted ({where}): rc {rc}, {u} teacher tokens, {ref_wall:.0f} s")
     args = [*common, f"output.dir={out}"]
-    total_tokens, kills, bad_prefix, prefixes = 0, 0, 0, {}
+    total_tokens, kills, mid_generation, bad_prefix, prefixes = 0, 0, 0, 0, {}
     for c in range(cycles):
         folder = tmp / f"cpu-tokens-{where}-{c}"
         tag = f"cpu-{c}-{time.time_ns()}"
@@ -308,6 +308,8 @@ def cpu_part(
             kills += 1
         time.sleep(2.0)
         total_tokens += counted(folder)
+        # a kill after the teacher's first expansion of this run (not one during start-up or restore)
+        mid_generation += killed and counted(folder) > 0
         prefixes.update(_journaled_prefixes(out))
         log(
             f"cpu cycle {c}: {f'killed after {delay:.0f} s' if killed else 'ended before its kill'}, "
@@ -325,6 +327,7 @@ def cpu_part(
         "limit": limit,
         "cycles": cycles,
         "kills": kills,
+        "kills_mid_generation": mid_generation,
         "final_rc": rc,
         **exactly_once(out, limit),
         "journaled_trajectories_seen": len(prefixes),
