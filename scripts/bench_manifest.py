@@ -48,6 +48,7 @@ def _timed(fn: Callable[..., Any], acc: list[float]) -> Callable[..., Any]:
 
 def bench(problems: int, shard_size: int, workdir: Path) -> dict[str, Any]:
     """Commit `problems` one-row problems through a real ShardWriter in a fresh folder under `workdir`."""
+    import gen_ssd_ray.generate.manifest as manifest
     import gen_ssd_ray.generate.output as output
 
     out = Path(tempfile.mkdtemp(prefix="bench-manifest-", dir=workdir))
@@ -75,10 +76,10 @@ def bench(problems: int, shard_size: int, workdir: Path) -> dict[str, Any]:
         out, fingerprint=FINGERPRINT, config_yaml="bench: true\n", shard_size=shard_size
     ).close()
     reopen_s = time.perf_counter() - t
-    manifest = output.read_manifest(out)
+    manifest = manifest.read_manifest(out)
     if manifest["num_problems"] != problems:
         raise RuntimeError(f"{out}: the manifest lists {manifest['num_problems']} problems, not {problems}")
-    snapshot = (out / output.MANIFEST_NAME).stat().st_size
+    snapshot = (out / manifest.MANIFEST_NAME).stat().st_size
     shards = len(manifest["shards"])
     return {
         "problems": problems,

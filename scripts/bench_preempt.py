@@ -140,7 +140,7 @@ def exactly_once(out: str | Path, n: int) -> dict:
 
 def _committed(out: Path) -> tuple[int, int]:
     """Committed problems and the teacher tokens of their rows."""
-    from gen_ssd_ray.generate.output import read_manifest, read_output
+    from gen_ssd_ray.generate.manifest import read_manifest, read_output
 
     if read_manifest(out) is None:
         return 0, 0
@@ -280,7 +280,7 @@ def cpu_part(
 ) -> dict:
     """(b) on `out` (default: a local folder under `tmp`; an s3:// URI with the S3 environment set)."""
     from gen_ssd_ray.generate.manager import TEACHER_TOKENS_ENV
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
 
     rng = random.Random(seed)
     common = ["--config", "conf/default.yaml", f"data.limit={limit}", "runtime.progress=false"]

@@ -162,7 +162,7 @@ def generate(folder: Path, rows: int, shards: int, seed: int = 0) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from gen_ssd_ray.generate.output import MANIFEST_NAME, MANIFEST_VERSION
+    from gen_ssd_ray.generate.manifest import MANIFEST_NAME, MANIFEST_VERSION
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -220,7 +220,7 @@ def measure(folder: Path, stage: str, legacy: bool, tokenize_rows: int, filters:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            from gen_ssd_ray.generate.output import read_manifest
+            from gen_ssd_ray.generate.manifest import read_manifest
 
             files = [folder / s["name"] for s in read_manifest(folder)["shards"]]
             df = pa.concat_tables([pq.read_table(f) for f in files]).to_pandas()

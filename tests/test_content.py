@@ -19,15 +19,15 @@ import pytest
 
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.generate.content import ContentChangedError, changed_problems, check_resume, content_hash
-from gen_ssd_ray.generate.output import (
+from gen_ssd_ray.generate.manifest import (
     MANIFEST_LOG_NAME,
     MANIFEST_NAME,
     SHARD_META_KEY,
-    ShardWriter,
     live_shards,
     read_manifest,
     read_output,
 )
+from gen_ssd_ray.generate.output import ShardWriter
 
 FP = "fp-aaaa"
 

@@ -9,7 +9,7 @@ import errno
 
 import pytest
 
-from gen_ssd_ray.generate.output import read_output
+from gen_ssd_ray.generate.manifest import read_output
 
 
 class FakeVerifier:

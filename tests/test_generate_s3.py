@@ -107,7 +107,7 @@ def _reap(pgid: int) -> None:
 def _run_until_committed(cmd: list[str], log: Path, out: str, target: int, pause_s: float) -> dict:
     """Run the job and SIGKILL its process group `pause_s` after the output first shows `target`
     committed problems (a kill while the next shards are being written)."""
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
 
     t0 = time.monotonic()
     with open(log, "ab") as fh:
@@ -131,7 +131,7 @@ def _run_until_committed(cmd: list[str], log: Path, out: str, target: int, pause
 
 
 def _rows(uri: str) -> list[dict]:
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
 
     rows = read_output(uri, columns=CONTENT).to_pylist()
     return sorted(rows, key=lambda r: (r["problem_id"], r["trajectory_index"]))
@@ -145,7 +145,7 @@ def test_generation_on_s3_survives_sigkills_exactly_once(s3_bucket, tmp_path, mo
     import ray
 
     from gen_ssd_ray.common.storage import Storage
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
 
     src = ROOT / "data" / "gsm8k" / "test.jsonl"
     Storage(s3_bucket).write_bytes("problems.jsonl", b"".join(src.read_bytes().splitlines(True)[:40]))
@@ -237,7 +237,7 @@ def test_generation_with_vllm_tiny_model_on_s3(s3_bucket, tmp_path, tiny_model, 
     import pandas as pd
 
     from gen_ssd_ray.common.storage import Storage
-    from gen_ssd_ray.generate.output import read_manifest, read_output
+    from gen_ssd_ray.generate.manifest import read_manifest, read_output
     from tests.test_job_e2e import job_args, run_job, write_problems
 
     local = write_problems(tmp_path / "problems.jsonl", 4)

@@ -84,7 +84,7 @@ def read(out):
 def test_end_to_end_bad_rows_and_resume(tmp_path, tiny_model, tiny_student):
     import pyarrow.dataset as ds
 
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
     from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA
 
     data = write_problems(tmp_path / "problems.jsonl", 4)
@@ -133,7 +133,7 @@ def test_end_to_end_bad_rows_and_resume(tmp_path, tiny_model, tiny_student):
 
 
 def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path, tiny_model, tiny_student):
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
 
     data = write_problems(tmp_path / "p.jsonl", 8, bad=False)
     out = tmp_path / "out"
@@ -210,7 +210,7 @@ def test_bad_config_fails_before_any_actor(tmp_path, tiny_model):
 
 def test_sigterm_commits_finished_problems_and_exits_130(tmp_path, tiny_model, tiny_student):
     """`ray job stop` / Ctrl-C: stop admitting work, commit what finished, exit 130; a re-run completes."""
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
 
     data = write_problems(tmp_path / "p.jsonl", 8, bad=False)
     out = tmp_path / "out"

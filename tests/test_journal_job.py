@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from gen_ssd_ray.generate.journal import JOURNAL_DIR, decode_segment
-from gen_ssd_ray.generate.output import read_output
+from gen_ssd_ray.generate.manifest import read_output
 from gen_ssd_ray.sim.harness import output_ids, write_problems
 
 ROOT = Path(__file__).resolve().parents[1]

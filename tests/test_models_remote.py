@@ -127,7 +127,7 @@ def test_incomplete_folders_are_refused_naming_the_key(tiny_model, s3_bucket, ca
 def test_generation_job_with_teacher_and_student_on_s3(tiny_model, tiny_student, s3_bucket, cache, tmp_path):
     """A short generation job whose teacher and student are s3:// folders: the driver and every
     actor (teacher engine, scorer, beam manager) resolve them on this node, one download each."""
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
     from tests.test_job_e2e import job_args, run_job, write_problems
 
     teacher, student = f"{s3_bucket}/models/teacher", f"{s3_bucket}/models/student"

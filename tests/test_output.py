@@ -18,18 +18,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from gen_ssd_ray.generate.output import (
-    MANIFEST_LOG_NAME,
-    MANIFEST_NAME,
-    OUTPUT_SCHEMA,
-    FingerprintMismatchError,
-    OutputLockedError,
-    ShardWriter,
-    empty_table,
-    read_manifest,
-    read_output,
-    rows_to_table,
-)
+from gen_ssd_ray.generate.manifest import MANIFEST_LOG_NAME, MANIFEST_NAME, read_manifest, read_output
+from gen_ssd_ray.generate.output import FingerprintMismatchError, OutputLockedError, ShardWriter
+from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, empty_table, rows_to_table
 
 REPO = Path(__file__).resolve().parents[1]
 FP = "fp-aaaa"
@@ -466,7 +457,8 @@ def test_manifest_bytes_per_committed_problem_stay_flat(tmp_path, monkeypatch):
 CHILD = textwrap.dedent(
     """
     import sys
-    from gen_ssd_ray.generate.output import ShardWriter, rows_to_table
+    from gen_ssd_ray.generate.output import ShardWriter
+    from gen_ssd_ray.generate.rows import rows_to_table
 
     out, shard_size = sys.argv[1], int(sys.argv[2])
     rows_to_table([])  # warm up (pyarrow imports pandas on first use) so that kills land in the I/O

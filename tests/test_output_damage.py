@@ -22,17 +22,15 @@ import pytest
 
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.generate import output
-from gen_ssd_ray.generate.output import (
+from gen_ssd_ray.generate.manifest import (
     MANIFEST_LOG_NAME,
     MANIFEST_NAME,
     ManifestError,
     ManifestVersionError,
-    OutputLockedError,
-    OutputWriteError,
-    ShardWriter,
     read_manifest,
     read_output,
 )
+from gen_ssd_ray.generate.output import OutputLockedError, OutputWriteError, ShardWriter
 
 FP = "fp-aaaa"
 

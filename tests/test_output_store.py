@@ -19,16 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from gen_ssd_ray.common.storage import Storage
-from gen_ssd_ray.generate import output
-from gen_ssd_ray.generate.output import (
-    MANIFEST_NAME,
-    ManifestError,
-    OutputLockedError,
-    OutputWriteError,
-    ShardWriter,
-    read_manifest,
-    read_output,
-)
+from gen_ssd_ray.generate import manifest, output
+from gen_ssd_ray.generate.manifest import MANIFEST_NAME, ManifestError, read_manifest, read_output
+from gen_ssd_ray.generate.output import OutputLockedError, OutputWriteError, ShardWriter
 from tests.test_output import make_row
 
 FP = "fp-aaaa"  # the fingerprint make_row writes in its rows
@@ -71,7 +64,7 @@ def live_ids(uri: str) -> list[str]:
 
 
 def log_objects(uri: str) -> list[str]:
-    return Storage(uri).list(output.MANIFEST_LOG_NAME)
+    return Storage(uri).list(manifest.MANIFEST_LOG_NAME)
 
 
 # -- commit, read, resume (every store) ---------------------------------------------------------------
@@ -89,7 +82,7 @@ def test_commit_read_resume(folder):
     m = read_manifest(folder)
     assert m["num_problems"] == 6 and live_ids(folder) == ["a", "b", "c", "d", "e", "f"]
     storage = Storage(folder)
-    assert storage.read_text(output.CONFIG_NAME) == "x: 1\n"
+    assert storage.read_text(manifest.CONFIG_NAME) == "x: 1\n"
     if storage.remote:
         names = [s["name"] for s in m["shards"]]
         assert all(REMOTE_SHARD.match(n) for n in names), names
@@ -145,16 +138,16 @@ def test_log_seq_taken_by_another_writer_is_refused_never_overwritten(remote):
     foreign = b'{"someone": "else"}\n'
     try:
         w.add("a", [make_row("a")])
-        assert storage.create_bytes(output._log_object(w._seq), foreign)  # another writer's record
+        assert storage.create_bytes(manifest.log_object(w._seq), foreign)  # another writer's record
         with pytest.raises(OutputWriteError) as info:
             w.add("b", [make_row("b")])
         assert info.value.errno == errno.EEXIST
-        assert storage.uri_of(output._log_object(1)) in str(info.value)
+        assert storage.uri_of(manifest.log_object(1)) in str(info.value)
         with pytest.raises(OutputWriteError):  # the writer is closed for writing
             w.add("c", [make_row("c")])
     finally:
         w.close()
-    assert storage.read_bytes(output._log_object(1)) == foreign
+    assert storage.read_bytes(manifest.log_object(1)) == foreign
 
 
 def test_orphan_adopted_and_overlapping_orphan_deleted(remote, monkeypatch):
@@ -344,7 +337,7 @@ def test_local_shard_names_unchanged(tmp_path):
     commit(str(tmp_path / "out"), ["a", "b", "c"])
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert [n for n in names if n.startswith("part-")] == ["part-00000.parquet", "part-00001.parquet"]
-    assert (tmp_path / "out" / output.MANIFEST_LOG_NAME).is_file()
+    assert (tmp_path / "out" / manifest.MANIFEST_LOG_NAME).is_file()
 
 
 def test_file_uri_is_the_local_folder(tmp_path):

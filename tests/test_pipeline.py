@@ -69,7 +69,7 @@ def test_bad_pipeline_config_names_the_section_key():
 def test_pipeline_end_to_end_resume_and_report(tmp_path):
     import pandas as pd
 
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
     from gen_ssd_ray.lab.problems import STYLES, classify_style
 
     out = tmp_path / "pipe"

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_a_problem_that_kills_its_engine_is_committed_as_an_error_row(tmp_path, monkeypatch):
     from gen_ssd_ray.generate.failures import FAILURES_NAME
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
     from gen_ssd_ray.sim.harness import run, sim_config, write_problems
     from gen_ssd_ray.sim.teacher import POISON_ENV
 

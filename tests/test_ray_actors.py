@@ -106,7 +106,7 @@ def test_job_survives_a_dead_teacher_engine(cluster):
     import ray
 
     from gen_ssd_ray.generate.driver import run_generate
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
 
     cfg, pools = cluster
     killed = threading.Event()

@@ -396,7 +396,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"Output: {out}",
         "  Parquet shards part-*.parquet (one row per trajectory), _manifest.{json,log} (committed shards),",
         "  _config.yaml (the resolved config). Read with pandas.read_parquet / pyarrow.dataset / ray.data",
-        "  (after a forced redo of edited problems: gen_ssd_ray.generate.output.read_output, which drops the"
+        "  (after a forced redo of edited problems: gen_ssd_ray.generate.manifest.read_output, which drops the"
         " superseded rows).",
         f"Problems: {summary['problems_total']} total, {summary['problems_skipped_already_committed']} were already "
         f"committed, {summary['problems_done_this_run']} done in this run.",

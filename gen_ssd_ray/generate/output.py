@@ -1,24 +1,19 @@
-"""The generation job's output: Parquet shards plus a manifest in one folder, written exactly once.
+"""The generation job's output writer: Parquet shards plus a manifest in one folder, written exactly once.
 
-Contract:
+Contract (the folder's format and its readers, `read_manifest` / `read_output` / `live_shards`, are
+gen_ssd_ray.generate.manifest; this module is the one writer of that format):
 
 - One row per trajectory, of exactly `OUTPUT_SCHEMA` (gen_ssd_ray.generate.rows, which also holds the
   typed row and its statuses); rows are validated by `rows_to_table` when a problem is added.
-- Folder layout::
+- The writer's own files, next to the shards and the manifest::
 
-      part-00000.parquet   complete shards, each holding every row of the problems it lists
-      _manifest.json       snapshot: version, fingerprint(s), committed shards with their problem ids
-                           and row counts, totals (rewritten only when a writer opens the folder)
-      _manifest.log        shards committed since the snapshot, one JSON line each (appended per shard)
       _config.yaml         the configuration that produced the data
       _lock                held (flock) by the one `ShardWriter` open on the folder (the job-folder lock
-                           of gen_ssd_ray.common.joblock, shared by every job)
+                           of gen_ssd_ray.common.joblock, shared by every job); a lease on object stores
       .tmp-*               a write in progress; removed when a writer opens the folder
 
-  Readers that skip names starting with "." and "_" (pandas.read_parquet, pyarrow.dataset.dataset,
-  ray.data.read_parquet) therefore see only complete shards. `read_manifest` returns the snapshot with
-  the log's shards merged in (the snapshot's dict shape, so folders written before the log existed read
-  the same); `read_output` reads exactly the shards it lists.
+  The snapshot `_manifest.json` is rewritten only when a writer opens the folder; `_manifest.log`
+  grows by one record per committed shard.
 - The folder (`output.dir`) is a local path or an object-store URI (``s3://bucket/prefix``, ``gs://...``:
   gen_ssd_ray.common.storage). Both follow the same contract; the local protocol is described first,
   then what differs on an object store (no rename, no flock, no append).
@@ -112,7 +107,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -131,25 +125,28 @@ from gen_ssd_ray.common.joblock import (
     lock_job_folder,
 )
 from gen_ssd_ray.common.storage import Storage, is_remote
-from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, empty_table, rows_to_table
+from gen_ssd_ray.generate.manifest import (
+    CONFIG_NAME,
+    MANIFEST_LOG_NAME,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    SHARD_META_KEY,
+    SHARD_RE,
+    ManifestError,
+    ManifestVersionError,
+    log_line,
+    log_object,
+    log_seqs,
+    merge,
+    read_log,
+    read_log_objects,
+    read_snapshot,
+    shard_meta,
+    shard_name,
+)
+from gen_ssd_ray.generate.rows import rows_to_table
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "_manifest.json"
-MANIFEST_LOG_NAME = "_manifest.log"
-CONFIG_NAME = "_config.yaml"
-MANIFEST_VERSION = 1
-# Local shards are part-NNNNN.parquet; on an object store part-NNNNN-<8 hex of the writer's lease>.parquet.
-_SHARD_RE = re.compile(r"^part-(\d+)(?:-[0-9a-f]{8})?\.parquet$")
-# An object-store log record: _manifest.log/<seq:012d>.json.
-_LOG_OBJECT_RE = re.compile(r"^(\d{12})\.json$")
-_SHARD_KEYS = frozenset({"name", "problem_ids", "num_rows", "num_problems", "created"})
-# The Arrow schema metadata key of a shard's own record: {"content_hashes": {id: hash}, "supersedes": [id]}.
-SHARD_META_KEY = b"gen_ssd_ray.shard"
-_REPAIR = (
-    "re-run the generation job on this folder (the same command) to rebuild the manifest from the shard "
-    "files, or use another output.dir"
-)
 
 
 class FingerprintMismatchError(InputError):
@@ -159,15 +156,6 @@ class FingerprintMismatchError(InputError):
 class OutputLockedError(FolderLockedError):
     """Another job (a ShardWriter in another process, or any job holding the folder's lock) has the output
     folder open."""
-
-
-class ManifestError(InputError):
-    """`_manifest.json` or `_manifest.log` cannot be read (truncated, empty, keys missing, wrong types),
-    or lists a shard that is missing. A writer repairs the first kind (see the module docstring)."""
-
-
-class ManifestVersionError(ManifestError):
-    """The manifest was written by another version of the format: not repaired."""
 
 
 class OutputWriteError(OSError):
@@ -184,259 +172,6 @@ class OutputWriteError(OSError):
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _shard_name(index: int, tag: str = "") -> str:
-    return f"part-{index:05d}-{tag}.parquet" if tag else f"part-{index:05d}.parquet"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _entry_problem(entry) -> str | None:
-    """Why `entry` is not a valid shard record (None: it is)."""
-    if not isinstance(entry, dict):
-        return f"a shard record must be an object, got {type(entry).__name__}"
-    missing = _SHARD_KEYS - entry.keys()
-    if missing:
-        return f"a shard record lacks the keys {sorted(missing)}"
-    ids = entry["problem_ids"]
-    if not (isinstance(entry["name"], str) and _SHARD_RE.match(entry["name"])):
-        return f"shard name {entry['name']!r} is not part-NNNNN.parquet (or part-NNNNN-<8 hex>.parquet)"
-    if not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-        return f"{entry['name']}: problem_ids must be a list of strings"
-    if not (_is_int(entry["num_rows"]) and entry["num_problems"] == len(ids)):
-        return f"{entry['name']}: num_rows / num_problems are not counts matching problem_ids"
-    hashes = entry.get("content_hashes")
-    if hashes is not None and not (
-        isinstance(hashes, list)
-        and len(hashes) == len(ids)
-        and all(h is None or isinstance(h, str) for h in hashes)
-    ):
-        return f"{entry['name']}: content_hashes must be a list parallel to problem_ids"
-    sup = entry.get("supersedes")
-    if sup is not None and not (isinstance(sup, list) and all(isinstance(i, str) for i in sup)):
-        return f"{entry['name']}: supersedes must be a list of problem ids"
-    return None
-
-
-def _read_snapshot(path: Path | tuple[Storage, str]) -> dict | None:
-    """The snapshot, checked (None when there is none); ManifestError when it is damaged. `path` is a
-    local file or (storage, name) on an object store."""
-    try:
-        if isinstance(path, tuple):
-            storage, name = path
-            path = storage.uri_of(name)  # for the messages
-            data = storage.read_bytes(name)
-        else:
-            data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise ManifestError(f"{path} cannot be read ({e.strerror or e}); {_REPAIR}") from None
-    try:
-        manifest = json.loads(data)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: a truncated or empty file
-        what = "is empty" if not data.strip() else f"is not valid JSON ({str(e).splitlines()[0]})"
-        raise ManifestError(f"{path} {what}; {_REPAIR}") from None
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{path} is not a JSON object; {_REPAIR}")
-    version = manifest.get("version")
-    if version != MANIFEST_VERSION:
-        if isinstance(version, int) and not isinstance(version, bool):
-            raise ManifestVersionError(
-                f"{path}: manifest version {version} is not this code's ({MANIFEST_VERSION}); open the folder "
-                "with the gen-ssd-ray version that wrote it, or use another output.dir"
-            )
-        raise ManifestError(f"{path}: no valid 'version' key; {_REPAIR}")
-    problem = None
-    missing = {"fingerprint", "fingerprint_history", "shards"} - manifest.keys()
-    if missing:
-        problem = f"lacks the keys {sorted(missing)}"
-    elif not (manifest["fingerprint"] is None or isinstance(manifest["fingerprint"], str)):
-        problem = "'fingerprint' must be a string or null"
-    elif not isinstance(manifest["fingerprint_history"], list):
-        problem = "'fingerprint_history' must be a list"
-    elif not isinstance(manifest["shards"], list):
-        problem = "'shards' must be a list"
-    else:
-        problem = next((p for p in map(_entry_problem, manifest["shards"]) if p), None)
-    if (
-        problem is None
-        and "log_seq" in manifest
-        and not (_is_int(manifest["log_seq"]) or manifest["log_seq"] == -1)
-    ):
-        problem = "'log_seq' must be an integer >= -1"
-    if problem:
-        raise ManifestError(f"{path}: {problem}; {_REPAIR}")
-    return manifest
-
-
-def _log_line(entry: dict) -> bytes:
-    """One log record: a single line (json.dumps escapes newlines inside strings)."""
-    return (json.dumps({"shard": entry}, separators=(",", ":")) + "\n").encode()
-
-
-def _read_log(path: Path) -> list[dict]:
-    """The shard entries of the complete records in `path`, in order ([] when there is no log).
-
-    The bytes after the last newline (a torn append) and an unparsable last line are ignored; an
-    unparsable line followed by others is corruption (ValueError), as the writer never appends after one.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    lines = data.split(b"\n")
-    torn = lines.pop()  # b"" when the log ends with a complete record
-    if torn:
-        log.debug("%s: ignoring a torn last record (%d bytes)", path, len(torn))
-    entries = []
-    for i, line in enumerate(lines):
-        try:
-            entry = json.loads(line)["shard"]
-            if problem := _entry_problem(entry):
-                raise ValueError(problem)
-        except (ValueError, KeyError, TypeError) as e:
-            if i == len(lines) - 1 and not torn:
-                log.debug("%s: ignoring an unparsable last record (%s)", path, e)
-                break
-            raise ManifestError(
-                f"{path}: line {i + 1} is not a manifest record ({e}); the output folder was modified "
-                f"outside the writer: {_REPAIR}"
-            ) from None
-        entries.append(entry)
-    return entries
-
-
-def _log_object(seq: int) -> str:
-    """The name of object-store log record `seq` in the output folder."""
-    return f"{MANIFEST_LOG_NAME}/{seq:012d}.json"
-
-
-def _log_seqs(storage: Storage) -> list[int]:
-    """The seqs of the log records present on an object store, ascending (other names are ignored)."""
-    seqs = []
-    for name in storage.list(MANIFEST_LOG_NAME):
-        m = _LOG_OBJECT_RE.match(name[len(MANIFEST_LOG_NAME) + 1 :])
-        if m:
-            seqs.append(int(m.group(1)))
-    return sorted(seqs)
-
-
-def _read_log_objects(storage: Storage, seqs: Iterable[int]) -> list[tuple[int, dict]]:
-    """`(seq, shard entry)` of the object-store log records `seqs`, in order. A record that vanished
-    since it was listed is skipped (a compaction deleted it after putting it in the snapshot); one that
-    does not parse is ManifestError (objects appear whole: it was modified outside the writer)."""
-    out = []
-    for seq in seqs:
-        name = _log_object(seq)
-        try:
-            data = storage.read_bytes(name)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise ManifestError(
-                f"{storage.uri_of(name)} cannot be read ({e.strerror or e}); {_REPAIR}"
-            ) from None
-        try:
-            entry = json.loads(data)["shard"]
-            if problem := _entry_problem(entry):
-                raise ValueError(problem)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ManifestError(
-                f"{storage.uri_of(name)} is not a manifest record ({e}); the output folder was modified "
-                f"outside the writer: {_REPAIR}"
-            ) from None
-        out.append((seq, entry))
-    return out
-
-
-def _merge(manifest: dict, entries: Iterable[dict]) -> None:
-    """Append to `manifest["shards"]` the entries whose shard it does not list yet; set the totals.
-
-    O(listed shards): for readers and `ShardWriter` opening only, never per flush.
-    """
-    names = {s["name"] for s in manifest["shards"]}
-    for entry in entries:
-        if entry["name"] in names:  # already compacted into the snapshot, or appended twice
-            continue
-        names.add(entry["name"])
-        manifest["shards"].append(entry)
-        manifest["updated"] = entry["created"]
-    manifest["num_problems"] = sum(
-        s["num_problems"] - len(s.get("supersedes") or ()) for s in manifest["shards"]
-    )
-    manifest["num_rows"] = sum(s["num_rows"] for s in manifest["shards"])
-
-
-def read_manifest(out_dir: str | Path) -> dict | None:
-    """The folder's manifest (snapshot plus log), or None when it has no snapshot (a fresh folder).
-
-    Keys: version, fingerprint, fingerprint_history, shards ([{name, problem_ids, num_rows,
-    num_problems, created}, and optionally content_hashes and supersedes] in commit order), num_problems,
-    num_rows, updated. Raises ManifestError (a ValueError naming the file and the fix) for a damaged
-    snapshot, a corrupt log line that is not the last one, or another version.
-    """
-    if is_remote(str(out_dir)):
-        storage = Storage(str(out_dir), key="output.dir")
-        records = _read_log_objects(storage, _log_seqs(storage))  # before the snapshot, as locally
-        manifest = _read_snapshot((storage, MANIFEST_NAME))
-        if manifest is None:
-            return None
-        _merge(manifest, [e for seq, e in records if seq > manifest.get("log_seq", -1)])
-        return manifest
-    out_dir = Path(Storage(str(out_dir), key="output.dir").uri)  # file://x -> x
-    entries = _read_log(out_dir / MANIFEST_LOG_NAME)  # before the snapshot: see the module docstring
-    manifest = _read_snapshot(out_dir / MANIFEST_NAME)
-    if manifest is None:
-        return None
-    _merge(manifest, entries)
-    return manifest
-
-
-def live_shards(manifest: dict) -> list[tuple[str, set[str]]]:
-    """`(shard name, problem ids whose rows in it are superseded by a later shard)` in commit order:
-    a problem's rows are those of the last shard listing it (the set is empty unless problems were
-    redone, see the module docstring)."""
-    out: list[tuple[str, set[str]]] = []
-    later: set[str] = set()  # ids that a later shard commits again
-    for s in reversed(manifest["shards"]):
-        out.append((s["name"], later.intersection(s["problem_ids"]) if later else set()))
-        later.update(s.get("supersedes") or ())
-    return out[::-1]
-
-
-def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """All live rows of the shards the manifest lists (an empty table when there is no manifest):
-    exactly one set of rows per committed problem (superseded rows are dropped)."""
-    import pyarrow.compute as pc
-
-    manifest = read_manifest(out_dir)
-    if not manifest or not manifest["shards"]:
-        table = empty_table()
-        return table.select(columns) if columns else table
-    fs, root = Storage(str(out_dir), key="output.dir").arrow()
-    tables = []
-    read = None if columns is None else list(dict.fromkeys([*columns, "problem_id"]))  # only these
-    for name, stale in live_shards(manifest):
-        table = pq.read_table(f"{root}/{name}", columns=read, schema=OUTPUT_SCHEMA, filesystem=fs)
-        if stale:
-            table = table.filter(pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale)))))
-        tables.append(table.select(columns) if columns else table)
-    return pa.concat_tables(tables)
-
-
-def _shard_meta(path: Path | str, filesystem=None) -> dict:
-    """A shard file's own record (content hashes, supersedes); {} for shards written without one."""
-    try:
-        meta = pq.read_schema(path, filesystem=filesystem).metadata or {}
-        out = json.loads(meta[SHARD_META_KEY]) if SHARD_META_KEY in meta else {}
-        return out if isinstance(out, dict) else {}
-    except (OSError, ValueError, pa.ArrowException) as e:
-        log.warning("shard %s: unreadable shard metadata (%s); no content hashes recorded for it", path, e)
-        return {}
 
 
 def _shard_problem_ids(table: pa.Table) -> list[str]:
@@ -538,7 +273,7 @@ class ShardWriter:
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
         log.warning("%s: rebuilding the manifest from the shard files (a copy of it is kept)", error)
         if self.remote:
-            names = [MANIFEST_NAME, *(_log_object(seq) for seq in self._log_seqs)]
+            names = [MANIFEST_NAME, *(log_object(seq) for seq in self._log_seqs)]
             for name in names:
                 try:
                     data = self.storage.read_bytes(name)
@@ -557,14 +292,14 @@ class ShardWriter:
         log_path = self.out_dir / MANIFEST_LOG_NAME if not self.remote else None
         try:
             if self.remote:
-                self._log_seqs = _log_seqs(self.storage)
-                records = _read_log_objects(self.storage, self._log_seqs)  # before the snapshot
-                manifest = _read_snapshot((self.storage, MANIFEST_NAME))
+                self._log_seqs = log_seqs(self.storage)
+                records = read_log_objects(self.storage, self._log_seqs)  # before the snapshot
+                manifest = read_snapshot((self.storage, MANIFEST_NAME))
                 done = manifest.get("log_seq", -1) if manifest else -1
                 entries = [e for seq, e in records if seq > done]  # the others are in the snapshot
             else:
-                entries = _read_log(log_path)
-                manifest = _read_snapshot(self.out_dir / MANIFEST_NAME)
+                entries = read_log(log_path)
+                manifest = read_snapshot(self.out_dir / MANIFEST_NAME)
         except ManifestVersionError:
             raise
         except ManifestError as e:  # repaired: every shard file is re-adopted below, as an orphan
@@ -585,7 +320,7 @@ class ShardWriter:
                 "fingerprint_history": [],
                 "shards": [],
             }
-        _merge(manifest, entries)
+        merge(manifest, entries)
         # The folder's top-level file names (shards, temporary files): one listing.
         if self.remote:
             present = [n for n in self.storage.list() if "/" not in n]
@@ -615,7 +350,7 @@ class ShardWriter:
         indices = [-1]
         fs, root = self.storage.arrow()
         for name in present:
-            m = _SHARD_RE.match(name)
+            m = SHARD_RE.match(name)
             if not m or (bool(self.remote) != ("-" in name[len("part-") :])):
                 continue  # local folders hold part-NNNNN.parquet, object stores part-NNNNN-<tag>.parquet
             indices.append(int(m.group(1)))
@@ -628,7 +363,7 @@ class ShardWriter:
                     log.warning("orphan shard %s is unreadable (%s); moving it aside", self._where(name), e)
                     table = None
                 orphans.append((name, table))
-        orphans.sort(key=lambda o: (int(_SHARD_RE.match(o[0]).group(1)), o[0]))
+        orphans.sort(key=lambda o: (int(SHARD_RE.match(o[0]).group(1)), o[0]))
         self._next_index = max(indices) + 1
 
         folder_fps = [manifest["fingerprint"]] if manifest["fingerprint"] else []
@@ -675,7 +410,7 @@ class ShardWriter:
                     os.replace(path, self.out_dir / f".corrupt-{name}")
                 continue
             ids = _shard_problem_ids(table)
-            meta = _shard_meta(f"{root}/{name}", fs)
+            meta = shard_meta(f"{root}/{name}", fs)
             supersedes = [i for i in meta.get("supersedes") or () if i in ids]
             overlap = self._committed.intersection(ids) - set(supersedes)
             if overlap:
@@ -748,7 +483,7 @@ class ShardWriter:
             self.storage.write_bytes(MANIFEST_NAME, data)
             self.manifest_bytes_written += len(data)
             for seq in self._log_seqs:
-                self.storage.delete(_log_object(seq))
+                self.storage.delete(log_object(seq))
             self._log_seqs = []
             return
         data = json.dumps(m, indent=1).encode()
@@ -845,7 +580,7 @@ class ShardWriter:
         meta = {k: v for k, v in (("content_hashes", hashes), ("supersedes", supersedes)) if v}
         if meta:
             table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta).encode()})
-        name = _shard_name(self._next_index, self._tag)
+        name = shard_name(self._next_index, self._tag)
         if self.remote:
             self._check_lease()
         # The folder is fsynced below, after the bookkeeping.
@@ -868,7 +603,7 @@ class ShardWriter:
         self._num_rows += table.num_rows
         self._committed.update(ids)
         self._redo.difference_update(supersedes)
-        self._pending.append(_log_line(entry))
+        self._pending.append(log_line(entry))
         self._buffer.clear()
         self._buffered_ids.clear()
         self._buffer_hashes.clear()
@@ -991,7 +726,7 @@ class ShardWriter:
         while self._pending:
             self._check_lease()
             line = self._pending[0]
-            name = _log_object(self._seq)
+            name = log_object(self._seq)
             if not self.storage.create_bytes(name, line):
                 self._failed = True
                 raise OutputWriteError(

@@ -32,7 +32,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def method_stats(out: Path, method: str) -> dict[str, Any]:
     """Generation numbers of one method, from its committed shards."""
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
 
     df = read_output(out / "generate" / method).to_pandas()
     kept = df[df["selected"] == True]  # noqa: E712 (nullable column)
@@ -145,7 +145,7 @@ def lab_styles(out: Path, methods: list[str], models: list[str]) -> dict[str, An
     way it then solves held-out problems. None for any other task."""
     import pandas as pd
 
-    from gen_ssd_ray.generate.output import read_output
+    from gen_ssd_ray.generate.manifest import read_output
     from gen_ssd_ray.lab.problems import STYLES, classify_style
 
     kept: dict[str, dict[str, int]] = {}

@@ -273,7 +273,7 @@ class Pipeline:
 
     def _run(self) -> dict[str, Any]:
         from gen_ssd_ray.common.cluster import init_ray
-        from gen_ssd_ray.generate.output import read_manifest
+        from gen_ssd_ray.generate.manifest import read_manifest
         from gen_ssd_ray.pipeline.report import write_report
 
         cfg = self.cfg
@@ -325,7 +325,7 @@ class Pipeline:
         """The report of an object-store output_dir: its inputs copied into the staging folder, the
         report written there, then uploaded to `<output_dir>/report/` (report.md last)."""
         from gen_ssd_ray.common.fsio import atomic_write_json
-        from gen_ssd_ray.generate.output import read_manifest
+        from gen_ssd_ray.generate.manifest import read_manifest
         from gen_ssd_ray.pipeline.report import REPORT_DIR, write_report
 
         assert self.storage is not None

@@ -229,7 +229,7 @@ def output_ids(out_dir: str | Path) -> Counter:
     import pyarrow.parquet as pq
 
     from gen_ssd_ray.common.storage import Storage
-    from gen_ssd_ray.generate.output import live_shards, read_manifest
+    from gen_ssd_ray.generate.manifest import live_shards, read_manifest
 
     manifest = read_manifest(out_dir) or {"shards": []}
     fs, root = Storage(str(out_dir)).arrow()  # a local folder or an object-store URI

@@ -148,7 +148,7 @@ def record(n: int, ids, tps: float, clean_tps: float | None, error: str | None, 
 
 def _driver_kill(tmp: Path, address: str, problems: Path, n: int, short: bool, clean_tps, log) -> dict:
     """`python -m jobs.generate` SIGKILLed while a shard is half full, then the same command again."""
-    from gen_ssd_ray.generate.output import read_manifest
+    from gen_ssd_ray.generate.manifest import read_manifest
 
     out = tmp / "driver_sigkill_resubmit"
     # a slower clock than the other scenarios, so that the kill lands while shards are being filled

@@ -5,7 +5,7 @@ What this module knows:
   half-written one; the rows must share one config fingerprint), a Parquet file or folder, a JSONL or
   JSON file, or an embedded data set (`embedded:gsm8k/train`); any of the first three may be on an
   object store (``s3://bucket/gen/run``, read through gen_ssd_ray.common.storage; a generation folder's
-  manifest through generate/output.read_manifest). Only `needed_columns` are read (Parquet:
+  manifest through generate/manifest.read_manifest). Only `needed_columns` are read (Parquet:
   column projection, one file at a time), never the nested `chunks` or token ids: preparing 1M
   generation rows stays within a few GB (scripts/bench_train_prep.py).
 - Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
@@ -255,15 +255,15 @@ def _iter_remote(cfg: TrainDataConfig, uri: str, wanted: list[str]):
 
 def _remote_folder_files(cfg: TrainDataConfig, storage) -> list[tuple[str, set[str]]]:
     """The live shards of a generation folder on an object store (its manifest), or its Parquet objects."""
-    from gen_ssd_ray.generate.output import MANIFEST_NAME, live_shards, read_manifest
+    from gen_ssd_ray.generate.manifest import MANIFEST_NAME, live_shards, read_manifest
 
     names = storage.list()
     if MANIFEST_NAME in names:
         manifest = read_manifest(storage.uri)
         if manifest is None:
             raise TrainDataError(
-                f"data.path={cfg.path!r} is a generation folder on an object store whose manifest this "
-                "version cannot read (gen_ssd_ray.generate.output.read_manifest takes local folders only)"
+                f"data.path={cfg.path!r}: its manifest {MANIFEST_NAME} was listed but is gone (deleted while "
+                "it was read); check that no other job is rewriting this folder and run again"
             )
         files = live_shards(manifest)
     else:
@@ -277,8 +277,8 @@ def _remote_folder_files(cfg: TrainDataConfig, storage) -> list[tuple[str, set[s
 
 def _folder_files(folder: Path) -> list[tuple[Path, set[str]]]:
     """A generation output folder's manifest-listed shards, each with the problem ids whose rows in it a
-    later shard supersedes (gen_ssd_ray.generate.output.live_shards), or a plain folder's Parquet files."""
-    from gen_ssd_ray.generate.output import live_shards, read_manifest
+    later shard supersedes (gen_ssd_ray.generate.manifest.live_shards), or a plain folder's Parquet files."""
+    from gen_ssd_ray.generate.manifest import live_shards, read_manifest
 
     manifest = read_manifest(folder)
     if manifest is not None:
