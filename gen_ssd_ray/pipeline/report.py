@@ -2,12 +2,16 @@
 
 Reads, under a pipeline's output folder: `generate/<method>/` (the committed shards), `eval/<model>/
 summary.json`, and `<stage>/summary.json` + `metrics.jsonl` of every fine-tuning stage; writes
-`report/report.md`, `report/metrics.json` (the same numbers, machine-readable) and the plots
-`accuracy.png`, `response_length.png`, `student_ppl.png`, `training_loss.png`.
+`report/report.md`, `report/metrics.json` (the same numbers, machine-readable) and, next to them, the
+PNG figures of gen_ssd_ray.pipeline.figures (accuracy bars with 95% intervals, student-PPL histograms
+on a log scale, cost versus accuracy per method, response lengths, training loss), which report.md
+embeds with relative links. Anything missing (a method without rows or evaluation, a summary not
+written, NaN PPLs) leaves that element out, and report.md says what was left out.
 
 Per method: trajectories generated and kept (the method's `selected` column), mean response length
 and mean student PPL of the kept ones, teacher tokens generated and student tokens processed per kept
-trajectory, the distilled student's accuracy next to the cold-start student's and the teacher's.
+trajectory, the distilled student's accuracy next to the cold-start student's and the teacher's, each with its
+Wilson 95% interval (`wilson_interval`, printed as [lo, hi]).
 It knows nothing about how the files were produced.
 """
 
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text
+from gen_ssd_ray.pipeline.figures import Figure, draw_figures
 
 REPORT_DIR = "report"
 
@@ -63,6 +68,7 @@ def method_stats(out: Path, method: str) -> dict[str, Any]:
         "student_tokens_per_kept": round(student_tokens / n_kept, 1) if n_kept else None,
         "_lengths": kept["num_response_tokens"].dropna().tolist(),
         "_ppls": kept["student_ppl"].dropna().tolist(),
+        "_ppls_all": df["student_ppl"].dropna().tolist(),
     }
 
 
@@ -79,7 +85,7 @@ def collect(out: Path, methods: list[str]) -> dict[str, Any]:
     for name in ["teacher", "cold_start", *methods]:
         s = _read_json(out / "eval" / name / "summary.json")
         if s is not None and f"eval/{name}" in ran:
-            evals[name] = s
+            evals[name] = {**s, "ci95": accuracy_ci95(s)}
     training = {}
     for name in ["teacher", "cold_start", *(f"distill/{m}" for m in methods)]:
         s = _read_json(out / name / "summary.json")
@@ -110,6 +116,11 @@ def paired_comparisons(out: Path, methods: list[str], models: list[str]) -> list
     p-value. Paired on problems, it is far more sensitive than comparing two accuracies' intervals."""
     import pandas as pd
 
+    if not methods:
+        return []
+
+    methods = [m for m in methods if (out / "eval" / m / "predictions.parquet").is_file()]
+    models = [m for m in models if (out / "eval" / m / "predictions.parquet").is_file()]
     if not methods:
         return []
 
@@ -171,14 +182,37 @@ def lab_styles(out: Path, methods: list[str], models: list[str]) -> dict[str, An
     return {"kept": kept, "answers": answers}
 
 
+Z95 = 1.959964  # the standard normal's 97.5% quantile
+
+
+def wilson_interval(successes: float, total: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion `successes / total` (None when `total` is 0). Unlike the
+    normal approximation it stays inside [0, 1] and is not degenerate at 0 or `total` successes."""
+    if not total:
+        return None
+    p, n = successes / total, total
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def _ci95(accuracy: float | None, n: int | None) -> list[float] | None:
-    """Wilson 95% interval of a proportion `accuracy` measured on `n` problems."""
+    """Wilson 95% interval, rounded to 3 digits, of a proportion `accuracy` measured on `n` problems."""
     if accuracy is None or not n:
         return None
-    z = 1.959964
-    center = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, center - half), 3), round(min(1.0, center + half), 3)]
+    lo, hi = wilson_interval(accuracy * n, n)
+    return [round(lo, 3), round(hi, 3)]
+
+
+def accuracy_ci95(summary: dict[str, Any]) -> list[float] | None:
+    """The 95% interval of an evaluation summary's accuracy, over the problems it scored (its accuracy
+    is a mean over those; with several samples per problem, accuracy x problems counts as successes)."""
+    n = summary.get("problems_scored", summary.get("problems"))
+    return _ci95(summary.get("accuracy"), n)
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -189,77 +223,15 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-def _plots(data: dict[str, Any], folder: Path, methods: list[str]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    evals = data["eval"]
-    names = [n for n in ["teacher", "cold_start", *methods] if evals.get(n, {}).get("accuracy") is not None]
-    if names:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        accs = [evals[n]["accuracy"] for n in names]
-        colors = {"teacher": "tab:gray", "cold_start": "tab:blue"}
-        bars = ax.bar(names, accs, color=[colors.get(n, "tab:green") for n in names])
-        ax.bar_label(bars, labels=[f"{a:.2f}" for a in accs])
-        n_probs = max((evals[n].get("problems") or 0) for n in names)
-        ax.set_ylabel(f"accuracy ({n_probs} held-out problems)")
-        ax.set_ylim(0, 1.05)
-        ax.set_title("held-out accuracy")
-        fig.tight_layout()
-        fig.savefig(folder / "accuracy.png", dpi=100)
-        plt.close(fig)
-        files.append("accuracy.png")
-    gens = data["generation"]
-    for key, fname, label in (
-        ("_lengths", "response_length.png", "response length (tokens) of kept trajectories"),
-        ("_ppls", "student_ppl.png", "student PPL of kept trajectories"),
-    ):
-        series = {m: gens[m][key] for m in methods if m in gens and gens[m][key]}
-        if not series:
-            continue
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.hist(list(series.values()), bins=20, label=list(series.keys()), histtype="step", linewidth=1.5)
-        ax.set_xlabel(label)
-        ax.set_ylabel("trajectories")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(folder / fname, dpi=100)
-        plt.close(fig)
-        files.append(fname)
-    training = {k: t for k, t in data["training"].items() if t["metrics"]}
-    if training:
-        # The models' own training (long) and the distillation runs (short) on separate panels.
-        groups = [
-            [k for k in training if not k.startswith("distill/")],
-            [k for k in training if k.startswith("distill/")],
-        ]
-        groups = [g for g in groups if g]
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.5), squeeze=False)
-        for ax, names in zip(axes[0], groups, strict=True):
-            for name in names:
-                m = training[name]["metrics"]
-                losses = [
-                    r["loss"] if r.get("loss") is not None else float("nan") for r in m
-                ]  # null: skipped
-                ax.plot([r["step"] for r in m], losses, label=name, linewidth=1)
-            ax.set_xlabel("optimizer step")
-            ax.set_ylabel("loss (NLL per response token)")
-            ax.set_yscale("log")
-            ax.legend()
-        fig.suptitle("training loss")
-        fig.tight_layout()
-        fig.savefig(folder / "training_loss.png", dpi=100)
-        plt.close(fig)
-        files.append("training_loss.png")
-    return files
-
-
 def render_markdown(
-    data: dict[str, Any], methods: list[str], plots: list[str], config: dict[str, Any]
+    data: dict[str, Any],
+    methods: list[str],
+    figures: list[Figure],
+    notes: list[str],
+    config: dict[str, Any],
 ) -> str:
+    """report.md: the tables, then the figures (relative links to the PNGs next to it) and a list of
+    what was left out of them."""
     gens, evals, training = data["generation"], data["eval"], data["training"]
     lines = ["# Gen-SSD distillation report", ""]
     gen_problems = sorted({g["problems"] for g in gens.values()})
@@ -275,18 +247,25 @@ def render_markdown(
         "## Methods",
         "",
         "| method | problems | trajectories | kept | problems with a kept one | kept: mean length (tokens) | "
-        "kept: mean student PPL | teacher tokens / kept | student tokens / kept | distilled student accuracy |",
+        "kept: mean student PPL | teacher tokens / kept | student tokens / kept | distilled student accuracy "
+        "[95% interval] |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         g = gens.get(m)
         if g is None:
+            lines.append(f"| {m} | no generation results (the stage did not run) | | | | | | | | |")
             continue
-        acc = evals.get(m, {}).get("accuracy")
+        e = evals.get(m, {})
+        acc = (
+            f"{_fmt(e.get('accuracy'))} {_interval(e.get('ci95'))}"
+            if e.get("accuracy") is not None
+            else "n/a"
+        )
         lines.append(
             f"| {m} | {g['problems']} | {g['trajectories']} | {g['kept']} | {g['problems_with_kept']} | "
             f"{_fmt(g['kept_mean_response_tokens'], 1)} | {_fmt(g['kept_mean_student_ppl'])} | "
-            f"{_fmt(g['teacher_tokens_per_kept'], 1)} | {_fmt(g['student_tokens_per_kept'], 1)} | {_fmt(acc)} |"
+            f"{_fmt(g['teacher_tokens_per_kept'], 1)} | {_fmt(g['student_tokens_per_kept'], 1)} | {acc} |"
         )
     lines += [
         "",
@@ -303,10 +282,8 @@ def render_markdown(
                 lines.append(f"| {name} | no student: nothing was kept to train on | | | | |")
             continue
         label = name if name in ("teacher", "cold_start") else f"student distilled with {name}"
-        ci = _ci95(e.get("accuracy"), e.get("problems"))
-        ci_text = f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "n/a"
         lines.append(
-            f"| {label} | {_fmt(e.get('accuracy'))} | {ci_text} | {e.get('problems')} | {e.get('unverified')} | "
+            f"| {label} | {_fmt(e.get('accuracy'))} | {_interval(e.get('ci95'))} | {e.get('problems')} | {e.get('unverified')} | "
             f"{_fmt(e.get('mean_response_tokens'), 1)} |"
         )
     if data.get("paired"):
@@ -366,7 +343,13 @@ def render_markdown(
         "baselines the student tokens are the one scoring pass that gives their PPL column.",
         "",
     ]
-    lines += [f"![{p}]({p})" for p in plots]
+    lines += ["## Figures", ""]
+    for f in figures:
+        lines += [f"### {f.title}", "", f.caption, "", f"![{f.title}]({f.file})", ""]
+    if not figures:
+        lines += ["No figure: the run recorded no results to draw.", ""]
+    if notes:
+        lines += ["Left out of the figures:", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -377,14 +360,14 @@ def write_report(out: Path, methods: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = collect(out, methods)
     config = _config_facts(out)
-    plots = _plots(data, folder, methods)
-    atomic_write_text(folder / "report.md", render_markdown(data, methods, plots, config))
+    figures, notes = draw_figures(data, folder, methods)
+    atomic_write_text(folder / "report.md", render_markdown(data, methods, figures, notes, config))
     public = {
         "generation": {
             m: {k: v for k, v in g.items() if not k.startswith("_")} for m, g in data["generation"].items()
         },
         "accuracy": {k: v.get("accuracy") for k, v in data["eval"].items()},
-        "accuracy_ci95": {k: _ci95(v.get("accuracy"), v.get("problems")) for k, v in data["eval"].items()},
+        "accuracy_ci95": {k: v["ci95"] for k, v in data["eval"].items()},
         "lab_styles": data["styles"],
         "paired": data["paired"],
         "eval_problems": {k: v.get("problems") for k, v in data["eval"].items()},
@@ -392,6 +375,8 @@ def write_report(out: Path, methods: list[str]) -> Path:
             k: {kk: t["summary"].get(kk) for kk in ("examples", "steps", "first_loss", "final_loss")}
             for k, t in data["training"].items()
         },
+        "figures": [f.file for f in figures],
+        "figures_left_out": notes,
         **config,
     }
     atomic_write_json(folder / "metrics.json", public, indent=1)
