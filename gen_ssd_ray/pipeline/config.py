@@ -44,10 +44,11 @@ class PipelineConfig:
     init_seed: int = 0
     # Data-generation methods compared (gen_ssd_ray.core.methods).
     methods: list[str] = field(default_factory=_default_methods)
-    # Whole solutions sampled per problem by standard_kd (each correct one is kept) and by posthoc_ppl
-    # (the correct one with the lowest student PPL is kept). With kd_samples=1 every method keeps at
-    # most one trajectory per problem, so the comparison is about which one, not how many.
+    # Whole solutions sampled per problem by standard_kd (each correct one is kept). With kd_samples=1
+    # every method keeps at most one trajectory per problem, so the comparison is about which one.
     kd_samples: int = 1
+    # Whole solutions sampled per problem by posthoc_ppl (the correct one with the lowest student PPL
+    # is kept); at least 2.
     posthoc_samples: int = 4
     # The prompt of every stage (generation, fine-tuning, evaluation).
     prompt: PromptConfig = field(default_factory=PromptConfig)

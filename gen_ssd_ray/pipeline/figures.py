@@ -216,6 +216,8 @@ def _cost_accuracy(plt, data, folder, methods, notes) -> Figure | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(11, 4.0), sharey=True, squeeze=False)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         xs = []
+        # labels alternate above and below their point in the order of x, so that neighbours do not overlap
+        rank = {m: i for i, m in enumerate(sorted(points, key=lambda m: gens[m][key]))}
         for m in points:
             x, acc = gens[m][key], evals[m]["accuracy"]
             lo, hi = evals[m].get("ci95") or [acc, acc]
@@ -228,8 +230,10 @@ def _cost_accuracy(plt, data, folder, methods, notes) -> Figure | None:
                 markersize=7,
                 capsize=5,
                 color=color_of(m, methods),
+                label=m,
             )
-            ax.annotate(m, (x, acc), textcoords="offset points", xytext=(7, 5), fontsize=9)
+            up = rank[m] % 2 == 0
+            ax.annotate(m, (x, acc), textcoords="offset points", xytext=(8, 6 if up else -14), fontsize=9)
         for ref, style in (("cold_start", "--"), ("teacher", ":")):
             acc = evals.get(ref, {}).get("accuracy")
             if acc is not None:
@@ -242,7 +246,7 @@ def _cost_accuracy(plt, data, folder, methods, notes) -> Figure | None:
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 1.05)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper left", ncol=2)
     axes[0, 0].set_ylabel("distilled student accuracy")
     fig.suptitle("generation cost vs. accuracy of the student distilled on it (95% intervals)", fontsize=10)
     _save(plt, fig, folder, "cost_accuracy.png")
