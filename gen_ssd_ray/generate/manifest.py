@@ -333,15 +333,16 @@ def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Tab
 
 
 def _read_shard(path: str, columns: list[str] | None, fs) -> pa.Table:
-    """A shard's `columns` (all when None) as `OUTPUT_SCHEMA`; a shard of row layout 1 (written before
-    the conversation columns, gen_ssd_ray.generate.rows.is_legacy) is upgraded on read."""
-    try:
-        return pq.read_table(path, columns=columns, schema=OUTPUT_SCHEMA, filesystem=fs)
-    except pa.ArrowException:
-        if not is_legacy(pq.read_schema(path, filesystem=fs)):
-            raise
-    table = upgrade_legacy(pq.read_table(path, filesystem=fs))
-    return table.select(columns) if columns else table
+    """A shard's `columns` (all when None) as `OUTPUT_SCHEMA`. A shard of row layout 1 (written before
+    the conversation columns, gen_ssd_ray.generate.rows.is_legacy) is upgraded on read when the columns
+    that layout changed are asked for (its `prompt` is the text now in `prompt_text`); other columns
+    read the same from either layout."""
+    if (columns is None or {"prompt", "prompt_text"} & set(columns)) and is_legacy(
+        pq.read_schema(path, filesystem=fs)
+    ):
+        table = upgrade_legacy(pq.read_table(path, filesystem=fs))
+        return table.select(columns) if columns else table
+    return pq.read_table(path, columns=columns, schema=OUTPUT_SCHEMA, filesystem=fs)
 
 
 def shard_meta(path: Path | str, filesystem=None) -> dict:
