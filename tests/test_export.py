@@ -204,7 +204,7 @@ def test_folders_of_the_previous_layout_read_on_and_export_refuses_them(tmp_path
     cfg = ExportConfig(inputs=[str(gen)], output=ExportOutputConfig(dir=str(tmp_path / "x")))
     with pytest.raises(
         InputError,
-        match=r"inputs\[0\]=.*1 of its rows to export \(rows=selected\).*regenerate them into a new output.dir",
+        match=r"inputs\[0\]=.*1 of its rows to export \(rows=selected\).*regenerate them into a new output",
     ):
         prepare(cfg)
 

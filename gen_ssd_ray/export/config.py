@@ -49,7 +49,7 @@ class ExportConfig:
         require(
             bool(self.inputs),
             "inputs",
-            "lists no generation folder; set inputs=[outputs/generate] (one or more output.dir of jobs.generate)",
+            "lists no generation folder; set e.g. inputs=[outputs/generate] (jobs.generate output.dir)",
         )
         for i, path in enumerate(self.inputs):
             check_location(path, f"inputs[{i}]")

@@ -122,8 +122,8 @@ def _read_source(cfg: ExportConfig, i: int, path: str) -> Source:
     legacy = pc.and_(pc.and_(keep, pc.invert(has_conversation)), pc.greater(table["num_response_tokens"], 0))
     if pc.any(legacy).as_py():
         raise InputError(
-            f"{key}={path}: {pc.sum(legacy).as_py()} of its rows to export (rows={cfg.rows}) were written by a "
-            "gen-ssd-ray version without "
+            f"{key}={path}: {pc.sum(legacy).as_py()} of its rows to export (rows={cfg.rows}) were written by "
+            "a gen-ssd-ray version without "
             "the conversation columns (messages, prompt, completion); regenerate them into a new output.dir "
             "(python -m jobs.generate with the same config), then export that folder"
         )
@@ -256,7 +256,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         "",
         f"Output: {out}",
-        f"  {len(summary['shards'])} Parquet shard(s) {DATA_DIR}/{summary['split']}-*.parquet and {CARD_NAME} "
+        f"  {len(summary['shards'])} Parquet shard(s) {DATA_DIR}/{summary['split']}-*.parquet and "
+        f"{CARD_NAME} "
         '(the dataset card). Load with datasets.load_dataset("parquet", data_files=...); TRL\'s SFTTrainer '
         "takes it as is.",
         f"Rows: {summary['exported_rows']} exported (rows={summary['rows']}).",
