@@ -201,6 +201,13 @@ def test_folders_of_the_previous_layout_read_on_and_export_refuses_them(tmp_path
     # Projections read either layout: the old text under its new name.
     assert read_output(gen, columns=["prompt_text", "selected"]).column("prompt_text").null_count == 0
 
+    # Fine-tuning reads a mixed folder too (it reads the question and response columns of each shard).
+    from gen_ssd_ray.train import data as D
+    from gen_ssd_ray.train.config import TrainDataConfig
+
+    df = D.read_rows(TrainDataConfig(path=str(gen)))
+    assert sorted(df["problem_id"]) == ["p1", "p1", "p2", "p2"] and df["response"].notna().all()
+
     cfg = ExportConfig(inputs=[str(gen)], output=ExportOutputConfig(dir=str(tmp_path / "x")))
     with pytest.raises(
         InputError,
