@@ -149,6 +149,7 @@ def test_export_loads_with_datasets_and_trains_with_trl(tmp_path, rows, tiny_mod
     assert ds[0]["messages"][0] == {"role": "system", "content": SYSTEM}
     assert [m["role"] for m in ds[0]["prompt"]] == ["system", "user"] and ds[0]["completion"][0]["content"]
     assert ds.features["source"].dtype == "string" and ds[0]["teacher_tokens_generated"] > 0
+    assert len(datasets.load_dataset(str(out), split="train")) == 2  # the card names the data files
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(tiny_model)
