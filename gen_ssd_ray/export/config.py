@@ -18,7 +18,7 @@ from gen_ssd_ray.common.storage import check_location
 ROW_RULES: dict[str, tuple[str | None, str]] = {
     "selected": ("selected", "the method's pick for fine-tuning (selected == true)"),
     "correct": ("correct", "verified correct trajectories (correct == true)"),
-    "all": (None, "every row with a response"),
+    "all": (None, "every row"),
 }
 
 

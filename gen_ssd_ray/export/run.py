@@ -200,7 +200,7 @@ def dataset_card(cfg: ExportConfig, summary: dict[str, Any]) -> str:
         "# Gen-SSD distillation data",
         "",
         f"{summary['exported_rows']} trajectories from {len(summary['sources'])} gen-ssd-ray generation "
-        f"folder(s), rows={cfg.rows}: {rule}, with a response.",
+        f"folder(s), rows={cfg.rows} ({rule}; rows without a response are left out).",
         "",
         "Columns: `messages` (system if any, user, assistant), `prompt` (system if any, user) and "
         "`completion` (assistant), each a list of `{role, content}` (TRL's conversational forms); then "
