@@ -128,7 +128,7 @@ def make_shard(rng, n: int, start: int):
         "trajectory_index": pa.array((ids % 4).astype(np.int32)),
         "question": _texts(rng, n, 240, 100, " q", start),
         "gold_answer": pa.array((problem % 1000).astype(str)),
-        "prompt": _texts(rng, n, 400, 100, " p", start),
+        "prompt_text": _texts(rng, n, 400, 100, " p", start),
         "response": _texts(rng, n, 800, 300, " r", start),
         "response_token_ids": _lists(
             rng, n, 250, 80, lambda t: pa.array(rng.integers(0, 50000, size=t).astype(np.int32))
@@ -153,7 +153,9 @@ def make_shard(rng, n: int, start: int):
         "method": pa.array(["gen_ssd"] * n),
         "selected": pa.array(rng.random(n) < 0.25),
     }
-    return pa.Table.from_arrays([columns[f.name] for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
+    # The conversation columns (messages, prompt, completion) are null: fine-tuning never reads them.
+    arrays = [columns.get(f.name, pa.nulls(n, f.type)) for f in OUTPUT_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
 
 
 def generate(folder: Path, rows: int, shards: int, seed: int = 0) -> None:

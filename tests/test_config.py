@@ -24,6 +24,7 @@ JOB_SCHEMAS = {
     "finetune": ("gen_ssd_ray.train.config", "FinetuneConfig"),
     "evaluate": ("gen_ssd_ray.evaluate.config", "EvaluateConfig"),
     "pipeline": ("gen_ssd_ray.pipeline.config", "PipelineConfig"),
+    "export": ("gen_ssd_ray.export.config", "ExportConfig"),
 }
 
 

@@ -32,7 +32,13 @@ def make_row(problem_id: str, trajectory_index: int = 0, **over) -> dict:
         "trajectory_index": trajectory_index,
         "question": "Tom has 3 apples and buys 4 more. How many apples?",
         "gold_answer": "7",
-        "prompt": "<|im_start|>user\nTom has 3 apples...<|im_end|>\n<|im_start|>assistant\n",
+        "messages": [
+            {"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples?"},
+            {"role": "assistant", "content": "3 + 4 = 7. The answer is 7."},
+        ],
+        "prompt": [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many apples?"}],
+        "completion": [{"role": "assistant", "content": "3 + 4 = 7. The answer is 7."}],
+        "prompt_text": "<|im_start|>user\nTom has 3 apples...<|im_end|>\n<|im_start|>assistant\n",
         "response": "3 + 4 = 7. The answer is 7.",
         "response_token_ids": [18, 1232, 36, 2, 7, 30],
         "chunks": [

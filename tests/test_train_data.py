@@ -228,12 +228,19 @@ def test_generation_folder_reads_only_the_needed_columns(tmp_path):
     }
     with ShardWriter(out, fingerprint="aaa", config_yaml="x: 1\n", shard_size=2) as w:
         for i, r in enumerate(_rows(3)):
-            row = {**base, **r, "problem_id": f"p{i}", "prompt": "p", "chunks": [chunk], "selected": i != 1}
+            row = {
+                **base,
+                **r,
+                "problem_id": f"p{i}",
+                "prompt_text": "p",
+                "chunks": [chunk],
+                "selected": i != 1,
+            }
             w.add(f"p{i}", [{**row, "response_token_ids": [1, 2, 3], "student_ppl": 1.5}])
     for filters, extra in (
         [["selected == True"], {"selected"}],
         [[], set()],
-        [["len(prompt) > 0"], {"prompt"}],
+        [["len(prompt_text) > 0"], {"prompt_text"}],
     ):
         cfg = TrainDataConfig(path=str(out), filters=filters)
         df = D.read_rows(cfg)

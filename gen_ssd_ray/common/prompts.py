@@ -2,7 +2,9 @@
 evaluation.
 
 - `chat_messages(prompt, question)`: OpenAI-style messages (the system message if `prompt.system`
-  is set, then the user turn: `prompt.instruction` with `{question}` replaced);
+  is set, then the user turn: `prompt.instruction` with `{question}` replaced); also the generation
+  rows' `prompt` / `messages` columns (gen_ssd_ray.generate.rows.conversation), so what a trainer
+  reads from them is what the models were asked;
 - `render_prompt(tokenizer, prompt, question)`: those messages in the tokenizer's own chat template,
   with the generation prompt, as text and token ids (`RenderedPrompt`). The beam managers render the
   teacher's and the student's prompts with it, evaluation renders every problem with it, and

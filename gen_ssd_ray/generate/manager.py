@@ -33,12 +33,12 @@ from typing import Any
 
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.common.data import Problem
-from gen_ssd_ray.common.prompts import RenderedPrompt, render_prompt
+from gen_ssd_ray.common.prompts import RenderedPrompt, chat_messages, render_prompt
 from gen_ssd_ray.core.answers import extract_final_answer
 from gen_ssd_ray.core.search import ProblemSearch, SearchParams
 from gen_ssd_ray.core.types import Trajectory
 from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint, search_params
-from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
+from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow, conversation
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -515,12 +515,19 @@ class BeamManager:
         error: str | None = None,
     ) -> TrajectoryRow:
         spec = self.spec
+        # The conversation as the user sees it (TRL's form): the question in the prompt config's messages.
+        asked = (
+            None
+            if problem.error or problem.question is None
+            else chat_messages(spec.prompt, problem.question)
+        )
         row: TrajectoryRow = {
             "problem_id": problem.problem_id,
             "trajectory_index": index,
             "question": problem.question,
             "gold_answer": problem.gold_answer,
-            "prompt": prompt_text,
+            **conversation(asked, None),  # type: ignore[typeddict-item]
+            "prompt_text": prompt_text,
             "teacher_model": spec.teacher_name,
             "student_model": spec.student_name,
             "sampling": spec.sampling(),
@@ -546,6 +553,7 @@ class BeamManager:
             status=traj.status,
             error=traj.error,
             response=response,
+            **conversation(asked, response),  # type: ignore[typeddict-item]
             response_token_ids=list(traj.response_token_ids),
             chunks=[
                 {"candidates": [asdict(c) for c in rec.candidates], "chosen": rec.chosen}

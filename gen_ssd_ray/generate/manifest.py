@@ -31,7 +31,9 @@ Contract:
 - **A problem's rows are those of the last shard, in commit order, that lists it**: a shard committing
   a redone problem lists it in `supersedes` (entry and shard metadata). `live_shards` gives, per shard,
   the ids whose rows in it are superseded; `read_output` reads exactly the live rows of the listed
-  shards (pyarrow, through `Storage.arrow()` on object stores). The manifest's `num_problems` counts
+  shards (pyarrow, through `Storage.arrow()` on object stores), as `OUTPUT_SCHEMA`: shards written
+  before the conversation columns (row layout 1) are upgraded on read (`rows.upgrade_legacy`), so an
+  old folder, or one a newer job resumed, reads as one table. The manifest's `num_problems` counts
   each problem once; `num_rows` counts every row of every listed shard.
 - Shard metadata: a shard's Arrow schema metadata under `SHARD_META_KEY` holds ``{"content_hashes":
   {id: hash}, "supersedes": [id]}`` (`shard_meta`), so a shard re-adopted after a lost manifest keeps
@@ -54,7 +56,7 @@ import pyarrow.parquet as pq
 
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.storage import Storage, is_remote
-from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, empty_table
+from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, empty_table, is_legacy, upgrade_legacy
 
 log = logging.getLogger(__name__)
 
@@ -323,11 +325,24 @@ def read_output(out_dir: str | Path, columns: list[str] | None = None) -> pa.Tab
     tables = []
     read = None if columns is None else list(dict.fromkeys([*columns, "problem_id"]))  # only these
     for name, stale in live_shards(manifest):
-        table = pq.read_table(f"{root}/{name}", columns=read, schema=OUTPUT_SCHEMA, filesystem=fs)
+        table = _read_shard(f"{root}/{name}", read, fs)
         if stale:
             table = table.filter(pc.invert(pc.is_in(table.column("problem_id"), pa.array(sorted(stale)))))
         tables.append(table.select(columns) if columns else table)
     return pa.concat_tables(tables)
+
+
+def _read_shard(path: str, columns: list[str] | None, fs) -> pa.Table:
+    """A shard's `columns` (all when None) as `OUTPUT_SCHEMA`. A shard of row layout 1 (written before
+    the conversation columns, gen_ssd_ray.generate.rows.is_legacy) is upgraded on read when the columns
+    that layout changed are asked for (its `prompt` is the text now in `prompt_text`); other columns
+    read the same from either layout."""
+    if (columns is None or {"prompt", "prompt_text"} & set(columns)) and is_legacy(
+        pq.read_schema(path, filesystem=fs)
+    ):
+        table = upgrade_legacy(pq.read_table(path, filesystem=fs))
+        return table.select(columns) if columns else table
+    return pq.read_table(path, columns=columns, schema=OUTPUT_SCHEMA, filesystem=fs)
 
 
 def shard_meta(path: Path | str, filesystem=None) -> dict:

@@ -2,6 +2,15 @@
 
 - `TrajectoryRow` is the typed row (one per trajectory) that the beam managers and the driver build;
   `COMPLETED`, `PRUNED`, `TRUNCATED`, `ERROR` are its statuses (`STATUSES`).
+- The conversation, in the form TRL's trainers (and OpenRLHF, verl, LLaMA-Factory) take as is:
+  `messages` (the system message if any, the user question, the assistant response), `prompt` (the
+  system and user messages) and `completion` (the assistant message), each a list of
+  ``{"role", "content"}`` (`MESSAGES_TYPE`); `conversation(prompt_messages, response)` builds the three.
+  The teacher's chat template rendered as text is `prompt_text`.
+- Folders written before the conversation columns (row layout 1: `prompt` was the rendered text, no
+  `messages` / `completion` / `prompt_text`): `is_legacy(schema)` tells such a shard, and
+  `upgrade_legacy(table)` reads it as `OUTPUT_SCHEMA` (its text moves to `prompt_text`; the conversation
+  columns are null, since the rows do not hold the prompt config that made them).
 - `OUTPUT_SCHEMA` is the one definition of the Parquet columns; `rows_to_table` turns rows into a table
   of exactly that schema (a missing key is null; an unknown key, a value of the wrong type, a null
   `problem_id` / `trajectory_index` / `status`, an unknown status or an `error` that does not match
@@ -27,6 +36,11 @@ class CandidateRecord(TypedDict):
     ppl: float
 
 
+class MessageRecord(TypedDict):
+    role: str  # system | user | assistant
+    content: str
+
+
 class ChunkRow(TypedDict):
     candidates: list[CandidateRecord]
     chosen: int  # -1: no candidate kept (pruned here)
@@ -39,7 +53,10 @@ class TrajectoryRow(TypedDict, total=False):
     trajectory_index: int
     question: str | None
     gold_answer: str | None
-    prompt: str | None  # the rendered teacher prompt
+    messages: list[MessageRecord] | None  # prompt + completion; null without a response
+    prompt: list[MessageRecord] | None  # system (if any) and user messages
+    completion: list[MessageRecord] | None  # the assistant message; null without a response
+    prompt_text: str | None  # the teacher prompt rendered in its chat template
     response: str | None
     response_token_ids: list[int]  # teacher token ids
     chunks: list[ChunkRow]
@@ -62,6 +79,9 @@ class TrajectoryRow(TypedDict, total=False):
     method: str
     selected: bool  # the method's pick for fine-tuning (gen_ssd_ray.core.methods)
 
+
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES_TYPE = pa.list_(MESSAGE_TYPE)  # TRL's conversational form: [{"role": ..., "content": ...}]
 
 CANDIDATE_TYPE = pa.struct(
     [
@@ -90,7 +110,10 @@ OUTPUT_SCHEMA: pa.Schema = pa.schema(
         pa.field("trajectory_index", pa.int32(), nullable=False),
         pa.field("question", pa.string()),
         pa.field("gold_answer", pa.string()),
-        pa.field("prompt", pa.string()),  # the rendered teacher prompt
+        pa.field("messages", MESSAGES_TYPE),  # prompt + completion; null without a response
+        pa.field("prompt", MESSAGES_TYPE),  # system (if any) and user messages
+        pa.field("completion", MESSAGES_TYPE),  # [assistant response]; null without a response
+        pa.field("prompt_text", pa.string()),  # the teacher prompt rendered in its chat template
         pa.field("response", pa.string()),
         pa.field("response_token_ids", pa.list_(pa.int32())),  # teacher token ids
         pa.field("chunks", pa.list_(CHUNK_TYPE)),
@@ -114,6 +137,40 @@ OUTPUT_SCHEMA: pa.Schema = pa.schema(
         pa.field("selected", pa.bool_()),  # the method's pick for fine-tuning (gen_ssd_ray.core.methods)
     ]
 )
+
+
+def conversation(prompt_messages: list[dict[str, str]] | None, response: str | None) -> dict[str, Any]:
+    """The row's `messages`, `prompt` and `completion` from the prompt's messages (system if any, user:
+    gen_ssd_ray.common.prompts.chat_messages) and the response; `messages` and `completion` are null
+    without a response, all three without prompt messages."""
+    if not prompt_messages:
+        return {"messages": None, "prompt": None, "completion": None}
+    prompt = [{"role": m["role"], "content": m["content"]} for m in prompt_messages]
+    if response is None:
+        return {"messages": None, "prompt": prompt, "completion": None}
+    completion = [{"role": "assistant", "content": response}]
+    return {"messages": prompt + completion, "prompt": prompt, "completion": completion}
+
+
+def is_legacy(schema: pa.Schema) -> bool:
+    """Whether a shard's schema is row layout 1 (written before the conversation columns): its `prompt`
+    is the rendered text."""
+    i = schema.get_field_index("prompt")
+    return i >= 0 and (
+        pa.types.is_string(schema.field(i).type) or pa.types.is_large_string(schema.field(i).type)
+    )
+
+
+def upgrade_legacy(table: pa.Table) -> pa.Table:
+    """A layout-1 table (see `is_legacy`; any subset of its columns) as `OUTPUT_SCHEMA`: `prompt` moves to
+    `prompt_text`, columns it lacks (the conversation among them) are null, the rest are cast."""
+    if is_legacy(table.schema):
+        table = table.rename_columns(["prompt_text" if n == "prompt" else n for n in table.column_names])
+    arrays = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in OUTPUT_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
 
 
 def empty_table() -> pa.Table:
