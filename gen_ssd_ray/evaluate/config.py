@@ -42,6 +42,7 @@ class EvalModelConfig(EngineConfig):
 class EvalSamplingConfig:
     # 0 = greedy decoding (then n must be 1).
     temperature: float = 0.0
+    # Nucleus sampling: sample from the smallest token set holding this much probability (1: off).
     top_p: float = 1.0
     # Samples per problem; accuracy is the mean over problems of the fraction of correct samples.
     n: int = 1
