@@ -255,6 +255,9 @@ DATA_KEYS = (
     "data.id_field",
 )
 
+# Also data keys, but part of the fingerprint only when set (null leaves earlier fingerprints unchanged).
+OPTIONAL_DATA_KEYS = ("teacher.revision", "student.revision", "data.subset", "data.revision")
+
 
 def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = None) -> str:
     """The fingerprint of `DATA_KEYS`, with the search as the method runs it (the baselines ignore
@@ -266,6 +269,12 @@ def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = No
         derived["sim_profile"] = cfg.sim.profile
     if model_revisions:
         derived["revisions"] = dict(sorted(model_revisions.items()))
+    # Keys added after DATA_KEYS was pinned: in only when set, so earlier folders keep their fingerprint.
+    for key in OPTIONAL_DATA_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            derived[key] = value
     return _fingerprint(cfg, DATA_KEYS, derived)
 
 
