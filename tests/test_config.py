@@ -92,3 +92,14 @@ def test_fingerprint_tracks_data_fields_only():
         "data.path=x.jsonl",
     ]:
         assert fingerprint(load_config(None, [o])) != base, o
+
+
+def test_revision_and_subset_keys_change_the_fingerprint_only_when_set():
+    base = load_config(None, [])
+    assert base.teacher.revision is None and base.data.subset is None and base.data.revision is None
+    assert fingerprint(load_config(None, ["data.split=train"])) != fingerprint(base)
+    changed = {
+        fingerprint(load_config(None, [o]))
+        for o in ("teacher.revision=v1", "student.revision=v1", "data.subset=main", "data.revision=abc")
+    }
+    assert len(changed) == 4 and fingerprint(base) not in changed

@@ -230,7 +230,7 @@ def nearest_keys(schema: type, key: str, n: int = 3) -> list[str]:
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == head}
     found = [siblings[s] for s in difflib.get_close_matches(last, list(siblings), n=n, cutoff=0.75)]
     found += [k for k in keys if k.rpartition(".")[2] == last and k != key]
-    found = found or difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+    found = found or difflib.get_close_matches(key, keys, n=n, cutoff=0.8)
     return list(dict.fromkeys(found))[:n]
 
 
