@@ -68,6 +68,7 @@ def test_defaults_and_overrides():
         (["runtime.late_call_limit=0.5"], "runtime.late_call_limit"),
         (["runtime.scheduling_strategy=PACK"], "runtime.scheduling_strategy"),
         (["teacher.admission=auto"], "teacher.admission"),
+        (["teacher.revision=v1"], "teacher.revision"),  # embedded:teacher is no hub id
         (["search.chunk_tokens"], "key=value"),
     ],
 )

@@ -81,6 +81,11 @@ class ModelPoolConfig:
         key = f"{section}."
         require(bool(self.model), key + "model", "must name a model folder, a hub id or embedded:<name>")
         require(
+            self.revision is None or (":" not in self.model and not Path(self.model).expanduser().exists()),
+            key + "revision",
+            f"applies to hub ids (org/name) only; {key}model is {self.model!r}: set {key}revision=null",
+        )
+        require(
             self.backend in backends,
             key + "backend",
             f"must be one of {sorted(backends)}, got {self.backend!r}",
