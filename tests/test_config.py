@@ -96,11 +96,12 @@ def test_fingerprint_tracks_data_fields_only():
 
 
 def test_revision_and_subset_keys_change_the_fingerprint_only_when_set():
-    base = load_config(None, [])
+    hub = ["teacher.model=org/teacher", "student.model=org/student"]
+    base = load_config(None, hub)
     assert base.teacher.revision is None and base.data.subset is None and base.data.revision is None
-    assert fingerprint(load_config(None, ["data.split=train"])) != fingerprint(base)
+    assert fingerprint(load_config(None, [*hub, "data.split=train"])) != fingerprint(base)
     changed = {
-        fingerprint(load_config(None, [o]))
+        fingerprint(load_config(None, [*hub, o]))
         for o in ("teacher.revision=v1", "student.revision=v1", "data.subset=main", "data.revision=abc")
     }
     assert len(changed) == 4 and fingerprint(base) not in changed
