@@ -75,10 +75,10 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     from gen_ssd_ray.common.config import load_config
     from gen_ssd_ray.common.interrupts import raise_on_signals
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        job,
         prog=f"python -m jobs.{job.name}",
         description=doc,
-        epilog=_keys_help(job),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file (see conf/); key=value overrides win over it")
@@ -116,14 +116,22 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-def _keys_help(job: Job) -> str:
-    """The `--help` epilog: every config key with its default and one-line doc."""
-    from gen_ssd_ray.common.confdoc import format_keys
+class _Parser(argparse.ArgumentParser):
+    """The job's parser; its `--help` ends with every config key, its default and one-line doc (read
+    from the typed config only when help is asked for)."""
 
-    preset = getattr(job.schema, "PRESET", None)
-    head = "config keys (key=value overrides; default after '='"
-    head += f"; a commented example: {preset})" if preset else ")"
-    return f"{head}:\n{format_keys(job.schema)}"
+    def __init__(self, job: Job, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.job = job
+
+    def format_help(self) -> str:
+        from gen_ssd_ray.common.confdoc import format_keys
+
+        preset = getattr(self.job.schema, "PRESET", None)
+        head = "config keys (key=value overrides; default after '='"
+        head += f"; a commented example: {preset})" if preset else ")"
+        self.epilog = f"{head}:\n{format_keys(self.job.schema)}"
+        return super().format_help()
 
 
 def _print_config(job: Job, config_file: str | None, overrides: list[str]) -> int:

@@ -102,7 +102,7 @@ def field_doc(cls: type, name: str) -> tuple[str, str]:
 
 def first_sentence(text: str) -> str:
     """`text` up to its first full stop that ends a sentence (not "e.g." or a decimal point)."""
-    for m in re.finditer(r"\.(\s+)(?=[A-Z(\"'])", text):
+    for m in re.finditer(r"\.\s+(?=\S)", text):
         before = text[: m.start()]
         if re.search(r"(\be\.g|\bi\.e|\betc|\bvs)$", before):
             continue
@@ -200,7 +200,8 @@ def format_keys(schema: type, width: int = 110) -> str:
         depth = key.count(".")
         indent = "  " * (depth + 1)
         if d is None:
-            out.append(f"{indent}{key}:" + (f"  {doc}" if doc else ""))
+            head = f"{key}:" + (f"  {first_sentence(doc)}" if doc else "")
+            out.extend(textwrap.wrap(head, width, initial_indent=indent, subsequent_indent=indent + "    "))
             continue
         out.append(f"{indent}{key} = {d.default}")
         if d.line:

@@ -32,9 +32,11 @@ from gen_ssd_ray.common.storage import check_location
 
 @dataclass(frozen=True)
 class EvalModelConfig(EngineConfig):
+    """The evaluated model's engines. max_model_len: prompt + sampling.max_new_tokens must fit, or the
+    problem is an error row. max_num_seqs also sizes the batches sent to each engine (max_num_seqs /
+    sampling.n prompts)."""
+
     # Hugging Face folder or hub id (with model.revision) of the model to evaluate, or "embedded:student".
-    # max_model_len: prompt + sampling.max_new_tokens must fit, or the problem is an error row.
-    # max_num_seqs also sizes the batches sent to each engine (max_num_seqs / sampling.n prompts).
     model: str = DEFAULT_STUDENT
 
 
