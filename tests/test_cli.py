@@ -225,3 +225,10 @@ def test_unknown_key_in_a_config_file(tmp_path):
 def test_a_bad_value_is_not_an_unknown_key():
     with pytest.raises(ConfigError, match=r"bad value for 'data\.limit' in python -m jobs\.generate"):
         load_config(None, ["data.limit=lots"], schema("generate"), job="generate")
+
+
+def test_another_jobs_preset_is_named_as_such():
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO_ROOT / "conf/default.yaml", [], schema("pipeline"), job="pipeline")
+    assert "is a config of python -m jobs.generate, not of python -m jobs.pipeline" in str(e.value)
+    assert "(e.g. generate: ...)" in str(e.value)

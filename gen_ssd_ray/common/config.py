@@ -340,7 +340,8 @@ def load_config(
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        raise ConfigError(_key_error(schema_cls, getattr(e, "full_key", None) or "", e, job)) from None
+        msg = _key_error(schema_cls, getattr(e, "full_key", None) or "", e, job)
+        raise ConfigError(msg + _other_jobs_file(config_file, job)) from None
     except ValueError as e:  # a section's own check (`__post_init__`): its message names the key
         raise ConfigError(str(e)) from None
     cfg.validate()
@@ -371,6 +372,27 @@ def _key_error(schema_cls: type, key: str, e: Exception, job: str | None) -> str
     text += f" Did you mean {' or '.join(near)}?" if near else ""
     text += f" The keys of {section or 'the top level'}: {', '.join(names)}"
     return text + (f" ({see})" if see else "")
+
+
+def _other_jobs_file(config_file: str | Path | None, job: str | None) -> str:
+    """A hint when `config_file` is a preset of another job: its opening comment names the job it is for
+    (`python -m jobs.<name>`, see conf/)."""
+    import re
+
+    if config_file is None or job is None:
+        return ""
+    try:
+        header = Path(config_file).read_text(errors="replace").split("\n\n")[0]
+    except OSError:
+        return ""
+    named = set(re.findall(r"python -m jobs\.(\w+)", header))
+    if not named or job in named:
+        return ""
+    other = sorted(named)[0]
+    hint = f". --config {config_file} is a config of python -m jobs.{other}, not of python -m jobs.{job}"
+    if job == "pipeline":
+        hint += f": its keys go under a stage's section of the pipeline config (e.g. {other}: ...)"
+    return hint
 
 
 def derive(cfg: C, changes: dict[str, Any], _prefix: str = "") -> C:
