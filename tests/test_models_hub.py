@@ -20,7 +20,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
-    """An online hub: `model_info` names COMMIT for any revision, `snapshot_download` writes a model folder."""
+    """An online hub: `model_info` names COMMIT for any revision; `snapshot_download` writes a model."""
     import huggingface_hub
     import huggingface_hub.constants
 

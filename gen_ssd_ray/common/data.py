@@ -25,8 +25,8 @@ Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slic
 Ids. Without `data.id_field` the id is generated: `"<stem>-<row index>"`, where the row index is the
 row's position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted)
 and the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the
-embedded sets, "<name>-<split>" for a Hugging Face dataset, "<name>-<subset>-<split>" with a subset; characters UTF-8 cannot encode, as in a
-non-UTF-8 file name, are backslash-escaped). A generated id is positional: an in-place edit of a row
+embedded sets, "<name>-<split>" for a Hugging Face dataset, "<name>-<subset>-<split>" with a subset;
+characters UTF-8 cannot encode, as in a non-UTF-8 file name, are backslash-escaped). A generated id is positional: an in-place edit of a row
 keeps its id (and changes its `content_hash`); inserting or deleting rows shifts the ids after them, so
 give the data an id field if it will be edited that way. With `data.id_field` the id is the field's
 *canonical* value (`canonical_id`): a string verbatim; a number in one canonical spelling, integers (and

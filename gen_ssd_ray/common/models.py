@@ -15,14 +15,15 @@ What this module knows:
   A changed remote folder (other ETags) is a new folder, downloaded afresh. The local folder's path
   names its source, so `resolve_model(path)` on another node (an actor handed the driver's path)
   downloads the same version there (`localize_model`).
-- Hub ids: one in the local Hugging Face cache (``$HF_HUB_CACHE``) with no revision asked for is used
-  from there, as is. Otherwise, unless the hub is off (``HF_HUB_OFFLINE=1``), the revision (the config's
+- Hub ids: one in the local Hugging Face cache (``$HF_HUB_CACHE``) with no revision asked for is used from
+  there, as is. Otherwise, unless the hub is off (``HF_HUB_OFFLINE=1``), the revision (the config's
   ``revision`` key; null: ``main``) is resolved to its commit and that commit is downloaded with
-  ``huggingface_hub.snapshot_download`` once per node into ``<cache_root()>/models/hub/<org>/<name>@<commit>``
-  (through `materialize`; the folder is verified like an object-store copy). The path names its source,
-  so an actor on another node handed it downloads the same commit (`localize_model`). Offline, or with
-  huggingface.co unreachable, a hub id that is not cached is a `ModelNotFoundError` (exit 2) naming the
-  model, the key and the fixes (pre-download it, or give a local folder or an s3:// URI).
+  ``huggingface_hub.snapshot_download`` once per node into
+  ``<cache_root()>/models/hub/<org>/<name>@<commit>`` (through `materialize`; the folder is verified like
+  an object-store copy). The path names its source, so an actor on another node handed it downloads the
+  same commit (`localize_model`). Offline, or with huggingface.co unreachable, a hub id that is not cached
+  is a `ModelNotFoundError` (exit 2) naming the model, the key and the fixes (pre-download it, or give a
+  local folder or an s3:// URI).
 - `model_revision`: a cheap identity of a model folder, part of the jobs' fingerprints (of a remote
   folder: its cached copy, whose marker holds the URI and every object's ETag).
 - The cache: `cache_root`, and `materialize`, which builds a folder under ``<cache_root()>/models/``
@@ -349,8 +350,8 @@ def check_source_location(value: str, key: str) -> None:
 
 def localize_model(name: str) -> str:
     """What an actor calls on the model path it was handed: an object-store URI, or the path of a
-    downloaded copy (of an object-store folder or a hub model) this node lacks, resolved (downloaded once on this node); any other name unchanged
-    (a local folder, a hub id, a simulated engine's name)."""
+    downloaded copy (of an object-store folder or a hub model) this node lacks, resolved (downloaded
+    once on this node); any other name unchanged (a local folder, a hub id, a simulated engine's name)."""
     if is_remote_location(name) or (
         isinstance(name, str)
         and (_remote_source(name) is not None or _hub_source(name) is not None)
@@ -523,8 +524,10 @@ def _resolve_hub(repo: str, key: str, revision: str | None, hub_cache: str | Non
             f"node into {models_dir(None) / HUB}), or {fixes}"
         )
     # A full commit is used as is (another node fetching the driver's commit asks nothing else).
-    is_commit = revision is not None and _COMMIT.fullmatch(revision)
-    commit = revision if is_commit else _hub_commit(repo, revision, what, fixes)
+    if revision is not None and _COMMIT.fullmatch(revision):
+        commit = revision
+    else:
+        commit = _hub_commit(repo, revision, what, fixes)
     dest = hub_cache_folder(repo, commit)
 
     def download(tmp: Path) -> None:
