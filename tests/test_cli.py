@@ -111,6 +111,14 @@ def test_docs_come_from_the_config_source():
     assert keys["a"].doc == "The base's doc. More detail." and keys["a"].line == "The base's doc."
     assert keys["a"].default == "2" and keys["b"].doc == "a trailing doc"
     assert keys["items[].b"].default == "x" and keys["items[].b"].doc == "a trailing doc"
+    assert [confdoc.render(v) for v in ("a:b", "1.5", None, True, "a b", [])] == [
+        "a:b",
+        '"1.5"',
+        "null",
+        "true",
+        '"a b"',
+        "[]",
+    ]
     assert confdoc.first_sentence('Ray address, e.g. "auto". More.') == 'Ray address, e.g. "auto".'
 
 

@@ -141,12 +141,11 @@ def render(value: Any) -> str:
     """A default as a one-line YAML value (JSON is YAML): null, true, 0.5, embedded:teacher, "a b"."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
-    if (
-        isinstance(value, str)
-        and re.fullmatch(r"[\w./:@+-]+", value)
-        and value not in ("null", "true", "false")
-    ):
-        return value
+    if isinstance(value, list):
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    plain = isinstance(value, str) and re.fullmatch(r"[\w./:@+-]+", value) is not None
+    if plain and value not in ("null", "true", "false") and not re.fullmatch(r"[-+.\d_eE]+", value):
+        return value  # a string YAML reads back as the same string: unquoted
     return json.dumps(value, default=str)
 
 
