@@ -3,10 +3,11 @@
     python -m jobs.evaluate [--config conf/evaluate.yaml] key=value ...
     ray job submit --working-dir . -- python -m jobs.evaluate model.model=/models/student model.num_gpus=1
 
-Every key and its default: gen_ssd_ray/evaluate/config.py. Exit codes: 0 done (or already evaluated:
-skipped), 2 bad config / model / input / output folder, or an answer checker (math-verify) that cannot
-run (nothing started), 1 engines failed or a full disk, 130 interrupted. Rows are committed as batches finish
-(output.dir/_partial): after 1 or 130, re-running the same command resumes where it stopped.
+Every key, its default and doc: `python -m jobs.evaluate --help`; the resolved config: `--print-config`.
+Exit codes: 0 done (or already evaluated: skipped), 2 bad config / model / input / output folder, or an
+answer checker (math-verify) that cannot run (nothing started), 1 engines failed or a full disk, 130
+interrupted. Rows are committed as batches finish (output.dir/_partial): after 1 or 130, re-running the
+same command resumes where it stopped.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
     python -m jobs.finetune [--config conf/finetune.yaml] key=value ...
     ray job submit --working-dir . -- python -m jobs.finetune --config conf/finetune.yaml runtime.num_workers=8
 
+Every key, its default and doc: `python -m jobs.finetune --help`; the resolved config: `--print-config`.
+
 Parses the config, checks model, data and output folder (gen_ssd_ray.train.run.prepare), trains or
 resumes, prints the summary and a closing JSON line. Exit codes (gen_ssd_ray.common.cli): 0 done (or
 already complete), 2 bad config / model / data / output folder (nothing started), 1 training failed (non-finite losses, a full disk),

@@ -3,10 +3,10 @@
     python -m jobs.generate [--config conf/default.yaml] key=value ...
     ray job submit --working-dir . -- python -m jobs.generate --config conf/gpu_cluster.yaml
 
-Every key and its default: gen_ssd_ray/generate/config.py (and the shared sections in
-gen_ssd_ray/common/config.py). Exit codes: 0 done, 2 bad config / model / input (nothing started),
-1 some problems failed on engine errors (not committed: re-run to retry them) or a full disk, 130 interrupted
-(finished problems committed; re-run to continue).
+Every key, its default and doc: `python -m jobs.generate --help`; the resolved config: `--print-config`.
+Exit codes: 0 done, 2 bad config / model / input (nothing started), 1 some problems failed on engine
+errors (not committed: re-run to retry them) or a full disk, 130 interrupted (finished problems
+committed; re-run to continue).
 """
 
 from __future__ import annotations

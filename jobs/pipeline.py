@@ -4,9 +4,10 @@
     ray job submit --working-dir . -- python -m jobs.pipeline --config conf/pipeline_gsm8k.yaml
 
 Every stage is resumable: re-running the same command skips finished stages and continues the
-interrupted one (gen_ssd_ray.pipeline). Every key and its default: gen_ssd_ray/pipeline/config.py.
-Exit codes: 0 done, 2 bad config or a stage's bad input (nothing of that stage started), 1 a stage
-failed or a full disk (re-run to continue), 130 interrupted (re-run to continue).
+interrupted one (gen_ssd_ray.pipeline). Every key, its default and doc: `python -m jobs.pipeline --help`;
+the resolved config: `--print-config`. Exit codes: 0 done, 2 bad config or a stage's bad input
+(nothing of that stage started), 1 a stage failed or a full disk (re-run to continue), 130
+interrupted (re-run to continue).
 """
 
 from __future__ import annotations

@@ -69,6 +69,7 @@ def test_defaults_and_overrides():
         (["runtime.late_call_limit=0.5"], "runtime.late_call_limit"),
         (["runtime.scheduling_strategy=PACK"], "runtime.scheduling_strategy"),
         (["teacher.admission=auto"], "teacher.admission"),
+        (["teacher.revision=v1"], "teacher.revision"),  # embedded:teacher is no hub id
         (["search.chunk_tokens"], "key=value"),
     ],
 )
@@ -93,3 +94,15 @@ def test_fingerprint_tracks_data_fields_only():
         "data.path=x.jsonl",
     ]:
         assert fingerprint(load_config(None, [o])) != base, o
+
+
+def test_revision_and_subset_keys_change_the_fingerprint_only_when_set():
+    hub = ["teacher.model=org/teacher", "student.model=org/student"]
+    base = load_config(None, hub)
+    assert base.teacher.revision is None and base.data.subset is None and base.data.revision is None
+    assert fingerprint(load_config(None, [*hub, "data.split=train"])) != fingerprint(base)
+    changed = {
+        fingerprint(load_config(None, [*hub, o]))
+        for o in ("teacher.revision=v1", "student.revision=v1", "data.subset=main", "data.revision=abc")
+    }
+    assert len(changed) == 4 and fingerprint(base) not in changed

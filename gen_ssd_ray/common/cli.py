@@ -3,7 +3,13 @@
 It parses `--config FILE` and `key=value` overrides, loads the job's typed config, runs the job's
 `prepare` (everything that can fail on bad input, before any actor starts) and then its `run`, prints
 the human summary and a closing JSON line, and maps the failure model (gen_ssd_ray.common.errors) to
-the documented exit codes:
+the documented exit codes (below).
+
+The command line documents itself from the typed config (gen_ssd_ray.common.confdoc): `--help` lists
+every key with its default and one-line doc; `--print-config` prints the resolved config as YAML
+(defaults <- `--config FILE` <- overrides, validated: every key, loadable again with `--config`) and
+exits 0 without running `prepare` or starting Ray; a bad key exits 2 naming the job, the nearest keys and
+what the section holds (gen_ssd_ray.common.config.load_config). Exit codes:
 
     0    done (or nothing left to do)
     2    bad config, model, data or output folder: nothing started (`InputError`, any ValueError or
@@ -69,20 +75,28 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
     from gen_ssd_ray.common.config import load_config
     from gen_ssd_ray.common.interrupts import raise_on_signals
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
+        job,
         prog=f"python -m jobs.{job.name}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML file (see conf/); key=value overrides win over it")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (every key, as YAML) and exit 0 without running anything",
+    )
     parser.add_argument("overrides", nargs="*", help=f"config overrides, e.g. {job.example}")
     args = parser.parse_args(argv)
+    if args.print_config:
+        return _print_config(job, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         # Signals raise from the start: `prepare` can be long (a large data set, building a model).
         with raise_on_signals():
             try:
-                cfg = load_config(args.config, args.overrides, schema_cls=job.schema)
+                cfg = load_config(args.config, args.overrides, schema_cls=job.schema, job=job.name)
                 prepared = job.prepare(cfg)
             except (ValueError, OSError) as e:
                 return _fail(job, e)
@@ -99,6 +113,38 @@ def run_job(job: Job, doc: str, argv: list[str] | None = None) -> int:
             return _fail(job, e)
         raise
     _print_summary(job, summary)
+    return EXIT_OK
+
+
+class _Parser(argparse.ArgumentParser):
+    """The job's parser; its `--help` ends with every config key, its default and one-line doc (read
+    from the typed config only when help is asked for)."""
+
+    def __init__(self, job: Job, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.job = job
+
+    def format_help(self) -> str:
+        from gen_ssd_ray.common.confdoc import format_keys
+
+        preset = getattr(self.job.schema, "PRESET", None)
+        head = "config keys (key=value overrides; default after '='"
+        head += f"; a commented example: {preset})" if preset else ")"
+        self.epilog = f"{head}:\n{format_keys(self.job.schema)}"
+        return super().format_help()
+
+
+def _print_config(job: Job, config_file: str | None, overrides: list[str]) -> int:
+    """`--print-config`: the resolved, validated config as YAML on stdout; nothing is prepared or run."""
+    from gen_ssd_ray.common.config import load_config, to_yaml
+
+    try:
+        cfg = load_config(config_file, overrides, schema_cls=job.schema, job=job.name)
+    except (ValueError, OSError) as e:
+        return _fail(job, e)
+    source = " ".join([*(["--config", config_file] if config_file else []), *overrides])
+    print(f"# python -m jobs.{job.name} {source}".rstrip() + ": the resolved config (every key)")
+    print(to_yaml(cfg), end="")
     return EXIT_OK
 
 

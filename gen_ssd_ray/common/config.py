@@ -52,12 +52,18 @@ class ModelPoolConfig:
     scorers): the model, the backend serving it (gen_ssd_ray.engines.registry), Ray resources per
     actor and the engine's memory knobs."""
 
-    # Hugging Face folder or hub id of the model, or "embedded:teacher" / "embedded:student".
+    # Hugging Face folder, hub id (org/name), object-store folder (s3://...), or "embedded:teacher" /
+    # "embedded:student". A hub id not in the local Hugging Face cache is downloaded once per node
+    # (gen_ssd_ray.common.models.resolve_model) unless HF_HUB_OFFLINE=1.
     model: str = DEFAULT_TEACHER
+    # Hub ids only: the branch, tag or commit to use (null: the cached copy if any, else "main"). A commit
+    # pins the weights on every node.
+    revision: str | None = None
     # Backend by name (gen_ssd_ray.engines.registry).
     backend: str = "vllm"
-    # Ray resources per actor. On GPU: num_gpus = tensor_parallel_size where there is one.
+    # GPUs per actor (Ray resources). On GPU: num_gpus = tensor_parallel_size where there is one.
     num_gpus: float = 0.0
+    # CPUs per actor (Ray resources).
     num_cpus: float = 1.0
     # Weights dtype: bfloat16, float16, float32 or auto.
     dtype: str = "bfloat16"
@@ -68,11 +74,17 @@ class ModelPoolConfig:
     # vLLM: skip torch.compile / CUDA graphs: faster start-up (CPU: ~35 s instead of ~50 s with a warm
     # compile cache, ~2 min cold), slower generation (CPU: about -15%).
     enforce_eager: bool = False
+    # Run the model folder's own Python code (custom architectures); only for models you trust.
     trust_remote_code: bool = False
 
     def validate_pool(self, section: str, backends: dict[str, str]) -> None:
         key = f"{section}."
         require(bool(self.model), key + "model", "must name a model folder, a hub id or embedded:<name>")
+        require(
+            self.revision is None or (":" not in self.model and not Path(self.model).expanduser().exists()),
+            key + "revision",
+            f"applies to hub ids (org/name) only; {key}model is {self.model!r}: set {key}revision=null",
+        )
         require(
             self.backend in backends,
             key + "backend",
@@ -93,9 +105,11 @@ class EngineConfig(ModelPoolConfig):
 
     # Number of engine actors (one engine each).
     num_engines: int = 1
+    # GPUs each engine shards the model over (tensor parallelism).
     tensor_parallel_size: int = 1
     # Context length: prompt + response budget must fit.
     max_model_len: int = 2048
+    # Reuse the KV cache of shared prompt prefixes across requests (vLLM automatic prefix caching).
     enable_prefix_caching: bool = True
     # KV block size in tokens (prefix-cache granularity); null lets vLLM choose. CPU: a multiple of 32.
     block_size: int | None = None
@@ -153,8 +167,9 @@ class EngineJobRuntimeConfig(RayConfig):
     # Where Ray places engine actors: "SPREAD" (over nodes, so one node's loss costs its share) or
     # "DEFAULT" (Ray's default: fills a node before the next, e.g. to keep a pool on one switch).
     scheduling_strategy: str = "SPREAD"
-    # math-verify worker processes and the per-answer deadline.
+    # math-verify worker processes that check answers.
     verify_workers: int = 2
+    # Deadline in seconds to check one answer (past it the answer counts as wrong).
     verify_timeout_s: float = 10.0
     # Show a progress bar (false: log lines only, which is what `ray job logs` shows best).
     progress: bool = True
@@ -208,9 +223,16 @@ class PromptConfig:
 class DataConfig:
     # JSONL, JSON array, Parquet (file or folder), a Hugging Face dataset name, or "embedded:gsm8k/<split>".
     path: str = DEFAULT_DATA
-    # Hugging Face datasets only.
+    # Hugging Face datasets only: the subset (configuration) name, e.g. "main" for openai/gsm8k (null: the
+    # dataset's only one).
+    subset: str | None = None
+    # Hugging Face datasets only: the split to read.
     split: str = "test"
+    # Hugging Face datasets only: the branch, tag or commit of the dataset repo (null: the default branch).
+    revision: str | None = None
+    # Field holding the problem text.
     question_field: str = "question"
+    # Field holding the gold answer (a GSM8K solution ending in "#### N", a \boxed{} or a bare value).
     answer_field: str = "answer"
     # Field holding a stable problem id (null: "<file stem>-<row index>"). Text is taken verbatim, a number
     # in one canonical spelling (1, 1.0 and "1" are all "1"); ids starting with "!" are reserved for rows
@@ -218,6 +240,7 @@ class DataConfig:
     id_field: str | None = None
     # Number of problems (null: all) after skipping `offset`.
     limit: int | None = 16
+    # Rows of the source skipped before the first problem.
     offset: int = 0
 
     def validate(self) -> None:
@@ -242,10 +265,10 @@ class FaultSpec:
 
     target: str = "teacher"  # teacher | scorer
     index: int = 0  # the engine (or scorer) index in its pool
-    kind: str = "dead"
-    at_s: float = 0.0
-    duration_s: float | None = None
-    factor: float = 4.0
+    kind: str = "dead"  # dead | hung | slow
+    at_s: float = 0.0  # simulated seconds from sim.epoch to the fault
+    duration_s: float | None = None  # how long it lasts (null: to the end of the run)
+    factor: float = 4.0  # "slow": steps take this many times as long
 
     def validate(self, key: str) -> None:
         require(self.target in ("teacher", "scorer"), f"{key}.target", "must be teacher or scorer")
@@ -271,6 +294,7 @@ class SimConfig:
     model_load: bool = True
     # Wall-clock time (Unix seconds) the fault schedule counts from; null: each engine's first request.
     epoch: float | None = None
+    # The fault schedule: a list of entries with the keys below (FaultSpec).
     faults: list[FaultSpec] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
@@ -287,10 +311,14 @@ class SimConfig:
 # ---- loading and deriving --------------------------------------------------------------------------
 
 
-def load_config(config_file: str | Path | None, overrides: list[str] | None, schema_cls: type[C]) -> C:
+def load_config(
+    config_file: str | Path | None, overrides: list[str] | None, schema_cls: type[C], job: str | None = None
+) -> C:
     """Defaults <- YAML file <- `key=value` overrides, validated. Raises ConfigError.
 
-    After loading, the schema's `validate()` runs the cross-field checks.
+    After loading, the schema's `validate()` runs the cross-field checks. A key the schema does not
+    have is refused naming `job` (`python -m jobs.<job>`) and its preset, the nearest keys (difflib) and
+    what the section holds (gen_ssd_ray.common.confdoc).
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -312,17 +340,59 @@ def load_config(config_file: str | Path | None, overrides: list[str] | None, sch
     except ConfigError:
         raise
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
-        hint = ""
-        if "not in" in msg or "Key" in msg:
-            preset = getattr(schema_cls, "PRESET", None)
-            hint = f" (see {preset} for every key)" if preset else ""
-        raise ConfigError(f"bad config key {key!r}: {msg}{hint}") from None
+        msg = _key_error(schema_cls, getattr(e, "full_key", None) or "", e, job)
+        raise ConfigError(msg + _other_jobs_file(config_file, job)) from None
     except ValueError as e:  # a section's own check (`__post_init__`): its message names the key
         raise ConfigError(str(e)) from None
     cfg.validate()
     return cfg
+
+
+def _key_error(schema_cls: type, key: str, e: Exception, job: str | None) -> str:
+    """The message for an OmegaConf error at `key`: an unknown key gets the nearest keys and what its
+    section holds; a bad value its type error. Either way: which job's keys these are and where to
+    see them all."""
+    from gen_ssd_ray.common import confdoc
+
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = msg if len(msg) <= 200 else msg[:200] + "..."
+    preset = getattr(schema_cls, "PRESET", None)
+    where = f"python -m jobs.{job}" if job else schema_cls.__name__
+    see = f"every key with its default and doc: python -m jobs.{job} --help" if job else ""
+    see = "; ".join(p for p in (see, f"the job's preset: {preset}" if preset else "") if p)
+    try:
+        known = {d.key for d in confdoc.config_keys(schema_cls)} | set(confdoc.sections(schema_cls))
+    except Exception:  # a schema without defaults for every field: no listing, the plain message
+        return f"bad config key {key!r}: {msg}" + (f" ({see})" if see else "")
+    if not key or confdoc.normalize_key(key) in known:
+        return f"bad value for {key or 'the config'!r} in {where}: {msg}" + (f" ({see})" if see else "")
+    near = confdoc.nearest_keys(schema_cls, key)
+    section, names = confdoc.section_keys(schema_cls, key)
+    text = f"unknown config key {key!r} for {where}."
+    text += f" Did you mean {' or '.join(near)}?" if near else ""
+    text += f" The keys of {section or 'the top level'}: {', '.join(names)}"
+    return text + (f" ({see})" if see else "")
+
+
+def _other_jobs_file(config_file: str | Path | None, job: str | None) -> str:
+    """A hint when `config_file` is a preset of another job: its opening comment names the job it is for
+    (`python -m jobs.<name>`, see conf/)."""
+    import re
+
+    if config_file is None or job is None:
+        return ""
+    try:
+        header = Path(config_file).read_text(errors="replace").split("\n\n")[0]
+    except OSError:
+        return ""
+    named = set(re.findall(r"python -m jobs\.(\w+)", header))
+    if not named or job in named:
+        return ""
+    other = sorted(named)[0]
+    hint = f". --config {config_file} is a config of python -m jobs.{other}, not of python -m jobs.{job}"
+    if job == "pipeline":
+        hint += f": its keys go under a stage's section of the pipeline config (e.g. {other}: ...)"
+    return hint
 
 
 def derive(cfg: C, changes: dict[str, Any], _prefix: str = "") -> C:

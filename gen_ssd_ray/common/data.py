@@ -14,16 +14,19 @@
   `gs://bucket/parquet/` (gen_ssd_ray.common.storage; credentials from the store's environment). They
   are streamed the same way (ranged reads), give the same ids (the object's name is the stem) and the
   same error rows as a local copy;
-- anything else is taken as a Hugging Face dataset name: `datasets.load_dataset(path, split=data.split)`
-  (imported lazily; without `datasets` or without network the error says so).
+- anything else is taken as a Hugging Face dataset name: `datasets.load_dataset(path, data.subset,
+  split=data.split, revision=data.revision)` (imported lazily). With network (HF_HUB_OFFLINE unset) it
+  is downloaded into the node's datasets cache (`HF_DATASETS_CACHE`) on first use; offline it must be
+  there already. A dataset that cannot be loaded (no `datasets` package, offline and not cached, an
+  unknown subset or split) is a `DataError` naming the keys and the fix.
 
 Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slice.
 
 Ids. Without `data.id_field` the id is generated: `"<stem>-<row index>"`, where the row index is the
 row's position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted)
 and the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the
-embedded sets, "<name>-<split>" for a Hugging Face dataset; characters UTF-8 cannot encode, as in a
-non-UTF-8 file name, are backslash-escaped). A generated id is positional: an in-place edit of a row
+embedded sets, "<name>-<split>" for a Hugging Face dataset, "<name>-<subset>-<split>" with a subset;
+characters UTF-8 cannot encode, as in a non-UTF-8 file name, are backslash-escaped). A generated id is positional: an in-place edit of a row
 keeps its id (and changes its `content_hash`); inserting or deleting rows shifts the ids after them, so
 give the data an id field if it will be edited that way. With `data.id_field` the id is the field's
 *canonical* value (`canonical_id`): a string verbatim; a number in one canonical spelling, integers (and
@@ -82,6 +85,7 @@ import hashlib
 import json
 import logging
 import numbers
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -353,7 +357,7 @@ def _read_source(cfg: DataConfig) -> _Source:
         )
     if _looks_local(path):
         raise DataError(f"data.path={path!r}: no such file or folder")
-    return _read_hf(path, cfg.split, wanted)
+    return _read_hf(cfg, wanted)
 
 
 def _read_object_store(path: str, wanted: list[str]) -> _Source:
@@ -729,22 +733,43 @@ def _decode_cell_by_cell(batch: Any) -> list[dict[str, Any]]:
 # -- Hugging Face
 
 
-def _read_hf(name: str, split: str, wanted: list[str]) -> _Source:
+def _read_hf(cfg: DataConfig, wanted: list[str]) -> _Source:
     """`datasets.load_dataset` (memory-mapped Arrow); rows are read a batch at a time, wanted columns only."""
-    hint = "offline, export it to JSONL or Parquet first and point data.path at that file"
+    name, subset, split = cfg.path, cfg.subset, cfg.split
+    hint = "export it to JSONL or Parquet where it loads and point data.path at that file"
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
         raise DataError(
             f"data.path={name!r}: no such local file or folder, and the `datasets` package needed to load "
-            f"it as a Hugging Face dataset is not installed ({hint}, or use embedded:gsm8k/test)"
+            f"it as a Hugging Face dataset is not installed (pip install datasets, or {hint}, or use "
+            "embedded:gsm8k/test)"
         ) from None
+    keys = ", ".join(
+        f"data.{k}={v!r}"
+        for k, v in (("path", name), ("subset", subset), ("split", split), ("revision", cfg.revision))
+        if v
+    )
     try:
-        ds = datasets.load_dataset(name, split=split)
+        # Only what is set is passed: the library's own defaults otherwise (its only subset, "main").
+        args = (name, subset) if subset else (name,)
+        options = {"revision": cfg.revision} if cfg.revision else {}
+        ds = datasets.load_dataset(*args, split=split, **options)
     except Exception as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:600]
+        if _hub_offline():
+            fix = (
+                "HF_HUB_OFFLINE=1 and it is not in this node's datasets cache: run once where the hub is "
+                f"reachable without HF_HUB_OFFLINE (it is then cached), or {hint}"
+            )
+        else:
+            fix = (
+                "check the name, set data.subset to one of the dataset's subsets (e.g. data.subset=main for "
+                f"openai/gsm8k) and data.split to one of its splits, or {hint}"
+            )
         raise DataError(
-            f"data.path={name!r}, data.split={split!r}: not a local file or folder, and loading it as a "
-            f"Hugging Face dataset failed ({type(e).__name__}: {e}); {hint}"
+            f"{keys}: not a local file or folder, and loading it as a Hugging Face dataset failed "
+            f"({reason}); {fix}"
         ) from None
     fields = list(getattr(ds, "column_names", None) or _fields_of(ds))
     n_rows = len(ds) if hasattr(ds, "__len__") else None
@@ -771,9 +796,19 @@ def _read_hf(name: str, split: str, wanted: list[str]) -> _Source:
             for i, value in islice(enumerate(ds), start, None):
                 yield _Row(i, value)
 
-    stem = f"{name.rstrip('/').split('/')[-1]}-{split}"
+    stem = "-".join(p for p in (name.rstrip("/").split("/")[-1], subset, split) if p)
     empty = n_rows == 0 if n_rows is not None else next(iter(ds), _NOTHING) is _NOTHING
-    return _Source(f"{name} ({split})", stem, fields, empty, rows, n_rows)
+    where = f"{name} ({subset}, {split})" if subset else f"{name} ({split})"
+    return _Source(where, stem, fields, empty, rows, n_rows)
+
+
+def _hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+
+    return any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _fields_of(values: Iterable[Any]) -> list[str]:

@@ -2,8 +2,8 @@
 
 What this module knows:
 - Model names: `resolve_model` turns ``embedded:teacher`` / ``embedded:student``, a local folder or a
-  Hugging Face hub id present in the local (offline) cache into a string that ``from_pretrained`` and
-  ``vllm.LLM`` accept, and raises `ModelNotFoundError` with the fix otherwise. The two embedded models
+  Hugging Face hub id into a string that ``from_pretrained`` and ``vllm.LLM`` accept, and raises
+  `ModelNotFoundError` with the fix otherwise. The two embedded models
   are built by `gen_ssd_ray.common.embedded_models` (imported only when one is asked for).
 - Model folders on object stores (``s3://bucket/models/x``, any scheme `gen_ssd_ray.common.storage`
   accepts): `resolve_model` downloads the folder once per node into
@@ -15,15 +15,22 @@ What this module knows:
   A changed remote folder (other ETags) is a new folder, downloaded afresh. The local folder's path
   names its source, so `resolve_model(path)` on another node (an actor handed the driver's path)
   downloads the same version there (`localize_model`).
+- Hub ids: one in the local Hugging Face cache (``$HF_HUB_CACHE``) with no revision asked for is used from
+  there, as is. Otherwise, unless the hub is off (``HF_HUB_OFFLINE=1``), the revision (the config's
+  ``revision`` key; null: ``main``) is resolved to its commit and that commit is downloaded with
+  ``huggingface_hub.snapshot_download`` once per node into
+  ``<cache_root()>/models/hub/<org>/<name>@<commit>`` (through `materialize`; the folder is verified like
+  an object-store copy). The path names its source, so an actor on another node handed it downloads the
+  same commit (`localize_model`). Offline, or with huggingface.co unreachable, a hub id that is not cached
+  is a `ModelNotFoundError` (exit 2) naming the model, the key and the fixes (pre-download it, or give a
+  local folder or an s3:// URI).
 - `model_revision`: a cheap identity of a model folder, part of the jobs' fingerprints (of a remote
   folder: its cached copy, whose marker holds the URI and every object's ETag).
 - The cache: `cache_root`, and `materialize`, which builds a folder under ``<cache_root()>/models/``
   once, atomically and under a file lock, so concurrent callers (Ray actors, pytest workers) never race
   or see half a folder (used by the embedded models and the lab tokenizer).
 
-What it does not know: it never downloads from the hub (a hub id must already be in the local cache; only
-object-store folders are downloaded), and it does not load models for inference or serve them (see
-``gen_ssd_ray.engines``).
+What it does not know: it does not load models for inference or serve them (see ``gen_ssd_ray.engines``).
 
 Importing this module is cheap: torch, transformers and huggingface_hub are imported inside functions.
 """
@@ -206,7 +213,9 @@ def model_revision(path: str) -> str:
     template changes it. A hub id is identified by the same files of its snapshot in the offline
     Hugging Face cache, or by its name if it has none there. An object-store folder is identified by
     its local copy (`resolve_model`), whose marker holds the URI and every object's size and ETag."""
-    if is_remote_location(path) or (not Path(path).exists() and _remote_source(path) is not None):
+    if is_remote_location(path) or (
+        not Path(path).exists() and (_remote_source(path) is not None or _hub_source(path) is not None)
+    ):
         path = resolve_model(path)
     folder = Path(path)
     if not folder.is_dir():
@@ -240,7 +249,7 @@ def _cached_snapshot(name: str) -> Path | None:
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def resolve_model(name: str, key: str = "model") -> str:
+def resolve_model(name: str, key: str = "model", revision: str | None = None) -> str:
     """A model name as a string that ``from_pretrained`` and ``vllm.LLM(model=...)`` load offline.
 
     - An object-store folder ``s3://bucket/models/x``: downloaded once per node (see the module doc);
@@ -248,9 +257,11 @@ def resolve_model(name: str, key: str = "model") -> str:
     - ``embedded:teacher`` / ``embedded:student``: materialized if needed (under `cache_root()`); returns
       the folder.
     - An existing local path: must be a folder with a ``config.json``; returns it as an absolute path.
-    - A hub id ``org/name`` that is not a local path: returned unchanged if its ``config.json`` is in the
-      local Hugging Face cache (``$HF_HUB_CACHE``); nothing is downloaded.
-    Anything else raises `ModelNotFoundError` (an InputError) naming `key` and saying what to do.
+    - A hub id ``org/name`` that is not a local path: returned unchanged if `revision` is None and its
+      ``config.json`` is in the local Hugging Face cache (``$HF_HUB_CACHE``); else `revision` (None:
+      "main") is downloaded once per node and the local copy returned (see the module doc).
+    Anything else raises `ModelNotFoundError` (an InputError) naming `key` (and `revision`'s key, the
+    key's sibling ``revision``) and saying what to do.
     """
     if isinstance(name, str) and is_remote_location(name):
         return _resolve_remote(name, key)
@@ -258,6 +269,9 @@ def resolve_model(name: str, key: str = "model") -> str:
         source = _remote_source(name)
         if source is not None:
             return _resolve_remote(source[0], key, expect=source[1])
+        hub = _hub_source(name)
+        if hub is not None:
+            return _resolve_hub(hub[0], key, hub[1])
     if not isinstance(name, str) or not name.strip():
         raise ModelNotFoundError(f"empty model name {name!r}: give {EMBEDDED_TEACHER}, a folder or a hub id")
     if name.startswith("embedded:"):
@@ -294,14 +308,9 @@ def resolve_model(name: str, key: str = "model") -> str:
             cached = try_to_load_from_cache(name, "config.json")
         except ValueError:  # HFValidationError: not a valid repo id after all
             cached = None
-        if isinstance(cached, str):
+        if isinstance(cached, str) and revision is None:
             return name
-        raise ModelNotFoundError(
-            f"model {name!r} is not a local folder and not in the offline Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}): download it where there is internet "
-            f"(`hf download {name}`) and copy the cache here (or set HF_HUB_CACHE), pass a local "
-            f"folder holding config.json, or use {EMBEDDED_TEACHER} / {EMBEDDED_STUDENT}"
-        )
+        return _resolve_hub(name, key, revision, hub_cache=constants.HF_HUB_CACHE)
     raise ModelNotFoundError(
         f"model {name!r} is not an existing folder, not a hub id of the form org/name, and not one of "
         f"{list(EMBEDDED_MODELS)}"
@@ -341,10 +350,12 @@ def check_source_location(value: str, key: str) -> None:
 
 def localize_model(name: str) -> str:
     """What an actor calls on the model path it was handed: an object-store URI, or the path of a
-    downloaded copy this node lacks, resolved (downloaded once on this node); any other name unchanged
-    (a local folder, a hub id, a simulated engine's name)."""
+    downloaded copy (of an object-store folder or a hub model) this node lacks, resolved (downloaded
+    once on this node); any other name unchanged (a local folder, a hub id, a simulated engine's name)."""
     if is_remote_location(name) or (
-        isinstance(name, str) and _remote_source(name) is not None and not Path(name).exists()
+        isinstance(name, str)
+        and (_remote_source(name) is not None or _hub_source(name) is not None)
+        and not Path(name).exists()
     ):
         return resolve_model(name)
     return name
@@ -454,6 +465,145 @@ def _resolve_remote(uri: str, key: str, expect: str | None = None) -> str:
         )
 
     return str(materialize(dest, recipe, download))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hub models, downloaded once per node
+
+HUB = "hub"  # <models_dir>/hub/<org>/<name>@<commit>
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hub_cache_folder(repo: str, commit: str, root: Path | None = None) -> Path:
+    """Where the copy of hub model `repo` at `commit` lives on this node (its path names its source)."""
+    return models_dir(root) / HUB / f"{repo}@{commit}"
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_source(path: str) -> tuple[str, str] | None:
+    """(repo, commit) of a path made by `hub_cache_folder` under this node's cache; else None."""
+    if not isinstance(path, str) or not path.strip() or "://" in path:
+        return None
+    base = (models_dir(None) / HUB).expanduser().absolute()
+    try:
+        rel = Path(path).expanduser().absolute().relative_to(base).as_posix()
+    except ValueError:
+        return None
+    repo, at, commit = rel.rpartition("@")
+    if not (at and _HUB_ID.fullmatch(repo) and _COMMIT.fullmatch(commit)):
+        return None
+    return repo, commit
+
+
+def _resolve_hub(repo: str, key: str, revision: str | None, hub_cache: str | None = None) -> str:
+    """The local copy of hub model `repo` at `revision` (None: main), downloaded once per node."""
+    rev_key = key.rpartition(".")[0] + ".revision" if "." in key else "revision"
+    what = f"{key}={repo!r}" + (f" ({rev_key}={revision!r})" if revision else "")
+    fixes = (
+        f"pre-download it where huggingface.co is reachable (`hf download {repo}"
+        + (f" --revision {revision}" if revision else "")
+        + "`) and copy the Hugging Face cache here (or set HF_HUB_CACHE), or set "
+        f"{key} to a local model folder or an s3:// URI of one"
+    )
+    if revision is not None and _COMMIT.fullmatch(revision):  # a commit already on this node: no network
+        dest = hub_cache_folder(repo, revision)
+        if _is_complete(dest, _hub_recipe(repo, revision)):
+            return str(dest)
+    if hub_offline():
+        cached = _hub_cached_snapshot(repo, revision)
+        if cached is not None:
+            return cached
+        where = f"the offline Hugging Face cache ({hub_cache})" if hub_cache else "this node's cache"
+        raise ModelNotFoundError(
+            f"{what}: not a local folder and not in {where}, and HF_HUB_OFFLINE=1 forbids downloading "
+            f"it: unset HF_HUB_OFFLINE where huggingface.co is reachable (it is then downloaded once per "
+            f"node into {models_dir(None) / HUB}), or {fixes}"
+        )
+    # A full commit is used as is (another node fetching the driver's commit asks nothing else).
+    if revision is not None and _COMMIT.fullmatch(revision):
+        commit = revision
+    else:
+        commit = _hub_commit(repo, revision, what, fixes)
+    dest = hub_cache_folder(repo, commit)
+
+    def download(tmp: Path) -> None:
+        from huggingface_hub import snapshot_download
+
+        start = time.perf_counter()
+        try:
+            snapshot_download(repo_id=repo, revision=commit, local_dir=tmp)
+        except Exception as e:  # the network went away, a file vanished, the disk filled up
+            if isinstance(e, OSError) and not _network_error(e):
+                raise
+            raise ModelNotFoundError(
+                f"{what}: downloading commit {commit} failed ({_short(e)}); {fixes}"
+            ) from None
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+        names = {p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()}
+        check_model_files(names, key, f"{repo}@{commit}", lambda n: (tmp / n).read_text())
+        total = sum((tmp / n).stat().st_size for n in names)
+        elapsed = time.perf_counter() - start
+        logger.info(
+            "downloaded %s@%s: %d files, %d bytes in %.2f s", repo, commit, len(names), total, elapsed
+        )
+        (tmp / DOWNLOAD_LOG).write_text(
+            json.dumps({"pid": os.getpid(), "bytes": total, "files": len(names), "seconds": elapsed}) + "\n"
+        )
+
+    return str(materialize(dest, _hub_recipe(repo, commit), download))
+
+
+def _hub_cached_snapshot(repo: str, revision: str | None) -> str | None:
+    """The snapshot folder of `repo` at `revision` in the Hugging Face cache, if it is complete there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id=repo, revision=revision, local_files_only=True)
+    except Exception:  # not cached (or not that revision): the caller says what to do
+        return None
+    return folder if isinstance(folder, str) and (Path(folder) / "config.json").is_file() else None
+
+
+def _hub_recipe(repo: str, commit: str) -> dict[str, Any]:
+    return {"format": BUILD_FORMAT, "source": f"hf://{repo}", "commit": commit}
+
+
+def _hub_commit(repo: str, revision: str | None, what: str, fixes: str) -> str:
+    """The commit `revision` of `repo` names on the hub (one metadata request)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        info = HfApi().model_info(repo, revision=revision, timeout=30)
+    except hub_errors.RevisionNotFoundError:
+        raise ModelNotFoundError(
+            f"{what}: the hub has no such revision; set it to a branch, tag or commit of {repo}"
+        ) from None
+    except (hub_errors.RepositoryNotFoundError, hub_errors.GatedRepoError) as e:
+        raise ModelNotFoundError(
+            f"{what}: no such model on the hub, or it is private or gated ({_short(e)}): check the name, "
+            f"log in (`hf auth login` / HF_TOKEN) if it needs access, or {fixes}"
+        ) from None
+    except Exception as e:  # unreachable: DNS, refused, timeouts, proxies, offline mode set in the library
+        raise ModelNotFoundError(f"{what}: huggingface.co is unreachable ({_short(e)}): {fixes}") from None
+    if not info.sha:
+        raise ModelNotFoundError(f"{what}: the hub did not name a commit for this revision; {fixes}")
+    return info.sha
+
+
+def _network_error(e: BaseException) -> bool:
+    """Whether an OSError is the network's (a connection or timeout), not the local disk's."""
+    return isinstance(e, (ConnectionError, TimeoutError)) or type(e).__module__.startswith(
+        ("requests", "httpx", "urllib3")
+    )
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 # Written into a downloaded copy (information only: who downloaded it, how many bytes, how long).

@@ -32,9 +32,11 @@ from gen_ssd_ray.common.storage import check_location
 
 @dataclass(frozen=True)
 class EvalModelConfig(EngineConfig):
-    # Hugging Face folder or hub id (offline cache) of the model to evaluate, or "embedded:student".
-    # max_model_len: prompt + sampling.max_new_tokens must fit, or the problem is an error row.
-    # max_num_seqs also sizes the batches sent to each engine (max_num_seqs / sampling.n prompts).
+    """The evaluated model's engines. max_model_len: prompt + sampling.max_new_tokens must fit, or the
+    problem is an error row. max_num_seqs also sizes the batches sent to each engine (max_num_seqs /
+    sampling.n prompts)."""
+
+    # Hugging Face folder or hub id (with model.revision) of the model to evaluate, or "embedded:student".
     model: str = DEFAULT_STUDENT
 
 
@@ -42,6 +44,7 @@ class EvalModelConfig(EngineConfig):
 class EvalSamplingConfig:
     # 0 = greedy decoding (then n must be 1).
     temperature: float = 0.0
+    # Nucleus sampling: sample from the smallest token set holding this much probability (1: off).
     top_p: float = 1.0
     # Samples per problem; accuracy is the mean over problems of the fraction of correct samples.
     n: int = 1

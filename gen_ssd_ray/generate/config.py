@@ -54,6 +54,7 @@ class StudentConfig(ModelPoolConfig):
     backend: str = "hf"
     num_cpus: float = 0.5
     dtype: str = "auto"
+    # Number of scorer actors (one student model each).
     num_scorers: int = 1
     # hf backend: tokens run per forward at most, over the score calls batched together (a call of
     # more runs alone).
@@ -66,6 +67,7 @@ class StudentConfig(ModelPoolConfig):
 class SearchConfig(SearchParams):
     """The search knobs (gen_ssd_ray.core.search.SearchParams, where each is described) and:"""
 
+    # Trajectories generated per problem (each with its own seeds).
     trajectories_per_problem: int = 1
     # Base seed; per-request seeds derive from it, the problem and the step.
     seed: int = 0
@@ -80,10 +82,12 @@ class OutputConfig(JobOutputConfig):
 
 @dataclass(frozen=True)
 class RuntimeConfig(EngineJobRuntimeConfig):
+    # Beam-manager actors: each runs the search of its share of the problems and calls the engines.
     num_beam_managers: int = 1
-    # CPUs and memory (GiB; 0: no reservation) reserved per beam manager: tokenizers and the search
-    # state of every problem in flight on it.
+    # CPUs reserved per beam manager (0: no reservation): tokenizers and the search state of every
+    # problem in flight on it.
     manager_num_cpus: float = 0.0
+    # Memory in GiB reserved per beam manager (0: no reservation).
     manager_memory_gib: float = 0.0
     # First cooldown of a failed engine or scorer (it doubles per consecutive failure, up to 32x);
     # after it the engine is probed and used again once it answers.
@@ -251,6 +255,9 @@ DATA_KEYS = (
     "data.id_field",
 )
 
+# Also data keys, but part of the fingerprint only when set (null leaves earlier fingerprints unchanged).
+OPTIONAL_DATA_KEYS = ("teacher.revision", "student.revision", "data.subset", "data.revision")
+
 
 def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = None) -> str:
     """The fingerprint of `DATA_KEYS`, with the search as the method runs it (the baselines ignore
@@ -262,6 +269,12 @@ def fingerprint(cfg: GenerateConfig, model_revisions: dict[str, str] | None = No
         derived["sim_profile"] = cfg.sim.profile
     if model_revisions:
         derived["revisions"] = dict(sorted(model_revisions.items()))
+    # Keys added after DATA_KEYS was pinned: in only when set, so earlier folders keep their fingerprint.
+    for key in OPTIONAL_DATA_KEYS:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None:
+            derived[key] = value
     return _fingerprint(cfg, DATA_KEYS, derived)
 
 
