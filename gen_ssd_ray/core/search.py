@@ -114,11 +114,13 @@ class SearchParams:
     max_new_tokens: int = 512
     # A candidate with chunk PPL above this is not learnable; if all are, the branch is pruned (null: off).
     prune_ppl: float | None = None
-    # Registered policies (gen_ssd_ray.core.policies).
+    # Which candidate survives: a registered selection policy (gen_ssd_ray.core.policies).
     selection: str = "min_ppl"
+    # When a branch is cut: a registered pruning policy (gen_ssd_ray.core.policies).
     pruning: str = "threshold"
-    # Sampling of every expansion (carried by each ExpandRequest).
+    # Sampling temperature of every expansion (carried by each ExpandRequest).
     temperature: float = 0.8
+    # Nucleus sampling: the smallest token set whose probability reaches top_p (1.0: off).
     top_p: float = 0.95
 
     def __post_init__(self) -> None:

@@ -137,7 +137,7 @@ def prepare(cfg: EvaluateConfig) -> Prepared:
     from gen_ssd_ray.common.models import resolve_model
     from gen_ssd_ray.common.verify import check_verifier
 
-    model_path = resolve_model(cfg.model.model, "model.model")
+    model_path = resolve_model(cfg.model.model, "model.model", cfg.model.revision)
     revision = model_revision(model_path)
     problems = load_problems(cfg.data)
     fp = evaluation_fingerprint(cfg, revision, problems)

@@ -147,8 +147,8 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     from gen_ssd_ray.common.verify import check_verifier
     from gen_ssd_ray.generate.output import ShardWriter
 
-    teacher_path = resolve_model(cfg.teacher.model, "teacher.model")
-    student_path = resolve_model(cfg.student.model, "student.model")
+    teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.revision)
+    student_path = resolve_model(cfg.student.model, "student.model", cfg.student.revision)
     check_models(cfg, teacher_path, student_path)
     problems = open_problems(cfg.data)  # checked now, read lazily as engines have room
     fp = run_fingerprint(cfg, teacher_path, student_path)
