@@ -4,8 +4,9 @@
 already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
 
 1. Load the model (under ZeRO-3 through `HfDeepSpeedConfig`, so weights are partitioned as they load),
-   with `lora.enabled` wrap it in peft adapters (only they train: gen_ssd_ray.train.lora), build AdamW (DeepSpeed CPU-Adam when the optimizer is offloaded) and the warm-up + decay schedule,
-   and hand all three to `deepspeed.initialize`.
+   with `lora.enabled` wrap it in peft adapters (only they train: gen_ssd_ray.train.lora), build AdamW
+   over the trainable weights (DeepSpeed CPU-Adam when the optimizer is offloaded) and the warm-up +
+   decay schedule, and hand all three to `deepspeed.initialize`.
 2. Resume from `checkpoints/latest` if there is one: model, optimizer and scheduler state come back
    from DeepSpeed; the data position is the global step, because the batch plan is a pure function
    of (epoch, seed, geometry).
