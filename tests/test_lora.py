@@ -1,7 +1,7 @@
 """LoRA fine-tuning (gen_ssd_ray.train.lora, the `lora.*` keys).
 
-Fast tier: bad keys fail at config load naming the key; targets that match no layer fail in `prepare`'s
-check; the fingerprint changes with the adapter shape only when LoRA is on; the worker's export of a peft
+Fast tier: bad keys fail at config load naming the key; targets that match no layer fail in `prepare`
+(exit 2, nothing written); the fingerprint changes with the adapter shape only when LoRA is on; the worker's export of a peft
 model (`_export` itself, on one gloo rank, no DeepSpeed) writes a merged plain transformers folder whose
 logits are the adapted model's, with no peft leftovers, plus the adapter alone when asked.
 
@@ -79,6 +79,23 @@ def test_targets_that_match_no_layer_are_refused_listing_the_layers():
     bad = load_config(None, ["lora.enabled=true", "lora.target_modules=[qkv_proj]"], FinetuneConfig)
     with pytest.raises(ConfigError, match=r"lora\.target_modules.*q_proj"):
         check_targets(mconfig, bad.lora, False)
+
+
+def test_job_exits_2_on_unmatched_targets_before_anything_starts(tiny_model, tmp_path, capsys):
+    pytest.importorskip("peft")
+    from jobs.finetune import main
+
+    out = tmp_path / "ft"
+    args = [
+        f"model.path={tiny_model}",
+        f"output.dir={out}",
+        "lora.enabled=true",
+        "lora.target_modules=[wqkv]",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "lora.target_modules" in err and "q_proj" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.fixture
