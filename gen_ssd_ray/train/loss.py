@@ -84,9 +84,17 @@ def sliced_summed_nll(hidden, labels, head, slice_tokens: int):
 def liger_summed_nll(hidden, labels, head):
     """The same sum through Liger-Kernel's fused linear cross-entropy (GPU; `head` an `OutputHead` whose
     module is a plain nn.Linear with its full weight on this rank)."""
+    import torch
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+    if type(head.module) is not torch.nn.Linear:  # e.g. an LM head with a LoRA adapter of its own
+        raise RuntimeError(
+            f"loss.kernel=liger needs a plain linear LM head, this model's is {type(head.module).__name__}: "
+            "use loss.kernel=torch"
+        )
     h, y = scored_positions(hidden, labels)
+    if h.shape[0] == 0:
+        return hidden.sum().float() * 0.0
     weight, bias = head.module.weight, head.module.bias
     return liger_fused_linear_cross_entropy(
         h, weight, y, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum", softcap=head.softcap
