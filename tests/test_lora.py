@@ -5,7 +5,7 @@ Fast tier: bad keys fail at config load naming the key; targets that match no la
 model (`_export` itself, on one gloo rank, no DeepSpeed) writes a merged plain transformers folder whose
 logits are the adapted model's, with no peft leftovers, plus the adapter alone when asked.
 
-Integration tier: a LoRA fine-tune through the real job (`python -m jobs.finetune`, Ray Train, DeepSpeed
+Integration tier: vLLM loads the merged export; a LoRA fine-tune through the real job (`python -m jobs.finetune`, Ray Train, DeepSpeed
 ZeRO-2 and ZeRO-3 on CPU), killed at step 3 and resumed from its adapter-only checkpoint, exports a
 merged folder that transformers loads.
 """
@@ -105,7 +105,8 @@ def gloo_rank(tmp_path):
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class FakeEngine:
@@ -117,11 +118,10 @@ class FakeEngine:
         self.module, self.device = module, torch.device("cpu")
 
 
-@pytest.mark.parametrize("save_adapter", [False, True])
-def test_export_of_a_lora_run_is_a_merged_plain_model(tiny_model, tmp_path, gloo_rank, save_adapter):
-    pytest.importorskip("peft")
+def export_lora(tiny_model: str, out: Path, save_adapter: bool, save_dtype: str = "float32"):
+    """Wrap the tiny model in adapters with non-zero (as if trained) weights and export it through the
+    worker's `_export`; returns (logits of the adapted model on `ids`, ids, the untrained base's)."""
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from gen_ssd_ray.train import worker
@@ -139,6 +139,9 @@ def test_export_of_a_lora_run_is_a_merged_plain_model(tiny_model, tmp_path, gloo
         FinetuneConfig,
     )
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        untrained = base(input_ids=ids).logits
     peft_model = wrap(base, cfg.lora, gradient_checkpointing=False)
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -147,15 +150,24 @@ def test_export_of_a_lora_run_is_a_merged_plain_model(tiny_model, tmp_path, gloo
         for p in peft_model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    ids = torch.randint(0, 1000, (1, 12))
     peft_model.eval()
     with torch.no_grad():
         expected = peft_model(input_ids=ids).logits
+    out.mkdir()
+    config = {"model_path": tiny_model, "save_dtype": save_dtype, "fingerprint": "fp"}
+    worker._export(FakeEngine(peft_model), cfg, config, out, rank=0)
+    return expected, ids, untrained
+
+
+@pytest.mark.parametrize("save_adapter", [False, True])
+def test_export_of_a_lora_run_is_a_merged_plain_model(tiny_model, tmp_path, gloo_rank, save_adapter):
+    pytest.importorskip("peft")
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    out.mkdir()
-    config = {"model_path": tiny_model, "save_dtype": "float32", "fingerprint": "fp"}
-    worker._export(FakeEngine(peft_model), cfg, config, out, rank=0)
+    expected, ids, untrained = export_lora(tiny_model, out, save_adapter)
 
     folder = out / "model"
     assert (folder / ".complete").is_file() and not (out / ".tmp-model").exists()
@@ -169,10 +181,7 @@ def test_export_of_a_lora_run_is_a_merged_plain_model(tiny_model, tmp_path, gloo
     assert type(merged).__name__ == "LlamaForCausalLM"
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
-        untrained = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)(
-            input_ids=ids
-        ).logits
-        assert not torch.allclose(untrained, expected, atol=1e-3)  # the merge is not the base model
+    assert not torch.allclose(untrained, expected, atol=1e-3)  # the merge is not the base model
     assert (folder / "adapter").is_dir() == save_adapter
     if save_adapter:
         from peft import PeftModel
@@ -183,7 +192,27 @@ def test_export_of_a_lora_run_is_a_merged_plain_model(tiny_model, tmp_path, gloo
             torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
-# ---- integration: the real job ------------------------------------------------------------------------
+# ---- integration: vLLM and the real job ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_merged_export_loads_in_vllm(tiny_model, tmp_path, gloo_rank):
+    """The merged bf16 export (with adapter/ beside it) is a model folder vLLM loads and generates with."""
+    pytest.importorskip("peft")
+    pytest.importorskip("vllm")
+    import os
+
+    import torch.distributed as dist
+
+    out = tmp_path / "run"
+    export_lora(tiny_model, out, save_adapter=True, save_dtype="bfloat16")
+    dist.destroy_process_group()  # vLLM sets up its own
+    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(out / "model"), dtype="bfloat16", max_model_len=256, enforce_eager=True)
+    result = llm.generate(["Tom has 3 apples."], SamplingParams(max_tokens=4, temperature=0.0))
+    assert len(result[0].outputs[0].token_ids) == 4
 
 
 @pytest.mark.integration
