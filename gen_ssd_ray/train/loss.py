@@ -20,6 +20,11 @@ forward (so DeepSpeed's backward hooks on the outputs fire): `output_hidden_stat
 on that position, that its LM head reproduces the model's own logits (a model whose logits are more than
 `lm_head` plus `final_logit_softcapping` is refused, naming `loss.slice_tokens=0`).
 
+Under ZeRO-3 each slice calls the LM head module, so DeepSpeed gathers its weight through its usual
+module hooks, in the forward pass and in the backward recomputation (its parameter trace keeps a weight
+that is reused soon; the extra call of the first step's check re-records that trace once). Not measured
+on GPUs here.
+
 Knows nothing about data, DeepSpeed's configuration or checkpoints.
 """
 
