@@ -440,11 +440,12 @@ def _export(engine, cfg: FinetuneConfig, config: dict[str, Any], out: Path, rank
     shutil.rmtree(tmp, ignore_errors=True)
     model = engine.module
     if lora:
-        from gen_ssd_ray.train.lora import ADAPTER_DIR, merged_model
+        from gen_ssd_ray.train.lora import ADAPTER_DIR, adapter_names, merged_model
 
+        trained = set(adapter_names(engine.module))  # (ZeRO-3's gathered dict also holds any buffers)
         model = merged_model(
             config["model_path"],
-            state,
+            {k: v for k, v in state.items() if k in trained},
             cfg.lora,
             dtype,
             cfg.model.attn_implementation,
