@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install run generate test test-fast bench bench-scale bench-fixes bench-preempt calibrate-sim models lint clean
+.PHONY: install run generate test test-fast bench bench-scale bench-fixes bench-preempt bench-loss calibrate-sim models lint clean
 
 install: $(STAMP)
 
@@ -56,6 +56,11 @@ bench-fixes: $(STAMP)
 # default (ARGS: --part sim|cpu, --cycles N, --limit N). One JSON object, last line.
 bench-preempt: $(STAMP)
 	$(BIN)/python -m scripts.bench_preempt $(ARGS)
+
+# Peak memory of one forward+backward of a large-vocabulary tiny model with the full-logits loss and the
+# sliced one (loss.slice_tokens), each in a fresh process (ARGS: --vocab, --tokens, ...). JSON last line.
+bench-loss: $(STAMP)
+	$(BIN)/python -m scripts.bench_loss_memory $(ARGS)
 
 # Measure the real vLLM engine and hf scorer on this machine into conf/sim/cpu.yaml (a few minutes).
 calibrate-sim: $(STAMP)

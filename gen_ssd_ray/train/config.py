@@ -9,8 +9,10 @@ shared `RayConfig`.
 
 Fingerprint (the convention of gen_ssd_ray.common.fingerprint): `DATA_KEYS` lists what changes the
 trained weights: the model, data and filters, prompt, optimisation knobs and batch geometry,
-DeepSpeed settings, and the world size (`runtime.num_workers`, which changes the global batch). Output
-placement and handling, Ray address and per-worker resources are left out. `train_fingerprint(cfg,
+DeepSpeed settings, and the world size (`runtime.num_workers`, which changes the global batch), plus
+the `lora` adapter shape when `lora.enabled`. Output placement and handling, Ray address, per-worker
+resources and the loss implementation (`loss.*`: the same loss, computed in slices or by another
+kernel) are left out, so a run may resume with another `loss.slice_tokens`. `train_fingerprint(cfg,
 model_revision, data_signature)` adds the input model's identity and the training data's (row count
 and content hash) as derived values. A resume into a folder written with another fingerprint is
 refused unless `output.force=true`.
@@ -18,6 +20,7 @@ refused unless `output.force=true`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -41,6 +44,7 @@ DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
 class ModelConfig:
     # Hugging Face folder, hub id in the offline cache, or embedded:student / embedded:teacher.
     path: str = DEFAULT_STUDENT
+    # Run the model folder's own Python code (only for a folder you trust).
     trust_remote_code: bool = False
     # Attention kernel: sdpa (CPU and GPU), eager, or flash_attention_2 (GPU with flash-attn installed).
     # Packed examples never attend to each other with any of them (position ids restart per example).
@@ -56,6 +60,7 @@ class TrainDataConfig:
     # A generation job's output folder (only manifest-listed shards are read), a Parquet file or folder,
     # a JSONL / JSON file of question-solution pairs, or embedded:gsm8k/train|test.
     path: str = "outputs/generate"
+    # The column holding the problem text the prompt is built from.
     question_field: str = "question"
     # The text the student learns to write (generation shards: response; GSM8K files: answer).
     response_field: str = "response"
@@ -76,13 +81,19 @@ class OptimConfig:
     epochs: int = 1
     # Stop after this many optimizer steps (null: run all epochs).
     max_steps: int | None = None
+    # Peak learning rate (AdamW), reached after warm-up.
     lr: float = 1.0e-5
     # Schedule after warm-up: cosine or linear decay to lr * min_lr_ratio, or constant.
     schedule: str = "cosine"
+    # Optimizer steps of linear warm-up from 0 to lr.
     warmup_steps: int = 0
+    # The decay schedules end at lr * min_lr_ratio.
     min_lr_ratio: float = 0.1
+    # AdamW decoupled weight decay.
     weight_decay: float = 0.0
+    # AdamW beta1 (first-moment decay).
     adam_beta1: float = 0.9
+    # AdamW beta2 (second-moment decay).
     adam_beta2: float = 0.95
     # Gradient-norm clipping (0: off).
     grad_clip: float = 1.0
@@ -111,6 +122,70 @@ class DeepSpeedConfig:
     precision: str = "fp32"
 
 
+LOSS_KERNELS = ("torch", "liger")
+# What `lora.target_modules` may hold: module names or suffixes (q_proj, mlp.down_proj), or all-linear.
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Loss-carrying tokens whose logits exist at once: the LM head and fp32 cross-entropy run (and are
+    # recomputed in the backward pass) over slices of this many, so memory does not grow with vocabulary
+    # x micro-batch tokens; 0: the model's full logits, upcast to fp32 for the whole micro-batch.
+    slice_tokens: int = 1024
+    # torch (the slices above) or liger (Liger-Kernel's fused linear cross-entropy: GPU, ZeRO 0-2).
+    kernel: str = "torch"
+
+    def validate(self, zero_stage: int, gpus_per_worker: float) -> None:
+        require(self.slice_tokens >= 0, "loss.slice_tokens", f"must be >= 0, got {self.slice_tokens}")
+        require(self.kernel in LOSS_KERNELS, "loss.kernel", f"must be torch or liger, got {self.kernel!r}")
+        if self.kernel == "liger":
+            require(gpus_per_worker > 0, "loss.kernel", "liger needs GPU workers; use loss.kernel=torch")
+            require(
+                zero_stage <= 2,
+                "loss.kernel",
+                "liger reads the LM head's full weight, which ZeRO-3 partitions: use loss.kernel=torch "
+                "(the sliced loss) or deepspeed.zero_stage=2",
+            )
+            require(self.slice_tokens > 0, "loss.slice_tokens", "must be > 0 with loss.kernel=liger")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    # Train low-rank adapters (peft LoRA) instead of all weights; the exported model has them merged.
+    enabled: bool = False
+    # Rank of each adapter.
+    r: int = 16
+    # Scale numerator: each adapter adds (alpha / r) * B @ A to its layer's weight.
+    alpha: float = 32.0
+    # Dropout on each adapter's input during training.
+    dropout: float = 0.05
+    # Layers to adapt: [all-linear] (every linear layer but the LM head) or names like [q_proj, v_proj].
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Also write the adapter alone (peft format, e.g. for vLLM --enable-lora) to model/adapter/.
+    save_adapter: bool = False
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        require(self.r >= 1, "lora.r", f"must be >= 1, got {self.r}")
+        require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        t = list(self.target_modules)
+        require(bool(t), "lora.target_modules", "must not be empty: use [all-linear] or names like [q_proj]")
+        require(
+            "all-linear" not in t or len(t) == 1,
+            "lora.target_modules",
+            f"all-linear stands alone (got {t})",
+        )
+        bad = [n for n in t if n != "all-linear" and not _MODULE_NAME.fullmatch(str(n))]
+        require(
+            not bad,
+            "lora.target_modules",
+            f"{bad} are not module names: use [all-linear] or names like [q_proj, v_proj]",
+        )
+
+
 @dataclass(frozen=True)
 class FinetuneOutputConfig(JobOutputConfig):
     # A local folder, or an object-store URI (s3://bucket/prefix, gs://...): checkpoints and the model
@@ -128,7 +203,9 @@ class TrainRuntimeConfig(RayConfig):
     # ray_address and local_num_cpus: see RayConfig.
     # Ray Train workers (data-parallel ranks), each with these resources.
     num_workers: int = 1
+    # CPUs reserved for each worker.
     cpus_per_worker: float = 1.0
+    # GPUs for each worker (0: CPU training, gloo; > 0: nccl).
     gpus_per_worker: float = 0.0
     # torch threads per worker on CPU (0: cpus_per_worker, at least 1).
     torch_threads: int = 0
@@ -158,13 +235,23 @@ class FinetuneConfig:
     # The preset that lists every key (named in errors about unknown keys).
     PRESET: ClassVar[str] = "conf/finetune.yaml"
 
+    # The student model to fine-tune.
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The training rows and the filters that pick them.
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     # The prompt the student sees: the same keys (and defaults) as the generation job's prompt.
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    # Optimisation, schedule and batch geometry.
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # How the loss is computed (memory and speed only: the same numbers, left out of the fingerprint).
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Low-rank adapters (peft LoRA) instead of full fine-tuning.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # DeepSpeed ZeRO stage, offload and precision.
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # Where checkpoints and the exported model go, and how often.
     output: FinetuneOutputConfig = field(default_factory=FinetuneOutputConfig)
+    # Ray Train workers and their resources.
     runtime: TrainRuntimeConfig = field(default_factory=TrainRuntimeConfig)
 
     def validate(self) -> None:
@@ -236,6 +323,8 @@ class FinetuneConfig:
             "deepspeed.precision",
             "fp16 needs GPUs (runtime.gpus_per_worker > 0); use bf16 or fp32 on CPU",
         )
+        self.loss.validate(z.zero_stage, r.gpus_per_worker)
+        self.lora.validate()
         out.validate()
         require(out.save_every_steps >= 0, "output.save_every_steps", "must be >= 0")
         require(out.keep_last >= 1, "output.keep_last", "must be >= 1")
@@ -243,9 +332,12 @@ class FinetuneConfig:
 
 
 # What changes the trained weights (gen_ssd_ray.common.fingerprint). Left out: output.* (placement,
-# checkpoint cadence, force) and runtime.* except num_workers (Ray address, per-worker resources,
-# threads, restarts, the non-finite step budget: a fault policy, like restarts).
+# checkpoint cadence, force), runtime.* except num_workers (Ray address, per-worker resources,
+# threads, restarts, the non-finite step budget: a fault policy, like restarts) and loss.* (the same
+# loss computed another way). `LORA_KEYS` join them when lora.enabled (a run without LoRA keeps the
+# fingerprint it had before the lora section existed).
 DATA_KEYS = ("model", "data", "prompt", "optim", "deepspeed", "runtime.num_workers")
+LORA_KEYS = ("lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules")
 
 
 def train_fingerprint(cfg: FinetuneConfig, model_revision: str, data_signature: str) -> str:
@@ -256,4 +348,5 @@ def train_fingerprint(cfg: FinetuneConfig, model_revision: str, data_signature: 
     # top-level keys "_model_revision" and "_data". The derived values reproduce exactly that JSON, so
     # that folders written before keep resuming.
     derived = {"output": {}, "_model_revision": model_revision, "_data": data_signature}
-    return fingerprint(cfg, DATA_KEYS, derived)
+    keys = DATA_KEYS + LORA_KEYS if cfg.lora.enabled else DATA_KEYS
+    return fingerprint(cfg, keys, derived)

@@ -1,7 +1,8 @@
 """The fine-tuning job's driver: everything `python -m jobs.finetune` does, in order.
 
 1. `prepare(cfg)`: resolve and check the model (a causal LM with a chat template whose tokenizer fits
-   its embeddings), read and filter the rows, tokenize them, and check the output folder (a folder
+   its embeddings; with `lora.enabled`, one whose layers the LoRA targets match), read and filter the
+   rows, tokenize them, and check the output folder (a folder
    written with another config is refused unless `output.force`). Everything that can fail on bad
    input fails here, before Ray or any worker starts.
 2. `run_finetune(cfg, prepared)`: a complete folder with the same fingerprint is returned as is (a
@@ -177,6 +178,7 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         )
     model_path = resolve_model(cfg.model.path, "model.path")
     tokenizer, mconfig = check_model(model_path, cfg.model.trust_remote_code)
+    check_loss_and_lora(cfg, mconfig)
     check_chat_model(
         model_path,
         f"model.path={cfg.model.path!r}",
@@ -214,6 +216,26 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         dt = getattr(mconfig, "dtype", None) or getattr(mconfig, "torch_dtype", None)
         save_dtype = str(dt).removeprefix("torch.") if dt is not None else "float32"
     return Prepared(model_path, examples, rows_read, steps, report, fp, pad_id, save_dtype, complete, lock)
+
+
+def check_loss_and_lora(cfg: FinetuneConfig, model_config) -> None:
+    """The packages `loss.kernel` and `lora.enabled` need are installed, and the LoRA targets match
+    layers of the model (ConfigError naming the key, before anything starts)."""
+    from gen_ssd_ray.common.config import ConfigError
+
+    if cfg.loss.kernel == "liger":
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "loss.kernel: liger needs the liger-kernel package (the project's gpu extra): install it, "
+                "or use loss.kernel=torch"
+            ) from None
+    if cfg.lora.enabled:
+        from gen_ssd_ray.train.lora import check_targets, require_peft
+
+        require_peft()
+        check_targets(model_config, cfg.lora, cfg.model.trust_remote_code)
 
 
 def _check_output(cfg: FinetuneConfig, out: Path, fp: str) -> dict[str, Any] | None:
@@ -487,6 +509,10 @@ def make_summary(cfg: FinetuneConfig, p: Prepared, metrics: list[dict], out: Pat
         "offload_optimizer": cfg.deepspeed.offload_optimizer,
         "offload_param": cfg.deepspeed.offload_param,
         "precision": cfg.deepspeed.precision,
+        # how the loss was computed (loss.*), and the LoRA adapters (None: full fine-tuning)
+        "loss_slice_tokens": cfg.loss.slice_tokens,
+        "loss_kernel": cfg.loss.kernel,
+        "lora": asdict(cfg.lora) if cfg.lora.enabled else None,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         # steps whose loss was NaN/inf and whose update was skipped (runtime.max_nonfinite_steps)
@@ -523,6 +549,11 @@ def plot_metrics(metrics: list[dict], path: Path) -> None:
         plt.close(fig)
 
 
+def _lora_note(summary: dict[str, Any]) -> str:
+    lora = summary.get("lora")
+    return f", LoRA r={lora['r']} (merged into the model)" if lora else ""
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     kept = summary["filters"]
     filt = "; ".join(f"`{f['expr']}` {f['before']} -> {f['after']}" for f in kept)
@@ -533,7 +564,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['examples']} examples ({summary['dropped_too_long']} dropped as too long), "
         f"{summary['response_tokens']} response tokens.",
         f"Training: {summary['steps']} steps ({summary['steps_per_epoch']}/epoch x {summary['epochs']}), "
-        f"ZeRO-{summary['zero_stage']} {summary['precision']}, {summary['num_workers']} worker(s); loss "
+        f"ZeRO-{summary['zero_stage']} {summary['precision']}{_lora_note(summary)}, "
+        f"{summary['num_workers']} worker(s); loss "
         f"{summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; {summary['train/tokens_per_s']} tok/s.",
         f"Files: {summary['output_dir']}/metrics.jsonl (per step), loss.png, checkpoints/ (resumable), "
         "summary.json.",

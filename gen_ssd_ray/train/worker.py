@@ -4,21 +4,26 @@
 already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
 
 1. Load the model (under ZeRO-3 through `HfDeepSpeedConfig`, so weights are partitioned as they load),
-   build AdamW (DeepSpeed CPU-Adam when the optimizer is offloaded) and the warm-up + decay schedule,
-   and hand all three to `deepspeed.initialize`.
+   with `lora.enabled` wrap it in peft adapters (only they train: gen_ssd_ray.train.lora), build AdamW
+   over the trainable weights (DeepSpeed CPU-Adam when the optimizer is offloaded) and the warm-up +
+   decay schedule, and hand all three to `deepspeed.initialize`.
 2. Resume from `checkpoints/latest` if there is one: model, optimizer and scheduler state come back
    from DeepSpeed; the data position is the global step, because the batch plan is a pure function
    of (epoch, seed, geometry).
 3. Train: at every step each rank runs its `grad_accum_steps` micro-batches. The loss is the sum of
    token NLLs divided by the number of response tokens in the *global* batch (all ranks and
-   micro-batches; one all-reduce per step), so every token weighs the same whatever the packing. A step
+   micro-batches; one all-reduce per step), so every token weighs the same whatever the packing. The
+   summed NLL comes from gen_ssd_ray.train.loss: by default from the final hidden states in slices of
+   `loss.slice_tokens` (the micro-batch's full fp32 logits never exist). A step
    whose global loss is NaN/inf is skipped, never applied; more than `runtime.max_nonfinite_steps` of
    them fail the run (gen_ssd_ray.train.nonfinite), and a checkpoint or the exported model is written
    only from finite weights.
 4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; every rank fsyncs it, then rank 0
    writes its completion marker and moves `latest` (see `gen_ssd_ray.train.checkpoint`).
 5. Export: the full weights (gathered from the ZeRO-3 partitions if needed) as a Hugging Face folder
-   with the tokenizer and chat template, renamed into place by rank 0.
+   with the tokenizer and chat template, renamed into place by rank 0. With LoRA: only the adapters are
+   gathered and checkpointed; the export is the base model with them merged (the same kind of folder),
+   plus `model/adapter/` with `lora.save_adapter`.
 
 With an object-store `output.dir` (`config["remote"]`), `out_dir` is the local staging folder: a node
 that lacks the newest complete checkpoint downloads it before the resume (its local rank 0), each
@@ -52,6 +57,7 @@ from gen_ssd_ray.train.data import (
     step_micro_batches,
     steps_per_epoch,
 )
+from gen_ssd_ray.train.loss import OutputHead, micro_batch_nll, supports_hidden_path
 from gen_ssd_ray.train.nonfinite import (
     NonFiniteGuard,
     NonFiniteLossError,
@@ -79,20 +85,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def summed_nll(logits, labels):
-    """Sum of the next-token NLLs over the positions whose label is not IGNORE_INDEX (float32 math).
-
-    Computed here rather than by the model's own loss, so that the normalisation does not depend on
-    a model honouring transformers' `num_items_in_batch`."""
-    import torch.nn.functional as F
-
-    from gen_ssd_ray.train.data import IGNORE_INDEX
-
-    shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[..., 1:].reshape(-1)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
     z, o = cfg.deepspeed, cfg.optim
     zero: dict[str, Any] = {"stage": z.zero_stage}
@@ -113,6 +105,22 @@ def deepspeed_config(cfg: FinetuneConfig) -> dict[str, Any]:
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
     }
+
+
+def _loss_head(cfg: FinetuneConfig, model, rank: int) -> OutputHead | None:
+    """The LM head for the hidden-states loss (gen_ssd_ray.train.loss), or None for the full-logits path
+    (loss.slice_tokens=0, or a model whose forward cannot skip its logits)."""
+    if cfg.loss.slice_tokens == 0:
+        return None
+    if not supports_hidden_path(model):
+        if rank == 0:
+            print(
+                "[finetune] this model's forward takes no logits_to_keep: the loss is computed from its full "
+                "logits (as with loss.slice_tokens=0)",
+                flush=True,
+            )
+        return None
+    return OutputHead(model)
 
 
 def _optimizer(cfg: FinetuneConfig, params):
@@ -186,6 +194,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ds_config = deepspeed_config(cfg)
     model = _load_model(cfg, config["model_path"], ds_config)
+    if cfg.lora.enabled:  # before deepspeed.initialize, which then partitions the adapters too (ZeRO-3)
+        from gen_ssd_ray.train.lora import wrap
+
+        model = wrap(model, cfg.lora, cfg.model.gradient_checkpointing)
+    head = _loss_head(cfg, model, rank)
     warmup, sched, min_ratio = o.warmup_steps, o.schedule, o.min_lr_ratio
 
     def make_scheduler(optimizer):
@@ -195,7 +208,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        optimizer=_optimizer(cfg, model.parameters()),
+        optimizer=_optimizer(cfg, [p for p in model.parameters() if p.requires_grad]),
         lr_scheduler=make_scheduler,
         config=ds_config,
     )
@@ -218,7 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # group may find a newer checkpoint).
     tag = ck.resume_tag(out, config["fingerprint"], world)
     if tag is not None:
-        load_path, client = engine.load_checkpoint(str(out / ck.CHECKPOINTS), tag=tag)
+        # A LoRA checkpoint holds the adapters only (the frozen base comes from model.path).
+        load_path, client = engine.load_checkpoint(
+            str(out / ck.CHECKPOINTS), tag=tag, load_module_strict=not cfg.lora.enabled
+        )
         if load_path is None:
             raise RuntimeError(
                 f"checkpoint {out / ck.CHECKPOINTS / tag} could not be loaded (see the log above): move "
@@ -259,8 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for j, mb in enumerate(micro):
             batch = {key: v.to(device) for key, v in collate(examples, mb, packing, pad_id).items()}
             labels = batch.pop("labels")
-            logits = engine(**batch, use_cache=False).logits
-            token_nll = summed_nll(logits, labels)
+            token_nll = micro_batch_nll(engine, batch, labels, head, cfg.loss.slice_tokens, cfg.loss.kernel)
             if step + 1 in nan_at and rank == world - 1 and j == 0:
                 token_nll = token_nll * float("nan")  # test hook: a NaN loss on one rank
             engine.backward(token_nll / norm)
@@ -292,7 +307,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(out / ck.METRICS, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         if step == total or (save_every and step % save_every == 0):
-            _save(engine, out, step, world, config["fingerprint"], cfg.output.keep_last, rank)
+            _save(
+                engine, out, step, world, config["fingerprint"], cfg.output.keep_last, rank, cfg.lora.enabled
+            )
             if remote is not None:
                 _upload_checkpoint(remote, out, step, world, rank, cfg, config)
     _export(engine, cfg, config, out, rank)
@@ -373,7 +390,9 @@ def _weights_finite(engine) -> bool:
     return bool(flag.item() == 1.0)
 
 
-def _save(engine, out: Path, step: int, world: int, fingerprint: str, keep_last: int, rank: int) -> None:
+def _save(
+    engine, out: Path, step: int, world: int, fingerprint: str, keep_last: int, rank: int, lora: bool
+) -> None:
     import torch.distributed as dist
 
     check_weights_finite(_weights_finite(engine), step, "checkpoint")
@@ -382,7 +401,13 @@ def _save(engine, out: Path, step: int, world: int, fingerprint: str, keep_last:
         ck.clear_marker(out, tag)
     dist.barrier()
     client = {"step": step, "world_size": world, "fingerprint": fingerprint}
-    engine.save_checkpoint(str(out / ck.CHECKPOINTS), tag=tag, client_state=client, save_latest=False)
+    engine.save_checkpoint(
+        str(out / ck.CHECKPOINTS),
+        tag=tag,
+        client_state=client,
+        save_latest=False,
+        exclude_frozen_parameters=lora,  # LoRA: the adapters, not a copy of the frozen base
+    )
     ck.sync_tree(out / ck.CHECKPOINTS / tag)  # this rank's files (and the others', cheaply) are durable
     dist.barrier()  # every rank's shards are on disk before the marker is written and `latest` moves
     if rank == 0:
@@ -397,23 +422,42 @@ def _export(engine, cfg: FinetuneConfig, config: dict[str, Any], out: Path, rank
     from transformers import AutoTokenizer
 
     check_weights_finite(_weights_finite(engine), -1, "model")
-    if cfg.deepspeed.zero_stage == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+    lora = cfg.lora.enabled  # then only the adapters are gathered; the base comes from model.path
+    if cfg.deepspeed.zero_stage == 3:  # collective: every rank calls it
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=lora)
+    elif rank != 0:
+        state = None
+    elif lora:
+        state = {n: p.detach() for n, p in engine.module.named_parameters() if p.requires_grad}
     else:
-        state = engine.module.state_dict() if rank == 0 else None
+        state = engine.module.state_dict()
     if rank != 0:
         return
-    model = engine.module
     dtype_name = config["save_dtype"]
     dtype = getattr(torch, dtype_name)
+    dest = out / ck.MODEL
+    tmp = out / f".tmp-{ck.MODEL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = engine.module
+    if lora:
+        from gen_ssd_ray.train.lora import ADAPTER_DIR, adapter_names, merged_model
+
+        trained = set(adapter_names(engine.module))  # (ZeRO-3's gathered dict also holds any buffers)
+        model = merged_model(
+            config["model_path"],
+            {k: v for k, v in state.items() if k in trained},
+            cfg.lora,
+            dtype,
+            cfg.model.attn_implementation,
+            cfg.model.trust_remote_code,
+            adapter_dir=tmp / ADAPTER_DIR if cfg.lora.save_adapter else None,
+        )
+        state = model.state_dict()
     converted: dict[tuple, Any] = {}  # tied tensors (embeddings / LM head) stay one tensor
     state = {
         k: converted.setdefault((v.data_ptr(), tuple(v.shape)), v.detach().to("cpu", dtype))
         for k, v in state.items()
     }
-    dest = out / ck.MODEL
-    tmp = out / f".tmp-{ck.MODEL}"
-    shutil.rmtree(tmp, ignore_errors=True)
     model.config.use_cache = True
     model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
     # save_pretrained records the in-memory module's dtype; the file holds `dtype`.
