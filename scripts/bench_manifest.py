@@ -76,11 +76,11 @@ def bench(problems: int, shard_size: int, workdir: Path) -> dict[str, Any]:
         out, fingerprint=FINGERPRINT, config_yaml="bench: true\n", shard_size=shard_size
     ).close()
     reopen_s = time.perf_counter() - t
-    manifest = manifest.read_manifest(out)
-    if manifest["num_problems"] != problems:
-        raise RuntimeError(f"{out}: the manifest lists {manifest['num_problems']} problems, not {problems}")
+    read = manifest.read_manifest(out)
+    if read["num_problems"] != problems:
+        raise RuntimeError(f"{out}: the manifest lists {read['num_problems']} problems, not {problems}")
     snapshot = (out / manifest.MANIFEST_NAME).stat().st_size
-    shards = len(manifest["shards"])
+    shards = len(read["shards"])
     return {
         "problems": problems,
         "shards": shards,

@@ -69,6 +69,9 @@ def preset_paths(job: str, cfg: Any) -> tuple[dict[str, str], dict[str, str]]:
             sections.append("teacher_train")
         reads.update({f"{s}.data.path": getattr(cfg, s).data.path for s in sections})
         return reads, {"output_dir": cfg.output_dir}
+    if job == "export":
+        reads = {f"inputs[{i}]": path for i, path in enumerate(cfg.inputs)}
+        return reads, {"output.dir": cfg.output.dir}
     raise AssertionError(f"no paths known for job {job}")
 
 
