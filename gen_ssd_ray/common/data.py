@@ -85,7 +85,6 @@ import hashlib
 import json
 import logging
 import numbers
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -757,7 +756,9 @@ def _read_hf(cfg: DataConfig, wanted: list[str]) -> _Source:
         ds = datasets.load_dataset(*args, split=split, **options)
     except Exception as e:
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:600]
-        if _hub_offline():
+        from gen_ssd_ray.common.models import hub_offline
+
+        if hub_offline("HF_DATASETS_OFFLINE"):
             fix = (
                 "HF_HUB_OFFLINE=1 and it is not in this node's datasets cache: run once where the hub is "
                 f"reachable without HF_HUB_OFFLINE (it is then cached), or {hint}"
@@ -800,15 +801,6 @@ def _read_hf(cfg: DataConfig, wanted: list[str]) -> _Source:
     empty = n_rows == 0 if n_rows is not None else next(iter(ds), _NOTHING) is _NOTHING
     where = f"{name} ({subset}, {split})" if subset else f"{name} ({split})"
     return _Source(where, stem, fields, empty, rows, n_rows)
-
-
-def _hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
-
-    return any(
-        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
 
 
 def _fields_of(values: Iterable[Any]) -> list[str]:

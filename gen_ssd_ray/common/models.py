@@ -361,14 +361,21 @@ def localize_model(name: str) -> str:
     return name
 
 
-def _remote_source(path: str) -> tuple[str, str] | None:
-    """(uri, versions) of a path made by `remote_cache_folder` under this node's cache; else None."""
+def _cache_relative(path: str, sub: str) -> str | None:
+    """`path` relative to ``<this node's model cache>/<sub>`` (posix), or None when it is not under it."""
     if not isinstance(path, str) or not path.strip() or "://" in path:
         return None
-    base = (models_dir(None) / REMOTE).expanduser().absolute()
+    base = (models_dir(None) / sub).expanduser().absolute()
     try:
-        rel = Path(path).expanduser().absolute().relative_to(base).as_posix()
+        return Path(path).expanduser().absolute().relative_to(base).as_posix()
     except ValueError:
+        return None
+
+
+def _remote_source(path: str) -> tuple[str, str] | None:
+    """(uri, versions) of a path made by `remote_cache_folder` under this node's cache; else None."""
+    rel = _cache_relative(path, REMOTE)
+    if rel is None:
         return None
     scheme, _, rest = rel.partition("/")
     rest, at, versions = rest.rpartition("@")
@@ -479,19 +486,18 @@ def hub_cache_folder(repo: str, commit: str, root: Path | None = None) -> Path:
     return models_dir(root) / HUB / f"{repo}@{commit}"
 
 
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off for this process (``HF_HUB_OFFLINE``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+def hub_offline(*also: str) -> bool:
+    """Whether the Hugging Face hub is switched off for this process: ``HF_HUB_OFFLINE``, or any of the
+    variables `also` names (the data loader adds ``HF_DATASETS_OFFLINE``)."""
+    return any(
+        os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", *also)
+    )
 
 
 def _hub_source(path: str) -> tuple[str, str] | None:
     """(repo, commit) of a path made by `hub_cache_folder` under this node's cache; else None."""
-    if not isinstance(path, str) or not path.strip() or "://" in path:
-        return None
-    base = (models_dir(None) / HUB).expanduser().absolute()
-    try:
-        rel = Path(path).expanduser().absolute().relative_to(base).as_posix()
-    except ValueError:
+    rel = _cache_relative(path, HUB)
+    if rel is None:
         return None
     repo, at, commit = rel.rpartition("@")
     if not (at and _HUB_ID.fullmatch(repo) and _COMMIT.fullmatch(commit)):
