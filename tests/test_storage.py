@@ -168,6 +168,40 @@ def test_lease_refused_while_renewed_taken_over_after_ttl_and_loss_detected(s3_b
     holder._token = None  # nothing of it left to release
 
 
+@pytest.mark.parametrize("store", ["memory", pytest.param("s3", marks=pytest.mark.integration)])
+def test_lease_stale_by_the_store_clock_is_taken_over_without_waiting(store, request, monkeypatch):
+    """A resubmitted job whose predecessor died more than a ttl ago (by the store's clock) takes the
+    lease over at once: no watching, so a resume costs no ttl. A live holder is still refused."""
+    import uuid
+
+    from gen_ssd_ray.common import joblock
+    from gen_ssd_ray.common.joblock import FolderLockedError, LeaseLostError, lock_job_folder
+
+    monkeypatch.setenv("GEN_SSD_LEASE_TTL_S", "2")
+    if store == "memory":
+        uri = f"memory://lease-{uuid.uuid4().hex[:10]}/job"
+    else:
+        uri = f"{request.getfixturevalue('s3_bucket')}/job"
+    holder = lock_job_folder(uri, "first")
+    with pytest.raises(FolderLockedError, match="renewed while this job watched it"):
+        lock_job_folder(uri, "second")  # alive: it renews every ttl/4
+    holder._stop.set()  # the holder dies without releasing
+    holder._thread.join()
+    time.sleep(2 + joblock._CLOCK_MARGIN_S + 0.5)  # past its ttl (and the margin), on every clock
+
+    def no_watching(seconds):
+        raise AssertionError(f"the job watched a lease the store shows stale (slept {seconds} s)")
+
+    monkeypatch.setattr(joblock.time, "sleep", no_watching)
+    taker = lock_job_folder(uri, "taker")
+    assert json.loads(Storage(uri).read_text("_lock"))["job"] == "taker"
+    assert Storage(uri).list() == ["_lock"]  # the clock probe is gone
+    with pytest.raises(LeaseLostError):
+        holder.check()
+    taker.release()
+    holder._token = None
+
+
 @pytest.mark.integration
 def test_worker_side_lease_check(s3_bucket, monkeypatch):
     """What a training worker checks before each upload (gen_ssd_ray.train.remote.check_lease)."""

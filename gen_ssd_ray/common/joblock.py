@@ -25,9 +25,15 @@ holder line plus a lease id. It is taken with an exclusive create (``If-None-Mat
 background thread every `ttl/4` seconds with a conditional replace (``If-Match`` the last version), and
 deleted on release. A job that finds a lease watches it: renewed within `ttl` seconds means its holder
 is alive (refused at once, FolderLockedError, exit 2); not renewed for `ttl` seconds (a holder killed
-with its node, a preempted driver) means it is taken over with a conditional replace, so two jobs
-resubmitted at once cannot both win. The ttl is measured on this machine's monotonic clock, so clocks
-of other hosts do not matter; it is `DEFAULT_LEASE_TTL_S`, or GEN_SSD_LEASE_TTL_S. A holder that cannot
+with its node, a preempted driver) means it is taken over with a conditional replace (``If-Match`` the
+version it saw), so two jobs resubmitted at once cannot both win and a late renewal of a live holder
+wins over the takeover. How long the lease has gone unrenewed is read on the store's own clock: the
+lease object's last-modified time against that of a probe object (``_lock.clock``) the job writes,
+stats and deletes, so a job resubmitted after its predecessor died long ago takes over at once, and one
+resubmitted sooner waits only the rest of the ttl (less a 2 s margin for stores that keep whole
+seconds). Where the store gives no such times, the job watches the lease for a whole ttl on its own
+monotonic clock. No host's clock is compared with another's; the ttl is `DEFAULT_LEASE_TTL_S`, or
+GEN_SSD_LEASE_TTL_S. A holder that cannot
 renew for `ttl` (its renewals fail, or another job replaced the lease) has lost it: `check()` then
 raises `LeaseLostError`, which writers call before each commit, so a writer cut off from the store
 stops committing before another may start.
@@ -45,6 +51,7 @@ import datetime as _dt
 import errno
 import fcntl
 import json
+import logging
 import os
 import socket
 import threading
@@ -58,6 +65,8 @@ from gen_ssd_ray.common.errors import InputError, JobFailed
 from gen_ssd_ray.common.interrupts import check_stop
 from gen_ssd_ray.common.storage import Storage, is_remote
 
+log = logging.getLogger("gen_ssd_ray")
+
 # The lock file inside a job folder; generation's ShardWriter uses the same name (generate/output.py).
 LOCK_NAME = "_lock"
 # Default bound of a waiting lock (`hold_lock`): far above the ~35 s an embedded-model build takes.
@@ -66,6 +75,9 @@ DEFAULT_WAIT_S = 600.0
 _POLL_S = 0.1
 # How long an object-store lease lives without renewal (GEN_SSD_LEASE_TTL_S overrides, seconds).
 DEFAULT_LEASE_TTL_S = 60.0
+# The probe object that reads the store's clock next to a lease `<name>` is `<name>.clock`; the ages it
+# gives are trusted only past this margin (S3 keeps LastModified in whole seconds).
+_CLOCK_MARGIN_S = 2.0
 
 
 class FolderLockedError(InputError):
@@ -257,15 +269,30 @@ class ObjectLease:
         }
         return (json.dumps(line) + "\n").encode()
 
-    def _read(self) -> tuple[str | None, dict[str, Any] | None]:
+    def _read(self) -> tuple[str | None, dict[str, Any] | None, float | None]:
+        """The lease's version token, holder line and last-modified time (store clock), or Nones."""
         st = self.storage.stat(self.name)
         if st is None:
-            return None, None
+            return None, None, None
         try:
             holder = json.loads(self.storage.read_text(self.name) or "null")
         except (FileNotFoundError, ValueError):
             holder = None
-        return st.token, holder if isinstance(holder, dict) else None
+        return st.token, holder if isinstance(holder, dict) else None, st.mtime
+
+    def store_age(self, mtime: float | None) -> float | None:
+        """Seconds from `mtime` (a last-modified time of this store) to now on the store's own clock,
+        read from a probe object written, stat'ed and deleted here; None if the store gives no times."""
+        if mtime is None:
+            return None
+        probe = f"{self.name}.clock"
+        try:
+            self.storage.write_bytes(probe, self.lease_id.encode())
+            st = self.storage.stat(probe)
+            self.storage.delete(probe)
+        except Exception:  # no probe, no store clock: the caller watches a whole ttl instead
+            return None
+        return None if st is None or st.mtime is None else st.mtime - mtime
 
     def _won(self) -> None:
         st = self.storage.stat(self.name)
@@ -275,13 +302,16 @@ class ObjectLease:
         self._thread.start()
 
     def acquire(self, *, what: str | None = None, fix: str = "") -> ObjectLease:
-        """Take the lease: at once if there is none; after watching an existing one for `ttl_s`
-        without a renewal (its holder is gone); FolderLockedError if its holder renews it."""
+        """Take the lease: at once if there is none, or if the store's clock shows it unrenewed for
+        `ttl_s`; otherwise after watching it for the rest of `ttl_s` without a renewal (its holder is
+        gone); FolderLockedError if its holder renews it meanwhile."""
         subject = what or f"folder {self.storage.uri}"
         seen: str | None = None
         since = time.monotonic()
+        self.waited_s = 0.0  # how long this acquire watched a lease before taking it (0: none)
+        started = time.monotonic()
         while True:
-            token, holder = self._read()
+            token, holder, mtime = self._read()
             if token is None:
                 if self.storage.create_bytes(self.name, self._body()):
                     self._won()
@@ -296,9 +326,20 @@ class ObjectLease:
                 )
             if seen is None:
                 seen, since = token, time.monotonic()
+                age = self.store_age(mtime)
+                if age is not None:  # the part of the ttl already spent unrenewed, by the store's clock
+                    since -= min(max(age - _CLOCK_MARGIN_S, 0.0), self.ttl_s)
             if time.monotonic() - since >= self.ttl_s:
                 if self.storage.replace_bytes(self.name, self._body(), token):
+                    self.waited_s = time.monotonic() - started
                     self._won()
+                    log.info(
+                        "took over the lease %s of %s: not renewed for its ttl of %g s (watched %.1f s)",
+                        self.path,
+                        describe_holder(holder),
+                        self.ttl_s,
+                        self.waited_s,
+                    )
                     return self
                 seen = None  # someone else took it over or renewed it: look again
                 continue
@@ -347,7 +388,7 @@ class ObjectLease:
         with contextlib.suppress(Exception):
             st = self.storage.stat(self.name)
             if st is not None and (st.token == token or self._lost is None):
-                _, holder = self._read()
+                _, holder, _ = self._read()
                 if holder is None or holder.get("lease_id") == self.lease_id:
                     self.storage.delete(self.name)
 

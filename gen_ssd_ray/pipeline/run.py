@@ -356,7 +356,7 @@ def _report_input(name: str) -> bool:
     """Whether object `name` of an object-store output_dir is read by the report (pipeline.report):
     pipeline.json, the generation folders, and the stages' summaries, metrics, configs, predictions."""
     parts = name.split("/")
-    if parts[-1] == "_lock" or "checkpoints" in parts or "model" in parts or "models" in parts:
+    if parts[-1].startswith("_lock") or "checkpoints" in parts or "model" in parts or "models" in parts:
         return False
     if parts[0] == "generate" and any(p in ("_manifest.log", "_manifest.json", "_journal") for p in parts):
         return False  # the manifest is rebuilt from the store (`_remote_report`); the journal is not read
