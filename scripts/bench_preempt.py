@@ -276,9 +276,17 @@ def _journaled_prefixes(out: str | Path) -> dict:
 
 
 def cpu_part(
-    tmp: Path, limit: int, cycles: int, seed: int, window: tuple[float, float], out: str | None = None
+    tmp: Path,
+    limit: int,
+    cycles: int,
+    seed: int,
+    window: tuple[float, float],
+    out: str | None = None,
+    uninterrupted: int | None = None,
 ) -> dict:
-    """(b) on `out` (default: a local folder under `tmp`; an s3:// URI with the S3 environment set)."""
+    """(b) on `out` (default: a local folder under `tmp`; an s3:// URI with the S3 environment set).
+    `uninterrupted`: the uninterrupted run's teacher tokens, measured before with the same arguments
+    (its run is then skipped)."""
     from gen_ssd_ray.generate.manager import TEACHER_TOKENS_ENV
     from gen_ssd_ray.generate.manifest import read_output
 
@@ -287,11 +295,15 @@ def cpu_part(
     out = out or str(tmp / "cpu-out")
     where = "s3" if "://" in out else "local"
     ref_tokens = tmp / f"cpu-tokens-ref-{where}"
-    rc, ref, ref_wall = run_to_end(
-        [*common, f"output.dir={out}-ref"], _env(**{TEACHER_TOKENS_ENV: str(ref_tokens)})
-    )
-    u = counted(ref_tokens)
-    log(f"cpu uninterrupted ({where}): rc {rc}, {u} teacher tokens, {ref_wall:.0f} s")
+    if uninterrupted is None:
+        rc, ref, ref_wall = run_to_end(
+            [*common, f"output.dir={out}-ref"], _env(**{TEACHER_TOKENS_ENV: str(ref_tokens)})
+        )
+        u = counted(ref_tokens)
+        log(f"cpu uninterrupted ({where}): rc {rc}, {u} teacher tokens, {ref_wall:.0f} s")
+    else:
+        u, ref_wall = uninterrupted, float("nan")
+        log(f"cpu uninterrupted ({where}): not run, {u} teacher tokens as given (--uninterrupted-tokens)")
     args = [*common, f"output.dir={out}"]
     total_tokens, kills, mid_generation, bad_prefix, prefixes = 0, 0, 0, 0, {}
     for c in range(cycles):
@@ -336,7 +348,8 @@ def cpu_part(
         "teacher_tokens_all_cycles": total_tokens,
         "teacher_tokens_uninterrupted": u,
         "teacher_tokens_ratio": round(total_tokens / u, 3) if u else None,
-        "uninterrupted_wall_s": round(ref_wall, 1),
+        "uninterrupted_wall_s": None if uninterrupted is not None else round(ref_wall, 1),
+        "uninterrupted_measured_here": uninterrupted is None,
     }
 
 
@@ -354,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=float, nargs=2, default=(30.0, 90.0), help="(b) kill delay range, s")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--uninterrupted-tokens",
+        type=int,
+        default=None,
+        help="(b) the uninterrupted run's teacher tokens, from an earlier run with the same --limit "
+        "(skips that run)",
+    )
+    ap.add_argument(
         "--store",
         choices=("local", "s3", "both"),
         default="both",
@@ -367,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("cpu", "both"):
         window = tuple(args.window)
         if args.store in ("local", "both"):
-            result["cpu_local"] = cpu_part(tmp, args.limit, args.cycles, args.seed, window)
+            result["cpu_local"] = cpu_part(
+                tmp, args.limit, args.cycles, args.seed, window, None, args.uninterrupted_tokens
+            )
         if args.store in ("s3", "both"):
             from tests.s3server import local_s3, make_bucket, s3_environ
 
@@ -375,7 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ.update(s3_environ(endpoint))  # the jobs (subprocesses) inherit it
                 bucket = make_bucket("bench-preempt", endpoint)
                 result["cpu_s3"] = cpu_part(
-                    tmp, args.limit, args.cycles, args.seed, window, f"{bucket}/cpu-out"
+                    tmp,
+                    args.limit,
+                    args.cycles,
+                    args.seed,
+                    window,
+                    f"{bucket}/cpu-out",
+                    args.uninterrupted_tokens,
                 )
     print(json.dumps(result))
     return 0
