@@ -10,6 +10,7 @@ and a holder whose lease was taken over finds out (`check` raises LeaseLostError
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -200,6 +201,81 @@ def test_lease_stale_by_the_store_clock_is_taken_over_without_waiting(store, req
         holder.check()
     taker.release()
     holder._token = None
+
+
+def test_lease_of_a_dead_process_of_this_machine_is_taken_over_without_waiting(monkeypatch):
+    """A lease whose holder line names a process of this machine (boot id, pid namespace) that no
+    longer runs is taken over at once; one naming a live process, or another machine, is watched."""
+    import subprocess
+    import sys
+    import uuid
+
+    from gen_ssd_ray.common import joblock
+    from gen_ssd_ray.common.joblock import ObjectLease, holder_gone
+
+    monkeypatch.setenv("GEN_SSD_LEASE_TTL_S", "30")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    machine = joblock._machine()
+    alive = {"pid": os.getpid(), "machine": machine, "pid_start": joblock._start_ticks(os.getpid())}
+    assert machine and not holder_gone(alive)
+    assert holder_gone({**alive, "pid": dead.pid})  # no such process (reaped)
+    assert holder_gone({**alive, "pid_start": "1"})  # the pid now belongs to a later process
+    assert not holder_gone({**alive, "pid": dead.pid, "machine": "another-boot/pid:[1]"})
+    assert not holder_gone({"pid": dead.pid, "job": "older holder line"})
+
+    uri = f"memory://lease-{uuid.uuid4().hex[:10]}/job"
+    holder = ObjectLease(Storage(uri), "first").acquire()
+    holder._stop.set()  # stops renewing; its line is then rewritten as a killed process's
+    holder._thread.join()
+    line = json.loads(Storage(uri).read_text("_lock"))
+    token = Storage(uri).stat("_lock").token
+    dead_line = {**line, "pid": dead.pid}
+    assert Storage(uri).replace_bytes("_lock", json.dumps(dead_line).encode(), token)
+
+    def no_watching(seconds):
+        raise AssertionError(f"the job watched a lease whose holder is gone (slept {seconds} s)")
+
+    monkeypatch.setattr(joblock.time, "sleep", no_watching)
+    taker = ObjectLease(Storage(uri), "taker").acquire()
+    assert json.loads(Storage(uri).read_text("_lock"))["job"] == "taker"
+    taker.release()
+    holder._token = None
+
+
+@pytest.mark.integration
+def test_lease_of_a_sigkilled_job_on_this_machine_is_taken_over_at_once(s3_bucket, monkeypatch):
+    """A job SIGKILLed while holding an S3 lease, resubmitted at once on the same machine: no ttl wait."""
+    import signal
+    import subprocess
+    import sys
+
+    from gen_ssd_ray.common import joblock
+    from gen_ssd_ray.common.joblock import lock_job_folder
+
+    uri = f"{s3_bucket}/killed"
+    code = (
+        "import sys, time\n"
+        "from gen_ssd_ray.common.joblock import lock_job_folder\n"
+        f"lock_job_folder({uri!r}, 'killed')\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads(Storage(uri).read_text("_lock"))["job"] == "killed"
+
+    def no_watching(seconds):
+        raise AssertionError(f"the job watched the lease of a killed process (slept {seconds} s)")
+
+    monkeypatch.setattr(joblock.time, "sleep", no_watching)
+    taker = lock_job_folder(uri, "resubmitted")  # the default ttl (60 s) is not waited
+    assert json.loads(Storage(uri).read_text("_lock"))["job"] == "resubmitted"
+    taker.release()
 
 
 @pytest.mark.integration

@@ -33,7 +33,10 @@ stats and deletes, so a job resubmitted after its predecessor died long ago take
 resubmitted sooner waits only the rest of the ttl (less a 2 s margin for stores that keep whole
 seconds). Where the store gives no such times, the job watches the lease for a whole ttl on its own
 monotonic clock. No host's clock is compared with another's; the ttl is `DEFAULT_LEASE_TTL_S`, or
-GEN_SSD_LEASE_TTL_S. A holder that cannot
+GEN_SSD_LEASE_TTL_S. One more case needs no waiting: the lease line names its holder's machine (boot
+id and pid namespace) and process (pid and start time), so a job resubmitted where the killed driver
+ran (same machine, same pid namespace: a driver killed on a head node that survived) sees that the
+process is gone (no such pid, a zombie, or a pid reused by a later process) and takes over at once. A holder that cannot
 renew for `ttl` (its renewals fail, or another job replaced the lease) has lost it: `check()` then
 raises `LeaseLostError`, which writers call before each commit, so a writer cut off from the store
 stops committing before another may start.
@@ -235,6 +238,37 @@ def lease_ttl_s() -> float:
     return value
 
 
+def _machine() -> str | None:
+    """This machine's boot id and pid namespace: processes with equal values see each other's pids
+    (None where /proc does not tell)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The start time of running process `pid` (clock ticks since boot), None if it is not running
+    (absent, or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def holder_gone(holder: dict[str, Any] | None) -> bool:
+    """Whether a lease's holder line names a process of this machine and pid namespace that no longer
+    runs (False whenever that cannot be told: another machine, an older holder line, no /proc)."""
+    if not holder or holder.get("machine") is None or holder.get("machine") != _machine():
+        return False
+    pid, start = holder.get("pid"), holder.get("pid_start")
+    if not isinstance(pid, int) or not start:
+        return False
+    return _start_ticks(pid) != start
+
+
 class ObjectLease:
     """A renewed lease object on an object-store folder (see the module doc). `acquire`, `check`,
     `release`; `held` says whether this object holds it."""
@@ -262,6 +296,8 @@ class ObjectLease:
             "job": self.job,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "machine": _machine(),
+            "pid_start": _start_ticks(os.getpid()),
             "started": self._started,
             "renewed": _now(),
             "lease_id": self.lease_id,
@@ -302,9 +338,9 @@ class ObjectLease:
         self._thread.start()
 
     def acquire(self, *, what: str | None = None, fix: str = "") -> ObjectLease:
-        """Take the lease: at once if there is none, or if the store's clock shows it unrenewed for
-        `ttl_s`; otherwise after watching it for the rest of `ttl_s` without a renewal (its holder is
-        gone); FolderLockedError if its holder renews it meanwhile."""
+        """Take the lease: at once if there is none, if its holder was a process of this machine that
+        is gone, or if the store's clock shows it unrenewed for `ttl_s`; otherwise after watching it
+        for the rest of `ttl_s` without a renewal; FolderLockedError if it is renewed meanwhile."""
         subject = what or f"folder {self.storage.uri}"
         seen: str | None = None
         since = time.monotonic()
@@ -326,20 +362,19 @@ class ObjectLease:
                 )
             if seen is None:
                 seen, since = token, time.monotonic()
-                age = self.store_age(mtime)
-                if age is not None:  # the part of the ttl already spent unrenewed, by the store's clock
-                    since -= min(max(age - _CLOCK_MARGIN_S, 0.0), self.ttl_s)
+                if holder_gone(holder):  # its process, on this machine, is gone: nobody will renew it
+                    since -= self.ttl_s
+                    why = f"its holder's process ({describe_holder(holder)}) is gone"
+                else:
+                    age = self.store_age(mtime)
+                    if age is not None:  # the part of the ttl already spent unrenewed, by the store's clock
+                        since -= min(max(age - _CLOCK_MARGIN_S, 0.0), self.ttl_s)
+                    why = f"{describe_holder(holder)} did not renew it for its ttl of {self.ttl_s:g} s"
             if time.monotonic() - since >= self.ttl_s:
                 if self.storage.replace_bytes(self.name, self._body(), token):
                     self.waited_s = time.monotonic() - started
                     self._won()
-                    log.info(
-                        "took over the lease %s of %s: not renewed for its ttl of %g s (watched %.1f s)",
-                        self.path,
-                        describe_holder(holder),
-                        self.ttl_s,
-                        self.waited_s,
-                    )
+                    log.info("took over the lease %s: %s (watched %.1f s)", self.path, why, self.waited_s)
                     return self
                 seen = None  # someone else took it over or renewed it: look again
                 continue
