@@ -212,13 +212,17 @@ def check(items: Iterable[tuple[str, str | None]], cfg: DecontamConfig, index: E
             if len(examples) < _EXAMPLES:
                 examples.append((item_id, m))
     result = Dropped(checked, frozenset(dropped), tuple(examples))
-    log_dropped(result, cfg)
+    log_dropped(result.count, checked, cfg, examples, "problems")
     return result
 
 
-def log_dropped(result: Dropped, cfg: DecontamConfig, what: str = "problems") -> None:
-    log.info("%s: dropped %d of %d %s", describe(cfg), result.count, result.checked, what)
-    for item_id, m in result.examples:
+def log_dropped(
+    dropped: int, checked: int, cfg: DecontamConfig, examples: Iterable[tuple[str, Match]], what: str
+) -> None:
+    """Log how many of `checked` were dropped (info) and a few of them with their closest evaluation
+    problem (debug)."""
+    log.info("%s: dropped %d of %d %s", describe(cfg), dropped, checked, what)
+    for item_id, m in examples:
         log.debug(
             "decontamination: dropped %s (%s %s, overlap %.2f)",
             item_id,
