@@ -74,8 +74,8 @@ class TrainDataConfig:
     expect_fingerprint: str | None = None
     # Use at most this many rows after filtering (null: all).
     limit: int | None = None
-    # Rows whose question overlaps these datasets are dropped after data.filters (a filter step of the
-    # summary). Left out of the fingerprint: the rows it drops change the data's signature instead.
+    # Rows whose question overlaps these datasets are dropped after data.filters and data.limit (a filter
+    # step of the summary). Left out of the fingerprint: the rows it drops change the data's signature.
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
 
 

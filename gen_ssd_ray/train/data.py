@@ -9,9 +9,9 @@ What this module knows:
   column projection, one file at a time), never the nested `chunks` or token ids: preparing 1M
   generation rows stays within a few GB (scripts/bench_train_prep.py).
 - Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
-  applied in order, each one's effect counted), then decontamination (`data.decontaminate`: rows whose
-  question overlaps the evaluation set are dropped, counted as one more filter step labelled
-  `decontaminate: ...`; gen_ssd_ray.common.decontam), and
+  applied in order, each one's effect counted), `data.limit`, then decontamination
+  (`data.decontaminate`: rows whose question overlaps the evaluation set are dropped, counted as one more
+  filter step labelled `decontaminate: ...`; gen_ssd_ray.common.decontam), and
   the error that names how many rows were read and which filter removed them when nothing is left.
 - Tokenization in the student's own chat template (`gen_ssd_ray.common.prompts.render_example`, the
   renderer generation and evaluation use too), with the loss on the response tokens only: the prompt
@@ -370,9 +370,6 @@ def apply_filters(df, cfg: TrainDataConfig, final: bool = True):
                 f"{e} in {cfg.path!r}; for a plain question/solution file set data.filters=[]"
             ) from None
         steps.append(FilterStep(f.expr, before, len(df)))
-    if decontam.active(cfg.decontaminate):
-        df, step = decontaminate(df, cfg)
-        steps.append(step)
     return _finish(df, cfg, read, steps) if final else (df, steps)
 
 
@@ -398,9 +395,13 @@ def decontaminate(df, cfg: TrainDataConfig):
 
 
 def _finish(df, cfg: TrainDataConfig, read: int, steps: list[FilterStep]):
-    """`data.limit`, then the empty check."""
+    """`data.limit`, then decontamination (`data.decontaminate`: like generation's, it drops from the
+    rows the limit picked, so a limit names the same problems with it or without), then the empty check."""
     if cfg.limit is not None:
         df = df.iloc[: cfg.limit]
+    if decontam.active(cfg.decontaminate):
+        df, step = decontaminate(df, cfg)
+        steps = [*steps, step]
     if len(df) == 0:
         raise EmptyTrainingSetError(empty_message(cfg.path, read, steps))
     return df, steps
