@@ -114,3 +114,27 @@ def test_report_shows_what_each_stage_dropped():
     assert "## Decontamination" in text and "| generate/gen_ssd | 4 problems | 60 |" in text
     assert "| cold_start | 3 rows | 7 |" in text and expr in text
     assert "generate/gen_ssd 4 problems, cold_start 3 rows" in format_summary(state)
+
+
+def test_the_pipeline_passes_the_check_to_its_generation_and_fine_tuning_stages(tmp_path, monkeypatch):
+    """pipeline/run.py's call sites: the generation config and each fine-tuning stage's config carry the
+    evaluation set in data.decontaminate.against (fine-tuning's prepare is replaced by a recorder)."""
+    from gen_ssd_ray.pipeline.run import Pipeline
+    from gen_ssd_ray.train import run as train_run
+    from gen_ssd_ray.train.data import EmptyTrainingSetError
+
+    cfg = load_config(ROOT / "conf" / "pipeline.yaml", [f"output_dir={tmp_path}"], PipelineConfig)
+    pipe = Pipeline(cfg)
+    g = pipe._generate_config("gen_ssd", "/t", "/s")
+    assert [r.path for r in g.data.decontaminate.against] == ["embedded:lab/test"]
+    assert g.data.decontaminate.threshold == 0.8
+    seen = []
+
+    def record(ft):
+        seen.append(ft)
+        raise EmptyTrainingSetError("recorded")
+
+    monkeypatch.setattr(train_run, "prepare", record)
+    for section in ("teacher_train", "cold_start", "distill"):
+        assert pipe.finetune(section, section, "/m") is None
+    assert [[r.path for r in ft.data.decontaminate.against] for ft in seen] == [["embedded:lab/test"]] * 3
