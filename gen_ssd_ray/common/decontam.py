@@ -25,8 +25,8 @@ are still far longer than shared phrasing. On the shipped data, GSM8K train agai
 numbers; the next highest overlap is 0.43, a renamed copy with other numbers, which is kept).
 
 Speed: a text's n-grams are looked up in a hash set first, and only the texts that share one pay for the
-per-problem count, so checking runs at tens of thousands of problems per second per core
-(scripts/bench_decontam.py). Hashes are Python's string hash (salted per process): the index and the
+per-problem count: 1M training problems against 10k evaluation problems in 18 s on one core here
+(56k problems/s; index built in 0.3 s, 351 MB peak with the 1M texts held; scripts/bench_decontam.py). Hashes are Python's string hash (salted per process): the index and the
 checks run in one process, so results are the same on every run up to 64-bit hash collisions.
 
 This module does not read datasets itself beyond `load_index` (which names the datasets to index by the
