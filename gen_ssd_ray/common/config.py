@@ -15,7 +15,9 @@ Shared sections (one definition each, used by every job that has the section):
   of a job that drives engine actors (generation, evaluation);
 - `JobOutputConfig`: a job's output folder and whether a folder of another config is used anyway;
 - `PromptConfig`: the prompt every stage renders (gen_ssd_ray.common.prompts);
-- `DataConfig`: where problems come from (gen_ssd_ray.common.data).
+- `DataConfig`: where problems come from (gen_ssd_ray.common.data), and `DecontamConfig` (its and the
+  fine-tuning data's `decontaminate` section): which datasets they must not overlap
+  (gen_ssd_ray.common.decontam).
 """
 
 from __future__ import annotations
@@ -220,6 +222,76 @@ class PromptConfig:
 
 
 @dataclass(frozen=True)
+class DatasetRef:
+    """A dataset named the way `data` names one (gen_ssd_ray.common.data); the whole source is read."""
+
+    # JSONL, JSON array, Parquet (file or folder), a Hugging Face dataset name, or "embedded:gsm8k/<split>".
+    path: str = ""
+    # Hugging Face datasets only: the subset (configuration) name (null: the dataset's only one).
+    subset: str | None = None
+    # Hugging Face datasets only: the split to read.
+    split: str = "test"
+    # Hugging Face datasets only: the branch, tag or commit of the dataset repo (null: the default branch).
+    revision: str | None = None
+    # Field holding the problem text.
+    question_field: str = "question"
+    # Field holding the gold answer (the reader checks that the source has it).
+    answer_field: str = "answer"
+
+    @property
+    def label(self) -> str:
+        """The dataset as a short name: its path, with the split of a Hugging Face dataset."""
+        from gen_ssd_ray.common.storage import is_remote
+
+        local = self.path.startswith("embedded:") or is_remote(self.path) or Path(self.path).suffix
+        return self.path if local else f"{self.path}[{self.subset or ''}:{self.split}]"
+
+    def data_config(self) -> DataConfig:
+        """The `DataConfig` reading this whole dataset (no offset or limit, no decontamination)."""
+        return DataConfig(
+            path=self.path,
+            subset=self.subset,
+            split=self.split,
+            revision=self.revision,
+            question_field=self.question_field,
+            answer_field=self.answer_field,
+            limit=None,
+        )
+
+
+@dataclass(frozen=True)
+class DecontamConfig:
+    """Problems (generation) or rows (fine-tuning) whose question overlaps a dataset in `against` are
+    dropped and counted (gen_ssd_ray.common.decontam)."""
+
+    # Drop what overlaps `against` (false: keep everything, also what the pipeline would check).
+    enabled: bool = True
+    # Datasets never to train on, usually the evaluation set: a list of {path, subset, split, revision,
+    # question_field, answer_field} like `data` (e.g. [{path: embedded:gsm8k/test}]); [] checks nothing.
+    # The pipeline adds its own evaluate.data.
+    against: list[DatasetRef] = dataclasses.field(default_factory=list)
+    # Words per n-gram (lowercased, punctuation dropped, numbers kept). 8 suits short math questions.
+    ngram: int = 8
+    # Drop a problem when more than this fraction of one evaluation problem's n-grams appear in it
+    # (0..1; 0: any shared n-gram). Exact duplicates (the same words) are dropped whatever it is.
+    threshold: float = 0.5
+
+    def validate(self, key: str) -> None:
+        from gen_ssd_ray.common.storage import check_location
+
+        require(1 <= self.ngram <= 64, f"{key}.ngram", f"must be in 1..64, got {self.ngram}")
+        require(0 <= self.threshold <= 1, f"{key}.threshold", f"must be in [0, 1], got {self.threshold}")
+        for i, ref in enumerate(self.against):
+            require(
+                bool(ref.path),
+                f"{key}.against[{i}].path",
+                "must not be empty: name a dataset like data.path does (e.g. embedded:gsm8k/test)",
+            )
+            require(bool(ref.question_field), f"{key}.against[{i}].question_field", "must not be empty")
+            check_location(ref.path, f"{key}.against[{i}].path")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     # JSONL, JSON array, Parquet (file or folder), a Hugging Face dataset name, or "embedded:gsm8k/<split>".
     path: str = DEFAULT_DATA
@@ -242,6 +314,8 @@ class DataConfig:
     limit: int | None = 16
     # Rows of the source skipped before the first problem.
     offset: int = 0
+    # Problems of the offset/limit slice that overlap these datasets are dropped before the job sees them.
+    decontaminate: DecontamConfig = dataclasses.field(default_factory=DecontamConfig)
 
     def validate(self) -> None:
         require(
@@ -251,6 +325,7 @@ class DataConfig:
         require(
             bool(self.question_field) and bool(self.answer_field), "data.question_field", "must not be empty"
         )
+        self.decontaminate.validate("data.decontaminate")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,13 @@
 
 Every row becomes one `Problem`; `data.offset` and `data.limit` then pick a slice.
 
+Decontamination. With `data.decontaminate.against` set (and `enabled`), `open_problems` reads the slice
+once more and drops every problem whose question overlaps one of those datasets
+(gen_ssd_ray.common.decontam: an exact duplicate, or more than `threshold` of an evaluation problem's
+n-grams): the stream skips their ids, `ProblemStream.count` excludes them and
+`ProblemStream.dropped_contaminated` counts them. The slice is picked first, so `data.limit=100` gives
+at most 100 problems. Error rows are never dropped (they have no question to compare).
+
 Ids. Without `data.id_field` the id is generated: `"<stem>-<row index>"`, where the row index is the
 row's position in the source (its line number, 0-based, for JSONL; blank lines are skipped but counted)
 and the stem is the file or folder stem ("gsm8k-train"/"gsm8k-test", "lab-train"/"lab-test" for the
@@ -81,6 +88,7 @@ becomes a prompt in `gen_ssd_ray.common.prompts` (`chat_messages`, `render_promp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -92,7 +100,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from gen_ssd_ray.common.config import DataConfig
+from gen_ssd_ray.common import decontam
+from gen_ssd_ray.common.config import DataConfig, DecontamConfig
+from gen_ssd_ray.common.decontam import Dropped
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.storage import is_remote
 from gen_ssd_ray.core.answers import canonical_number, parse_gold_answer, shorten, unencodable
@@ -180,9 +190,11 @@ class ProblemStream:
     checked.
     """
 
-    def __init__(self, cfg: DataConfig, source: _Source) -> None:
+    def __init__(self, cfg: DataConfig, source: _Source, decontaminated: Dropped | None = None) -> None:
         self.cfg = cfg
         self._source = source
+        # What `data.decontaminate` dropped from the slice (None: no check); iterating skips those ids.
+        self.decontaminated = decontaminated
 
     @property
     def where(self) -> str:
@@ -199,7 +211,14 @@ class ProblemStream:
     def count(self) -> int | None:
         """Problems this stream yields (after offset/limit); None if the source size is unknown."""
         total = self.source_rows
-        return None if total is None else len(range(total)[self.cfg.offset : self._end])
+        if total is None:
+            return None
+        return len(range(total)[self.cfg.offset : self._end]) - self.dropped_contaminated
+
+    @property
+    def dropped_contaminated(self) -> int:
+        """Problems of the slice that `data.decontaminate` dropped (0: none, or no check)."""
+        return 0 if self.decontaminated is None else self.decontaminated.count
 
     @property
     def _end(self) -> int | None:
@@ -214,9 +233,10 @@ class ProblemStream:
         # with one, every earlier id must be seen to judge duplicates.
         start = cfg.offset if cfg.id_field is None else 0
         n = bad = 0
+        drop = frozenset() if self.decontaminated is None else self.decontaminated.ids
         for k, row in enumerate(source.rows(start), start):
             pid, id_error = ids.assign(row)
-            if k >= cfg.offset:
+            if k >= cfg.offset and pid not in drop:
                 problem = _to_problem(cfg, row, pid, id_error)
                 n += 1
                 bad += problem.error is not None
@@ -225,13 +245,14 @@ class ProblemStream:
                 break
         total = "" if source.n_rows is None else f" of {source.n_rows}"
         log.info(
-            "data: %d problems from %s (rows %d..%d%s; %d with errors)",
+            "data: %d problems from %s (rows %d..%d%s; %d with errors; %d dropped by data.decontaminate)",
             n,
             cfg.path,
             cfg.offset,
-            cfg.offset + n,
+            cfg.offset + n + len(drop),
             total,
             bad,
+            len(drop),
         )
 
 
@@ -244,7 +265,13 @@ def open_problems(cfg: DataConfig) -> ProblemStream:
     """
     source = _read_source(cfg)
     _check_fields(cfg, source)
-    return ProblemStream(cfg, source)
+    stream = ProblemStream(cfg, source)
+    if not decontam.active(cfg.decontaminate):
+        return stream
+    # One pass over the slice finds the contaminated ids (only they are held); the stream skips them.
+    index = decontam.load_index(cfg.decontaminate)
+    dropped = decontam.check(((p.problem_id, p.question) for p in stream), cfg.decontaminate, index)
+    return ProblemStream(cfg, source, dropped)
 
 
 def load_problems(cfg: DataConfig) -> list[Problem]:
@@ -254,8 +281,9 @@ def load_problems(cfg: DataConfig) -> list[Problem]:
 
 
 def check_data_source(cfg: DataConfig) -> None:
-    """Raise `DataError` if `cfg` cannot be loaded: `open_problems` without reading the rows."""
-    open_problems(cfg)
+    """Raise `DataError` if `cfg` cannot be loaded: `open_problems` without reading the rows (and without
+    the decontamination pass, which reads them all)."""
+    open_problems(dataclasses.replace(cfg, decontaminate=DecontamConfig(enabled=False)))
 
 
 def embedded_path(name: str) -> Path:

@@ -135,6 +135,16 @@ class Prepared:
     writer: Any
     fingerprint: str
 
+    def counts(self) -> dict[str, Any]:
+        """What `prepare` counted, for the run's summary: the problems `data.decontaminate` dropped
+        (they never reach the beam managers)."""
+        return {"problems_dropped_contaminated": self.problems.dropped_contaminated}
+
+
+def with_prepared_counts(summary: dict[str, Any], prepared: Prepared) -> dict[str, Any]:
+    """`summary` (from `run_generate`) with `prepared.counts()` added."""
+    return {**summary, **prepared.counts()}
+
 
 def prepare(cfg: GenerateConfig) -> Prepared:
     """Everything that can fail on bad input, before any actor starts.
@@ -150,7 +160,9 @@ def prepare(cfg: GenerateConfig) -> Prepared:
     teacher_path = resolve_model(cfg.teacher.model, "teacher.model", cfg.teacher.revision)
     student_path = resolve_model(cfg.student.model, "student.model", cfg.student.revision)
     check_models(cfg, teacher_path, student_path)
-    problems = open_problems(cfg.data)  # checked now, read lazily as engines have room
+    # Checked now, read lazily as engines have room; problems overlapping data.decontaminate.against are
+    # dropped here (one pass over the slice) and never reach the beam managers.
+    problems = open_problems(cfg.data)
     fp = run_fingerprint(cfg, teacher_path, student_path)
     check_verifier(cfg.runtime.verify_timeout_s)  # math-verify runs (else nothing could be selected)
     writer = ShardWriter(
@@ -399,7 +411,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         "  (after a forced redo of edited problems: gen_ssd_ray.generate.manifest.read_output, which drops the"
         " superseded rows).",
         f"Problems: {summary['problems_total']} total, {summary['problems_skipped_already_committed']} were already "
-        f"committed, {summary['problems_done_this_run']} done in this run.",
+        f"committed, {summary['problems_done_this_run']} done in this run"
+        + (
+            f"; {summary['problems_dropped_contaminated']} dropped before generation as overlapping the "
+            "evaluation set (data.decontaminate)."
+            if "problems_dropped_contaminated" in summary
+            else "."
+        ),
         "Trajectories: "
         + (", ".join(f"{k} {v}" for k, v in sorted(st.items())) or "none this run")
         + "  (completed = ended with EOS; pruned = every candidate above search.prune_ppl;"

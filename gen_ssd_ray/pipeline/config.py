@@ -7,10 +7,18 @@ config is frozen and never changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-from gen_ssd_ray.common.config import ConfigError, PromptConfig, RayConfig, derive, require
+from gen_ssd_ray.common.config import (
+    ConfigError,
+    DatasetRef,
+    DecontamConfig,
+    PromptConfig,
+    RayConfig,
+    derive,
+    require,
+)
 from gen_ssd_ray.common.models import check_source_location
 from gen_ssd_ray.common.storage import StorageError, check_location
 from gen_ssd_ray.evaluate.config import EvaluateConfig
@@ -18,6 +26,8 @@ from gen_ssd_ray.generate.config import GenerateConfig
 from gen_ssd_ray.train.config import FinetuneConfig, TrainDataConfig
 
 LAB_PREFIX = "lab:"
+# The sections whose data is trained on: each one's data.decontaminate is set by the pipeline.
+TRAINING_SECTIONS = ("teacher_train", "cold_start", "generate", "distill")
 
 
 def _default_methods() -> list[str]:
@@ -66,6 +76,10 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     # Where Ray runs; every stage runs on this one Ray.
     runtime: RayConfig = field(default_factory=RayConfig)
+    # Decontamination of every training stage's data (teacher_train, cold_start, generate, distill):
+    # problems or rows whose question overlaps `against` or the evaluate stage's data (always added)
+    # are dropped and counted. The pipeline sets each of those sections' data.decontaminate from it.
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
 
     def validate(self) -> None:
         from gen_ssd_ray.core.methods import METHODS
@@ -94,11 +108,30 @@ class PipelineConfig:
                     size in LAB_MODEL_SIZES, key, f"lab size {size!r} unknown; use {sorted(LAB_MODEL_SIZES)}"
                 )
         self.runtime.validate()
+        self.decontaminate.validate("decontaminate")
+        for section in TRAINING_SECTIONS:
+            require(
+                getattr(self, section).data.decontaminate == DecontamConfig(),
+                f"{section}.data.decontaminate",
+                "is set by the pipeline (every training stage checks against the evaluation set); set "
+                "decontaminate.* at the top level of the pipeline config instead",
+            )
         for section in ("teacher_train", "cold_start", "generate", "distill", "evaluate"):
             try:
                 stage_config(self, section, {}).validate()
             except (ConfigError, StorageError) as e:
                 raise ConfigError(f"{section}.{e}") from None
+
+
+def decontaminate_links(cfg: PipelineConfig, section: str) -> dict[str, Any]:
+    """The `data.decontaminate` link of a training section: the top-level `decontaminate` with the
+    evaluate stage's dataset (its whole source) added to `against`; {} for the evaluate section."""
+    if section not in TRAINING_SECTIONS:
+        return {}
+    e = cfg.evaluate.data
+    own = DatasetRef(e.path, e.subset, e.split, e.revision, e.question_field, e.answer_field)
+    against = list(dict.fromkeys([*cfg.decontaminate.against, own]))
+    return {"data.decontaminate": replace(cfg.decontaminate, against=against)}
 
 
 def stage_config(cfg: PipelineConfig, section: str, links: dict[str, Any]):

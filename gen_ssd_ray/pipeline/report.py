@@ -12,6 +12,8 @@ Per method: trajectories generated and kept (the method's `selected` column), me
 and mean student PPL of the kept ones, teacher tokens generated and student tokens processed per kept
 trajectory, the distilled student's accuracy next to the cold-start student's and the teacher's, each with its
 Wilson 95% interval (`wilson_interval`, printed as [lo, hi]).
+Decontamination: how many problems (generation) and rows (fine-tuning) each stage dropped as
+overlapping the evaluation set (`decontamination`).
 It knows nothing about how the files were produced.
 """
 
@@ -95,10 +97,46 @@ def collect(out: Path, methods: list[str]) -> dict[str, Any]:
         "generation": gens,
         "eval": evals,
         "training": training,
+        "decontamination": decontamination(state, training, methods),
         "state": state,
         "styles": lab_styles(out, list(gens), list(evals)),
         "paired": paired_comparisons(out, [m for m in methods if m in evals], list(evals)),
     }
+
+
+def decontamination(
+    state: dict[str, Any], training: dict[str, Any], methods: list[str]
+) -> list[dict[str, Any]]:
+    """What `data.decontaminate` dropped in each stage that recorded it: generation stages drop problems
+    (`problems_dropped_contaminated` of their summary in pipeline.json), fine-tuning stages rows (the
+    filter step labelled `decontaminate: ...` of their summary.json)."""
+    from gen_ssd_ray.common.decontam import STEP_PREFIX
+
+    rows = []
+    for m in methods:
+        summary = state.get("stages", {}).get(f"generate/{m}", {}).get("summary") or {}
+        if "problems_dropped_contaminated" in summary:
+            rows.append(
+                {
+                    "stage": f"generate/{m}",
+                    "unit": "problems",
+                    "dropped": summary["problems_dropped_contaminated"],
+                    "kept": summary.get("problems_total"),
+                }
+            )
+    for name, t in training.items():
+        for step in t["summary"].get("filters") or []:
+            if str(step.get("expr", "")).startswith(STEP_PREFIX):
+                rows.append(
+                    {
+                        "stage": name,
+                        "unit": "rows",
+                        "dropped": step["before"] - step["after"],
+                        "kept": step["after"],
+                        "check": step["expr"],
+                    }
+                )
+    return rows
 
 
 def mcnemar_exact_p(a_only: int, b_only: int) -> float:
@@ -327,6 +365,22 @@ def render_markdown(
                 for st in STYLES
             ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Decontamination", ""]
+    decon = data.get("decontamination") or []
+    if decon:
+        checks = sorted({d["check"] for d in decon if d.get("check")})
+        lines += [
+            "Before generation and fine-tuning, problems whose question overlaps the evaluation set were "
+            "dropped (data.decontaminate" + (f"; {'; '.join(checks)}" if checks else "") + ").",
+            "",
+            "| stage | dropped | kept |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {d['stage']} | {d['dropped']} {d['unit']} | {_fmt(d['kept'])} |" for d in decon]
+    else:
+        lines.append(
+            "No stage recorded a decontamination check (decontaminate.enabled=false, or an older run)."
+        )
     lines += ["", "## Training", "", "| stage | examples | steps | first loss | final loss | tokens/s |"]
     lines.append("|---|---|---|---|---|---|")
     for name, t in training.items():
@@ -375,6 +429,7 @@ def write_report(out: Path, methods: list[str]) -> Path:
             k: {kk: t["summary"].get(kk) for kk in ("examples", "steps", "first_loss", "final_loss")}
             for k, t in data["training"].items()
         },
+        "decontamination": data["decontamination"],
         "figures": [f.file for f in figures],
         "figures_left_out": notes,
         **config,

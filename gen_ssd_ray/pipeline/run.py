@@ -22,6 +22,11 @@ skips a folder with the same fingerprint), so re-running the same command skips 
 continues the interrupted one. The pipeline fills in what links the stages (model paths, data paths,
 output folders, the prompt, the method); everything else comes from the stage sections of the config.
 
+Decontamination: every training stage (teacher_train, cold_start, generate, distill) gets the top-level
+`decontaminate` section as its `data.decontaminate`, with the evaluate stage's dataset added to its
+`against` (`decontaminate_links`), so nothing the pipeline trains or generates on overlaps what it
+evaluates; the counts land in each stage's summary, the report and the closing summary.
+
 A method whose filter keeps no trajectory gets no distilled student: the stage is recorded as
 `empty` with the reason and the others go on.
 
@@ -45,7 +50,7 @@ from typing import Any
 from gen_ssd_ray.common.errors import InputError, JobFailed, JobInterrupted, reason
 from gen_ssd_ray.evaluate.config import EvaluateConfig
 from gen_ssd_ray.generate.config import GenerateConfig
-from gen_ssd_ray.pipeline.config import LAB_PREFIX, PipelineConfig, stage_config
+from gen_ssd_ray.pipeline.config import LAB_PREFIX, PipelineConfig, decontaminate_links, stage_config
 
 log = logging.getLogger("gen_ssd_ray")
 
@@ -159,7 +164,7 @@ class Pipeline:
         from gen_ssd_ray.train.run import prepare, run_finetune
 
         started = time.perf_counter()
-        links = {"model.path": model, "output.dir": self.loc(name)}
+        links = {"model.path": model, "output.dir": self.loc(name), **decontaminate_links(self.cfg, section)}
         links.update({f"data.{k}": v for k, v in data.items()})
         ft = stage_config(self.cfg, section, links)
         ft.validate()
@@ -181,6 +186,7 @@ class Pipeline:
             "teacher.model": teacher,
             "student.model": student,
             "output.dir": self.loc("generate", method),
+            **decontaminate_links(self.cfg, "generate"),
         }
         samples = {"standard_kd": self.cfg.kd_samples, "posthoc_ppl": self.cfg.posthoc_samples}
         if method in samples:
@@ -192,7 +198,7 @@ class Pipeline:
     def generate_all(self, teacher: str, student: str) -> dict[str, dict[str, Any]]:
         """The generation job once per method, all on one set of teacher and scorer engines (started
         only if some method has problems left); each method gets its own beam managers."""
-        from gen_ssd_ray.generate.driver import check_finished, prepare, run_generate
+        from gen_ssd_ray.generate.driver import check_finished, prepare, run_generate, with_prepared_counts
         from gen_ssd_ray.generate.pools import Pools, build_managers, build_pools, shutdown_pools
 
         configs = {m: self._generate_config(m, teacher, student) for m in self.cfg.methods}
@@ -231,7 +237,8 @@ class Pipeline:
                                 g, p.teacher_path, p.student_path, engines.teachers, engines.scorers
                             )
                             pools = Pools(engines.teachers, engines.scorers, managers)
-                        summary = check_finished(run_generate(g, p, pools=pools), "generation")
+                        summary = run_generate(g, p, pools=pools)
+                        summary = check_finished(with_prepared_counts(summary, p), "generation")
                 finally:
                     if pools is not None:
                         shutdown_pools(Pools([], [], pools.managers))
@@ -379,6 +386,18 @@ def format_summary(state: dict[str, Any]) -> str:
     lines.append(
         "Stages: " + ", ".join(f"{k} {v['status']}" for k, v in state["stages"].items() if k != "pipeline")
     )
+    from gen_ssd_ray.pipeline.report import decontamination
+
+    stages = state.get("stages", {})
+    trained = {
+        k: {"summary": v["summary"]} for k, v in stages.items() if "filters" in (v.get("summary") or {})
+    }
+    decon = decontamination(state, trained, state.get("methods", []))
+    if decon:
+        lines.append(
+            "Dropped as overlapping the evaluation set (decontaminate): "
+            + ", ".join(f"{d['stage']} {d['dropped']} {d['unit']}" for d in decon)
+        )
     acc = state.get("accuracy", {})
     lines.append(
         "Accuracy on held-out problems: "

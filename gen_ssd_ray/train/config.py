@@ -27,6 +27,7 @@ from typing import ClassVar
 from gen_ssd_ray.common.config import (
     DEFAULT_STUDENT,
     ConfigError,
+    DecontamConfig,
     JobOutputConfig,
     PromptConfig,
     RayConfig,
@@ -73,6 +74,9 @@ class TrainDataConfig:
     expect_fingerprint: str | None = None
     # Use at most this many rows after filtering (null: all).
     limit: int | None = None
+    # Rows whose question overlaps these datasets are dropped after data.filters and data.limit (a filter
+    # step of the summary). Left out of the fingerprint: the rows it drops change the data's signature.
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,7 @@ class FinetuneConfig:
         require(bool(d.path), "data.path", "must not be empty")
         require(bool(d.question_field) and bool(d.response_field), "data.response_field", "must not be empty")
         require(d.limit is None or d.limit >= 1, "data.limit", f"must be >= 1 or null, got {d.limit}")
+        d.decontaminate.validate("data.decontaminate")
         try:  # checked before anything runs: a filter is never executed as code
             parse_all(list(d.filters), "data.filters")
         except FilterError as e:
@@ -344,7 +349,18 @@ class FinetuneConfig:
 # threads, restarts, the non-finite step budget: a fault policy, like restarts) and loss.* (the same
 # loss computed another way). `LORA_KEYS` join them when lora.enabled (a run without LoRA keeps the
 # fingerprint it had before the lora section existed).
-DATA_KEYS = ("model", "data", "prompt", "optim", "deepspeed", "runtime.num_workers")
+# data.decontaminate is out too: what it drops changes the training data's signature (a derived value).
+DATA_KEYS = (
+    "model",
+    *(
+        f"data.{k}"
+        for k in ("path", "question_field", "response_field", "filters", "expect_fingerprint", "limit")
+    ),
+    "prompt",
+    "optim",
+    "deepspeed",
+    "runtime.num_workers",
+)
 LORA_KEYS = ("lora.enabled", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules")
 
 

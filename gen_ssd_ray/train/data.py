@@ -9,7 +9,9 @@ What this module knows:
   column projection, one file at a time), never the nested `chunks` or token ids: preparing 1M
   generation rows stays within a few GB (scripts/bench_train_prep.py).
 - Filtering (`data.filters`, expressions of the safe filter language of `gen_ssd_ray.common.filters`,
-  applied in order, each one's effect counted) and
+  applied in order, each one's effect counted), `data.limit`, then decontamination
+  (`data.decontaminate`: rows whose question overlaps the evaluation set are dropped, counted as one more
+  filter step labelled `decontaminate: ...`; gen_ssd_ray.common.decontam), and
   the error that names how many rows were read and which filter removed them when nothing is left.
 - Tokenization in the student's own chat template (`gen_ssd_ray.common.prompts.render_example`, the
   renderer generation and evaluation use too), with the loss on the response tokens only: the prompt
@@ -41,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from gen_ssd_ray.common import decontam
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.common.errors import InputError
 from gen_ssd_ray.common.filters import Filter, FilterError, parse_all
@@ -370,10 +373,35 @@ def apply_filters(df, cfg: TrainDataConfig, final: bool = True):
     return _finish(df, cfg, read, steps) if final else (df, steps)
 
 
+def decontaminate(df, cfg: TrainDataConfig):
+    """Drop the rows whose question overlaps `data.decontaminate.against` (gen_ssd_ray.common.decontam).
+    Returns (kept rows, the FilterStep counting them; its expr starts with decontam.STEP_PREFIX).
+    Several rows of one problem (its trajectories) share a question, so each question is checked once."""
+    dc = cfg.decontaminate
+    index = decontam.load_index(dc, "data.decontaminate")
+    questions = df[cfg.question_field]
+    verdict = {q: index.match(q) for q in dict.fromkeys(questions)}
+    bad = questions.map(lambda q: verdict[q].contaminated(dc.threshold))
+    ids = df["problem_id"] if "problem_id" in df.columns else df.index.to_series().map("row {}".format)
+    decontam.log_dropped(
+        int(bad.sum()),
+        len(df),
+        dc,
+        [(str(i), verdict[q]) for i, q in zip(ids[bad][:5], questions[bad][:5], strict=True)],
+        what=f"rows of {cfg.path}",
+    )
+    kept = df[~bad]
+    return kept, FilterStep(decontam.describe(dc), len(df), len(kept))
+
+
 def _finish(df, cfg: TrainDataConfig, read: int, steps: list[FilterStep]):
-    """`data.limit`, then the empty check."""
+    """`data.limit`, then decontamination (`data.decontaminate`: like generation's, it drops from the
+    rows the limit picked, so a limit names the same problems with it or without), then the empty check."""
     if cfg.limit is not None:
         df = df.iloc[: cfg.limit]
+    if decontam.active(cfg.decontaminate):
+        df, step = decontaminate(df, cfg)
+        steps = [*steps, step]
     if len(df) == 0:
         raise EmptyTrainingSetError(empty_message(cfg.path, read, steps))
     return df, steps
