@@ -17,19 +17,13 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from gen_ssd_ray.common.cli import Job, run_job
     from gen_ssd_ray.generate.config import GenerateConfig
-    from gen_ssd_ray.generate.driver import (
-        check_finished,
-        format_summary,
-        prepare,
-        run_generate,
-        with_prepared_counts,
-    )
+    from gen_ssd_ray.generate.driver import check_finished, format_summary, prepare, run_generate
 
     job = Job(
         name="generate",
         schema=GenerateConfig,
         prepare=prepare,  # models, data, output folder: fail before any actor starts
-        run=lambda cfg, prepared: check_finished(with_prepared_counts(run_generate(cfg, prepared), prepared)),
+        run=lambda cfg, prepared: check_finished(run_generate(cfg, prepared)),
         format_summary=format_summary,
         example="data.limit=100 teacher.num_engines=4",
     )

@@ -204,7 +204,6 @@ def test_generation_prepare_feeds_only_clean_problems_and_counts_them(
         _uncommitted,
         format_summary,
         prepare,
-        with_prepared_counts,
     )
 
     train, ev = sources
@@ -227,7 +226,7 @@ def test_generation_prepare_feeds_only_clean_problems_and_counts_them(
         stats = RunStats(total=p.problems.count)
         fed = [q.problem_id for q in _uncommitted(p.problems, p.writer, stats)]
         assert fed == ["train-0", "train-2", "train-4"] and stats.total == 3
-        summary = with_prepared_counts(stats.summary(cfg.output.dir), p)
+        summary = {**stats.summary(cfg.output.dir), **p.counts()}  # what run_generate returns
     finally:
         p.writer.close()
     assert summary["problems_dropped_contaminated"] == 2 and summary["problems_total"] == 3

@@ -141,11 +141,6 @@ class Prepared:
         return {"problems_dropped_contaminated": self.problems.dropped_contaminated}
 
 
-def with_prepared_counts(summary: dict[str, Any], prepared: Prepared) -> dict[str, Any]:
-    """`summary` (from `run_generate`) with `prepared.counts()` added."""
-    return {**summary, **prepared.counts()}
-
-
 def prepare(cfg: GenerateConfig) -> Prepared:
     """Everything that can fail on bad input, before any actor starts.
 
@@ -230,7 +225,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
         p.writer.close()
         _finish_journal(journal, p.writer, stats, None)
         stats.total = stats.total or stats.skipped
-        return stats.summary(cfg.output.dir)
+        return {**stats.summary(cfg.output.dir), **p.counts()}
     todo = itertools.chain([first], todo)
 
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
@@ -287,7 +282,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 verifier.close()
                 if own_pools and pools is not None:
                     shutdown_pools(pools)
-    summary = stats.summary(cfg.output.dir)
+    summary = {**stats.summary(cfg.output.dir), **p.counts()}
     summary["teacher_model_path"], summary["student_model_path"] = p.teacher_path, p.student_path
     if write_error is not None:
         raise JobFailed(str(write_error), summary) from write_error

@@ -198,7 +198,7 @@ class Pipeline:
     def generate_all(self, teacher: str, student: str) -> dict[str, dict[str, Any]]:
         """The generation job once per method, all on one set of teacher and scorer engines (started
         only if some method has problems left); each method gets its own beam managers."""
-        from gen_ssd_ray.generate.driver import check_finished, prepare, run_generate, with_prepared_counts
+        from gen_ssd_ray.generate.driver import check_finished, prepare, run_generate
         from gen_ssd_ray.generate.pools import Pools, build_managers, build_pools, shutdown_pools
 
         configs = {m: self._generate_config(m, teacher, student) for m in self.cfg.methods}
@@ -238,7 +238,7 @@ class Pipeline:
                             )
                             pools = Pools(engines.teachers, engines.scorers, managers)
                         summary = run_generate(g, p, pools=pools)
-                        summary = check_finished(with_prepared_counts(summary, p), "generation")
+                        summary = check_finished(summary, "generation")
                 finally:
                     if pools is not None:
                         shutdown_pools(Pools([], [], pools.managers))
