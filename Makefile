@@ -1,5 +1,7 @@
 # The README's commands. `make run` and `make test` install everything they need into .venv first.
-PY ?= python3.11
+# The interpreter for the venv; empty: scripts/install.sh takes the first of python3.11, python3.12, python3
+# that is 3.11 or 3.12.
+PY ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
