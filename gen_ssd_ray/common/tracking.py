@@ -63,7 +63,7 @@ class LoggingConfig:
     # W&B mode: offline (files under dir; upload later with `wandb sync`), online or disabled (null:
     # WANDB_MODE if set, else online when WANDB_API_KEY is set, else offline).
     wandb_mode: str | None = None
-    # MLflow tracking URI, e.g. http://host:5000 or sqlite:///mlflow.db (null: MLFLOW_TRACKING_URI if
+    # MLflow tracking URI, e.g. http://host:5000 for a server (null: MLFLOW_TRACKING_URI if
     # set, else a local file store in <dir>/mlruns).
     mlflow_tracking_uri: str | None = None
 
