@@ -91,6 +91,24 @@ def test_no_backend_is_a_no_op_that_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_backend_libraries_are_imported_only_when_a_backend_opens():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from gen_ssd_ray.common.config import load_config\n"
+        "from gen_ssd_ray.common.tracking import LoggingConfig, open_tracker\n"
+        "from gen_ssd_ray.train.config import FinetuneConfig\n"
+        "import gen_ssd_ray.generate.driver, gen_ssd_ray.evaluate.run, gen_ssd_ray.pipeline.config\n"
+        "load_config(None, ['logging.backends=[tensorboard,mlflow,wandb]'], FinetuneConfig)\n"
+        "open_tracker(LoggingConfig(), 'finetune', 'out').log({'train/loss': 1.0}, 1)\n"
+        "print(sorted(m for m in ('torch', 'tensorboard', 'mlflow', 'wandb') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 def test_tracking_folder_defaults(tmp_path):
     cfg = LoggingConfig()
     assert tracking_dir(cfg, str(tmp_path / "ft"), "finetune") == tmp_path / "ft" / "tracking"
