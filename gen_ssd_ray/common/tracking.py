@@ -332,7 +332,7 @@ class _WandB:
             project=cfg.project,
             name=run_name,
             id=key,
-            resume="allow",
+            resume=None if mode == "offline" else "allow",  # (offline runs cannot resume: W&B warns)
             dir=str(folder),
             mode=mode,
             reinit="create_new",  # the pipeline opens one run per stage in one process
