@@ -96,6 +96,8 @@ def test_train_crash_resume_export(tiny_model, tmp_path, stage, workers, offload
         f"deepspeed.zero_stage={stage}",
         f"runtime.num_workers={workers}",
         f"deepspeed.offload_optimizer={str(offload).lower()}",
+        "logging.backends=[tensorboard]",
+        "logging.every_steps=2",
     )
     # 1. A worker dies at step 3: the job fails, naming the checkpoint it will resume from.
     crashed = finetune(args, {"GEN_SSD_TRAIN_FAIL_AT_STEP": "3"})
@@ -120,6 +122,18 @@ def test_train_crash_resume_export(tiny_model, tmp_path, stage, workers, offload
     assert s["zero_stage"] == stage and s["num_workers"] == workers and s["offload_optimizer"] == offload
     assert s["train/batch"]["nonpad_frac"] == 1.0
     assert (out / "loss.png").stat().st_size > 1000
+    # Tracking (rank 0): one TensorBoard point per step and series, the crashed run's steps after its
+    # checkpoint replaced by the resumed run's; and the progress line every logging.every_steps.
+    from tests.test_tracking import tensorboard_scalars
+
+    tb = tensorboard_scalars(out / "tracking" / "tensorboard" / "finetune-ft")
+    for tag in ("train/loss", "train/lr", "train/tokens_per_s"):
+        assert [step for step, _ in tb[tag]] == list(range(1, s["steps"] + 1)), (tag, tb[tag])
+    assert [v for _, v in tb["train/loss"]] == pytest.approx([m["loss"] for m in metrics])
+    assert [step for step, _ in tb["train/grad_norm"]] == [m["step"] for m in metrics if m["grad_norm"]]
+    assert tb["train/grad_norm"] and all(v > 0 for _, v in tb["train/grad_norm"])
+    logged = done.stdout + done.stderr
+    assert f"[finetune] step 4/{s['steps']} loss " in logged and " ETA " in logged, logged[-3000:]
 
     # 3. The exported folder is a plain Hugging Face model that loads and generates, with new weights.
     import torch

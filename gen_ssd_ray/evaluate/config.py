@@ -28,6 +28,7 @@ from gen_ssd_ray.common.data import Problem
 from gen_ssd_ray.common.fingerprint import fingerprint
 from gen_ssd_ray.common.models import check_source_location
 from gen_ssd_ray.common.storage import check_location
+from gen_ssd_ray.common.tracking import LoggingConfig
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,8 @@ class EvaluateConfig:
     data: DataConfig = field(default_factory=_all_problems)
     output: EvalOutputConfig = field(default_factory=EvalOutputConfig)
     runtime: EvalRuntimeConfig = field(default_factory=EvalRuntimeConfig)
+    # Experiment tracking (TensorBoard, MLflow, W&B) of the accuracy and counts at the end.
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         """Cross-field and value checks (ConfigError naming the key and the fix)."""
@@ -112,6 +115,7 @@ class EvaluateConfig:
         self.data.validate()
         self.output.validate()
         self.runtime.validate()
+        self.logging.validate()
 
 
 DATA_KEYS = ("model.dtype", "model.max_model_len", "data.path", "data.split", "prompt", "sampling")

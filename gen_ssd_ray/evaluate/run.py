@@ -24,6 +24,9 @@ not evaluated again (`evaluate` returns the stored summary with "skipped": true,
 different fingerprint (finished or in `_partial`) is refused unless `output.force=true`, which
 re-evaluates and overwrites (an unfinished run of the same fingerprint is still resumed).
 
+With `logging.backends` set, the summary's accuracy and counts also go to the trackers
+(gen_ssd_ray.common.tracking: `eval/accuracy`, `eval/correct`, ...), one point per evaluation.
+
 `output.dir` may be an object-store URI (``s3://bucket/evals/x``): the run then holds the folder's
 lease (gen_ssd_ray.common.joblock) and works in a local staging folder rebuilt from the store
 (summary.json, predictions.parquet and the `_partial` pieces); each piece is uploaded when committed,
@@ -354,7 +357,34 @@ def _evaluate_locked(
         mirror.check()
         storage.upload_file(out / SUMMARY_NAME, SUMMARY_NAME)
     partial.remove()
+    _track(cfg, summary)
     return summary
+
+
+# The summary's figures the trackers get, as eval/<key>.
+TRACKED = (
+    "accuracy",
+    "correct",
+    "incorrect",
+    "unverified",
+    "failed",
+    "problems",
+    "problems_scored",
+    "problems_error",
+    "samples",
+    "mean_response_tokens",
+    "tokens_per_s",
+    "generation_s",
+)
+
+
+def _track(cfg: EvaluateConfig, summary: dict[str, Any]) -> None:
+    """The evaluation's figures (one point, step 0) and the model evaluated to `logging.backends`."""
+    from gen_ssd_ray.common.tracking import open_tracker
+
+    with open_tracker(cfg.logging, "evaluate", cfg.output.dir, config=cfg) as tracker:
+        tracker.log_params({k: summary[k] for k in ("model_path", "model_revision", "fingerprint")})
+        tracker.log({f"eval/{k}": summary.get(k) for k in TRACKED}, 0)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from gen_ssd_ray.common.config import (
     require,
 )
 from gen_ssd_ray.common.fingerprint import fingerprint as _fingerprint
+from gen_ssd_ray.common.tracking import LoggingConfig
 from gen_ssd_ray.core.search import SearchParams
 
 
@@ -136,6 +137,8 @@ class GenerateConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     # Simulated engines (teacher.backend=sim, student.backend=sim): profile, time compression, faults.
     sim: SimConfig = field(default_factory=SimConfig)
+    # Experiment tracking (TensorBoard, MLflow, W&B) of progress, throughput, prune / correct / cache rates.
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def simulated(self) -> bool:
@@ -226,6 +229,7 @@ class GenerateConfig:
             f"must be an integer >= 0 (0: never give up on a problem), got {r.max_problem_failures!r}",
         )
         self.sim.validate()
+        self.logging.validate()
 
 
 def search_params(cfg: GenerateConfig) -> SearchParams:

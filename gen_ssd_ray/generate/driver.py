@@ -41,10 +41,11 @@ from typing import Any
 from gen_ssd_ray.common.cluster import init_ray
 from gen_ssd_ray.common.config import to_yaml
 from gen_ssd_ray.common.errors import JobFailed, JobInterrupted
+from gen_ssd_ray.common.tracking import open_tracker
 from gen_ssd_ray.generate.config import GenerateConfig, run_fingerprint
 from gen_ssd_ray.generate.content import check_resume, content_hash
 from gen_ssd_ray.generate.output import OutputWriteError
-from gen_ssd_ray.generate.rows import ERROR, TrajectoryRow
+from gen_ssd_ray.generate.rows import ERROR, PRUNED, TrajectoryRow
 from gen_ssd_ray.generate.solve import replace_manager, solve_all
 
 log = logging.getLogger("gen_ssd_ray")
@@ -124,6 +125,35 @@ class RunStats:
             "dispatch": self.dispatch,
             "verifier": self.verifier,
             **self.resume,
+        }
+
+    def metrics(self, done: int) -> dict[str, float | None]:
+        """The run's figures so far for the trackers (gen_ssd_ray.common.tracking); `done`: problems
+        committed in the folder, this run's and earlier ones."""
+        elapsed, c, st = time.perf_counter() - self.started, self.costs, self.statuses
+        trajectories, verified = sum(st.values()), self.verdicts[True] + self.verdicts[False]
+
+        def frac(a: float, b: float) -> float | None:
+            return a / b if b else None
+
+        return {
+            "generate/problems_done": done,
+            "generate/progress": frac(done, self.total),
+            "generate/problems_failed": self.failed,
+            "generate/trajectories": trajectories,
+            "generate/correct": self.verdicts[True],
+            "generate/verified": verified,
+            "teacher/tokens_per_s": frac(c["teacher_tokens_generated"], elapsed),
+            "teacher/prefix_cache_hit_rate": frac(
+                c["teacher_cached_prompt_tokens"], c["teacher_prompt_tokens"]
+            ),
+            "scorer/tokens_processed_per_scored": frac(
+                c["student_tokens_processed"], c["student_tokens_scored"]
+            ),
+            "search/pruned_frac": frac(st[PRUNED], trajectories),
+            "search/error_frac": frac(st[ERROR], trajectories),
+            "search/correct_frac": frac(self.verdicts[True], verified),
+            "generate/elapsed_s": elapsed,
         }
 
 
@@ -229,6 +259,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     todo = itertools.chain([first], todo)
 
     init_ray(cfg.runtime.ray_address, cfg.runtime.local_num_cpus)
+    tracker = open_tracker(cfg.logging, "generate", cfg.output.dir, config=cfg)  # a no-op without backends
     # From here to the end a signal only sets a flag, never raises: engine start-up stops at once
     # (wait_ready checks the flag), the loop stops admitting work, and the last shard is committed even
     # if a second signal arrives.
@@ -253,6 +284,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 stats.add(rows)
                 tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
                 progress.update(1, tokens, pruned=stats.statuses["pruned"], errors=stats.statuses[ERROR])
+                tracker.log(stats.metrics(progress.done), progress.done)
                 if journal is not None:
                     journal.done(problem.problem_id)
                     journal.maybe_compact(lambda: p.writer.committed_ids)
@@ -278,6 +310,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
             finally:
                 if progress is not None:
                     progress.close()
+                    tracker.log(stats.metrics(progress.done), progress.done)  # the end state
+                tracker.close()
                 stats.verifier = verifier.counters()
                 verifier.close()
                 if own_pools and pools is not None:

@@ -1,12 +1,18 @@
 """Typed configuration of the pipeline (`python -m jobs.pipeline`): the experiment's own knobs, and one
 section per stage holding that job's own config (gen_ssd_ray.generate.config, train.config,
 evaluate.config). The pipeline derives each stage's config from its section with `stage_config`
-(a copy with the shared prompt and Ray address and the links between stages filled in); a loaded
-config is frozen and never changes.
+(a copy with the shared prompt, Ray address and tracking and the links between stages filled in); a
+loaded config is frozen and never changes.
+
+Tracking: the pipeline's `logging` section applies to every stage, each stage a run of its own (named
+<job>-<stage folder>, prefixed by `logging.run_name` if set), all in one folder (default
+`<output_dir>/tracking`). A stage section's own `logging` keys are refused (ConfigError naming the
+pipeline key to set), except the fine-tuning stages' `logging.every_steps`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -20,7 +26,8 @@ from gen_ssd_ray.common.config import (
     require,
 )
 from gen_ssd_ray.common.models import check_source_location
-from gen_ssd_ray.common.storage import StorageError, check_location
+from gen_ssd_ray.common.storage import StorageError, check_location, is_remote
+from gen_ssd_ray.common.tracking import LoggingConfig
 from gen_ssd_ray.evaluate.config import EvaluateConfig
 from gen_ssd_ray.generate.config import GenerateConfig
 from gen_ssd_ray.train.config import FinetuneConfig, TrainDataConfig
@@ -80,6 +87,9 @@ class PipelineConfig:
     # problems or rows whose question overlaps `against` or the evaluate stage's data (always added)
     # are dropped and counted. The pipeline sets each of those sections' data.decontaminate from it.
     decontaminate: DecontamConfig = field(default_factory=DecontamConfig)
+    # Experiment tracking of every stage (TensorBoard, MLflow, W&B), one run per stage (null dir:
+    # <output_dir>/tracking).
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
         from gen_ssd_ray.core.methods import METHODS
@@ -116,11 +126,24 @@ class PipelineConfig:
                 "is set by the pipeline (every training stage checks against the evaluation set); set "
                 "decontaminate.* at the top level of the pipeline config instead",
             )
-        for section in ("teacher_train", "cold_start", "generate", "distill", "evaluate"):
+        self.logging.validate()
+        unset = LoggingConfig()
+        for section in STAGES:
+            own = getattr(self, section).logging
+            for f in dataclasses.fields(LoggingConfig):
+                require(
+                    getattr(own, f.name) == getattr(unset, f.name),
+                    f"{section}.logging.{f.name}",
+                    f"the pipeline's logging section applies to every stage: set logging.{f.name} instead",
+                )
+        for section in STAGES:
             try:
                 stage_config(self, section, {}).validate()
             except (ConfigError, StorageError) as e:
                 raise ConfigError(f"{section}.{e}") from None
+
+
+STAGES = ("teacher_train", "cold_start", "generate", "distill", "evaluate")
 
 
 def decontaminate_links(cfg: PipelineConfig, section: str) -> dict[str, Any]:
@@ -135,8 +158,25 @@ def decontaminate_links(cfg: PipelineConfig, section: str) -> dict[str, Any]:
 
 
 def stage_config(cfg: PipelineConfig, section: str, links: dict[str, Any]):
-    """A stage's config: its section of `cfg`, with the prompt and Ray address every stage shares and
-    the `links` the pipeline fills in (dotted keys: model paths, data paths, output folders, ...).
-    Derived as a copy (`derive`); the loaded config never changes."""
+    """A stage's config: its section of `cfg`, with the prompt, Ray address and tracking every stage
+    shares and the `links` the pipeline fills in (dotted keys: model paths, data paths, output folders,
+    ...). Derived as a copy (`derive`); the loaded config never changes."""
     shared = {"prompt": cfg.prompt, "runtime.ray_address": cfg.runtime.ray_address}
-    return derive(getattr(cfg, section), {**shared, **links})
+    stage = derive(getattr(cfg, section), {**shared, **links})
+    return derive(stage, _stage_logging(cfg, section, stage.output.dir))
+
+
+def _stage_logging(cfg: PipelineConfig, section: str, stage_dir: str) -> dict[str, Any]:
+    """The pipeline's `logging` keys as a stage's: one tracking folder for all, a run name per stage."""
+    lg = cfg.logging
+    keys = {f"logging.{f.name}": getattr(lg, f.name) for f in dataclasses.fields(LoggingConfig)}
+    if lg.dir is None:
+        if is_remote(cfg.output_dir):  # a local folder: the pipeline's staging folder
+            from gen_ssd_ray.common.models import staging_dir
+
+            keys["logging.dir"] = str(staging_dir(cfg.output_dir, "pipeline") / "tracking")
+        else:
+            keys["logging.dir"] = f"{cfg.output_dir.rstrip('/')}/tracking"
+    if lg.run_name:
+        keys["logging.run_name"] = f"{lg.run_name}-{section}-{stage_dir.rstrip('/').rsplit('/', 1)[-1]}"
+    return keys

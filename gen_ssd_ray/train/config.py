@@ -37,6 +37,7 @@ from gen_ssd_ray.common.filters import FilterError, parse_all
 from gen_ssd_ray.common.fingerprint import fingerprint
 from gen_ssd_ray.common.models import check_source_location
 from gen_ssd_ray.common.storage import check_location
+from gen_ssd_ray.common.tracking import LoggingConfig
 
 DEFAULT_FILTERS = ["status == 'completed'", "correct == True"]
 
@@ -235,6 +236,21 @@ class TrainRuntimeConfig(RayConfig):
 
 
 @dataclass(frozen=True)
+class FinetuneLoggingConfig(LoggingConfig):
+    """Experiment tracking (rank 0 logs train/loss, train/lr, train/tokens_per_s, train/grad_norm per
+    step) and the progress line."""
+
+    # Print one line (step, loss, lr, tok/s, ETA) every this many optimizer steps, and at the last (0: none).
+    every_steps: int = 10
+
+    def validate(self, key: str = "logging") -> None:
+        super().validate(key)
+        require(
+            self.every_steps >= 0, f"{key}.every_steps", f"must be >= 0 (0: none), got {self.every_steps}"
+        )
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     # The preset that lists every key (named in errors about unknown keys).
     PRESET: ClassVar[str] = "conf/finetune.yaml"
@@ -257,6 +273,8 @@ class FinetuneConfig:
     output: FinetuneOutputConfig = field(default_factory=FinetuneOutputConfig)
     # Ray Train workers and their resources.
     runtime: TrainRuntimeConfig = field(default_factory=TrainRuntimeConfig)
+    # Experiment tracking (TensorBoard, MLflow, W&B) and the progress line every N steps.
+    logging: FinetuneLoggingConfig = field(default_factory=FinetuneLoggingConfig)
 
     def validate(self) -> None:
         m, d, o, z, out, r = self.model, self.data, self.optim, self.deepspeed, self.output, self.runtime
@@ -338,6 +356,7 @@ class FinetuneConfig:
             f"LoRA is not supported with deepspeed.zero_stage=3 yet (got {z.zero_stage}): set "
             "deepspeed.zero_stage=2 (the adapters and their optimizer state are small) or lora.enabled=false",
         )
+        self.logging.validate()
         out.validate()
         require(out.save_every_steps >= 0, "output.save_every_steps", "must be >= 0")
         require(out.keep_last >= 1, "output.keep_last", "must be >= 1")

@@ -38,6 +38,7 @@ from gen_ssd_ray.common.fsio import atomic_write_json, atomic_write_text, atomic
 from gen_ssd_ray.common.interrupts import raise_on_signals
 from gen_ssd_ray.common.joblock import FolderLock, ObjectLease, lock_job_folder
 from gen_ssd_ray.common.models import model_revision
+from gen_ssd_ray.common.tracking import tracking_dir
 from gen_ssd_ray.train import checkpoint as ck
 from gen_ssd_ray.train.config import FinetuneConfig, train_fingerprint
 from gen_ssd_ray.train.data import (
@@ -353,6 +354,8 @@ def launch(cfg: FinetuneConfig, p: Prepared, out: Path) -> None:
             "save_dtype": p.save_dtype,
             "fail_at_step": os.environ.get(FAIL_AT_STEP_ENV),
             "nan_at_steps": os.environ.get(NAN_AT_STEPS_ENV),
+            # Rank 0's tracking folder, resolved here (a worker's working directory is not the driver's).
+            "tracking_dir": str(tracking_dir(cfg.logging, cfg.output.dir, "finetune")),
         },
         scaling_config=ScalingConfig(
             num_workers=r.num_workers, use_gpu=use_gpu, resources_per_worker=resources

@@ -18,6 +18,9 @@ already initialized by Ray Train: gloo on CPU, nccl on GPU). Step by step:
    whose global loss is NaN/inf is skipped, never applied; more than `runtime.max_nonfinite_steps` of
    them fail the run (gen_ssd_ray.train.nonfinite), and a checkpoint or the exported model is written
    only from finite weights.
+   Rank 0 appends each step's row to `metrics.jsonl`, logs it to `logging.backends` (train/loss,
+   train/lr, train/tokens_per_s, train/grad_norm, ...; gen_ssd_ray.common.tracking) and prints a
+   progress line with the ETA every `logging.every_steps` steps.
 4. Every `save_every_steps` and at the end: a DeepSpeed checkpoint; every rank fsyncs it, then rank 0
    writes its completion marker and moves `latest` (see `gen_ssd_ray.train.checkpoint`).
 5. Export: the full weights (gathered from the ZeRO-3 partitions if needed) as a Hugging Face folder
@@ -71,6 +74,8 @@ log = logging.getLogger("gen_ssd_ray.train")
 FAIL_AT_STEP_ENV = "GEN_SSD_TRAIN_FAIL_AT_STEP"
 # Test hook: the last rank's loss is NaN at these steps (comma-separated, 1-based).
 NAN_AT_STEPS_ENV = "GEN_SSD_TRAIN_NAN_AT_STEPS"
+# The metrics row's columns each step's trackers get, as train/<column>.
+TRACKED = ("loss", "lr", "tokens_per_s", "grad_norm", "epoch", "loss_tokens")
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -245,6 +250,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             print(f"[finetune] resumed from {tag} at step {step} of {total}", flush=True)
     if rank == 0:  # a restart replays the steps after its checkpoint: log each step once
         ck.truncate_metrics(out, step)
+    tracker = _open_tracker(cfg, config, out, step) if rank == 0 else None
+    first_step, every = step, cfg.logging.every_steps
 
     fail_at = int(config.get("fail_at_step") or 0)
     nan_at = {int(x) for x in str(config.get("nan_at_steps") or "").split(",") if x.strip()}
@@ -306,12 +313,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             }
             with open(out / ck.METRICS, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            tracker.log({f"train/{k}": row[k] for k in TRACKED}, step)
+            if every and (step % every == 0 or step == total):
+                print(progress_line(row, total, step - first_step), flush=True)
         if step == total or (save_every and step % save_every == 0):
             _save(
                 engine, out, step, world, config["fingerprint"], cfg.output.keep_last, rank, cfg.lora.enabled
             )
             if remote is not None:
                 _upload_checkpoint(remote, out, step, world, rank, cfg, config)
+    if tracker is not None:
+        tracker.close()
     _export(engine, cfg, config, out, rank)
     if remote is not None and rank == 0:
         from gen_ssd_ray.train.remote import push_model
@@ -323,6 +335,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flush=True,
         )
     dist.barrier()
+
+
+def _open_tracker(cfg: FinetuneConfig, config: dict[str, Any], out: Path, step: int):
+    """Rank 0's trackers (gen_ssd_ray.common.tracking), in the folder the driver resolved; a resumed
+    run's replayed steps replace the ones logged after its checkpoint."""
+    from gen_ssd_ray.common.tracking import open_tracker
+
+    where = config.get("remote") or str(out)
+    return open_tracker(
+        cfg.logging, "finetune", where, config=cfg, start_step=step + 1, root=config.get("tracking_dir")
+    )
+
+
+def progress_line(row: dict[str, Any], total: int, steps_run: int) -> str:
+    """`[finetune] step 40/300 loss 1.234 lr 2.0e-05 tok/s 812 ETA 3m12s` for a metrics row; the ETA
+    from the pace of the `steps_run` steps this run has done."""
+    from gen_ssd_ray.common.tracking import format_duration
+
+    eta = row["elapsed_s"] / steps_run * (total - row["step"]) if steps_run else None
+    loss = f"{row['loss']:.3f}" if row["loss"] is not None else "skipped (not finite)"
+    tps = f"{row['tokens_per_s']:.0f}" if row["tokens_per_s"] is not None else "?"
+    return (
+        f"[finetune] step {row['step']}/{total} loss {loss} lr {row['lr']:.1e} tok/s {tps} "
+        f"ETA {format_duration(eta)}"
+    )
 
 
 def _upload_checkpoint(remote, out: Path, step: int, world: int, rank: int, cfg, config) -> None:
