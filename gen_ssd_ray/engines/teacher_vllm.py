@@ -133,7 +133,7 @@ def ray_stat_loggers() -> list:
         from vllm.v1.metrics import ray_wrappers
     except ImportError:  # pragma: no cover - Ray or this vLLM module missing
         return []
-    if ray_wrappers.ray_metrics is None:  # its `from ray import serve` failed: no ray[serve]
+    if getattr(ray_wrappers, "ray_metrics", metrics) is None:  # its `from ray import serve` failed
         ray_wrappers.ray_metrics = metrics
     return [ray_wrappers.RayPrometheusStatLogger]
 

@@ -18,6 +18,9 @@ Resume (gen_ssd_ray.generate.journal): with a `JournalTarget`, every completed s
 is buffered and written to the output's journal every `interval_s` (a background task) and on
 `flush_journal()` (the driver's stop path); `solve(..., restore=...)` replays journaled steps first, so a
 restored trajectory skips the teacher calls of its journaled chunks and continues with the same seeds.
+
+Metrics (gen_ssd_ray.generate.metrics): every chunk round of a trajectory (chunks, teacher and scorer
+tokens, cache hit rates) and every solved problem (its seconds) is recorded for the Ray dashboard.
 """
 
 from __future__ import annotations
