@@ -149,3 +149,68 @@ def test_every_metric_is_documented_where_users_look():
         assert shown in metrics.__doc__, name
         assert shown in readme, name
     assert "runtime.metrics" in readme and "ray_vllm_" in readme
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def future(self):
+        import concurrent.futures
+
+        f = concurrent.futures.Future()
+        f.set_result(self.value)
+        return f
+
+
+class _Engine:
+    """An engine actor's `call(method, payload)` over an in-process fake engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def call(self, method, payload=None):
+        return _Done(getattr(self.engine, method)(payload) if method in ("expand", "score") else None)
+
+
+def test_beam_manager_records_each_chunk_round_and_each_problem():
+    """What a manager records adds up to its rows' own cost columns (the fake engines, no Ray)."""
+    import asyncio
+
+    from gen_ssd_ray.common.config import PromptConfig
+    from gen_ssd_ray.common.data import Problem
+    from gen_ssd_ray.common.models import resolve_model
+    from gen_ssd_ray.core import SearchParams
+    from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher
+    from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
+
+    path = resolve_model("embedded:teacher")
+    spec = ManagerSpec(
+        teacher_path=path,
+        student_path=path,
+        teacher_name="t",
+        student_name="s",
+        params=SearchParams(chunk_tokens=4, num_candidates=2, max_new_tokens=12),
+        prompt=PromptConfig(),
+        trajectories=2,
+        seed=5,
+        teacher_max_len=4096,
+        call_timeout_s=30.0,
+        fingerprint="fp",
+        output="out/x",
+    )
+    manager = BeamManager(spec, [_Engine(FakeTeacher(vocab=200))], [_Engine(FakeScorer())])
+    sink = FakeSink()
+    manager.metrics = ManagerMetrics(spec.output, spec.method, sink=sink)
+    rows = asyncio.run(manager.solve(Problem("p1", "What is 2 + 3?", "5"), 0))
+
+    def total(column):
+        return sum(r[column] for r in rows)
+
+    assert sink.get("gen_ssd_chunks") == sum(len(r["chunks"]) for r in rows) > 0  # beam_width 1
+    assert sink.get("gen_ssd_tokens", pool="teacher", kind="generated") == total("teacher_tokens_generated")
+    assert sink.get("gen_ssd_tokens", pool="teacher", kind="prompt") == total("teacher_prompt_tokens")
+    assert sink.get("gen_ssd_tokens", pool="scorer", kind="scored") == total("student_tokens_scored")
+    assert sink.get("gen_ssd_tokens", pool="scorer", kind="processed") == total("student_tokens_processed")
+    assert sink.get("gen_ssd_cache_hit_rate", pool="scorer") == 1.0  # the fake scorer recomputes nothing
+    assert len(sink.observed[("gen_ssd_problem_seconds", ("method", "gen_ssd"), ("output", "out/x"))]) == 1
