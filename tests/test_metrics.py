@@ -214,3 +214,28 @@ def test_beam_manager_records_each_chunk_round_and_each_problem():
     assert sink.get("gen_ssd_tokens", pool="scorer", kind="processed") == total("student_tokens_processed")
     assert sink.get("gen_ssd_cache_hit_rate", pool="scorer") == 1.0  # the fake scorer recomputes nothing
     assert len(sink.observed[("gen_ssd_problem_seconds", ("method", "gen_ssd"), ("output", "out/x"))]) == 1
+
+
+def test_vllm_engine_metrics_are_ray_metrics(monkeypatch, tiny_model):
+    """vLLM's Ray stat logger, as an engine actor gets it (`ray_stat_loggers`), builds on
+    `ray.util.metrics` although ray[serve] is not installed, and records an engine step. No engine, no
+    Ray: a VllmConfig of the tiny model (a few seconds, mostly importing vLLM)."""
+    import ray
+    from ray.util import metrics
+
+    from gen_ssd_ray.engines.actors import METRICS_ENV
+    from gen_ssd_ray.engines.teacher_vllm import ray_stat_loggers
+
+    monkeypatch.delenv(METRICS_ENV, raising=False)
+    with monkeypatch.context() as m:
+        m.setattr(ray, "is_initialized", lambda: True)  # as in an engine actor
+        (logger_cls,) = ray_stat_loggers()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+
+    args = AsyncEngineArgs(
+        model=tiny_model, max_model_len=512, enforce_eager=True, enable_chunked_prefill=False
+    )
+    logger = logger_cls(args.create_engine_config(), [0])
+    assert isinstance(logger.gauge_scheduler_running[0].metric, metrics.Gauge)
+    logger.record(SchedulerStats(num_running_reqs=3, num_waiting_reqs=1), IterationStats(), engine_idx=0)
