@@ -216,6 +216,9 @@ def test_beam_manager_records_each_chunk_round_and_each_problem():
     assert len(sink.observed[("gen_ssd_problem_seconds", ("method", "gen_ssd"), ("output", "out/x"))]) == 1
 
 
+@pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning"
+)  # pydantic's, from vLLM's try at importing ray.serve
 def test_vllm_engine_metrics_are_ray_metrics(monkeypatch, tiny_model):
     """vLLM's Ray stat logger, as an engine actor gets it (`ray_stat_loggers`), builds on
     `ray.util.metrics` although ray[serve] is not installed, and records an engine step. No engine, no
