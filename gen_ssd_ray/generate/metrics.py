@@ -35,10 +35,11 @@ resumes; not `job`, which Prometheus reserves for its scrape job) and `method`; 
 `kind`, `state` where listed. vLLM's own engine metrics (`ray_vllm_*`) come from the engine actors
 (gen_ssd_ray.engines.teacher_vllm.ray_stat_loggers).
 
-Cost: a counter increment or gauge set is about 2 microseconds (Ray buffers and exports every few
-seconds); the driver records once per committed problem, a manager once per chunk round of a
-trajectory and once per problem, never per token. `runtime.metrics=false` records nothing and keeps
-vLLM's stats off in the engines the job starts (`engine_metrics`).
+Cost: the driver records once per committed problem, a manager once per chunk round of a trajectory
+and once per problem, never per token (Ray buffers and exports every few seconds). Measured in a Ray
+worker: 29 microseconds per chunk round (`ManagerMetrics.step`: 9 records), 19 per committed problem,
+against the milliseconds to seconds a chunk round takes. `runtime.metrics=false` records nothing and
+keeps vLLM's stats off in the engines the job starts (`engine_metrics`).
 
 Metric objects are created lazily, once per process, after Ray is initialized (Ray drops what a
 process records before `ray.init`). `sink` (tests) replaces `ray.util.metrics`: a callable
