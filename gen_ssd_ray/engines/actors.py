@@ -212,10 +212,15 @@ def _node_id() -> str | None:
         return None
 
 
+# "0" in the driver's environment when actors start: their engines export no metrics of their own
+# (gen_ssd_ray.generate.metrics.engine_metrics sets it from `runtime.metrics`).
+METRICS_ENV = "GEN_SSD_METRICS"
+
+
 def engine_env(kv_cache_gib: float) -> dict[str, str]:
     """Environment for an engine actor: its CPU KV-cache size, and the driver's settings if any."""
     env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib)))}
-    for name in ("HF_HUB_OFFLINE", "VLLM_USE_AOT_COMPILE"):
+    for name in ("HF_HUB_OFFLINE", "VLLM_USE_AOT_COMPILE", METRICS_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     # vLLM's per-step INFO lines drown the job's progress; VLLM_LOGGING_LEVEL=INFO brings them back.

@@ -2,14 +2,17 @@
 
 Knows how to turn `ExpandRequest`s (token ids in, n=K samples of up to `max_tokens`, with the
 request's own temperature, top_p and seed) into vLLM requests and back, and how to report prefix-cache
-hits. Knows nothing about the search, scoring, templates or Ray: the TeacherEngine actor
-(gen_ssd_ray.engines.actors) wraps an instance of this class (registered as the `vllm` teacher backend).
+hits. Knows nothing about the search, scoring, templates or Ray (beyond handing vLLM's engine metrics
+to Ray's, `ray_stat_loggers`): the TeacherEngine actor (gen_ssd_ray.engines.actors) wraps an instance
+of this class (registered as the `vllm` teacher backend).
 
 Engine choices that matter, and why:
 - `enable_prefix_caching`: every expansion of a problem re-sends its whole prefix as token ids; the
   cache makes that cost only the new chunk.
 - `output_kind=FINAL_ONLY`: with n > 1 the last streamed output may otherwise hold only some children.
 - on CPU, chunked prefill is disabled (see `async_engine`).
+- engine metrics: inside a Ray actor vLLM's stats are on and go to Ray's metrics (`ray_stat_loggers`;
+  the dashboard, cluster/README.md); elsewhere, or with `runtime.metrics=false`, they stay off.
 
 Finish reasons: only "stop" (EOS or a stop string) and "length" (`max_tokens` or the model length) end a
 chunk normally. Any other ("abort": the engine dropped the request, e.g. while shutting down or
@@ -93,7 +96,6 @@ def async_engine(
         max_model_len=max_model_len,
         trust_remote_code=trust_remote_code,
         enforce_eager=enforce_eager,
-        disable_log_stats=True,
         **engine_args,
     )
     if on_gpu:
@@ -101,7 +103,39 @@ def async_engine(
     else:
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max_model_len * 4
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    loggers = ray_stat_loggers()
+    kwargs["disable_log_stats"] = not loggers  # stats cost a little per engine step: only when exported
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=loggers or None)
+
+
+def ray_stat_loggers() -> list:
+    """vLLM's own engine metrics through Ray: `[RayPrometheusStatLogger]` when this process is a Ray
+    worker (an engine actor) and the job has not switched metrics off (`runtime.metrics=false` sets
+    GEN_SSD_METRICS=0 in the engines' environment, gen_ssd_ray.engines.actors.engine_env); [] otherwise.
+
+    vLLM then records its engine metrics (`vllm:num_requests_running`, `vllm:prefix_cache_hits`,
+    `vllm:kv_cache_usage_perc`, token counters, latency histograms; `:` becomes `_`) with
+    `ray.util.metrics`, which the node's metrics agent exports to Prometheus (cluster/README.md).
+    vLLM's wrappers find `ray.util.metrics` only if `ray.serve` imports (it wants the Serve replica id);
+    without ray[serve] they would raise, so they are given `ray.util.metrics` directly (the replica id
+    tag is then empty).
+    """
+    from gen_ssd_ray.engines.actors import METRICS_ENV
+
+    if os.environ.get(METRICS_ENV, "1") == "0":
+        return []
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        from ray.util import metrics
+        from vllm.v1.metrics import ray_wrappers
+    except ImportError:  # pragma: no cover - Ray or this vLLM module missing
+        return []
+    if getattr(ray_wrappers, "ray_metrics", metrics) is None:  # its `from ray import serve` failed
+        ray_wrappers.ray_metrics = metrics
+    return [ray_wrappers.RayPrometheusStatLogger]
 
 
 class VllmTeacher:

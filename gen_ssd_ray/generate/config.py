@@ -117,6 +117,8 @@ class RuntimeConfig(EngineJobRuntimeConfig):
     # stopped), so a resubmitted job continues each in-flight trajectory at its last journaled step:
     # a kill loses at most one chunk per trajectory plus this interval. 0: no journal.
     journal_interval_s: float = 10.0
+    # Ray dashboard metrics: the job's gen_ssd_* and vLLM's engine metrics (cluster/README.md); false: none.
+    metrics: bool = True
 
 
 @dataclass(frozen=True)

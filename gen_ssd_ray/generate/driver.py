@@ -241,6 +241,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     from gen_ssd_ray.common.interrupts import stop_on_signals
     from gen_ssd_ray.common.progress import Progress
     from gen_ssd_ray.common.verify import PoolUnavailable, Verifier
+    from gen_ssd_ray.generate.metrics import JobMetrics, engine_metrics
     from gen_ssd_ray.generate.pools import build_pools, shutdown_pools
 
     p = prepared or prepare(cfg)
@@ -268,12 +269,17 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
     with stop_on_signals() as stop:
         verifier = Verifier(workers=cfg.runtime.verify_workers, timeout_s=cfg.runtime.verify_timeout_s)
         progress = None
+        ray_metrics = None
         own_pools = pools is None
         try:
-            pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
+            with engine_metrics(cfg.runtime.metrics):  # vLLM's engine metrics in the engines it starts
+                pools = pools or build_pools(cfg, p.teacher_path, p.student_path)
             stats.started = time.perf_counter()  # rates exclude engine start-up
             already = min(total or 0, len(p.writer.committed_ids))  # skipped ones are counted lazily
             progress = Progress("generate", total, already, cfg.runtime.progress)
+            todo_count = total - already if total else None
+            ray_metrics = JobMetrics(cfg.output.dir, cfg.method, todo_count, enabled=cfg.runtime.metrics)
+            todo = ray_metrics.admitting(todo)  # the dispatcher reads a problem when it hands it out
             replace = partial(replace_manager, cfg, pools, p.teacher_path, p.student_path)
             solved = solve_all(cfg, pools, todo, p.fingerprint, stats, stop, replace=replace, journal=journal)
             for problem, rows in solved:
@@ -285,6 +291,7 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
                 progress.update(1, tokens, pruned=stats.statuses["pruned"], errors=stats.statuses[ERROR])
                 tracker.log(stats.metrics(progress.done), progress.done)
+                ray_metrics.committed(rows, stats.failed)  # the Ray dashboard (gen_ssd_ray.generate.metrics)
                 if journal is not None:
                     journal.done(problem.problem_id)
                     journal.maybe_compact(lambda: p.writer.committed_ids)
@@ -312,6 +319,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                     progress.close()
                     tracker.log(stats.metrics(progress.done), progress.done)  # the end state
                 tracker.close()
+                if ray_metrics is not None:
+                    ray_metrics.finish(stats.failed)
                 stats.verifier = verifier.counters()
                 verifier.close()
                 if own_pools and pools is not None:

@@ -18,6 +18,9 @@ Resume (gen_ssd_ray.generate.journal): with a `JournalTarget`, every completed s
 is buffered and written to the output's journal every `interval_s` (a background task) and on
 `flush_journal()` (the driver's stop path); `solve(..., restore=...)` replays journaled steps first, so a
 restored trajectory skips the teacher calls of its journaled chunks and continues with the same seeds.
+
+Metrics (gen_ssd_ray.generate.metrics): every chunk round of a trajectory (chunks, teacher and scorer
+tokens, cache hit rates) and every solved problem (its seconds) is recorded for the Ray dashboard.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class ManagerSpec:
     trust_remote_code_teacher: bool = False
     trust_remote_code_student: bool = False
     method: str = "gen_ssd"
+    # Dashboard metrics (gen_ssd_ray.generate.metrics): on or off, and their `output` tag.
+    metrics: bool = True
+    output: str = ""
 
     @classmethod
     def from_config(cls, cfg: GenerateConfig, teacher_path: str, student_path: str) -> ManagerSpec:
@@ -101,6 +107,8 @@ class ManagerSpec:
             trust_remote_code_teacher=cfg.teacher.trust_remote_code,
             trust_remote_code_student=cfg.student.trust_remote_code,
             method=cfg.method,
+            metrics=cfg.runtime.metrics,
+            output=cfg.output.dir,
         )
 
     def sampling(self) -> dict[str, Any]:
@@ -183,6 +191,9 @@ class BeamManager:
         self._journals: dict = {}  # output folder -> JournalWriter (gen_ssd_ray.generate.journal)
         self._flusher: asyncio.Task | None = None
         self._flush_lock: asyncio.Lock | None = None
+        from gen_ssd_ray.generate.metrics import ManagerMetrics
+
+        self.metrics = ManagerMetrics(spec.output, spec.method, enabled=spec.metrics)
 
     async def ready(self) -> dict[str, Any]:
         return {"pid": os.getpid()}
@@ -418,6 +429,7 @@ class BeamManager:
                 used.add(i)
                 self.score_calls[i] += 1
                 search.update_scored(scored)
+                self.metrics.step(expanded, score_reqs, scored)
                 if journal is not None:
                     writer, pid, h, index, attempt, base = journal
                     writer.record(pid, h, index, [x.to_dict() for x in search.take_log()], attempt, base)
@@ -446,6 +458,7 @@ class BeamManager:
         `restore`: {trajectory index: journaled step dicts} to replay before running (a trajectory
         whose steps do not replay starts afresh); `journal`: a JournalTarget to record steps to."""
         n = self.spec.trajectories
+        started = time.perf_counter()
         if problem.error is not None:
             return [self._row(problem, None, i, "", error=problem.error) for i in range(n)]
         teacher_prompt, student_prompt = self.prompts(problem.question)
@@ -489,6 +502,7 @@ class BeamManager:
         except ExceptionGroup as group:  # surface the first failure itself (the driver classifies it)
             raise group.exceptions[0] from None
         trajs = [t.result() for t in tasks]
+        self.metrics.solved(started)
         return [self._row(problem, t, i, prompt_text) for i, t in enumerate(trajs)]
 
     def _too_long(self, teacher_len: int, student_len: int) -> str | None:
