@@ -6,11 +6,12 @@ module state holds no frozen weight (DeepSpeed's own method, a tied LM head); th
 model (`_export` itself, on one gloo rank, no DeepSpeed) writes a merged plain transformers folder whose
 logits are the adapted model's, with no peft leftovers, plus the adapter alone when asked.
 
-Integration tier: vLLM loads the merged export; the worker's own load / wrap / save / resume calls on one
-gloo rank (no Ray) under ZeRO-2 and ZeRO-3 (gradient checkpointing, the sliced loss over the frozen tied
-LM head) save adapter-only checkpoints, resume exactly, and ZeRO-3 trains what ZeRO-2 does; a ZeRO-2 LoRA
-fine-tune through the real job (`python -m jobs.finetune`, Ray Train), killed at step 3 and resumed from
-its adapter-only checkpoint, exports a merged folder that transformers loads.
+Integration tier: vLLM loads the merged export; the worker's own load / wrap / save / resume / export
+calls on one gloo rank (no Ray) under ZeRO-2 and ZeRO-3 (gradient checkpointing, the sliced loss over
+the frozen tied LM head) save adapter-only checkpoints, resume exactly, and ZeRO-3 trains and exports
+what ZeRO-2 does; a ZeRO-2 LoRA fine-tune through the real job (`python -m jobs.finetune`, Ray Train),
+killed at step 3 and resumed from its adapter-only checkpoint, exports a merged folder that transformers
+loads.
 """
 
 from __future__ import annotations
@@ -322,11 +323,13 @@ def test_lora_with_zero3_is_accepted():
         assert cfg.lora.enabled and cfg.deepspeed.zero_stage == stage
 
 
-def _engine_losses(model_path: str, out: Path, stage: int, steps: range, save: bool) -> list[float]:
+def _engine_losses(
+    model_path: str, out: Path, stage: int, steps: range, save: bool, export: bool = False
+) -> list[float]:
     """The worker's own pieces on one gloo rank without Ray: load, wrap, `deepspeed.initialize`, resume
     from `out`'s newest checkpoint if any (as the worker does), run `steps` on fixed batches (the sliced
-    loss, 3 slices each), save with the worker's `_save` after the last step if `save`. Returns the
-    losses."""
+    loss, 3 slices each), save with the worker's `_save` after the last step if `save`, export with its
+    `_export` (to `out/model`) if `export`. Returns the losses."""
     import deepspeed
     import torch
 
@@ -375,6 +378,9 @@ def _engine_losses(model_path: str, out: Path, stage: int, steps: range, save: b
         losses.append(float(nll.detach()) / 31)
     if save:
         worker._save(engine, out, steps[-1] + 1, 1, "fp", keep_last=2, rank=0, lora=True)
+    if export:
+        config = {"model_path": model_path, "save_dtype": "float32", "fingerprint": "fp"}
+        worker._export(engine, cfg, config, out, rank=0)
     return losses
 
 
@@ -393,7 +399,7 @@ def engine_runs(model_path: str, root: str) -> dict:
         first = _engine_losses(model_path, out, stage, range(2), save=True)
         ckpt = out / "checkpoints" / "step-000002"
         size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-        resumed = _engine_losses(model_path, out, stage, range(2, 4), save=False)
+        resumed = _engine_losses(model_path, out, stage, range(2, 4), save=False, export=True)
         result[stage] = {"ref": ref, "resumed": first + resumed, "ckpt_bytes": size}
     dist.destroy_process_group()
     return result
@@ -403,9 +409,9 @@ def engine_runs(model_path: str, root: str) -> dict:
 def test_lora_engines_resume_and_zero3_match_zero2(tiny_model, tmp_path):
     """LoRA under DeepSpeed ZeRO-2 and ZeRO-3 (gradient checkpointing, the sliced loss over a frozen tied
     LM head, which ZeRO-3 partitions): the checkpoint holds no base weight (well under the base model's
-    size), a resume from it continues exactly where the uninterrupted run is, and ZeRO-3 trains the same
-    adapters as ZeRO-2. The worker's own load, wrap, save and resume calls, on one gloo rank (no Ray), in a
-    fresh interpreter (DeepSpeed keeps global state)."""
+    size), a resume from it continues exactly where the uninterrupted run is, and ZeRO-3 trains and exports
+    the same adapters as ZeRO-2. The worker's own load, wrap, save, resume and export calls, on one gloo
+    rank (no Ray), in a fresh interpreter (DeepSpeed keeps global state)."""
     pytest.importorskip("peft")
     import subprocess
     import sys
@@ -425,3 +431,15 @@ def test_lora_engines_resume_and_zero3_match_zero2(tiny_model, tmp_path):
         assert run["resumed"] == pytest.approx(run["ref"], rel=1e-5), stage  # the resume continues exactly
         assert run["ref"][2] < run["ref"][0] and run["ref"][3] < run["ref"][1], run["ref"]  # it trains
     assert runs["3"]["ref"] == pytest.approx(runs["2"]["ref"], rel=1e-3)  # ZeRO-3 trains what ZeRO-2 does
+
+    # Both exports (ZeRO-3's adapters gathered from their partitions) are the same merged plain model.
+    import torch
+    from safetensors.torch import load_file
+
+    z2, z3 = (load_file(str(tmp_path / f"z{stage}" / "model" / "model.safetensors")) for stage in (2, 3))
+    base = load_file(str(Path(tiny_model) / "model.safetensors"))
+    assert z2.keys() == z3.keys() == base.keys()
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(z3[key], base[key].float())  # the adapters were merged in
+    for name in z2:
+        torch.testing.assert_close(z3[name], z2[name], rtol=1e-3, atol=1e-4)
