@@ -413,6 +413,7 @@ def test_lora_engines_resume_and_zero3_match_zero2(tiny_model, tmp_path):
     the same adapters as ZeRO-2. The worker's own load, wrap, save, resume and export calls, on one gloo
     rank (no Ray), in a fresh interpreter (DeepSpeed keeps global state)."""
     pytest.importorskip("peft")
+    import os
     import subprocess
     import sys
 
@@ -420,8 +421,13 @@ def test_lora_engines_resume_and_zero3_match_zero2(tiny_model, tmp_path):
         "import json, sys; from tests.test_lora import engine_runs as r; print(json.dumps(r(*sys.argv[1:])))"
     )
     root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}  # what deepspeed checks
     proc = subprocess.run(
-        [sys.executable, "-c", code, tiny_model, str(tmp_path)], cwd=root, capture_output=True, text=True
+        [sys.executable, "-c", code, tiny_model, str(tmp_path)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])
