@@ -355,6 +355,7 @@ def _engine_losses(
     model = worker._load_model(cfg, model_path, ds_config)
     from gen_ssd_ray.train.lora import wrap
 
+    torch.manual_seed(0)  # the adapters' initial weights (random A), the same in every run
     model = wrap(model, cfg.lora, cfg.model.gradient_checkpointing)
     head = worker._loss_head(cfg, model, 0)
     engine, _, _, _ = deepspeed.initialize(
