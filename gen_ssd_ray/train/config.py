@@ -348,14 +348,6 @@ class FinetuneConfig:
         )
         self.loss.validate(z.zero_stage, r.gpus_per_worker)
         self.lora.validate()
-        # Known gap (tests/test_lora.py): under ZeRO-3 the peft-wrapped model fails in training (DeepSpeed's
-        # parameter trace sees a dynamic graph); refused here rather than after the model is loaded.
-        require(
-            not self.lora.enabled or z.zero_stage <= 2,
-            "lora.enabled",
-            f"LoRA is not supported with deepspeed.zero_stage=3 yet (got {z.zero_stage}): set "
-            "deepspeed.zero_stage=2 (the adapters and their optimizer state are small) or lora.enabled=false",
-        )
         self.logging.validate()
         out.validate()
         require(out.save_every_steps >= 0, "output.save_every_steps", "must be >= 0")

@@ -5,20 +5,26 @@
   layer are refused naming `lora.target_modules` and listing the model's linear layers.
 - `wrap(model, lora, gradient_checkpointing)` (every worker, before `deepspeed.initialize`, which under
   ZeRO-3 then partitions the new adapter weights like the rest): freezes the base weights and adds the
-  adapters; only the adapters are trainable, so only they reach the optimizer and the checkpoints
-  (the worker saves with `exclude_frozen_parameters`; a resume reloads the base from `model.path`).
+  adapters; only the adapters are trainable, so only they reach the optimizer and the checkpoints.
+- `adapters_only_saves(engine)` (every worker, around `save_checkpoint`, with
+  `exclude_frozen_parameters`): a checkpoint holds the adapters, their optimizer state, the scheduler and
+  the data position, never a frozen base weight, not even one tied to another (DeepSpeed's own exclusion
+  keeps a tied LM head); a resume loads it non-strictly over the base loaded from `model.path`.
 - `merged_model(model_path, adapters, lora, dtype, ...)` (rank 0, at export): the base model loaded
   afresh on the CPU in the export dtype, the trained adapter weights loaded into it, optionally saved
   alone (peft format), then merged with peft's `merge_and_unload`: a plain transformers model with no
   peft module, key or config left, which the worker saves exactly like a full fine-tune's export, so
   vLLM and the evaluation job load it unchanged.
 
-Knows nothing about DeepSpeed, Ray or the job's folders; imports torch, transformers and peft lazily.
+Knows nothing about Ray or the job's folders, and of DeepSpeed only the engine's `module_state_dict`
+(what `save_checkpoint` saves as the module); imports torch, transformers and peft lazily.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +101,39 @@ def wrap(model: Any, lora: LoraConfig, gradient_checkpointing: bool) -> Any:
 def adapter_names(peft_model: Any) -> list[str]:
     """The trainable (adapter) parameter names of a peft model, as its state_dict names them."""
     return [n for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def frozen_names(model: Any) -> set[str]:
+    """Every state-dict name of a frozen parameter of `model`, a weight tied to another under each of its
+    names (`named_parameters()` lists a tied weight once: the LM head tied to the embeddings is only
+    `...embed_tokens.weight` there)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+@contextmanager
+def adapters_only_saves(engine: Any) -> Iterator[None]:
+    """While it is open, `engine.save_checkpoint` writes no frozen weight into the module state.
+
+    DeepSpeed's `exclude_frozen_parameters=True` (which the caller passes too) removes the frozen weights
+    by their `named_parameters()` names, so a frozen weight tied to another one stays in the checkpoint
+    (the tied LM head: vocabulary x hidden fp32, as large as the embeddings). Here the engine's
+    `module_state_dict`, which `save_checkpoint` calls, drops every name of `frozen_names` for the length
+    of the block; the adapters, the optimizer state, the scheduler and the client state are saved as
+    before, and a resume takes the base weights from `model.path`."""
+    full = engine.module_state_dict
+    frozen = frozen_names(engine.module)
+
+    def adapters(*args: Any, **kwargs: Any):
+        state = full(*args, **kwargs)
+        for name in frozen.intersection(state):
+            del state[name]
+        return state
+
+    engine.module_state_dict = adapters
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # the class's method again
 
 
 def merged_model(

@@ -22,8 +22,9 @@ on that position, that its LM head reproduces the model's own logits (a model wh
 
 Under ZeRO-3 each slice calls the LM head module, so DeepSpeed gathers its weight through its usual
 module hooks, in the forward pass and in the backward recomputation (its parameter trace keeps a weight
-that is reused soon; the extra call of the first step's check re-records that trace once). Not measured
-on GPUs here.
+that is reused soon; the extra call of the first step's check re-records that trace once). The
+recomputation's shape check is off for a partitioned head (`sliced_summed_nll` says why: a frozen LM
+head, as with LoRA, would fail it). Not measured on GPUs here.
 
 Knows nothing about data, DeepSpeed's configuration or checkpoints.
 """
@@ -75,15 +76,27 @@ def sliced_summed_nll(hidden, labels, head, slice_tokens: int):
     h, y = scored_positions(hidden, labels)
     if h.shape[0] == 0:  # nothing to score: a zero that still reaches the model's outputs
         return hidden.sum().float() * 0.0
+    # A ZeRO-3 LM head's weight is released (emptied) by DeepSpeed's post-forward hook when the
+    # recomputation ends and gathered again by its pre-backward hook before the weight is used, so torch's
+    # check of the recomputed tensors' shapes would see an empty weight (a frozen head, as with LoRA:
+    # DeepSpeed keeps a frozen weight gathered only for a module already in its backward pass, and the
+    # loss slices are the first thing the backward pass reaches). The slice itself is deterministic.
+    check = "none" if _zero3_partitioned(head) else "default"
     total = None
     for start in range(0, h.shape[0], slice_tokens):
         hs, ys = h[start : start + slice_tokens], y[start : start + slice_tokens]
         if torch.is_grad_enabled() and hs.requires_grad:
-            part = checkpoint(_slice_nll, head, hs, ys, use_reentrant=False)
+            part = checkpoint(_slice_nll, head, hs, ys, use_reentrant=False, determinism_check=check)
         else:
             part = _slice_nll(head, hs, ys)
         total = part if total is None else total + part
     return total
+
+
+def _zero3_partitioned(head) -> bool:
+    """Whether `head` (an OutputHead) holds a ZeRO-3 partitioned parameter (DeepSpeed tags them `ds_id`)."""
+    module = getattr(head, "module", None)
+    return module is not None and any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def liger_summed_nll(hidden, labels, head):

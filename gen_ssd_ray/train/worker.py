@@ -40,6 +40,7 @@ receives (see `gen_ssd_ray.train.run`).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import json
 import logging
@@ -438,13 +439,17 @@ def _save(
         ck.clear_marker(out, tag)
     dist.barrier()
     client = {"step": step, "world_size": world, "fingerprint": fingerprint}
-    engine.save_checkpoint(
-        str(out / ck.CHECKPOINTS),
-        tag=tag,
-        client_state=client,
-        save_latest=False,
-        exclude_frozen_parameters=lora,  # LoRA: the adapters, not a copy of the frozen base
-    )
+    from gen_ssd_ray.train.lora import adapters_only_saves
+
+    # LoRA: the adapters and their optimizer state, no frozen base weight (a tied one included).
+    with adapters_only_saves(engine) if lora else contextlib.nullcontext():
+        engine.save_checkpoint(
+            str(out / ck.CHECKPOINTS),
+            tag=tag,
+            client_state=client,
+            save_latest=False,
+            exclude_frozen_parameters=lora,
+        )
     ck.sync_tree(out / ck.CHECKPOINTS / tag)  # this rank's files (and the others', cheaply) are durable
     dist.barrier()  # every rank's shards are on disk before the marker is written and `latest` moves
     if rank == 0:
