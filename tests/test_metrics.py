@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -232,6 +233,7 @@ def test_vllm_engine_metrics_are_ray_metrics(monkeypatch, tiny_model):
     monkeypatch.delenv(METRICS_ENV, raising=False)
     with monkeypatch.context() as m:
         m.setattr(ray, "is_initialized", lambda: True)  # as in an engine actor
+        m.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_actor_id=lambda: "actor-1"))
         (logger_cls,) = ray_stat_loggers()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.metrics.stats import IterationStats, SchedulerStats

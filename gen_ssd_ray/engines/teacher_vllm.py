@@ -127,8 +127,8 @@ def ray_stat_loggers() -> list:
     try:
         import ray
 
-        if not ray.is_initialized():
-            return []
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return []  # not an actor (a driver, a test process that started Ray): vLLM's stats stay off
         from ray.util import metrics
         from vllm.v1.metrics import ray_wrappers
     except ImportError:  # pragma: no cover - Ray or this vLLM module missing
