@@ -14,35 +14,11 @@ import pytest
 
 from gen_ssd_ray.common.config import PromptConfig
 from gen_ssd_ray.core import SearchParams
-from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher
+from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher, InProcessActor
 from gen_ssd_ray.generate.rows import OUTPUT_SCHEMA, rows_to_table
 
 SYSTEM = "You are a careful math tutor."
 QUESTIONS = {"p1": ("What is 2 + 3?", "5"), "p2": ("Tom has 3 apples and buys 4. How many?", "7")}
-
-
-class _Ref:
-    def __init__(self, value):
-        self.value = value
-
-    def future(self):
-        import concurrent.futures
-
-        f = concurrent.futures.Future()
-        f.set_result(self.value)
-        return f
-
-
-class _Actor:
-    """An engine actor's `call(method, payload)` over an in-process fake engine."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def call(self, method, payload=None):
-        if method in ("expand", "score"):
-            return _Ref(getattr(self.engine, method)(payload))
-        return _Ref(None)
 
 
 def _manager(prompt: PromptConfig):
@@ -63,7 +39,7 @@ def _manager(prompt: PromptConfig):
         call_timeout_s=30.0,
         fingerprint="fp",
     )
-    return BeamManager(spec, [_Actor(FakeTeacher(vocab=200))], [_Actor(FakeScorer())])
+    return BeamManager(spec, [InProcessActor(FakeTeacher(vocab=200))], [InProcessActor(FakeScorer())])
 
 
 def _rows(prompt: PromptConfig) -> dict[str, list[dict]]:

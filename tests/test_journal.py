@@ -14,7 +14,7 @@ import pytest
 
 from gen_ssd_ray.core import ProblemSearch, SearchParams
 from gen_ssd_ray.core.search import StepLog
-from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher, run_search
+from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher, InProcessActor, run_search
 from gen_ssd_ray.generate.content import content_hash
 from gen_ssd_ray.generate.journal import (
     Journal,
@@ -193,30 +193,6 @@ def test_unreadable_segment_is_skipped(tmp_path):
 # ---- the beam manager: journaling and restoring through its real code, with fake engine actors ------
 
 
-class _Ref:
-    def __init__(self, value):
-        self.value = value
-
-    def future(self):
-        import concurrent.futures
-
-        f = concurrent.futures.Future()
-        f.set_result(self.value)
-        return f
-
-
-class _Actor:
-    """An engine actor's `call(method, payload)` over an in-process fake engine."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def call(self, method, payload=None):
-        if method in ("expand", "score"):
-            return _Ref(getattr(self.engine, method)(payload))
-        return _Ref(None)
-
-
 def _manager(teacher, scorer):
     from gen_ssd_ray.common.config import PromptConfig
     from gen_ssd_ray.common.models import resolve_model
@@ -236,7 +212,7 @@ def _manager(teacher, scorer):
         call_timeout_s=30.0,
         fingerprint="fp",
     )
-    return BeamManager(spec, [_Actor(teacher)], [_Actor(scorer)])
+    return BeamManager(spec, [InProcessActor(teacher)], [InProcessActor(scorer)])
 
 
 def test_manager_restores_journaled_steps_to_the_uninterrupted_rows(tmp_path):

@@ -152,28 +152,6 @@ def test_every_metric_is_documented_where_users_look():
     assert "runtime.metrics" in readme and "ray_vllm_" in readme
 
 
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def future(self):
-        import concurrent.futures
-
-        f = concurrent.futures.Future()
-        f.set_result(self.value)
-        return f
-
-
-class _Engine:
-    """An engine actor's `call(method, payload)` over an in-process fake engine."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def call(self, method, payload=None):
-        return _Done(getattr(self.engine, method)(payload) if method in ("expand", "score") else None)
-
-
 def test_beam_manager_records_each_chunk_round_and_each_problem():
     """What a manager records adds up to its rows' own cost columns (the fake engines, no Ray)."""
     import asyncio
@@ -182,7 +160,7 @@ def test_beam_manager_records_each_chunk_round_and_each_problem():
     from gen_ssd_ray.common.data import Problem
     from gen_ssd_ray.common.models import resolve_model
     from gen_ssd_ray.core import SearchParams
-    from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher
+    from gen_ssd_ray.engines.fake import FakeScorer, FakeTeacher, InProcessActor
     from gen_ssd_ray.generate.manager import BeamManager, ManagerSpec
 
     path = resolve_model("embedded:teacher")
@@ -200,7 +178,7 @@ def test_beam_manager_records_each_chunk_round_and_each_problem():
         fingerprint="fp",
         output="out/x",
     )
-    manager = BeamManager(spec, [_Engine(FakeTeacher(vocab=200))], [_Engine(FakeScorer())])
+    manager = BeamManager(spec, [InProcessActor(FakeTeacher(vocab=200))], [InProcessActor(FakeScorer())])
     sink = FakeSink()
     manager.metrics = ManagerMetrics(spec.output, spec.method, sink=sink)
     rows = asyncio.run(manager.solve(Problem("p1", "What is 2 + 3?", "5"), 0))

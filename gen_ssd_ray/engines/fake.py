@@ -71,3 +71,28 @@ def run_search(search, teacher, scorer):
         scored = teacher.expand(search.expand_requests())
         search.update_scored(scorer.score(search.update_expanded(scored)))
     return search.result()
+
+
+class _Done:
+    """A finished call's result, shaped like the object ref a beam manager waits on (`future()`)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def future(self):
+        import concurrent.futures
+
+        f = concurrent.futures.Future()
+        f.set_result(self.value)
+        return f
+
+
+class InProcessActor:
+    """An engine actor's `call(method, payload)` over an in-process fake engine: what a beam manager
+    (gen_ssd_ray.generate.manager) holds, with no Ray, for unit tests of the managers."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def call(self, method, payload=None):
+        return _Done(getattr(self.engine, method)(payload) if method in ("expand", "score") else None)
