@@ -290,7 +290,8 @@ def run_generate(cfg: GenerateConfig, prepared: Prepared | None = None, pools=No
                 stats.add(rows)
                 tokens = sum(r.get("teacher_tokens_generated") or 0 for r in rows)
                 progress.update(1, tokens, pruned=stats.statuses["pruned"], errors=stats.statuses[ERROR])
-                tracker.log(stats.metrics(progress.done), progress.done)
+                if tracker.enabled:  # no figures computed per problem when nothing tracks them
+                    tracker.log(stats.metrics(progress.done), progress.done)
                 ray_metrics.committed(rows, stats.failed)  # the Ray dashboard (gen_ssd_ray.generate.metrics)
                 if journal is not None:
                     journal.done(problem.problem_id)
